@@ -1,0 +1,119 @@
+"""`lorafold` command line: merge on this machine, or run the service (serve / worker / db).
+
+Every failure is one line on stderr (`error: ...`) and a non-zero exit; tracebacks only with LORAFOLD_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import traceback
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """'5GB' (10^9, as transformers counts), '500MiB', '123' (bytes)."""
+    m = _SIZE_RE.match(text or "")
+    unit = (m.group(2) or "").upper() if m else None
+    if not m or unit not in _UNITS:
+        raise UsageError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise UsageError("--max-shard-size must be positive")
+    return size
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not a usage dump
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="lorafold", description="Fold a LoRA adapter into its base model, streaming, and publish it.")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    m = sub.add_parser("merge", help="merge an adapter into its base (local folders or Hub repos)")
+    m.add_argument("adapter", help="adapter folder or Hub id owner/name[@revision]")
+    m.add_argument("--base", help="base model folder or Hub id (default: the adapter config's base_model_name_or_path)")
+    out = m.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="write the merged model into this folder")
+    out.add_argument("--push-to", metavar="OWNER/NAME", help="publish the merged model to this Hub repo (one commit)")
+    m.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    m.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="output dtype")
+    m.add_argument("--max-shard-size", help="re-shard the output (e.g. 5GB); default: keep the base's shards")
+    m.add_argument("--revision", help="adapter revision (branch, tag or commit) when ADAPTER is a Hub id")
+    m.add_argument("--base-revision", help="base revision when BASE is a Hub id")
+    m.add_argument("--private", action="store_true", help="create the --push-to repo as private")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder / commit on a --push-to repo with weights")
+    m.add_argument("--create-pr", action="store_true", help="with --push-to and --overwrite: open a pull request instead of committing to main")
+    m.add_argument("--verify", action="store_true", help="probe every merged tensor with a random vector and report the worst error")
+    m.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the huggingface_hub login)")
+    m.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("serve", help="run the web service and one worker on embedded defaults (SQLite, no Redis)")
+    s.add_argument("--port", type=int, default=None, help="port (default: PORT or 5000)")
+    s.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    s.add_argument("--no-worker", action="store_true", help="web only; run workers separately (`lorafold worker`)")
+
+    w = sub.add_parser("worker", help="run a Celery worker for the merge queue")
+    w.add_argument("--queues", default="gpu", help="queues to consume (default: gpu)")
+    w.add_argument("--concurrency", type=int, default=1, help="merge processes (one per GPU)")
+
+    d = sub.add_parser("db", help="database maintenance")
+    d.add_argument("action", choices=["upgrade", "current"], help="apply migrations / show the revision")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if args.command == "merge":
+            from .merge_command import run_merge_command
+
+            return run_merge_command(args)
+        if args.command == "serve":
+            from .service import serve
+
+            return serve(port=args.port, host=args.host, with_worker=not args.no_worker)
+        if args.command == "worker":
+            from .service import run_worker
+
+            return run_worker(queues=args.queues, concurrency=args.concurrency)
+        if args.command == "db":
+            from .service import db_command
+
+            return db_command(args.action)
+        raise UsageError(f"unknown command {args.command!r}")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was published", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except SystemExit as exc:  # argparse --help
+        return int(exc.code or 0)
+    except BaseException as exc:  # noqa: BLE001 - the one place where any failure becomes one line
+        from .errors import describe
+
+        print(f"error: {describe(exc)}", file=sys.stderr)
+        if os.environ.get("LORAFOLD_DEBUG"):
+            traceback.print_exc()
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""The merged model's README.md: YAML metadata the Hub understands, and the lineage in words.
+
+A LoRA folded into one base is, weight-wise, a fine-tune of that base: `base_model: <base>`,
+`base_model_relation: finetune` (service-anchors.md (c) step 6). The license is inherited from the base card.
+The card is deterministic (no timings) so that re-running the same merge produces the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+LORAFOLD_URL = "https://github.com/lorafold/lorafold"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    base: str  # Hub id or folder
+    base_revision: str | None
+    adapter: str
+    adapter_revision: str | None
+    base_is_hub: bool
+    adapter_is_hub: bool
+
+
+def front_matter(text: str) -> dict[str, str]:
+    """The simple top-level `key: value` pairs of a card's YAML header (enough to inherit `license`)."""
+    m = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.S)
+    out: dict[str, str] = {}
+    if not m:
+        return out
+    for line in m.group(1).splitlines():
+        kv = re.match(r"^([A-Za-z_][\w-]*):\s*(.+?)\s*$", line)
+        if kv and not kv.group(2).startswith(("[", "{", "|", ">")):
+            out[kv.group(1)] = kv.group(2).strip("'\"")
+    return out
+
+
+def _yaml_str(value: str) -> str:
+    return json.dumps(value)  # a JSON string is a valid YAML scalar, with every odd character escaped
+
+
+def build_card(lineage: Lineage, settings: dict, adapter_summary: dict, base_card: str | None, version: str) -> str:
+    base_meta = front_matter(base_card or "")
+    lines = ["---"]
+    if lineage.base_is_hub:
+        lines += [f"base_model: {_yaml_str(lineage.base)}", "base_model_relation: finetune"]
+    for key in ("license", "license_name", "license_link", "pipeline_tag"):
+        if key in base_meta:
+            lines.append(f"{key}: {_yaml_str(base_meta[key])}")
+    lines.append("library_name: transformers")
+    lines += ["tags:", "- lorafold", "- merged-lora", "- safetensors"]
+    lines.append("lorafold:")
+    lines.append(f"  version: {_yaml_str(version)}")
+    lines.append(f"  adapter: {_yaml_str(lineage.adapter)}")
+    if lineage.adapter_revision:
+        lines.append(f"  adapter_revision: {_yaml_str(lineage.adapter_revision)}")
+    lines.append(f"  base: {_yaml_str(lineage.base)}")
+    if lineage.base_revision:
+        lines.append(f"  base_revision: {_yaml_str(lineage.base_revision)}")
+    lines.append("---")
+
+    def ref(name: str, rev: str | None, hub: bool) -> str:
+        shown = f"[{name}](https://huggingface.co/{name})" if hub else f"`{name}`"
+        return f"{shown} at revision `{rev}`" if rev else shown
+
+    body = [
+        "",
+        f"# {lineage.adapter.rstrip('/').split('/')[-1]} (merged)",
+        "",
+        f"This model is the LoRA adapter {ref(lineage.adapter, lineage.adapter_revision, lineage.adapter_is_hub)} "
+        f"folded into its base model {ref(lineage.base, lineage.base_revision, lineage.base_is_hub)}: a standalone "
+        "model that loads with `transformers` (or vLLM, llama.cpp conversion...) without PEFT.",
+        "",
+        f"It was merged by [lorafold]({LORAFOLD_URL}) {version}, which streams the base tensor by tensor, computes "
+        "`W' = W + ΔW` in float32 and rounds once to the base dtype, reproducing PEFT's `merge_and_unload()`.",
+        "",
+        "## Merge settings",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    for key, value in {**settings, **adapter_summary}.items():
+        body.append(f"| {key} | `{json.dumps(value) if not isinstance(value, str) else value}` |")
+    body.append("")
+    return "\n".join(lines + body)

@@ -1,0 +1,391 @@
+"""Stream the plan: read → merge → write, overlapped, with a bounded number of bytes in flight.
+
+Three stages run at once: a reader thread fills buffers from the source (disk or ranged HTTP), the calling thread
+merges on the compute device, a writer thread puts bytes at their offsets in the output shards and hands every
+finished shard to the sink (which may upload it while the next one is being written). A byte budget bounds what
+is in flight, so memory holds a few tensor chunks, never a shard or the model. Large tensors are cut into
+dim-0 row chunks so a 128k-vocabulary embedding or a stack of experts never needs to fit at once.
+
+On CUDA the read buffers are pinned, host→device copies run on a copy stream, and device→host copies are
+awaited by the writer through an event, so copies and math overlap the file I/O of neighbouring chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import Cancelled, EngineError, NumericError
+from .io import ModelSink, NullReporter, Progress, Reporter
+from .plan import MergePlan, OutTensor
+from .safetensors_format import DTYPES
+from .tensors import as_view, interpret, torch_dtype
+from .variants import Ctx, DoraRescale, ExpertDelta, LoraDelta, Replace, TokenRows, rows_per_chunk
+
+_STOP = object()
+
+
+@dataclass
+class Item:
+    t: OutTensor
+    r0: int  # dim-0 rows [r0, r1) of the output tensor; for plain copies, a byte range
+    r1: int
+    read: tuple[str, int, int] | None  # (file, absolute offset, nbytes) of the base bytes needed
+    out_offset: int  # absolute offset in the output shard
+    out_nbytes: int
+    last: bool
+
+
+def select_device(spec: str) -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EngineError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
+    if device.type not in ("cpu", "cuda"):
+        raise EngineError(f"--device must be auto, cpu or cuda, got {spec!r}")
+    return device
+
+
+def plan_items(plan: MergePlan) -> list[Item]:
+    """Cut every output tensor into work items, in output order (which is the base's read order)."""
+    chunk_elems = max(1, plan.options.chunk_bytes // 4)
+    copy_bytes = plan.options.chunk_bytes
+    items: list[Item] = []
+    for t in plan.tensors.values():
+        if not t.computed:
+            assert t.source is not None
+            n = t.nbytes
+            steps = list(range(0, n, copy_bytes)) or [0]
+            for b0 in steps:
+                b1 = min(n, b0 + copy_bytes)
+                items.append(Item(t, b0, b1, (t.source.file, t.source.offset + b0, b1 - b0), t.offset + b0, b1 - b0, b1 == n))
+            continue
+        rows = t.shape[0] if t.shape else 1
+        whole = not all(op.chunkable for op in t.ops) or not t.shape
+        step = rows if whole else rows_per_chunk(t.shape, chunk_elems)
+        out_row = t.nbytes // max(1, rows)
+        needs_base = not t.ops or t.ops[0].needs_base
+        for r0 in range(0, max(rows, 1), max(step, 1)):
+            r1 = min(rows, r0 + step) if t.shape else 1
+            read = None
+            if needs_base:
+                assert t.source is not None
+                in_row = t.source.nbytes // max(1, rows)
+                read = (t.source.file, t.source.offset + r0 * in_row, (r1 - r0) * in_row)
+            items.append(Item(t, r0, r1, read, t.offset + r0 * out_row, (r1 - r0) * out_row, r1 >= rows))
+    return items
+
+
+class _Budget:
+    """Bytes in flight between reading and writing; a single item larger than the budget still passes alone."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self.cond = threading.Condition()
+
+    def acquire(self, n: int, failed: threading.Event) -> bool:
+        with self.cond:
+            while self.used > 0 and self.used + n > self.limit:
+                if failed.is_set():
+                    return False
+                self.cond.wait(0.1)
+            self.used += n
+            return True
+
+    def release(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+@dataclass
+class Stats:
+    bytes_read: int = 0
+    bytes_written: int = 0
+    tensors_done: int = 0
+    max_verify_error: float | None = None
+    unprobed: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Executor:
+    def __init__(self, plan: MergePlan, sink: ModelSink, device: torch.device, reporter: Reporter | None = None):
+        self.plan = plan
+        self.sink = sink
+        self.device = device
+        self.reporter = reporter or NullReporter()
+        self.cuda = device.type == "cuda"
+        self.ctx = Ctx(plan.adapter_weights, device)
+        self.stats = Stats()
+        self.failed = threading.Event()
+        self.errors: list[BaseException] = []
+        self.budget = _Budget(plan.options.inflight_bytes)
+        self._last_progress = 0.0
+        self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
+
+    # --- stages ---------------------------------------------------------------------------------------------
+
+    def _fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.failed.set()
+
+    def _reader(self, items: list[Item], out_q: queue.Queue) -> None:
+        try:
+            for item in items:
+                cost = (item.read[2] if item.read else 0) + item.out_nbytes
+                if not self.budget.acquire(cost, self.failed):
+                    return
+                buf = None
+                if item.read is not None:
+                    fname, offset, nbytes = item.read
+                    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+                    self.plan.base.read_into(fname, offset, as_view(buf, nbytes))
+                    with self.stats.lock:
+                        self.stats.bytes_read += nbytes
+                while not self.failed.is_set():
+                    try:
+                        out_q.put((item, buf, cost), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self.failed.is_set():
+                    return
+        except BaseException as exc:  # noqa: BLE001 - propagated to the caller
+            self._fail(exc)
+        finally:
+            _put(out_q, _STOP, self.failed)
+
+    def _writer(self, in_q: queue.Queue) -> None:
+        remaining = {s.name: len(s.tensors) for s in self.plan.shards}
+        fds: dict[str, int] = {}
+        try:
+            while True:
+                got = _get(in_q, self.failed)
+                if got is _STOP or got is None:
+                    break
+                item, data, event, cost = got
+                if event is not None:
+                    event.synchronize()
+                name = item.t.shard
+                fd = fds.get(name)
+                if fd is None:
+                    fd = fds[name] = self._open_shard(name)
+                view = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data
+                _pwrite_all(fd, view, item.out_offset)
+                self.budget.release(cost)
+                with self.stats.lock:
+                    self.stats.bytes_written += item.out_nbytes
+                    if item.last:
+                        self.stats.tensors_done += 1
+                if item.last:
+                    remaining[name] -= 1
+                    if remaining[name] == 0:
+                        os.close(fds.pop(name))
+                        self.sink.shard_written(name, self.sink.work_dir / name)
+                    self._progress(item.t.name)
+            for name, left in remaining.items():  # shards without tensors
+                if left == 0 and name not in fds and not (self.sink.work_dir / name).exists():
+                    os.close(self._open_shard(name))
+                    self.sink.shard_written(name, self.sink.work_dir / name)
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+        finally:
+            for fd in fds.values():
+                os.close(fd)
+
+    def _open_shard(self, name: str) -> int:
+        shard = next(s for s in self.plan.shards if s.name == name)
+        path = self.sink.work_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        _pwrite_all(fd, memoryview(shard.header), 0)
+        os.ftruncate(fd, shard.size)
+        return fd
+
+    def _progress(self, current: str, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self._last_progress < 0.1:
+            return
+        self._last_progress = now
+        self.reporter.progress(
+            Progress(
+                "merge",
+                self.stats.tensors_done,
+                len(self.plan.tensors),
+                self.stats.bytes_written,
+                self.plan.bytes_total,
+                current,
+            )
+        )
+
+    # --- compute ----------------------------------------------------------------------------------------------
+
+    def _compute(self, item: Item, buf: torch.Tensor | None) -> tuple[object, object]:
+        t = item.t
+        if not t.computed:
+            return buf, None
+        out_dtype = torch_dtype(t.dtype)
+        rows = item.r1 - item.r0
+        w = None
+        if item.read is not None:
+            assert t.source is not None and buf is not None
+            src = interpret(buf, t.source.dtype, (rows, *t.shape[1:]) if t.shape else ())
+            if self.cuda:
+                with torch.cuda.stream(self._copy_stream):
+                    w = src.to(self.device, non_blocking=True)
+                torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+            else:
+                w = src
+            w = w.to(out_dtype)  # the dtype override: PEFT would load the base in that dtype first
+        w_in = w
+        for op in t.ops:
+            w = op.apply(w, item.r0, item.r1, self.ctx)
+            if w.dtype != out_dtype:
+                w = w.to(out_dtype)
+        if t.ops and w.is_floating_point() and not bool(torch.isfinite(w).all()):
+            raise NumericError(
+                f"merged tensor {t.name} contains NaN or Inf (from {t.ops[0].module}); the adapter or the base is broken"
+            )
+        if self.plan.options.verify and t.ops:
+            self._verify(t, item, w_in, w)
+        if self.cuda:
+            host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
+            host.copy_(w, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            return host.reshape(-1).view(torch.uint8), event
+        return w.contiguous().reshape(-1).view(torch.uint8), None
+
+    def _verify(self, t: OutTensor, item: Item, w_in: torch.Tensor | None, w_out: torch.Tensor) -> None:
+        """The --verify probe: W'x against a reference built from the low-rank factors (never from ΔW)."""
+        if w_out.dim() < 2 or len(t.ops) != 1 or not isinstance(t.ops[0], (LoraDelta, ExpertDelta, Replace, TokenRows, DoraRescale)):
+            with self.stats.lock:
+                self.stats.unprobed += 1
+            return
+        op = t.ops[0]
+        if isinstance(op, DoraRescale) and op.layout != "linear":
+            with self.stats.lock:
+                self.stats.unprobed += 1
+            return
+        gen = torch.Generator(device="cpu").manual_seed(hash(t.name) & 0xFFFF_FFFF)
+        x = torch.randn(w_out.shape[-1], generator=gen, dtype=torch.float64).to(w_out.device)
+        y = w_out.double() @ x
+        win = None if w_in is None else w_in.double()
+        ref = probe_reference(op, win, x, item.r0, item.r1, self.ctx)
+        scale = torch.linalg.norm(w_out.double(), dim=-1) * torch.linalg.norm(x) + 1e-30
+        err = float(((y - ref).abs() / scale).max())
+        tol = 2.0 ** -_MANTISSA[t.dtype] + 2.0**-20
+        with self.stats.lock:
+            self.stats.max_verify_error = max(err, self.stats.max_verify_error or 0.0)
+        if not err <= tol:
+            raise NumericError(
+                f"--verify: {t.name} rows {item.r0}-{item.r1} failed the probe: relative error {err:.3g} > {tol:.3g}"
+            )
+
+    # --- driver -----------------------------------------------------------------------------------------------
+
+    def run(self) -> Stats:
+        items = plan_items(self.plan)
+        read_q: queue.Queue = queue.Queue(maxsize=3)
+        write_q: queue.Queue = queue.Queue(maxsize=3)
+        reader = threading.Thread(target=self._reader, args=(items, read_q), name="lorafold-read", daemon=True)
+        writer = threading.Thread(target=self._writer, args=(write_q,), name="lorafold-write", daemon=True)
+        reader.start()
+        writer.start()
+        try:
+            while True:
+                got = _get(read_q, self.failed)
+                if got is _STOP or got is None:
+                    break
+                if self.reporter.should_stop():
+                    raise Cancelled()
+                item, buf, cost = got
+                data, event = self._compute(item, buf)
+                if not _put(write_q, (item, data, event, cost), self.failed):
+                    break
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+        finally:
+            _put(write_q, _STOP, self.failed)
+            reader.join()
+            writer.join()
+        if self.errors:
+            raise self.errors[0]
+        self._progress("", force=True)
+        return self.stats
+
+
+_MANTISSA = {"BF16": 7, "F16": 10, "F32": 23, "F64": 52}
+
+
+def probe_reference(op, w_in, x, r0, r1, ctx: Ctx) -> torch.Tensor:
+    """y_ref = W_in x + ΔW x, with ΔW x computed as B (A x) from the factors (independent of the dense path)."""
+    if isinstance(op, Replace):
+        return ctx.rows(op.key, r0, r1).double() @ x
+    if isinstance(op, TokenRows):
+        y = w_in @ x
+        delta = ctx.f32(op.key).double()
+        for i, idx in enumerate(op.indices):
+            if r0 <= idx < r1:
+                y[idx - r0] = delta[i] @ x
+        return y
+    A, B = ctx.f32(op.a).double(), ctx.f32(op.b).double()
+    if isinstance(op, LoraDelta):
+        if op.transposed:
+            return w_in @ x + op.scaling * (A[:, r0:r1].T @ (B.T @ x))
+        return w_in @ x + op.scaling * (B[r0:r1] @ (A @ x))
+    if isinstance(op, ExpertDelta):
+        E = op.num_experts
+        r = A.shape[0] // E
+        A3, B3 = A.reshape(E, r, -1), B.reshape(B.shape[0], r, E)
+        if op.expert is None:
+            ys = []
+            for e in range(r0, r1):
+                Be, Ae = B3[:, :, e], A3[e]
+                d = Ae.T @ (Be.T @ x) if op.transposed else Be @ (Ae @ x)
+                ys.append(w_in[e - r0] @ x + op.scaling * d)
+            return torch.stack(ys)
+        Be, Ae = B3[op.row0 + r0 : op.row0 + r1, :, op.expert], A3[op.expert]
+        return w_in @ x + op.scaling * (Be @ (Ae @ x))
+    # DoRA, linear layout: (m / ‖W + ΔW‖) ⊙ (W x + s B (A x)); the norms need the dense sum, in float64
+    m = ctx.f32(op.magnitude).double()[r0:r1]
+    norms = torch.linalg.norm(w_in + op.scaling * (B[r0:r1] @ A), dim=1)
+    return (m / norms) * (w_in @ x + op.scaling * (B[r0:r1] @ (A @ x)))
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    view = view.cast("B") if view.format != "B" else view
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _put(q: queue.Queue, value, failed: threading.Event | None) -> bool:
+    while True:
+        try:
+            q.put(value, timeout=0.1)
+            return True
+        except queue.Full:
+            if failed is not None and failed.is_set():
+                return False
+
+
+def _get(q: queue.Queue, failed: threading.Event):
+    while True:
+        try:
+            return q.get(timeout=0.1)
+        except queue.Empty:
+            if failed.is_set():
+                return None
+
+
+def bytes_of(t: OutTensor) -> int:
+    return math.prod(t.shape) * DTYPES[t.dtype][0]

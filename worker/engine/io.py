@@ -1,0 +1,238 @@
+"""The engine's three seams: where tensors come from (source), where the merge goes (sink), who listens (reporter).
+
+Local folders are implemented here; the Hub versions live in `worker.hub` behind the same protocols. The engine
+never opens a path or a URL itself, so a new place to read or write is a new class, not a change to the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Protocol, runtime_checkable
+
+from .errors import OutputError, SourceError
+
+#: folders that are never part of a model (VCS and client caches)
+IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__", ".ipynb_checkpoints", ".huggingface"})
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str  # posix path relative to the model root
+    size: int
+
+
+def safe_relpath(path: str) -> str:
+    """Reject names that could escape the folder they are written into (names come from untrusted repos)."""
+    if not path or "\x00" in path or "\\" in path or path.startswith("/") or len(path) > 1024:
+        raise SourceError(f"refusing file name {path!r}: not a plain relative path")
+    parts = PurePosixPath(path).parts
+    if any(p in ("..", ".", "") for p in parts):
+        raise SourceError(f"refusing file name {path!r}: it would leave the model folder")
+    return str(PurePosixPath(*parts))
+
+
+@runtime_checkable
+class ModelSource(Protocol):
+    """A model or adapter repository the engine reads from: a local folder, or a Hub repo pinned to a commit."""
+
+    label: str  # for messages and the model card: "/abs/path" or "owner/name"
+    revision: str | None  # the resolved commit sha for Hub repos, None for folders
+
+    def files(self) -> list[FileEntry]: ...
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        """Fill `out` completely with the file's bytes at `offset`, or raise SourceError."""
+
+    def fetch(self, path: str, dest: Path) -> None:
+        """Copy a whole (small, non-weight) file to `dest`."""
+
+    def local_file(self, path: str) -> Path | None:
+        """The file's path on this machine when it has one (folders), else None."""
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class ModelSink(Protocol):
+    """Where the merged model goes. The engine writes every file into `work_dir` and tells the sink as it goes."""
+
+    label: str
+    work_dir: Path
+
+    def prepare(self) -> None:
+        """Check the destination is usable and create `work_dir`; called before any weight is read."""
+
+    def shard_written(self, name: str, path: Path) -> None:
+        """A finished output file (a shard) lies at `path`; a Hub sink starts uploading it."""
+
+    def file_written(self, name: str, path: Path) -> None:
+        """A finished small file (config, tokenizer, card...) lies at `path`."""
+
+    def finish(self, message: str, description: str) -> dict:
+        """Make the result visible at once (rename / one commit). Returns {"url", "commit"?, ...}."""
+
+    def abort(self) -> None:
+        """Remove everything written; called on any failure or cancel. Must be safe to call twice."""
+
+
+@dataclass
+class Progress:
+    phase: str  # "plan", "merge", "finish"
+    tensors_done: int = 0
+    tensors_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    current: str = ""
+
+
+class Reporter(Protocol):
+    def progress(self, progress: Progress) -> None: ...
+
+    def log(self, level: str, message: str) -> None: ...
+
+    def memory(self, rss_bytes: int, vram_bytes: int) -> None: ...
+
+    def should_stop(self) -> bool: ...
+
+
+class NullReporter:
+    def progress(self, progress: Progress) -> None:
+        pass
+
+    def log(self, level: str, message: str) -> None:
+        pass
+
+    def memory(self, rss_bytes: int, vram_bytes: int) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+class LocalDirSource:
+    """A model or adapter folder on this machine (also a Hub cache snapshot: symlinks to blobs are followed)."""
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser().resolve()
+        if not self.root.is_dir():
+            raise SourceError(f"{root}: no such folder")
+        self.label = str(self.root)
+        self.revision = None
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def files(self) -> list[FileEntry]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS)
+            for name in sorted(filenames):
+                full = Path(dirpath, name)
+                try:
+                    size = full.stat().st_size
+                except OSError:
+                    continue  # a dangling symlink is not part of the model
+                out.append(FileEntry(full.relative_to(self.root).as_posix(), size))
+        return out
+
+    def _fd(self, path: str) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                try:
+                    fd = os.open(self.root / safe_relpath(path), os.O_RDONLY)
+                except OSError as exc:
+                    raise SourceError(f"{self.root / path}: cannot open ({exc.strerror})") from None
+                self._fds[path] = fd
+            return fd
+
+    def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        fd = self._fd(path)
+        view = out.cast("B") if out.format != "B" else out
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            except OSError as exc:
+                raise SourceError(f"{self.root / path}: read failed ({exc.strerror})") from None
+            if n == 0:
+                raise SourceError(
+                    f"{self.root / path}: file ends at byte {offset + done}, expected {offset + len(view)}; "
+                    "the file is truncated"
+                )
+            done += n
+
+    def fetch(self, path: str, dest: Path) -> None:
+        shutil.copyfile(self.root / safe_relpath(path), dest)
+
+    def local_file(self, path: str) -> Path | None:
+        return self.root / safe_relpath(path)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+@dataclass
+class LocalDirSink:
+    """Writes into a hidden folder beside the destination and renames it into place at the end.
+
+    A failed or cancelled merge therefore never leaves a folder that looks like a finished model.
+    """
+
+    dest: Path
+    overwrite: bool = False
+    forbidden: tuple[Path, ...] = ()  # folders the output must not touch (the inputs)
+    work_dir: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.dest = Path(self.dest).expanduser().resolve()
+        self.label = str(self.dest)
+        self.work_dir = self.dest.parent / f".{self.dest.name}.lorafold-partial-{uuid.uuid4().hex[:8]}"
+
+    def prepare(self) -> None:
+        for other in self.forbidden:
+            other = Path(other).resolve()
+            if self.dest == other or other in self.dest.parents or self.dest in other.parents:
+                raise OutputError(f"{self.dest}: the output folder must not be inside, or contain, the input {other}")
+        if self.dest.exists():
+            if not self.dest.is_dir():
+                raise OutputError(f"{self.dest}: exists and is not a folder")
+            if any(self.dest.iterdir()) and not self.overwrite:
+                raise OutputError(f"{self.dest}: folder exists and is not empty; pass --overwrite to replace it")
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self.work_dir.mkdir()
+        except OSError as exc:
+            raise OutputError(f"{self.dest}: cannot create the output folder ({exc.strerror})") from None
+
+    def shard_written(self, name: str, path: Path) -> None:
+        pass
+
+    def file_written(self, name: str, path: Path) -> None:
+        pass
+
+    def finish(self, message: str, description: str) -> dict:
+        old = None
+        if self.dest.exists():
+            old = self.dest.parent / f".{self.dest.name}.lorafold-old-{uuid.uuid4().hex[:8]}"
+            os.rename(self.dest, old)
+        os.rename(self.work_dir, self.dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return {"url": str(self.dest)}
+
+    def abort(self) -> None:
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def scratch_dir(prefix: str = "lorafold-") -> Path:
+    """A private temporary folder (honours TMPDIR)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))

@@ -1,0 +1,185 @@
+"""One merge, start to finish: check the output, plan, stream, add the small files, publish atomically."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .card import Lineage, build_card
+from .errors import EngineError
+from .execute import Executor, select_device
+from .io import ModelSink, ModelSource, NullReporter, Progress, Reporter
+from .memory import MemorySampler, peak_rss_bytes
+from .plan import INDEX_NAME, MergeOptions, MergePlan, plan_merge
+
+VERSION = "0.1.0"
+
+
+@dataclass
+class MergeResult:
+    seconds: float
+    peak_rss_bytes: int
+    peak_vram_bytes: int
+    bytes_read: int
+    bytes_written: int
+    tensors: int
+    tensors_merged: int
+    shards: int
+    device: str
+    timings: dict[str, float]
+    result: dict
+    max_verify_error: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def merge(
+    base: ModelSource,
+    adapter: ModelSource,
+    sink: ModelSink,
+    options: MergeOptions | None = None,
+    reporter: Reporter | None = None,
+    *,
+    lineage: Lineage | None = None,
+    commit_message: str | None = None,
+    commit_description: str = "",
+) -> MergeResult:
+    """Fold `adapter` into `base` and publish the result through `sink`.
+
+    Raises EngineError (or a subclass) with a one-line reason; on any failure the sink is aborted, so nothing
+    that looks finished is left behind.
+    """
+    options = options or MergeOptions()
+    reporter = reporter or NullReporter()
+    started = time.monotonic()
+    timings: dict[str, float] = {}
+    device = select_device(options.device)
+    try:
+        with MemorySampler(reporter, device) as sampler:
+            reporter.progress(Progress("plan"))
+            sink.prepare()
+            plan = plan_merge(base, adapter, options)
+            timings["plan"] = time.monotonic() - started
+            reporter.log("info", f"plan: {plan.summary()} on {device}")
+            for note in plan.notes:
+                reporter.log("info", note)
+            t0 = time.monotonic()
+            _copy_small_files(plan, sink)
+            stats = Executor(plan, sink, device, reporter).run()
+            timings["merge"] = time.monotonic() - t0
+            t0 = time.monotonic()
+            reporter.progress(Progress("finish", stats.tensors_done, len(plan.tensors), stats.bytes_written, plan.bytes_total))
+            _write_index(plan, sink)
+            _write_card(plan, sink, lineage, device)
+            if reporter.should_stop():
+                from .errors import Cancelled
+
+                raise Cancelled()
+            message = commit_message or f"Merge {adapter.label} into {base.label} with lorafold"
+            published = sink.finish(message, commit_description)
+            timings["finish"] = time.monotonic() - t0
+    except BaseException as exc:
+        sink.abort()
+        if isinstance(exc, (EngineError, KeyboardInterrupt)):
+            raise
+        if isinstance(exc, torch.cuda.OutOfMemoryError):
+            raise EngineError(f"CUDA out of memory while merging ({exc}); try --device cpu") from exc
+        raise
+    finally:
+        base.close()
+        adapter.close()
+    return MergeResult(
+        seconds=time.monotonic() - started,
+        peak_rss_bytes=max(sampler.peak_rss, peak_rss_bytes()),
+        peak_vram_bytes=sampler.peak_vram,
+        bytes_read=stats.bytes_read,
+        bytes_written=stats.bytes_written,
+        tensors=len(plan.tensors),
+        tensors_merged=len(plan.merged),
+        shards=len(plan.shards),
+        device=str(device),
+        timings=timings,
+        result=published,
+        max_verify_error=stats.max_verify_error,
+        notes=plan.notes,
+    )
+
+
+def _copy_small_files(plan: MergePlan, sink: ModelSink) -> None:
+    for entry in plan.copy_files:
+        dest = sink.work_dir / entry.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if entry.path == "config.json" and plan.config_patch and plan.config is not None:
+            dest.write_text(json.dumps(_patched_config(plan.config, plan.config_patch), indent=2, sort_keys=True) + "\n")
+        else:
+            plan.base.fetch(entry.path, dest)
+        sink.file_written(entry.path, dest)
+
+
+def _patched_config(config: dict, patch: dict) -> dict:
+    out = json.loads(json.dumps(config))
+    text = out.get("text_config") if isinstance(out.get("text_config"), dict) else None
+    for key, value in patch.items():
+        if key == "dtype":
+            keys = [k for k in ("dtype", "torch_dtype") if k in out] or ["dtype"]
+            for k in keys:
+                out[k] = value
+            if text is not None:
+                for k in ("dtype", "torch_dtype"):
+                    if k in text:
+                        text[k] = value
+            continue
+        placed = False
+        for target in (out, text):
+            if target is not None and key in target:
+                target[key] = value
+                placed = True
+        if not placed:
+            out[key] = value
+    return out
+
+
+def _write_index(plan: MergePlan, sink: ModelSink) -> None:
+    if not plan.write_index:
+        return
+    weight_map = {name: t.shard for name, t in sorted(plan.tensors.items())}
+    total_params = 0
+    for t in plan.tensors.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        total_params += n
+    index = {"metadata": {"total_parameters": total_params, "total_size": plan.bytes_total}, "weight_map": weight_map}
+    path = sink.work_dir / INDEX_NAME
+    path.write_text(json.dumps(index, indent=2) + "\n")
+    sink.file_written(INDEX_NAME, path)
+
+
+def _write_card(plan: MergePlan, sink: ModelSink, lineage: Lineage | None, device: torch.device) -> None:
+    lineage = lineage or Lineage(plan.base.label, plan.base.revision, plan.adapter.label, plan.adapter.revision, False, False)
+    base_card = None
+    if any(f.path == "README.md" for f in plan.base.files()):
+        tmp = sink.work_dir / ".base-README.md"
+        plan.base.fetch("README.md", tmp)
+        base_card = tmp.read_text(errors="replace")[:200_000]
+        tmp.unlink()
+    settings = {
+        "dtype": plan.options.dtype,
+        "shards": "base layout" if plan.options.max_shard_size is None else f"max {plan.options.max_shard_size} bytes",
+        "tensors changed": len(plan.merged),
+    }
+    text = build_card(lineage, settings, plan.spec.summary(), base_card, VERSION)
+    path = sink.work_dir / "README.md"
+    path.write_text(text)
+    sink.file_written("README.md", path)
+
+
+def default_lineage_for(base: ModelSource, adapter: ModelSource) -> Lineage:
+    return Lineage(base.label, base.revision, adapter.label, adapter.revision, False, False)
+
+

@@ -1,0 +1,302 @@
+"""Plan a merge from headers alone: every output tensor, its source bytes, its operations and its place.
+
+Nothing here reads weight data. Every mismatch between adapter and base fails here, naming the tensor, so a merge
+that starts will not stop halfway for a reason that was knowable up front (DESIGN.md "The flow", step 3).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+
+from .errors import AdapterSpecError, FormatError, PlanError, SourceError
+from .io import FileEntry, ModelSource
+from .mapping import AdapterMapper
+from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
+from .spec import CONFIG_NAME, AdapterSpec
+from .tensors import AdapterWeights, read_header
+from .variants import Op
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MAX_JSON_BYTES = 64 << 20  # config/index files are small; a huge one is hostile
+# weight formats that are never copied into the merged model: they would be unmerged duplicates
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".ot", ".tflite")
+_NEVER_COPY = {"README.md", ".gitattributes"}
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """How to merge. Defaults keep the base's dtype and shard layout and pick CUDA when present."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    max_shard_size: int | None = None  # bytes; None keeps the base's shard layout
+    verify: bool = False  # probe every merged tensor with a random vector
+    chunk_bytes: int = 32 << 20  # float32 working set per compute step (large tensors go in row chunks)
+    inflight_bytes: int = 192 << 20  # bytes read but not yet written, across the pipeline
+
+    def __post_init__(self):
+        if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPES:
+            raise AdapterSpecError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.max_shard_size is not None and self.max_shard_size <= 0:
+            raise AdapterSpecError("--max-shard-size must be positive")
+
+
+@dataclass(frozen=True)
+class BaseSlot:
+    file: str
+    offset: int  # absolute offset of the tensor's bytes in `file`
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass
+class OutTensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    source: BaseSlot | None
+    ops: tuple[Op, ...] = ()
+    shard: str = ""
+    offset: int = 0  # absolute offset of the tensor's bytes in the output shard file
+
+    @property
+    def nbytes(self) -> int:
+        from .safetensors_format import DTYPES
+
+        return math.prod(self.shape) * DTYPES[self.dtype][0]
+
+    @property
+    def computed(self) -> bool:
+        """True when bytes change (ops or a dtype conversion); False for a plain copy."""
+        return bool(self.ops) or (self.source is not None and self.source.dtype != self.dtype)
+
+
+@dataclass
+class OutShard:
+    name: str
+    tensors: list[str]
+    header: bytes  # 8-byte length + JSON
+    size: int  # whole file size
+
+
+@dataclass
+class MergePlan:
+    spec: AdapterSpec
+    options: MergeOptions
+    base: ModelSource
+    adapter: ModelSource
+    adapter_weights: AdapterWeights
+    tensors: dict[str, OutTensor]
+    shards: list[OutShard]
+    write_index: bool
+    config: dict | None
+    config_patch: dict[str, object]
+    copy_files: list[FileEntry]
+    skipped_files: list[str]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def merged(self) -> list[OutTensor]:
+        return [t for t in self.tensors.values() if t.ops]
+
+    @property
+    def bytes_total(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def summary(self) -> str:
+        n = len(self.merged)
+        return (
+            f"{len(self.tensors)} tensors in {len(self.shards)} shard(s), {n} changed by the adapter, "
+            f"{self.bytes_total / 1e9:.2f} GB to write"
+        )
+
+
+def _read_json(source: ModelSource, entry: FileEntry, what: str) -> dict:
+    if entry.size > MAX_JSON_BYTES:
+        raise FormatError(f"{entry.path}: {entry.size} bytes is too large for a {what}")
+    buf = bytearray(entry.size)
+    source.read_into(entry.path, 0, memoryview(buf))
+    try:
+        obj = json.loads(bytes(buf).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{source.label}/{entry.path}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{source.label}/{entry.path}: expected a JSON object")
+    return obj
+
+
+def load_spec(adapter: ModelSource) -> tuple[AdapterSpec, FileEntry]:
+    """The adapter's config and its weights file; cheap (used by the web form's validation too)."""
+    files = {f.path: f for f in adapter.files()}
+    if CONFIG_NAME not in files:
+        if "config.json" in files:
+            raise AdapterSpecError(f"{adapter.label}: has config.json but no adapter_config.json: this is a model, not a PEFT adapter")
+        raise AdapterSpecError(f"{adapter.label}: no adapter_config.json: not a PEFT adapter")
+    spec = AdapterSpec.from_config(_read_json(adapter, files[CONFIG_NAME], "adapter config"), f"{adapter.label}/{CONFIG_NAME}")
+    for name in ADAPTER_WEIGHTS:
+        if name in files:
+            return spec, files[name]
+    raise AdapterSpecError(f"{adapter.label}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
+
+
+def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[str], bool]:
+    """The base's safetensors weight files (in order) and whether it is sharded (has an index)."""
+    if INDEX_NAME in files:
+        index = _read_json(base, files[INDEX_NAME], "safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FormatError(f"{base.label}/{INDEX_NAME}: no weight_map")
+        names = []
+        for tensor, fname in weight_map.items():
+            if not isinstance(fname, str) or not isinstance(tensor, str):
+                raise FormatError(f"{base.label}/{INDEX_NAME}: weight_map must map tensor names to file names")
+            if fname not in names:
+                names.append(fname)
+        for fname in names:
+            if PurePosixPath(fname).name != fname and ".." in PurePosixPath(fname).parts:
+                raise FormatError(f"{base.label}/{INDEX_NAME}: refusing shard name {fname!r}")
+            if fname not in files:
+                raise SourceError(f"{base.label}: {INDEX_NAME} lists {fname}, which is missing")
+        return sorted(names), True
+    if SINGLE_NAME in files:
+        return [SINGLE_NAME], False
+    if CONFIG_NAME in files and "config.json" not in files:
+        raise SourceError(f"{base.label}: this is a PEFT adapter (adapter_config.json), not a base model")
+    pickles = [p for p in files if p.endswith(".bin") and p.startswith("pytorch_model")]
+    if pickles:
+        raise SourceError(
+            f"{base.label}: the base has only pickle weights ({pickles[0]}); lorafold streams safetensors. "
+            "Convert the base first (transformers save_pretrained(..., safe_serialization=True))"
+        )
+    raise SourceError(f"{base.label}: no {SINGLE_NAME} or {INDEX_NAME}: not a safetensors model folder")
+
+
+def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | None = None) -> MergePlan:
+    options = options or MergeOptions()
+    spec, weights_entry = load_spec(adapter)
+    adapter_weights = AdapterWeights(adapter, weights_entry)
+
+    files = {f.path: f for f in base.files()}
+    weight_names, sharded = _weight_files(base, files)
+    config = _read_json(base, files["config.json"], "model config") if "config.json" in files else {}
+    headers: dict[str, FileHeader] = {name: read_header(base, files[name]) for name in weight_names}
+
+    slots: dict[str, BaseSlot] = {}
+    for fname, header in headers.items():
+        for name, info in header.tensors.items():
+            if name in slots:
+                raise FormatError(f"{base.label}: tensor {name!r} appears in both {slots[name].file} and {fname}")
+            offset, nbytes = header.absolute(info)
+            slots[name] = BaseSlot(fname, offset, nbytes, info.dtype, info.shape)
+
+    mapping = AdapterMapper(
+        spec,
+        adapter_weights.infos,
+        {n: s.shape for n, s in slots.items()},
+        {n: s.dtype for n, s in slots.items()},
+        config,
+    ).run()
+
+    override = OUTPUT_DTYPES.get(options.dtype)
+
+    def out_dtype(dtype: str) -> str:
+        return override if override and dtype in ("F32", "F16", "BF16") else dtype
+
+    # Output tensors in the base's own order: file by file, by offset; new tensors follow their anchor.
+    tensors: dict[str, OutTensor] = {}
+    followers: dict[str, list[str]] = {}
+    for name, (_dtype, _shape, anchor) in mapping.new_tensors.items():
+        followers.setdefault(anchor, []).append(name)
+    for fname in weight_names:
+        for name in sorted(headers[fname].tensors, key=lambda n: headers[fname].tensors[n].begin):
+            slot = slots[name]
+            ops = tuple(op for _, op in sorted(mapping.ops.get(name, []), key=lambda x: x[0]))
+            if ops and slot.dtype not in MERGEABLE_DTYPES and ops[0].needs_base:
+                raise PlanError(
+                    f"base tensor {name} is {slot.dtype} (quantized or integer): lorafold folds LoRA into "
+                    "float16, bfloat16 or float32 weights only"
+                )
+            shape = mapping.shapes.get(name, slot.shape)
+            tensors[name] = OutTensor(name, out_dtype(slot.dtype), shape, slot, ops, shard=fname)
+            for new in followers.get(name, []):
+                dtype, nshape, _ = mapping.new_tensors[new]
+                nops = tuple(op for _, op in sorted(mapping.ops.get(new, []), key=lambda x: x[0]))
+                tensors[new] = OutTensor(new, out_dtype(dtype), nshape, None, nops, shard=fname)
+
+    shards, write_index = _layout(tensors, headers, weight_names, sharded, options.max_shard_size)
+
+    config_patch = dict(mapping.config_patch)
+    if override:
+        config_patch["dtype"] = options.dtype
+    copy_files, skipped = [], []
+    weight_set = set(weight_names) | {INDEX_NAME}
+    for path, entry in sorted(files.items()):
+        if path in weight_set or path in _NEVER_COPY:
+            continue
+        if path.endswith(_WEIGHT_SUFFIXES) or path.endswith(".index.json"):
+            skipped.append(path)
+            continue
+        copy_files.append(entry)
+    notes = list(mapping.notes)
+    if skipped:
+        notes.append(
+            "not copied (weights in another format, which would be unmerged duplicates): " + ", ".join(skipped[:8])
+        )
+    return MergePlan(
+        spec=spec,
+        options=options,
+        base=base,
+        adapter=adapter,
+        adapter_weights=adapter_weights,
+        tensors=tensors,
+        shards=shards,
+        write_index=write_index,
+        config=config or None,
+        config_patch=config_patch,
+        copy_files=copy_files,
+        skipped_files=skipped,
+        notes=notes,
+    )
+
+
+def _layout(
+    tensors: dict[str, OutTensor],
+    headers: dict[str, FileHeader],
+    weight_names: list[str],
+    sharded: bool,
+    max_shard_size: int | None,
+) -> tuple[list[OutShard], bool]:
+    """Assign tensors to output shards: the base's own files, or fresh ones of at most `max_shard_size` bytes."""
+    if max_shard_size is None:
+        groups = [(fname, [t for t in tensors.values() if t.shard == fname]) for fname in weight_names]
+        metadata = {fname: {**headers[fname].metadata, "format": "pt"} for fname in weight_names}
+        write_index = sharded
+    else:
+        packs: list[list[OutTensor]] = [[]]
+        size = 0
+        for t in tensors.values():
+            if packs[-1] and size + t.nbytes > max_shard_size:
+                packs.append([])
+                size = 0
+            packs[-1].append(t)
+            size += t.nbytes
+        n = len(packs)
+        names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        groups = list(zip(names, packs))
+        metadata = {name: {"format": "pt"} for name in names}
+        write_index = n > 1
+    shards = []
+    for fname, group in groups:
+        header, offsets = build_header([(t.name, t.dtype, t.shape) for t in group], metadata[fname])
+        for t, off in zip(group, offsets):
+            t.shard = fname
+            t.offset = len(header) + off
+        size = len(header) + sum(t.nbytes for t in group)
+        shards.append(OutShard(fname, [t.name for t in group], header, size))
+    return shards, write_index

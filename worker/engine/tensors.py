@@ -1,0 +1,163 @@
+"""Reading tensors: safetensors headers from any source, tensor bytes into torch buffers, adapter weights.
+
+Only this module turns bytes into torch tensors, and it never unpickles anything except through
+`torch.load(weights_only=True)`, which refuses every pickle opcode that could run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from .errors import FormatError, NumericError, SourceError
+from .io import FileEntry, ModelSource
+from .safetensors_format import DTYPES, FileHeader, header_length, parse_header
+
+_FIRST_READ = 1 << 20  # one request usually gets the whole header (most are far below 1 MB)
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    name = DTYPES[code][1]
+    dtype = getattr(torch, name, None) if name else None
+    if dtype is None:
+        raise FormatError(f"dtype {code} is not supported by this torch build")
+    return dtype
+
+
+def safetensors_code(dtype: torch.dtype) -> str:
+    for code, (_, name) in DTYPES.items():
+        if name and getattr(torch, name, None) == dtype:
+            return code
+    raise FormatError(f"torch dtype {dtype} has no safetensors code")
+
+
+def read_header(source: ModelSource, entry: FileEntry) -> FileHeader:
+    """Parse one file's header with at most two reads, validating it against the file's size."""
+    first = bytearray(min(entry.size, _FIRST_READ))
+    source.read_into(entry.path, 0, memoryview(first))
+    n = header_length(bytes(first[:8]), entry.path, entry.size)
+    if 8 + n <= len(first):
+        raw = bytes(first[8 : 8 + n])
+    else:
+        rest = bytearray(8 + n - len(first))
+        source.read_into(entry.path, len(first), memoryview(rest))
+        raw = bytes(first[8:]) + bytes(rest)
+    return parse_header(raw, entry.path, entry.size, n)
+
+
+def empty_bytes(nbytes: int, pin: bool = False) -> torch.Tensor:
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
+
+
+def as_view(buf: torch.Tensor, nbytes: int) -> memoryview:
+    """A writable memoryview over the first `nbytes` of a uint8 CPU tensor (read/write target for I/O)."""
+    return memoryview(buf[:nbytes].numpy())
+
+
+def interpret(buf: torch.Tensor, dtype_code: str, shape: tuple[int, ...]) -> torch.Tensor:
+    """View raw little-endian bytes as a typed tensor (no copy)."""
+    nbytes = DTYPES[dtype_code][0]
+    for d in shape:
+        nbytes *= d
+    return buf[:nbytes].view(torch_dtype(dtype_code)).view(shape)
+
+
+@dataclass(frozen=True)
+class AdapterTensorInfo:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+class AdapterWeights:
+    """An adapter's tensors: names, shapes and dtypes known up front; values loaded on demand.
+
+    Values are cached (LoRA factors are reused by every chunk of a tensor) within a byte budget, and each is
+    checked for NaN/Inf the first time it is loaded.
+    """
+
+    def __init__(self, source: ModelSource, entry: FileEntry, cache_bytes: int = 256 << 20):
+        self.source = source
+        self.entry = entry
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_bytes = cache_bytes
+        self._lock = threading.Lock()
+        self._state: dict[str, torch.Tensor] | None = None
+        self._header: FileHeader | None = None
+        if entry.path.endswith(".safetensors"):
+            self._header = read_header(source, entry)
+            self.infos = {
+                k: AdapterTensorInfo(k, t.dtype, t.shape) for k, t in self._header.tensors.items()
+            }
+        else:
+            self._state = _load_pickle_weights(source, entry)
+            self.infos = {
+                k: AdapterTensorInfo(k, safetensors_code(v.dtype), tuple(v.shape)) for k, v in self._state.items()
+            }
+
+    def load(self, key: str) -> torch.Tensor:
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        value = self._read(key)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NumericError(f"adapter tensor {key!r} contains NaN or Inf; the adapter is broken")
+        with self._lock:
+            self._cache[key] = value
+            total = sum(v.numel() * v.element_size() for v in self._cache.values())
+            while total > self._cache_bytes and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                total -= old.numel() * old.element_size()
+        return value
+
+    def load_rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
+        """Rows [r0, r1) of a (possibly large) tensor, without caching the whole of it."""
+        info = self.infos[key]
+        if self._header is None or r1 - r0 == info.shape[0]:
+            return self.load(key)[r0:r1]
+        t = self._header.tensors[key]
+        row_bytes = t.nbytes // max(1, t.shape[0])
+        buf = empty_bytes((r1 - r0) * row_bytes)
+        offset, _ = self._header.absolute(t)
+        self.source.read_into(self.entry.path, offset + r0 * row_bytes, as_view(buf, buf.numel()))
+        value = interpret(buf, t.dtype, (r1 - r0, *t.shape[1:]))
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise NumericError(f"adapter tensor {key!r} contains NaN or Inf; the adapter is broken")
+        return value
+
+    def _read(self, key: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[key]
+        assert self._header is not None
+        t = self._header.tensors[key]
+        buf = empty_bytes(t.nbytes)
+        offset, length = self._header.absolute(t)
+        self.source.read_into(self.entry.path, offset, as_view(buf, length))
+        return interpret(buf, t.dtype, t.shape)
+
+
+def _load_pickle_weights(source: ModelSource, entry: FileEntry) -> dict[str, torch.Tensor]:
+    """adapter_model.bin through torch.load(weights_only=True): tensors only, never code."""
+    path = source.local_file(entry.path)
+    if path is None:
+        raise SourceError(f"{source.label}/{entry.path}: pickle weights must be downloaded before loading")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported pickle content"
+        raise FormatError(
+            f"{entry.path}: refused to unpickle: it holds more than plain tensors ({first[:200]}). "
+            "lorafold loads pickles with weights_only=True and never runs code from them; convert the adapter "
+            "to safetensors"
+        ) from None
+    except Exception as exc:  # zip/format errors of torch's loader
+        raise FormatError(f"{entry.path}: not a readable PyTorch weights file ({type(exc).__name__}: {exc})"[:400]) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise FormatError(f"{entry.path}: expected a dict of tensors")
+    return state

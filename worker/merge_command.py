@@ -1,0 +1,118 @@
+"""`lorafold merge`: resolve the locations, run the engine with a terminal reporter, print the summary."""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import ExitStack
+
+from .cli import EXIT_OK, UsageError, parse_size
+from .engine import LocalDirSink, LocalDirSource, MergeOptions, Progress, merge
+from .engine.card import Lineage
+from .engine.errors import SourceError
+from .engine.plan import load_spec
+from .locations import parse_ref
+
+
+class TerminalReporter:
+    """A progress bar (tensors and bytes) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.bar = None
+        self.tty = sys.stderr.isatty()
+
+    def progress(self, p: Progress) -> None:
+        if self.quiet or not self.tty or p.phase != "merge" or not p.bytes_total:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=p.bytes_total, unit="B", unit_scale=True, desc="merging", file=sys.stderr, leave=False)
+        self.bar.n = p.bytes_done
+        self.bar.set_postfix_str(f"{p.tensors_done}/{p.tensors_total} tensors", refresh=False)
+        self.bar.refresh()
+
+    def log(self, level: str, message: str) -> None:
+        if not self.quiet and level != "debug":
+            print(f"lorafold: {message}", file=sys.stderr)
+
+    def memory(self, rss_bytes: int, vram_bytes: int) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+def run_merge_command(args) -> int:
+    token = args.token or None
+    options = MergeOptions(
+        device=args.device,
+        dtype=args.dtype,
+        max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
+        verify=args.verify,
+    )
+    if args.create_pr and not args.push_to:
+        raise UsageError("--create-pr needs --push-to")
+    adapter_ref = parse_ref(args.adapter, args.revision, "adapter")
+    with ExitStack() as stack:
+        hub = None
+        if adapter_ref.is_hub or args.push_to or (args.base and not os.path.isdir(os.path.expanduser(args.base))):
+            from .hub import HubClient
+
+            hub = HubClient.from_user(token)
+        adapter = open_source(adapter_ref, hub, stack)
+        base_text = args.base
+        if base_text is None:
+            spec, _ = load_spec(adapter)
+            base_text = spec.base_model_name_or_path
+            if not base_text:
+                raise SourceError("no --base given and adapter_config.json names no base_model_name_or_path")
+            base_ref = parse_ref(base_text, args.base_revision, "base (from adapter_config.json)")
+            if base_ref.is_hub and hub is None:
+                from .hub import HubClient
+
+                hub = HubClient.from_user(token)
+        else:
+            base_ref = parse_ref(base_text, args.base_revision, "base")
+        base = open_source(base_ref, hub, stack)
+        if args.push_to:
+            sink = hub.sink(args.push_to, private=args.private, overwrite=args.overwrite, create_pr=args.create_pr)
+        else:
+            forbidden = tuple(p for p in (adapter_ref.path, base_ref.path) if p is not None)
+            sink = LocalDirSink(args.out, overwrite=args.overwrite, forbidden=forbidden)
+        lineage = Lineage(
+            base_ref.repo_id or str(base_ref.path), base.revision, adapter_ref.repo_id or str(adapter_ref.path),
+            adapter.revision, base_ref.is_hub, adapter_ref.is_hub,
+        )
+        reporter = TerminalReporter(args.quiet)
+        try:
+            result = merge(base, adapter, sink, options, reporter, lineage=lineage)
+        finally:
+            reporter.close()
+    dest = result.result.get("url", "")
+    verify = f" Worst --verify relative error: {result.max_verify_error:.3g}." if result.max_verify_error is not None else ""
+    print(
+        f"Merged {lineage.adapter} into {lineage.base} -> {dest} in {result.seconds:.1f} s on {result.device}: "
+        f"{result.tensors} tensors ({result.tensors_merged} changed) in {result.shards} shard(s); "
+        f"read {_fmt_bytes(result.bytes_read)}, wrote {_fmt_bytes(result.bytes_written)}; "
+        f"peak RSS {_fmt_bytes(result.peak_rss_bytes)}, peak VRAM {_fmt_bytes(result.peak_vram_bytes)}.{verify}"
+    )
+    return EXIT_OK
+
+
+def open_source(ref, hub, stack: ExitStack):
+    if ref.path is not None:
+        return LocalDirSource(ref.path)
+    return hub.source(ref.repo_id, ref.revision, stack)
