@@ -195,6 +195,13 @@ class AdapterMapper:
         target = name.replace(".base_layer.", ".")
         info = self._info(key)
         base = self._resolve(target)
+        if base is None and ".base_layer." in name and target.split(".")[-2:] == ["lm_head", "weight"] and self.tied:
+            # An embedding layer saved by PEFT (save_embedding_layers) for a tied lm_head: at load time it is
+            # copied into the storage shared with the input embedding, after the embedding's own copy (module
+            # order), so it lands on the embedding, last. It does not untie anything.
+            embed = self._embedding_for_tied_head(target[: -len(".weight")], info.shape[0], info.shape[1] if len(info.shape) > 1 else None)
+            self.out.add(embed, Replace(target, key), (-1, 1))
+            return
         if base is None:
             if target.split(".")[-2:] == ["lm_head", "weight"] and self.tied:
                 embed = self._embedding_for_tied_head(target[: -len(".weight")], None, None)
