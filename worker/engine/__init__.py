@@ -7,50 +7,49 @@ the same way:
 
     from worker.engine import LocalDirSource, LocalDirSink, MergeOptions, merge
     result = merge(LocalDirSource(base), LocalDirSource(adapter), LocalDirSink(out), MergeOptions(dtype="auto"))
+
+Names are loaded lazily, so `worker.engine.spec` / `.errors` / `.io` (which need no torch) can be used by the
+web process, which never imports torch.
 """
 
-from .card import Lineage
-from .errors import (
-    AdapterSpecError,
-    Cancelled,
-    EngineError,
-    FormatError,
-    NumericError,
-    OutputError,
-    PlanError,
-    SourceError,
-    UnsupportedAdapterError,
-)
-from .io import FileEntry, LocalDirSink, LocalDirSource, ModelSink, ModelSource, NullReporter, Progress, Reporter
-from .merge import VERSION, MergeResult, merge
-from .plan import MergeOptions, MergePlan, load_spec, plan_merge
-from .spec import AdapterSpec
+from importlib import import_module
 
-__all__ = [
-    "VERSION",
-    "AdapterSpec",
-    "AdapterSpecError",
-    "Cancelled",
-    "EngineError",
-    "FileEntry",
-    "FormatError",
-    "Lineage",
-    "LocalDirSink",
-    "LocalDirSource",
-    "MergeOptions",
-    "MergePlan",
-    "MergeResult",
-    "ModelSink",
-    "ModelSource",
-    "NullReporter",
-    "NumericError",
-    "OutputError",
-    "PlanError",
-    "Progress",
-    "Reporter",
-    "SourceError",
-    "UnsupportedAdapterError",
-    "load_spec",
-    "merge",
-    "plan_merge",
-]
+_EXPORTS = {
+    "Lineage": ".card",
+    "AdapterSpecError": ".errors",
+    "Cancelled": ".errors",
+    "EngineError": ".errors",
+    "FormatError": ".errors",
+    "NumericError": ".errors",
+    "OutputError": ".errors",
+    "PlanError": ".errors",
+    "SourceError": ".errors",
+    "UnsupportedAdapterError": ".errors",
+    "FileEntry": ".io",
+    "LocalDirSink": ".io",
+    "LocalDirSource": ".io",
+    "ModelSink": ".io",
+    "ModelSource": ".io",
+    "NullReporter": ".io",
+    "Progress": ".io",
+    "Reporter": ".io",
+    "VERSION": ".merge",
+    "MergeResult": ".merge",
+    "merge": ".merge",
+    "MergeOptions": ".plan",
+    "MergePlan": ".plan",
+    "load_spec": ".plan",
+    "plan_merge": ".plan",
+    "AdapterSpec": ".spec",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'worker.engine' has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value

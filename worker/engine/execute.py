@@ -17,6 +17,7 @@ import os
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -83,6 +84,38 @@ def plan_items(plan: MergePlan) -> list[Item]:
     return items
 
 
+class _Done:
+    """An already-computed result with the Future interface (the single-reader path)."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+class BufferPool:
+    """Reusable byte buffers (pinned on CUDA): no page-fault storm or pinned-allocation cost per chunk."""
+
+    def __init__(self, pinned: bool, keep: int = 8):
+        self.pinned = pinned
+        self.keep = keep
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        with self.lock:
+            for i, buf in enumerate(self.free):
+                if nbytes <= buf.numel() <= 2 * nbytes + (1 << 20):
+                    return self.free.pop(i)
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+
+    def put(self, buf: torch.Tensor) -> None:
+        with self.lock:
+            if len(self.free) < self.keep:
+                self.free.append(buf)
+
+
 class _Budget:
     """Bytes in flight between reading and writing; a single item larger than the budget still passes alone."""
 
@@ -130,6 +163,8 @@ class Executor:
         self.budget = _Budget(plan.options.inflight_bytes)
         self._last_progress = 0.0
         self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
+        self.buffers = BufferPool(pinned=self.cuda)
+        self._h2d_done = None
 
     # --- stages ---------------------------------------------------------------------------------------------
 
@@ -137,31 +172,34 @@ class Executor:
         self.errors.append(exc)
         self.failed.set()
 
+    def _read(self, item: Item) -> torch.Tensor | None:
+        if item.read is None:
+            return None
+        fname, offset, nbytes = item.read
+        buf = self.buffers.get(nbytes)
+        self.plan.base.read_into(fname, offset, as_view(buf, nbytes))
+        with self.stats.lock:
+            self.stats.bytes_read += nbytes
+        return buf
+
     def _reader(self, items: list[Item], out_q: queue.Queue) -> None:
+        """Schedules reads in output order; a network source gets several ranged GETs in flight."""
+        workers = max(1, int(getattr(self.plan.base, "parallel_reads", 1)))
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="lorafold-read") if workers > 1 else None
         try:
             for item in items:
                 cost = (item.read[2] if item.read else 0) + item.out_nbytes
                 if not self.budget.acquire(cost, self.failed):
                     return
-                buf = None
-                if item.read is not None:
-                    fname, offset, nbytes = item.read
-                    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
-                    self.plan.base.read_into(fname, offset, as_view(buf, nbytes))
-                    with self.stats.lock:
-                        self.stats.bytes_read += nbytes
-                while not self.failed.is_set():
-                    try:
-                        out_q.put((item, buf, cost), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if self.failed.is_set():
+                pending = pool.submit(self._read, item) if pool else _Done(self._read(item))
+                if not _put(out_q, (item, pending, cost), self.failed):
                     return
         except BaseException as exc:  # noqa: BLE001 - propagated to the caller
             self._fail(exc)
         finally:
             _put(out_q, _STOP, self.failed)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
 
     def _writer(self, in_q: queue.Queue) -> None:
         remaining = {s.name: len(s.tensors) for s in self.plan.shards}
@@ -171,7 +209,7 @@ class Executor:
                 got = _get(in_q, self.failed)
                 if got is _STOP or got is None:
                     break
-                item, data, event, cost = got
+                item, data, event, cost, recycle = got
                 if event is not None:
                     event.synchronize()
                 name = item.t.shard
@@ -180,6 +218,9 @@ class Executor:
                     fd = fds[name] = self._open_shard(name)
                 view = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data
                 _pwrite_all(fd, view, item.out_offset)
+                del view, data
+                if recycle is not None:
+                    self.buffers.put(recycle)
                 self.budget.release(cost)
                 with self.stats.lock:
                     self.stats.bytes_written += item.out_nbytes
@@ -231,7 +272,8 @@ class Executor:
     def _compute(self, item: Item, buf: torch.Tensor | None) -> tuple[object, object]:
         t = item.t
         if not t.computed:
-            return buf, None
+            assert buf is not None and item.read is not None
+            return buf[: item.read[2]], None
         out_dtype = torch_dtype(t.dtype)
         rows = item.r1 - item.r0
         w = None
@@ -241,6 +283,8 @@ class Executor:
             if self.cuda:
                 with torch.cuda.stream(self._copy_stream):
                     w = src.to(self.device, non_blocking=True)
+                    self._h2d_done = torch.cuda.Event()
+                    self._h2d_done.record(self._copy_stream)
                 torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
             else:
                 w = src
@@ -307,9 +351,18 @@ class Executor:
                     break
                 if self.reporter.should_stop():
                     raise Cancelled()
-                item, buf, cost = got
+                item, pending, cost = got
+                buf = pending.result()
                 data, event = self._compute(item, buf)
-                if not _put(write_q, (item, data, event, cost), self.failed):
+                recycle = None
+                if buf is not None:
+                    if item.t.computed:  # the input buffer is free once the device copy has left it
+                        if self.cuda and self._h2d_done is not None:
+                            self._h2d_done.synchronize()
+                        self.buffers.put(buf)
+                    else:  # written as is: the writer recycles it
+                        recycle = buf
+                if not _put(write_q, (item, data, event, cost, recycle), self.failed):
                     break
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import FormatError, NumericError, SourceError
-from .io import FileEntry, ModelSource
+from .io import FileEntry, LocalDirSource, ModelSource
 from .safetensors_format import DTYPES, FileHeader, header_length, parse_header
 
 _FIRST_READ = 1 << 20  # one request usually gets the whole header (most are far below 1 MB)
@@ -81,6 +81,12 @@ class AdapterWeights:
     """
 
     def __init__(self, source: ModelSource, entry: FileEntry, cache_bytes: int = 256 << 20):
+        # Adapters are small next to the base: read them from a local copy when the source can make one
+        # (a Hub source downloads the file once instead of one ranged request per LoRA factor).
+        local = source.local_file(entry.path)
+        if local is not None and not isinstance(source, LocalDirSource):
+            source = LocalDirSource(local.parent)
+            entry = FileEntry(local.name, entry.size)
         self.source = source
         self.entry = entry
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
@@ -148,7 +154,12 @@ def _load_pickle_weights(source: ModelSource, entry: FileEntry) -> dict[str, tor
     if path is None:
         raise SourceError(f"{source.label}/{entry.path}: pickle weights must be downloaded before loading")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported pickle content"
         raise FormatError(

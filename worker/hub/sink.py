@@ -1,0 +1,222 @@
+"""A Hub repo as the merge's destination: shards uploaded as they are written, then ONE commit.
+
+- The target is checked before any weight is read (exists? has weights? public while private was asked?), and
+  created then, so a missing write permission fails in seconds, not after the merge; a repo lorafold created is
+  deleted again if the merge fails (no empty leftovers, unlike create-first tools: service-anchors.md (e) 22).
+- Each finished shard is pre-uploaded (`preupload_lfs_files`, from its file path so Xet is used where it is on
+  (e) 20) while the next one is written, then deleted: at most two shards are on local disk at any time.
+- One `create_commit` adds shards, index, configs and card, with `parent_commit` set to the head seen at the
+  start (a concurrent push fails it with 412 instead of being overwritten) and a marker in the description, so
+  a retried commit first checks whether the previous attempt landed ((e) 17–19).
+"""
+
+from __future__ import annotations
+
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+from huggingface_hub import errors as hf
+
+from ..engine.errors import OutputError
+from .errors import is_transient, status_of, write_error
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+MARKER = "lorafold-merge-id"
+
+
+class HubSink:
+    """`ModelSink` publishing to `repo_id` on the Hub."""
+
+    def __init__(
+        self,
+        api: HfApi,
+        repo_id: str,
+        token: str,
+        *,
+        private: bool = False,
+        overwrite: bool = False,
+        create_pr: bool = False,
+        merge_id: str | None = None,
+        work_root: str | None = None,
+        commit_retries: int = 3,
+    ):
+        self.api = api
+        self.repo_id = repo_id
+        self.token = token
+        self.private = private
+        self.overwrite = overwrite
+        self.create_pr = create_pr
+        self.merge_id = merge_id or uuid.uuid4().hex
+        self.label = repo_id
+        self.work_dir = Path(tempfile.mkdtemp(prefix="lorafold-out-", dir=work_root))
+        self.commit_retries = commit_retries
+        self._ops: list = []
+        self._uploaded: list[CommitOperationAdd] = []
+        self._created = False
+        self._head: str | None = None
+        self._existing: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._upload_loop, name="lorafold-upload", daemon=True)
+        self._closed = False
+
+    # --- before the merge ---------------------------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        try:
+            info = self.api.model_info(self.repo_id, token=self.token, files_metadata=False)
+        except hf.RepositoryNotFoundError:
+            info = None
+        except Exception as exc:  # noqa: BLE001
+            raise write_error(exc, self.repo_id, "read the target repo") from None
+        if info is None:
+            try:
+                self.api.create_repo(self.repo_id, private=self.private, token=self.token, exist_ok=False)
+                self._created = True
+            except hf.HfHubHTTPError as exc:
+                if status_of(exc) != 409:
+                    raise write_error(exc, self.repo_id, "create the repository") from None
+            except Exception as exc:  # noqa: BLE001
+                raise write_error(exc, self.repo_id, "create the repository") from None
+            info = self.api.model_info(self.repo_id, token=self.token)
+        files = [s.rfilename for s in (info.siblings or [])]
+        weights = [f for f in files if f.endswith(_WEIGHT_SUFFIXES)]
+        if weights and not self.overwrite:
+            raise OutputError(
+                f"{self.repo_id}: the target repo already has weights ({weights[0]}...); pass --overwrite to commit "
+                "on top of them (or --create-pr to propose them as a pull request)"
+            )
+        if self.private and not info.private:
+            raise OutputError(f"{self.repo_id}: exists and is public, but a private merge was asked for; refusing")
+        self._head = info.sha
+        self._existing = files
+        self._thread.start()
+
+    # --- during the merge ---------------------------------------------------------------------------------------
+
+    def shard_written(self, name: str, path: Path) -> None:
+        # Block until the previous shard is uploaded: this and the shard being written are all that is on disk.
+        while not self._idle.wait(0.2):
+            self._raise_upload_error()
+        self._raise_upload_error()
+        self._idle.clear()
+        self._queue.put((name, path))
+
+    def file_written(self, name: str, path: Path) -> None:
+        self._ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
+
+    def _upload_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            name, path = item
+            try:
+                op = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                self._retry(lambda op=op: self.api.preupload_lfs_files(
+                    self.repo_id, additions=[op], token=self.token, create_pr=self.create_pr, free_memory=True
+                ), f"upload {name}")
+                self._uploaded.append(op)
+                path.unlink(missing_ok=True)
+            except BaseException as exc:  # noqa: BLE001
+                self._error = exc
+            finally:
+                self._idle.set()
+
+    def _raise_upload_error(self) -> None:
+        if self._error is not None:
+            exc = self._error
+            raise exc if isinstance(exc, OutputError) else write_error(exc, self.repo_id, "upload a shard")
+
+    def _retry(self, fn, action: str, attempts: int = 4):
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn()
+            except Exception as exc:  # noqa: BLE001
+                if attempt == attempts or not is_transient(exc):
+                    raise write_error(exc, self.repo_id, action) from None
+                time.sleep(min(8.0, 0.5 * 2**attempt))
+
+    # --- the end ------------------------------------------------------------------------------------------------
+
+    def finish(self, message: str, description: str) -> dict:
+        while not self._idle.wait(0.2):
+            pass
+        self._raise_upload_error()
+        self._queue.put(None)
+        new = {op.path_in_repo for op in self._ops + self._uploaded}
+        deletes = [
+            CommitOperationDelete(path_in_repo=f)
+            for f in self._existing
+            if f not in new and (f.endswith(_WEIGHT_SUFFIXES) or f.endswith(".index.json"))
+        ]
+        operations = self._uploaded + self._ops + deletes
+        marker = f"{MARKER}: {self.merge_id}"
+        description = f"{description}\n\n{marker}".strip()
+        last: BaseException | None = None
+        for attempt in range(1, self.commit_retries + 1):
+            try:
+                info = self.api.create_commit(
+                    self.repo_id,
+                    operations=operations,
+                    commit_message=message,
+                    commit_description=description,
+                    token=self.token,
+                    create_pr=self.create_pr,
+                    parent_commit=None if self.create_pr else self._head,
+                )
+                self._cleanup()
+                return self._result(info.oid, getattr(info, "pr_url", None))
+            except Exception as exc:  # noqa: BLE001
+                last = exc
+                landed = self._find_landed(marker)  # a timeout or 5xx can hide a commit that landed
+                if landed:
+                    self._cleanup()
+                    return self._result(landed, None)
+                if not is_transient(exc) or attempt == self.commit_retries:
+                    break
+                time.sleep(min(8.0, 1.0 * 2**attempt))
+        assert last is not None
+        raise write_error(last, self.repo_id, "commit the merged model") from None
+
+    def _find_landed(self, marker: str) -> str | None:
+        try:
+            for commit in self.api.list_repo_commits(self.repo_id, token=self.token)[:20]:
+                if marker in (commit.message or "") or marker in (commit.title or ""):
+                    return commit.commit_id
+        except Exception:  # noqa: BLE001 - best effort; the caller reports the original error
+            return None
+        return None
+
+    def _result(self, commit: str, pr_url: str | None) -> dict:
+        url = f"{self.api.endpoint.rstrip('/')}/{self.repo_id}"
+        out = {"repo": self.repo_id, "commit": commit, "url": url}
+        if pr_url:
+            out["pr_url"] = pr_url
+        return out
+
+    def _cleanup(self) -> None:
+        self._closed = True
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def abort(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=60)
+        shutil.rmtree(self.work_dir, ignore_errors=True)
+        if self._created and not self._closed:
+            try:  # only a repo we created and never committed to
+                commits = self.api.list_repo_commits(self.repo_id, token=self.token)
+                if len(commits) <= 1:
+                    self.api.delete_repo(self.repo_id, token=self.token, missing_ok=True)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            self._created = False
