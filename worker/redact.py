@@ -32,3 +32,25 @@ def scrub(text: str) -> str:
             text = text.replace(secret, "***")
     text = _HF_TOKEN_RE.sub("hf_***", text)
     return _BEARER_RE.sub(r"\1***", text)
+
+
+class RedactingFilter:
+    """A logging filter that scrubs secrets from every record (messages and arguments)."""
+
+    def filter(self, record) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001
+            return True
+        clean = scrub(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
+        return True
+
+
+def install_log_filter() -> None:
+    import logging
+
+    f = RedactingFilter()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(f)

@@ -36,6 +36,8 @@ class Settings:
     max_base_bytes: int = _setting("LORAFOLD_MAX_BASE_BYTES", 2 * 10**12, "Refuse bases larger than this (before reading).")
     job_time_limit: int = _setting("LORAFOLD_JOB_TIME_LIMIT", 6 * 3600, "Hard time limit of one merge, seconds (the soft limit is 60 s earlier).")
     stuck_after: int = _setting("LORAFOLD_STUCK_AFTER", 900, "A running job with no progress for this many seconds is failed or retried.")
+    requeue_after: int = _setting("LORAFOLD_REQUEUE_AFTER", 600, "A job still queued after this many seconds is sent to the broker again (lost messages).")
+    reconcile_every: int = _setting("LORAFOLD_RECONCILE_EVERY", 30, "Seconds between the worker's checks for dead, stuck or lost jobs.")
     max_attempts: int = _setting("LORAFOLD_MAX_ATTEMPTS", 3, "Deliveries of one job before it is failed for good.")
     rate_limit: str = _setting("LORAFOLD_RATE_LIMIT", "120/minute", "Requests per caller on the JSON API and forms.")
     rate_limit_storage: str = _setting("LORAFOLD_RATE_LIMIT_STORAGE", "memory://", "Where rate-limit counters live (redis://... in production).")

@@ -1,0 +1,27 @@
+"""The job record: models, the store (compare-and-swap status changes), submit() for the three doors.
+
+SQLAlchemy only: importing this package pulls in neither torch nor the engine nor Flask.
+"""
+
+from .crypto import SecretBox, fingerprint
+from .db import Database
+from .models import Credential, Delivery, Job, JobLog, JobSample, JobStatus, Rule
+from .store import JobStore, RunSpec
+from .submit import JobRequest, submit
+
+__all__ = [
+    "Credential",
+    "Database",
+    "Delivery",
+    "Job",
+    "JobLog",
+    "JobRequest",
+    "JobSample",
+    "JobStatus",
+    "JobStore",
+    "Rule",
+    "RunSpec",
+    "SecretBox",
+    "fingerprint",
+    "submit",
+]

@@ -1,0 +1,176 @@
+"""The job record (SQLAlchemy 2 only). The job row is the truth about a merge, not the Celery result backend.
+
+Tables: jobs (one merge request and everything that happened to it), job_logs (its log lines), job_samples (its
+memory over time, for the chart), credentials (Hub tokens, encrypted, kept only while needed), rules (webhook
+automation) and deliveries (every webhook call a rule received and what came of it).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(
+        naming_convention={
+            "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+            "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+            "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+            "pk": "pk_%(table_name)s",
+        }
+    )
+
+
+class JobStatus(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+    skipped = "skipped"  # a webhook push that was not a LoRA adapter, or an older commit than one already merged
+
+    @classmethod
+    def terminal(cls) -> frozenset[str]:
+        return frozenset({cls.succeeded.value, cls.failed.value, cls.cancelled.value, cls.skipped.value})
+
+
+DOORS = ("form", "api", "webhook", "cli")
+
+
+class Credential(Base):
+    """A Hub token, Fernet-encrypted with a key derived from LORAFOLD_SECRET_KEY. Never shown again."""
+
+    __tablename__ = "credentials"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(96), index=True)
+    purpose: Mapped[str] = mapped_column(String(16))  # job | rule | session
+    token_encrypted: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(96), index=True)  # the Hub user who asked
+    namespace: Mapped[str] = mapped_column(String(96), index=True)  # the target's namespace (user or org)
+    door: Mapped[str] = mapped_column(String(16))
+    adapter_repo: Mapped[str] = mapped_column(String(200))
+    adapter_revision: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    adapter_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    base_repo: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    base_revision: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    base_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    target_repo: Mapped[str] = mapped_column(String(200), index=True)
+    private: Mapped[bool] = mapped_column(Boolean, default=False)
+    dtype: Mapped[str] = mapped_column(String(16), default="auto")
+    max_shard_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    overwrite: Mapped[bool] = mapped_column(Boolean, default=False)
+    create_pr: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    phase: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    enqueued_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    progress_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    tensors_done: Mapped[int] = mapped_column(Integer, default=0)
+    tensors_total: Mapped[int] = mapped_column(Integer, default=0)
+    bytes_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_total: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    peak_rss_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    peak_vram_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    bytes_read: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    bytes_written: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    timings: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+
+    result_repo: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    result_commit: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    result_url: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id", ondelete="SET NULL"), nullable=True)
+    rule_id: Mapped[str | None] = mapped_column(ForeignKey("rules.id", ondelete="SET NULL"), nullable=True, index=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    dedupe_key: Mapped[str | None] = mapped_column(String(300), nullable=True, unique=True)
+    adapter_committed_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)
+
+    __table_args__ = (
+        Index("uq_jobs_owner_idempotency_key", "owner", "idempotency_key", unique=True),
+    )
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in JobStatus.terminal()
+
+
+class JobLog(Base):
+    __tablename__ = "job_logs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    level: Mapped[str] = mapped_column(String(8))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class JobSample(Base):
+    __tablename__ = "job_samples"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    t: Mapped[float] = mapped_column(Float)  # seconds since the attempt started
+    rss_bytes: Mapped[int] = mapped_column(BigInteger)
+    vram_bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class Rule(Base):
+    """Webhook automation: merge every new commit of watched adapter repos."""
+
+    __tablename__ = "rules"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(96), index=True)
+    watch: Mapped[str] = mapped_column(String(200))  # "owner/name" or "owner/<glob>"
+    target: Mapped[str] = mapped_column(String(200))  # template, e.g. "{namespace}/{name}-merged"
+    base: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    base_revision: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    private: Mapped[bool] = mapped_column(Boolean, default=False)
+    dtype: Mapped[str] = mapped_column(String(16), default="auto")
+    secret_encrypted: Mapped[str] = mapped_column(Text)
+    credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id", ondelete="SET NULL"), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Delivery(Base):
+    """One webhook call received for a rule, and what it led to (run history)."""
+
+    __tablename__ = "deliveries"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    rule_id: Mapped[str] = mapped_column(ForeignKey("rules.id", ondelete="CASCADE"), index=True)
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    repo: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    new_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # queued | duplicate | ignored
+    reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)

@@ -1,0 +1,237 @@
+"""Every change to a job row, as short transactions and compare-and-swap status updates.
+
+A status only moves from an expected status (`UPDATE ... WHERE id = ? AND status IN (...)`), so a redelivered
+task, a late cancel or a second worker can never reopen a finished job or run one twice (STYLE.md rule 11,
+Superset's InternalStatusTransitionCommand). A running attempt holds a lease that its heartbeat renews; another
+worker may take the job over only once the lease has run out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, delete, or_, select, update
+
+from .crypto import SecretBox
+from .db import Database
+from .models import Credential, Job, JobLog, JobSample, JobStatus, utcnow
+
+LEASE_SECONDS = 30
+TERMINAL = tuple(JobStatus.terminal())
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a worker needs to run a job (the token is decrypted only here, in the worker)."""
+
+    job_id: str
+    door: str
+    adapter_repo: str
+    adapter_revision: str | None
+    base_repo: str | None
+    base_revision: str | None
+    target_repo: str
+    private: bool
+    dtype: str
+    max_shard_size: int | None
+    overwrite: bool
+    create_pr: bool
+    rule_id: str | None
+    attempts: int
+
+
+class JobStore:
+    def __init__(self, db: Database, box: SecretBox):
+        self.db = db
+        self.box = box
+
+    # --- claiming ---------------------------------------------------------------------------------------------
+
+    def claim(self, job_id: str, worker: str, lease_seconds: int = LEASE_SECONDS) -> str:
+        """queued → running, or take over a running job whose lease ran out. Returns "claimed", "busy" or "done"."""
+        now = utcnow()
+        with self.db.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.cancel_requested.is_(False),
+                    or_(
+                        Job.status == JobStatus.queued.value,
+                        and_(Job.status == JobStatus.running.value, or_(Job.lease_until.is_(None), Job.lease_until < now)),
+                    ),
+                )
+                .values(
+                    status=JobStatus.running.value,
+                    attempts=Job.attempts + 1,
+                    worker=worker,
+                    lease_until=now + timedelta(seconds=lease_seconds),
+                    started_at=now,
+                    progress_at=now,
+                    phase="start",
+                    error=None,
+                )
+            )
+            if res.rowcount == 1:
+                return "claimed"
+            job = s.get(Job, job_id)
+            if job is None or job.status in TERMINAL:
+                return "done"
+            if job.status == JobStatus.queued.value and job.cancel_requested:
+                self._finish(s, job_id, JobStatus.cancelled, (JobStatus.queued.value,), error="cancelled before it started")
+                return "done"
+            return "busy"
+
+    def lease_remaining(self, job_id: str) -> float:
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.lease_until is None:
+                return 0.0
+            return max(0.0, (job.lease_until - utcnow()).total_seconds())
+
+    def run_spec(self, job_id: str) -> tuple[RunSpec, str | None]:
+        with self.db.session() as s:
+            job = s.get(Job, job_id)
+            token = None
+            if job.credential_id:
+                cred = s.get(Credential, job.credential_id)
+                token = self.box.open(cred.token_encrypted) if cred else None
+            spec = RunSpec(
+                job.id, job.door, job.adapter_repo, job.adapter_revision, job.base_repo, job.base_revision,
+                job.target_repo, job.private, job.dtype, job.max_shard_size, job.overwrite, job.create_pr,
+                job.rule_id, job.attempts,
+            )
+            return spec, token
+
+    # --- while running ------------------------------------------------------------------------------------------
+
+    def heartbeat(self, job_id: str, worker: str, fields: dict, lease_seconds: int = LEASE_SECONDS) -> bool:
+        """Renew the lease and write progress; returns whether cancellation was asked for (or the lease lost)."""
+        now = utcnow()
+        with self.db.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == worker)
+                .values(lease_until=now + timedelta(seconds=lease_seconds), **fields)
+            )
+            if res.rowcount != 1:
+                return True  # someone else owns it now (or it ended): stop
+            return bool(s.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar())
+
+    def append_logs(self, job_id: str, lines: Iterable[tuple[datetime, str, str]]) -> None:
+        rows = [{"job_id": job_id, "at": at, "level": level, "message": msg[:4000]} for at, level, msg in lines]
+        if rows:
+            with self.db.session() as s:
+                s.execute(JobLog.__table__.insert(), rows)
+
+    def append_samples(self, job_id: str, samples: Iterable[tuple[float, int, int]]) -> None:
+        rows = [{"job_id": job_id, "t": t, "rss_bytes": rss, "vram_bytes": vram} for t, rss, vram in samples]
+        if rows:
+            with self.db.session() as s:
+                s.execute(JobSample.__table__.insert(), rows)
+
+    def set_fields(self, job_id: str, **fields) -> None:
+        with self.db.session() as s:
+            s.execute(update(Job).where(Job.id == job_id).values(**fields))
+
+    # --- ending -------------------------------------------------------------------------------------------------
+
+    def finish(self, job_id: str, status: JobStatus, worker: str | None = None, **fields) -> bool:
+        with self.db.session() as s:
+            return self._finish(s, job_id, status, (JobStatus.running.value,), worker=worker, **fields)
+
+    def _finish(self, s, job_id: str, status: JobStatus, expected: tuple[str, ...], worker: str | None = None, **fields) -> bool:
+        cond = [Job.id == job_id, Job.status.in_(expected)]
+        if worker is not None:
+            cond.append(Job.worker == worker)
+        res = s.execute(
+            update(Job).where(*cond).values(status=status.value, finished_at=utcnow(), lease_until=None, phase="done", **fields)
+        )
+        if res.rowcount == 1:
+            self._drop_job_credential(s, job_id)
+            return True
+        return False
+
+    def _drop_job_credential(self, s, job_id: str) -> None:
+        """A job's token lives only as long as the job (a rule's token stays with the rule)."""
+        cred_id = s.execute(select(Job.credential_id).where(Job.id == job_id)).scalar()
+        if cred_id is None:
+            return
+        purpose = s.execute(select(Credential.purpose).where(Credential.id == cred_id)).scalar()
+        if purpose == "job":
+            s.execute(update(Job).where(Job.id == job_id).values(credential_id=None))
+            s.execute(delete(Credential).where(Credential.id == cred_id))
+
+    def requeue(self, job_id: str, reason: str) -> bool:
+        """running (dead or stuck) → queued, for another attempt."""
+        with self.db.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.running.value)
+                .values(status=JobStatus.queued.value, lease_until=None, worker=None, enqueued_at=utcnow(), phase="requeued")
+            )
+            if res.rowcount == 1:
+                s.add(JobLog(job_id=job_id, level="warning", message=reason))
+                return True
+            return False
+
+    # --- user actions -------------------------------------------------------------------------------------------
+
+    def request_cancel(self, job_id: str) -> str:
+        """queued → cancelled at once; running → flag (the worker stops between tensors). Returns the status."""
+        with self.db.session() as s:
+            if self._finish(s, job_id, JobStatus.cancelled, (JobStatus.queued.value,), error="cancelled before it started"):
+                return JobStatus.cancelled.value
+            s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running.value).values(cancel_requested=True))
+            return s.execute(select(Job.status).where(Job.id == job_id)).scalar()
+
+    def retry(self, job_id: str, token: str | None, owner: str) -> bool:
+        """failed / cancelled / skipped → queued again (same job, next attempt), with a fresh stored token."""
+        with self.db.session() as s:
+            cred_id = None
+            if token:
+                cred = Credential(owner=owner, purpose="job", token_encrypted=self.box.seal(token))
+                s.add(cred)
+                s.flush()
+                cred_id = cred.id
+            values = dict(
+                status=JobStatus.queued.value, error=None, cancel_requested=False, finished_at=None, worker=None,
+                lease_until=None, phase=None, enqueued_at=utcnow(), tensors_done=0, bytes_done=0,
+            )
+            if cred_id is not None:
+                values["credential_id"] = cred_id
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status.in_([JobStatus.failed.value, JobStatus.cancelled.value, JobStatus.skipped.value]))
+                .values(**values)
+            )
+            if res.rowcount != 1:
+                s.rollback()
+                return False
+            s.add(JobLog(job_id=job_id, level="info", message=f"retry requested by {owner}"))
+            return True
+
+    def stale_running(self, now: datetime, stuck_after: int) -> list[Job]:
+        """Running jobs whose lease ran out (worker gone) or with no progress for `stuck_after` seconds (hung)."""
+        with self.db.session() as s:
+            return list(
+                s.scalars(
+                    select(Job).where(
+                        Job.status == JobStatus.running.value,
+                        or_(Job.lease_until < now, Job.progress_at < now - timedelta(seconds=stuck_after)),
+                    )
+                )
+            )
+
+    def stale_queued(self, now: datetime, requeue_after: int) -> list[str]:
+        with self.db.session() as s:
+            return list(
+                s.scalars(
+                    select(Job.id).where(
+                        Job.status == JobStatus.queued.value,
+                        or_(Job.enqueued_at.is_(None), Job.enqueued_at < now - timedelta(seconds=requeue_after)),
+                    )
+                )
+            )

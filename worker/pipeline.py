@@ -1,0 +1,161 @@
+"""One job, from repo ids to a published merge: no Celery, no SQL (the runner owns those).
+
+Order: the target is checked for a commit of an earlier attempt of this job (a retried job never commits twice),
+the adapter and base are pinned to commit shas, webhook jobs are checked to really be LoRA adapter pushes, then
+the engine merges from Hub to Hub.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .engine import Lineage, MergeOptions, merge
+from .engine.errors import EngineError, SourceError
+from .engine.plan import load_spec
+from .hub import HubClient
+from .hub.sink import MARKER
+from .jobs.store import RunSpec
+from .locations import check_revision, is_repo_id
+from .settings import Settings
+
+
+class Skipped(EngineError):
+    """Nothing to merge (not an adapter push, or an older commit than one already merged)."""
+
+    kind = "skipped"
+
+
+@dataclass
+class Outcome:
+    repo: str
+    commit: str
+    url: str
+    adapter_sha: str | None = None
+    base_sha: str | None = None
+    stats: dict | None = None
+    reused: bool = False
+
+
+def run_job(
+    spec: RunSpec,
+    token: str | None,
+    settings: Settings,
+    reporter,
+    *,
+    on_resolved: Callable[..., None] = lambda **kw: None,
+    is_stale: Callable[[object], bool] = lambda committed_at: False,
+) -> Outcome:
+    hub = HubClient(
+        settings.hf_endpoint,
+        token,
+        max_download_bytes=settings.max_adapter_bytes,
+        max_base_bytes=settings.max_base_bytes,
+        work_root=settings.work_dir or None,
+    )
+    landed = find_marker_commit(hub, spec.target_repo, spec.job_id)
+    if landed:
+        reporter.log("info", f"an earlier attempt already committed {landed[:12]} to {spec.target_repo}; not merging again")
+        return Outcome(spec.target_repo, landed, f"{hub.endpoint}/{spec.target_repo}", reused=True)
+
+    reporter.set_phase("resolve")
+    adapter = hub.source(spec.adapter_repo, check_revision(spec.adapter_revision, "adapter"))
+    try:
+        on_resolved(adapter_sha=adapter.revision)
+        files = {f.path for f in adapter.files()}
+        if spec.door == "webhook":
+            _check_adapter_push(hub, adapter, files, spec)
+            committed_at = _commit_date(hub, adapter)
+            on_resolved(adapter_committed_at=committed_at)
+            if committed_at is not None and is_stale(committed_at):
+                raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} is older than an adapter commit already merged")
+        adapter_spec, _ = load_spec(adapter)
+        base_id = spec.base_repo or adapter_spec.base_model_name_or_path
+        if not base_id:
+            raise SourceError(f"{spec.adapter_repo}: adapter_config.json names no base_model_name_or_path; choose the base explicitly")
+        base_id, _, at = base_id.partition("@")
+        if not is_repo_id(base_id):
+            raise SourceError(
+                f"{spec.adapter_repo}: adapter_config.json names base {base_id!r}, which is not a Hub repo id "
+                "(often a local training path); choose the base explicitly"
+            )
+        base = hub.source(base_id, check_revision(spec.base_revision or at or None, "base"))
+        on_resolved(base_repo=base_id, base_sha=base.revision)
+        reporter.log("info", f"adapter {spec.adapter_repo}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
+        sink = hub.sink(spec.target_repo, private=spec.private, overwrite=spec.overwrite, create_pr=spec.create_pr, merge_id=spec.job_id)
+        options = MergeOptions(device=settings.device, dtype=spec.dtype, max_shard_size=spec.max_shard_size)
+        result = merge(
+            base,
+            adapter,
+            sink,
+            options,
+            reporter,
+            lineage=Lineage(base_id, base.revision, spec.adapter_repo, adapter.revision, True, True),
+            commit_message=f"Merge {spec.adapter_repo}@{adapter.revision[:7]} into {base_id}",
+            commit_description=f"Merged by lorafold job {spec.job_id}: adapter {spec.adapter_repo}@{adapter.revision}, "
+            f"base {base_id}@{base.revision}.",
+        )
+    finally:
+        adapter.close()
+    published = result.result
+    return Outcome(
+        published.get("repo", spec.target_repo),
+        published.get("commit", ""),
+        published.get("pr_url") or published.get("url", ""),
+        adapter.revision,
+        base.revision,
+        {
+            "peak_rss_bytes": result.peak_rss_bytes,
+            "peak_vram_bytes": result.peak_vram_bytes,
+            "bytes_read": result.bytes_read,
+            "bytes_written": result.bytes_written,
+            "seconds": result.seconds,
+            "timings": result.timings,
+        },
+    )
+
+
+def find_marker_commit(hub: HubClient, repo: str, job_id: str) -> str | None:
+    """The commit an earlier attempt of this job made on the target, if any (the marker is in its description)."""
+    from huggingface_hub import errors as hf
+
+    marker = f"{MARKER}: {job_id}"
+    try:
+        commits = hub.api.list_repo_commits(repo, token=hub.token)
+    except hf.RepositoryNotFoundError:
+        return None
+    except Exception:  # noqa: BLE001 - the sink checks the target again before writing
+        return None
+    for c in commits[:50]:
+        if marker in (c.message or ""):
+            return c.commit_id
+    return None
+
+
+def _check_adapter_push(hub: HubClient, adapter, files: set[str], spec: RunSpec) -> None:
+    if "adapter_config.json" not in files:
+        raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} has no adapter_config.json: not a LoRA adapter")
+    if not files & {"adapter_model.safetensors", "adapter_model.bin"}:
+        raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} has adapter_config.json but no adapter weights")
+    try:
+        infos = hub.api.get_paths_info(
+            spec.adapter_repo,
+            ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"],
+            revision=adapter.revision,
+            expand=True,
+            token=hub.token,
+        )
+    except Exception:  # noqa: BLE001 - without the details, merge rather than skip
+        return
+    touched = [getattr(getattr(i, "last_commit", None), "oid", None) for i in infos]
+    if touched and all(t is not None for t in touched) and adapter.revision not in touched:
+        raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} did not change the adapter (e.g. a README-only commit)")
+
+
+def _commit_date(hub: HubClient, adapter):
+    try:
+        for c in hub.api.list_repo_commits(adapter.repo_id, revision=adapter.revision, token=hub.token)[:1]:
+            return c.created_at.replace(tzinfo=None) if c.created_at else None
+    except Exception:  # noqa: BLE001
+        return None
+    return None

@@ -1,0 +1,118 @@
+"""Run one job id: claim it, run the pipeline with a job reporter, record the outcome. Called by the Celery task.
+
+Every outcome ends in a terminal status through compare-and-swap on the row; the error shown to the user is one
+line (worker/errors.py), and the job's token is deleted when the job ends.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+
+from sqlalchemy import select
+
+from .engine.errors import Cancelled
+from .errors import describe
+from .jobs import Database, Job, JobStatus, JobStore, SecretBox
+from .jobs.models import utcnow
+from .jobs.store import LEASE_SECONDS
+from .reporting import JobReporter
+from .settings import Settings
+
+log = logging.getLogger("lorafold.runner")
+
+
+def job_store(settings: Settings) -> JobStore:
+    return JobStore(Database(settings.database_url), SecretBox(settings.secret_key))
+
+
+def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -> str:
+    """Returns the final status (or "busy"/"done" when another attempt owns the job)."""
+    store = job_store(settings)
+    worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+    state = store.claim(job_id, worker)
+    deadline = time.monotonic() + LEASE_SECONDS + 10
+    while state == "busy" and redelivered and time.monotonic() < deadline:
+        # The message came back because the worker running it died; its lease runs out shortly.
+        time.sleep(min(5.0, store.lease_remaining(job_id) + 0.5))
+        state = store.claim(job_id, worker)
+    if state != "claimed":
+        log.info("job=%s not run: %s", job_id, state)
+        return state
+
+    from .pipeline import Skipped, run_job
+
+    spec, token = store.run_spec(job_id)
+    reporter = JobReporter(store, job_id, worker)
+    reporter.log("info", f"attempt {spec.attempts} on {worker.rsplit(':', 1)[0]}")
+
+    def on_resolved(**fields):
+        store.set_fields(job_id, **fields)
+
+    def is_stale(committed_at) -> bool:
+        with store.db.session() as s:
+            newer = s.scalar(
+                select(Job.id).where(
+                    Job.rule_id == spec.rule_id,
+                    Job.adapter_repo == spec.adapter_repo,
+                    Job.id != job_id,
+                    Job.status.in_([JobStatus.succeeded.value, JobStatus.running.value]),
+                    Job.adapter_committed_at > committed_at,
+                )
+            )
+        return newer is not None
+
+    status, fields = JobStatus.failed, {}
+    try:
+        outcome = run_job(spec, token, settings, reporter, on_resolved=on_resolved, is_stale=is_stale)
+        status = JobStatus.succeeded
+        fields = {"result_repo": outcome.repo, "result_commit": outcome.commit, "result_url": outcome.url, **(outcome.stats or {})}
+        reporter.log("info", f"published {outcome.repo} at {outcome.commit[:12]}")
+    except Cancelled as exc:
+        status, fields = JobStatus.cancelled, {"error": str(exc)}
+    except Skipped as exc:
+        status, fields = JobStatus.skipped, {"error": str(exc)}
+        reporter.log("info", f"skipped: {exc}")
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes a terminal status with one line
+        name = type(exc).__name__
+        if name == "SoftTimeLimitExceeded":
+            message = f"time limit of {settings.job_time_limit} s reached; nothing was published"
+        else:
+            message = describe(exc)
+            if "internal error" in message:
+                log.exception("job=%s internal error", job_id)
+        status, fields = JobStatus.failed, {"error": message}
+        reporter.log("error", message)
+    finally:
+        reporter.close()
+    fields.setdefault("peak_rss_bytes", reporter.peak_rss or None)
+    fields.setdefault("peak_vram_bytes", reporter.peak_vram)
+    if not store.finish(job_id, status, worker=worker, **fields):
+        log.warning("job=%s finished as %s but the row had moved on (cancelled or taken over)", job_id, status.value)
+        return "lost"
+    return status.value
+
+
+def reconcile(settings: Settings, enqueue, *, requeue_after: int = 600) -> dict:
+    """The periodic check: revive jobs whose worker vanished, fail or retry stuck ones, re-send lost messages."""
+    store = job_store(settings)
+    now = utcnow()
+    counts = {"requeued": 0, "failed": 0, "resent": 0}
+    for job in store.stale_running(now, settings.stuck_after):
+        dead = job.lease_until is None or job.lease_until < now
+        why = "its worker stopped answering" if dead else f"no progress for {settings.stuck_after} s"
+        if job.attempts >= settings.max_attempts:
+            with store.db.session() as s:
+                if store._finish(s, job.id, JobStatus.failed, (JobStatus.running.value,), error=f"stopped: {why} ({job.attempts} attempts)"):
+                    counts["failed"] += 1
+        elif store.requeue(job.id, f"attempt {job.attempts} abandoned: {why}; trying again"):
+            enqueue(job.id)
+            counts["requeued"] += 1
+    for job_id in store.stale_queued(now, requeue_after):
+        store.set_fields(job_id, enqueued_at=utcnow())
+        enqueue(job_id)
+        counts["resent"] += 1
+    return counts

@@ -1,0 +1,108 @@
+"""Running the service: `lorafold serve` (web + one worker, embedded defaults), `lorafold worker`, `lorafold db`."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from .settings import Settings
+
+log = logging.getLogger("lorafold.service")
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .redact import install_log_filter
+
+    install_log_filter()
+
+
+def db_command(action: str) -> int:
+    from . import migrate
+
+    settings = Settings.from_env()
+    if action == "upgrade":
+        migrate.upgrade(settings.database_url)
+        print(f"database at revision {migrate.current(settings.database_url)}")
+    else:
+        print(migrate.current(settings.database_url) or "(empty database)")
+    return 0
+
+
+def run_worker(queues: str = "gpu", concurrency: int = 1) -> int:
+    """A Celery worker (prefork: time limits and one fresh child per job need it) plus the reconciler thread."""
+    _logging()
+    settings = Settings.from_env()
+    from celery import signals
+
+    from .queue import enqueue_merge, make_celery
+
+    app = make_celery(settings, worker=True)
+
+    @signals.worker_ready.connect
+    def _start_reconciler(**_kw):
+        threading.Thread(target=_reconcile_loop, args=(settings, app), name="lorafold-reconcile", daemon=True).start()
+
+    @signals.worker_process_init.connect
+    def _after_fork(**_kw):
+        from .jobs.db import dispose_all
+
+        dispose_all()
+
+    app.worker_main(
+        ["worker", "-Q", queues, "-c", str(concurrency), "--pool=prefork", "-l", "INFO", "-n", f"lorafold-{os.getpid()}@%h",
+         "--without-gossip", "--without-mingle"]
+    )
+    return 0
+
+
+def _reconcile_loop(settings: Settings, app) -> None:
+    from .queue import enqueue_merge
+    from .runner import reconcile
+
+    stop = threading.Event()
+    while not stop.wait(settings.reconcile_every):
+        try:
+            counts = reconcile(settings, lambda job_id: enqueue_merge(app, job_id), requeue_after=settings.requeue_after)
+            if any(counts.values()):
+                log.info("reconcile: %s", counts)
+        except Exception as exc:  # noqa: BLE001 - next round
+            log.warning("reconcile failed: %s", type(exc).__name__)
+
+
+def serve(port: int | None = None, host: str | None = None, with_worker: bool = True) -> int:
+    """The whole service on this machine: migrations, one worker process, the web app. Ctrl-C stops both."""
+    _logging()
+    overrides = {k: v for k, v in {"port": port, "host": host}.items() if v is not None}
+    settings = Settings.from_env(**overrides)
+    from . import migrate
+
+    migrate.upgrade(settings.database_url)
+    env = dict(os.environ, DATABASE_URL=settings.database_url, CELERY_BROKER_URL=settings.broker_url,
+               LORAFOLD_SECRET_KEY=settings.secret_key, PORT=str(settings.port))
+    worker = None
+    if with_worker:
+        worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env)
+    from web import create_app
+
+    app = create_app(settings)
+    url = f"http://{settings.host}:{settings.port}/"
+    print(f"lorafold is running at {url}  (database {settings.database_url}; Ctrl-C to stop)", flush=True)
+    try:
+        from werkzeug.serving import run_simple
+
+        run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if worker is not None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+    return 0
