@@ -198,13 +198,17 @@ class Executor:
             self._fail(exc)
         finally:
             _put(out_q, _STOP, self.failed)
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:  # reads already scheduled still complete (the consumer waits for them)
+                pool.shutdown(wait=True, cancel_futures=self.failed.is_set())
 
     def _writer(self, in_q: queue.Queue) -> None:
         remaining = {s.name: len(s.tensors) for s in self.plan.shards}
         fds: dict[str, int] = {}
         try:
+            for name, count in remaining.items():  # a shard without tensors is finished before it starts
+                if count == 0:
+                    os.close(self._open_shard(name))
+                    self.sink.shard_written(name, self.sink.work_dir / name)
             while True:
                 got = _get(in_q, self.failed)
                 if got is _STOP or got is None:
@@ -232,10 +236,6 @@ class Executor:
                         os.close(fds.pop(name))
                         self.sink.shard_written(name, self.sink.work_dir / name)
                     self._progress(item.t.name)
-            for name, left in remaining.items():  # shards without tensors
-                if left == 0 and name not in fds and not (self.sink.work_dir / name).exists():
-                    os.close(self._open_shard(name))
-                    self.sink.shard_written(name, self.sink.work_dir / name)
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
         finally:

@@ -17,7 +17,7 @@ from .errors import FormatError, NumericError, SourceError
 from .io import FileEntry, LocalDirSource, ModelSource
 from .safetensors_format import DTYPES, FileHeader, header_length, parse_header
 
-_FIRST_READ = 1 << 20  # one request usually gets the whole header (most are far below 1 MB)
+_FIRST_READ = 100_000  # one request gets the whole header of most files (huggingface_hub reads 100 kB too)
 
 
 def torch_dtype(code: str) -> torch.dtype:

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 
 os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # lorafold reports its own progress
 
 from huggingface_hub import HfApi, constants  # noqa: E402
 
