@@ -1,13 +1,16 @@
 """Stream the plan: read → merge → write, overlapped, with a bounded number of bytes in flight.
 
-Three stages run at once: a reader thread fills buffers from the source (disk or ranged HTTP), the calling thread
-merges on the compute device, a writer thread puts bytes at their offsets in the output shards and hands every
-finished shard to the sink (which may upload it while the next one is being written). A byte budget bounds what
-is in flight, so memory holds a few tensor chunks, never a shard or the model. Large tensors are cut into
-dim-0 row chunks so a 128k-vocabulary embedding or a stack of experts never needs to fit at once.
+Three stages run at once: a reader schedules reads from the source (disk or ranged HTTP, several at once for a
+network source), the calling thread merges on the compute device, a writer thread puts bytes at their offsets in
+the output shards and hands every finished shard to the sink (which may upload it while the next one is being
+written). A byte budget bounds what is in flight, so memory holds a few tensor chunks, never a shard or the model.
+Tensors the adapter does not touch are copied file to file by the kernel when the source is local.
 
-On CUDA the read buffers are pinned, host→device copies run on a copy stream, and device→host copies are
-awaited by the writer through an event, so copies and math overlap the file I/O of neighbouring chunks.
+The math runs in float32 on cache-sized row blocks held in reused scratch buffers (no allocation per tensor:
+fresh large allocations cost more than the arithmetic), each op in place in PEFT's order and rounding. Large
+tensors are cut into dim-0 row chunks, so a 128k-vocabulary embedding or a stack of experts never needs to fit
+at once. On CUDA the buffers are pinned, host→device copies run on a copy stream, and the writer waits for each
+device→host copy through an event, so copies and math overlap the I/O of neighbouring chunks.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import queue
 import threading
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,11 +29,11 @@ import torch
 from .errors import Cancelled, EngineError, NumericError
 from .io import ModelSink, NullReporter, Progress, Reporter
 from .plan import MergePlan, OutTensor
-from .safetensors_format import DTYPES
 from .tensors import as_view, interpret, torch_dtype
 from .variants import Ctx, DoraRescale, ExpertDelta, LoraDelta, Replace, TokenRows, rows_per_chunk
 
 _STOP = object()
+_CPU_BLOCK_ELEMS = 1 << 20  # float32 row block: 4 MB, about an L2 cache
 
 
 @dataclass
@@ -37,16 +41,20 @@ class Item:
     t: OutTensor
     r0: int  # dim-0 rows [r0, r1) of the output tensor; for plain copies, a byte range
     r1: int
-    read: tuple[str, int, int] | None  # (file, absolute offset, nbytes) of the base bytes needed
+    read: tuple[str, int, int] | None  # (file, absolute offset, nbytes) of the base bytes to read into memory
     out_offset: int  # absolute offset in the output shard
     out_nbytes: int
     last: bool
+    copy: tuple[str, int] | None = None  # (file, absolute offset): copy file to file, no memory involved
 
 
 def select_device(spec: str) -> torch.device:
     if spec == "auto":
         return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(spec)
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise EngineError(f"--device must be auto, cpu or cuda, got {spec!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError("--device cuda was asked for, but no CUDA device is available (use --device cpu)")
     if device.type not in ("cpu", "cuda"):
@@ -54,7 +62,7 @@ def select_device(spec: str) -> torch.device:
     return device
 
 
-def plan_items(plan: MergePlan) -> list[Item]:
+def plan_items(plan: MergePlan, direct_copy: bool = False) -> list[Item]:
     """Cut every output tensor into work items, in output order (which is the base's read order)."""
     chunk_elems = max(1, plan.options.chunk_bytes // 4)
     copy_bytes = plan.options.chunk_bytes
@@ -63,8 +71,10 @@ def plan_items(plan: MergePlan) -> list[Item]:
         if not t.computed:
             assert t.source is not None
             n = t.nbytes
-            steps = list(range(0, n, copy_bytes)) or [0]
-            for b0 in steps:
+            if direct_copy:
+                items.append(Item(t, 0, n, None, t.offset, n, True, copy=(t.source.file, t.source.offset)))
+                continue
+            for b0 in range(0, n, copy_bytes) if n else [0]:
                 b1 = min(n, b0 + copy_bytes)
                 items.append(Item(t, b0, b1, (t.source.file, t.source.offset + b0, b1 - b0), t.offset + b0, b1 - b0, b1 == n))
             continue
@@ -97,7 +107,7 @@ class _Done:
 class BufferPool:
     """Reusable byte buffers (pinned on CUDA): no page-fault storm or pinned-allocation cost per chunk."""
 
-    def __init__(self, pinned: bool, keep: int = 8):
+    def __init__(self, pinned: bool, keep: int = 12):
         self.pinned = pinned
         self.keep = keep
         self.free: list[torch.Tensor] = []
@@ -108,7 +118,7 @@ class BufferPool:
             for i, buf in enumerate(self.free):
                 if nbytes <= buf.numel() <= 2 * nbytes + (1 << 20):
                     return self.free.pop(i)
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned)
 
     def put(self, buf: torch.Tensor) -> None:
         with self.lock:
@@ -161,26 +171,34 @@ class Executor:
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
         self.budget = _Budget(plan.options.inflight_bytes)
+        self.buffers = BufferPool(pinned=self.cuda)
         self._last_progress = 0.0
         self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
-        self.buffers = BufferPool(pinned=self.cuda)
         self._h2d_done = None
+        self._copier = getattr(plan.base, "copy_range", None)
+        self._mapper = getattr(plan.base, "map_range", None)
 
-    # --- stages ---------------------------------------------------------------------------------------------
+    # --- reading ------------------------------------------------------------------------------------------------
 
     def _fail(self, exc: BaseException) -> None:
         self.errors.append(exc)
         self.failed.set()
 
-    def _read(self, item: Item) -> torch.Tensor | None:
+    def _read(self, item: Item) -> tuple[torch.Tensor, object] | None:
+        """The item's base bytes: a zero-copy view of a local file, or a pooled buffer filled by the source."""
         if item.read is None:
             return None
         fname, offset, nbytes = item.read
-        buf = self.buffers.get(nbytes)
-        self.plan.base.read_into(fname, offset, as_view(buf, nbytes))
         with self.stats.lock:
             self.stats.bytes_read += nbytes
-        return buf
+        if self._mapper is not None and not self.cuda:
+            view, handle = self._mapper(fname, offset, nbytes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a copy-on-write mapping: torch never writes into it
+                return torch.frombuffer(view, dtype=torch.uint8), handle
+        buf = self.buffers.get(nbytes)
+        self.plan.base.read_into(fname, offset, as_view(buf, nbytes))
+        return buf, None
 
     def _reader(self, items: list[Item], out_q: queue.Queue) -> None:
         """Schedules reads in output order; a network source gets several ranged GETs in flight."""
@@ -188,7 +206,7 @@ class Executor:
         pool = ThreadPoolExecutor(workers, thread_name_prefix="lorafold-read") if workers > 1 else None
         try:
             for item in items:
-                cost = (item.read[2] if item.read else 0) + item.out_nbytes
+                cost = (item.read[2] if item.read else 0) + (0 if item.copy else item.out_nbytes)
                 if not self.budget.acquire(cost, self.failed):
                     return
                 pending = pool.submit(self._read, item) if pool else _Done(self._read(item))
@@ -200,6 +218,8 @@ class Executor:
             _put(out_q, _STOP, self.failed)
             if pool is not None:  # reads already scheduled still complete (the consumer waits for them)
                 pool.shutdown(wait=True, cancel_futures=self.failed.is_set())
+
+    # --- writing ------------------------------------------------------------------------------------------------
 
     def _writer(self, in_q: queue.Queue) -> None:
         remaining = {s.name: len(s.tensors) for s in self.plan.shards}
@@ -214,17 +234,25 @@ class Executor:
                 if got is _STOP or got is None:
                     break
                 item, data, event, cost, recycle = got
-                if event is not None:
-                    event.synchronize()
                 name = item.t.shard
                 fd = fds.get(name)
                 if fd is None:
                     fd = fds[name] = self._open_shard(name)
-                view = memoryview(data.numpy()) if isinstance(data, torch.Tensor) else data
-                _pwrite_all(fd, view, item.out_offset)
-                del view, data
-                if recycle is not None:
+                if item.copy is not None:
+                    fname, offset = item.copy
+                    self._copier(fname, offset, item.out_nbytes, fd, item.out_offset)
+                    with self.stats.lock:
+                        self.stats.bytes_read += item.out_nbytes
+                else:
+                    if event is not None:
+                        event.synchronize()
+                    view = memoryview(data.numpy())
+                    _pwrite_all(fd, view, item.out_offset)
+                    del view, data
+                if isinstance(recycle, torch.Tensor):
                     self.buffers.put(recycle)
+                elif recycle is not None:
+                    self.plan.base.release_range(recycle)
                 self.budget.release(cost)
                 with self.stats.lock:
                     self.stats.bytes_written += item.out_nbytes
@@ -257,69 +285,96 @@ class Executor:
             return
         self._last_progress = now
         self.reporter.progress(
-            Progress(
-                "merge",
-                self.stats.tensors_done,
-                len(self.plan.tensors),
-                self.stats.bytes_written,
-                self.plan.bytes_total,
-                current,
-            )
+            Progress("merge", self.stats.tensors_done, len(self.plan.tensors), self.stats.bytes_written, self.plan.bytes_total, current)
         )
 
     # --- compute ----------------------------------------------------------------------------------------------
 
-    def _compute(self, item: Item, buf: torch.Tensor | None) -> tuple[object, object]:
+    def _compute(self, item: Item, got):
+        """Returns (bytes to write, event to wait for, buffer to recycle after the write)."""
         t = item.t
+        if item.copy is not None:
+            return None, None, None
+        buf, handle = got if got is not None else (None, None)
         if not t.computed:
             assert buf is not None and item.read is not None
-            return buf[: item.read[2]], None
+            if handle is not None:  # mapped: write it as it is, then release the pages
+                return buf[: item.read[2]], None, handle
+            return buf[: item.read[2]], None, buf
         out_dtype = torch_dtype(t.dtype)
         rows = item.r1 - item.r0
-        w = None
+        shape = (rows, *t.shape[1:]) if t.shape else (1,)
+        src = None
         if item.read is not None:
             assert t.source is not None and buf is not None
-            src = interpret(buf, t.source.dtype, (rows, *t.shape[1:]) if t.shape else ())
+            src = interpret(buf, t.source.dtype, shape)
             if self.cuda:
                 with torch.cuda.stream(self._copy_stream):
-                    w = src.to(self.device, non_blocking=True)
+                    src = src.to(self.device, non_blocking=True)
                     self._h2d_done = torch.cuda.Event()
                     self._h2d_done.record(self._copy_stream)
                 torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
-            else:
-                w = src
-            w = w.to(out_dtype)  # the dtype override: PEFT would load the base in that dtype first
-        w_in = w
-        for op in t.ops:
-            w = op.apply(w, item.r0, item.r1, self.ctx)
-            if w.dtype != out_dtype:
-                w = w.to(out_dtype)
-        if t.ops and w.is_floating_point() and not bool(torch.isfinite(w).all()):
+        host = self.buffers.get(item.out_nbytes)
+        host_out = interpret(host, t.dtype, shape)
+        out = host_out if not self.cuda else self.ctx.scratch.get("out", shape, out_dtype)
+        if not t.ops:  # a dtype conversion only
+            out.copy_(src)
+        else:
+            self._merge_rows(t, item, src, out, out_dtype, shape)
+        if self.plan.options.verify and t.ops:
+            self._verify(t, item, src, out)
+        event = None
+        if self.cuda:
+            host_out.copy_(out, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+        if handle is not None:
+            del src
+            self.plan.base.release_range(handle)
+        elif buf is not None:  # the input buffer is free once the device copy has left it
+            if self.cuda and self._h2d_done is not None:
+                self._h2d_done.synchronize()
+            self.buffers.put(buf)
+        return host[: item.out_nbytes], event, host
+
+    def _merge_rows(self, t: OutTensor, item: Item, src, out, out_dtype, shape) -> None:
+        """Apply the ops in float32, block by block, in place; round to the output dtype between and after ops."""
+        rows = shape[0]
+        whole = not all(op.chunkable for op in t.ops)
+        block = rows if (whole or self.cuda) else rows_per_chunk(shape, _CPU_BLOCK_ELEMS)
+        convert = t.source is not None and t.source.dtype != t.dtype
+        extremes = []
+        for b0 in range(0, rows, block):
+            b1 = min(rows, b0 + block)
+            w = self.ctx.scratch.get("w", (b1 - b0, *shape[1:]))
+            if src is not None:
+                w.copy_(src[b0:b1])
+                if convert:  # PEFT would have loaded the base in the output dtype first
+                    self.ctx.round_to(w, out_dtype)
+            for i, op in enumerate(t.ops):
+                op.apply(w, item.r0 + b0, item.r0 + b1, self.ctx, out_dtype)
+                if i + 1 < len(t.ops):
+                    self.ctx.round_to(w, out_dtype)
+            extremes.append(torch.stack(torch.aminmax(w)))
+            out[b0:b1].copy_(w)
+        if not bool(torch.isfinite(torch.stack(extremes)).all()):  # NaN/Inf propagate into min/max
             raise NumericError(
                 f"merged tensor {t.name} contains NaN or Inf (from {t.ops[0].module}); the adapter or the base is broken"
             )
-        if self.plan.options.verify and t.ops:
-            self._verify(t, item, w_in, w)
-        if self.cuda:
-            host = torch.empty(w.shape, dtype=w.dtype, pin_memory=True)
-            host.copy_(w, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-            return host.reshape(-1).view(torch.uint8), event
-        return w.contiguous().reshape(-1).view(torch.uint8), None
 
-    def _verify(self, t: OutTensor, item: Item, w_in: torch.Tensor | None, w_out: torch.Tensor) -> None:
+    def _verify(self, t: OutTensor, item: Item, w_in, w_out) -> None:
         """The --verify probe: W'x against a reference built from the low-rank factors (never from ΔW)."""
-        if w_out.dim() < 2 or len(t.ops) != 1 or not isinstance(t.ops[0], (LoraDelta, ExpertDelta, Replace, TokenRows, DoraRescale)):
-            with self.stats.lock:
-                self.stats.unprobed += 1
-            return
         op = t.ops[0]
-        if isinstance(op, DoraRescale) and op.layout != "linear":
+        if (
+            w_out.dim() < 2
+            or len(t.ops) != 1
+            or not isinstance(op, (LoraDelta, ExpertDelta, Replace, TokenRows, DoraRescale))
+            or (isinstance(op, DoraRescale) and op.layout != "linear")
+        ):
             with self.stats.lock:
                 self.stats.unprobed += 1
             return
-        gen = torch.Generator(device="cpu").manual_seed(hash(t.name) & 0xFFFF_FFFF)
+        gen = torch.Generator(device="cpu").manual_seed(sum(map(ord, t.name)) + item.r0)
         x = torch.randn(w_out.shape[-1], generator=gen, dtype=torch.float64).to(w_out.device)
         y = w_out.double() @ x
         win = None if w_in is None else w_in.double()
@@ -330,14 +385,22 @@ class Executor:
         with self.stats.lock:
             self.stats.max_verify_error = max(err, self.stats.max_verify_error or 0.0)
         if not err <= tol:
-            raise NumericError(
-                f"--verify: {t.name} rows {item.r0}-{item.r1} failed the probe: relative error {err:.3g} > {tol:.3g}"
-            )
+            raise NumericError(f"--verify: {t.name} rows {item.r0}-{item.r1} failed the probe: relative error {err:.3g} > {tol:.3g}")
 
     # --- driver -----------------------------------------------------------------------------------------------
 
     def run(self) -> Stats:
-        items = plan_items(self.plan)
+        threads = torch.get_num_threads()
+        if not self.cuda and (os.cpu_count() or 1) > 1:
+            # The reader and writer threads spend their time in the kernel copying pages; give them a core.
+            torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+        try:
+            return self._run()
+        finally:
+            torch.set_num_threads(threads)
+
+    def _run(self) -> Stats:
+        items = plan_items(self.plan, direct_copy=self._copier is not None)
         read_q: queue.Queue = queue.Queue(maxsize=3)
         write_q: queue.Queue = queue.Queue(maxsize=3)
         reader = threading.Thread(target=self._reader, args=(items, read_q), name="lorafold-read", daemon=True)
@@ -352,16 +415,7 @@ class Executor:
                 if self.reporter.should_stop():
                     raise Cancelled()
                 item, pending, cost = got
-                buf = pending.result()
-                data, event = self._compute(item, buf)
-                recycle = None
-                if buf is not None:
-                    if item.t.computed:  # the input buffer is free once the device copy has left it
-                        if self.cuda and self._h2d_done is not None:
-                            self._h2d_done.synchronize()
-                        self.buffers.put(buf)
-                    else:  # written as is: the writer recycles it
-                        recycle = buf
+                data, event, recycle = self._compute(item, pending.result())
                 if not _put(write_q, (item, data, event, cost, recycle), self.failed):
                     break
         except BaseException as exc:  # noqa: BLE001
@@ -409,7 +463,7 @@ def probe_reference(op, w_in, x, r0, r1, ctx: Ctx) -> torch.Tensor:
         Be, Ae = B3[op.row0 + r0 : op.row0 + r1, :, op.expert], A3[op.expert]
         return w_in @ x + op.scaling * (Be @ (Ae @ x))
     # DoRA, linear layout: (m / ‖W + ΔW‖) ⊙ (W x + s B (A x)); the norms need the dense sum, in float64
-    m = ctx.f32(op.magnitude).double()[r0:r1]
+    m = ctx.f32(op.magnitude).double().reshape(-1)[r0:r1]
     norms = torch.linalg.norm(w_in + op.scaling * (B[r0:r1] @ A), dim=1)
     return (m / norms) * (w_in @ x + op.scaling * (B[r0:r1] @ (A @ x)))
 
@@ -440,5 +494,5 @@ def _get(q: queue.Queue, failed: threading.Event):
                 return None
 
 
-def bytes_of(t: OutTensor) -> int:
-    return math.prod(t.shape) * DTYPES[t.dtype][0]
+def bytes_per_row(t: OutTensor) -> int:
+    return t.nbytes // max(1, t.shape[0] if t.shape else 1) if math.prod(t.shape or (1,)) else 0

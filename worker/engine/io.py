@@ -6,6 +6,7 @@ never opens a path or a URL itself, so a new place to read or write is a new cla
 
 from __future__ import annotations
 
+import mmap
 import os
 import shutil
 import tempfile
@@ -125,6 +126,7 @@ class LocalDirSource:
         self.label = str(self.root)
         self.revision = None
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, mmap.mmap] = {}
         self._lock = threading.Lock()
 
     def files(self) -> list[FileEntry]:
@@ -142,14 +144,17 @@ class LocalDirSource:
 
     def _fd(self, path: str) -> int:
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = os.open(self.root / safe_relpath(path), os.O_RDONLY)
-                except OSError as exc:
-                    raise SourceError(f"{self.root / path}: cannot open ({exc.strerror})") from None
-                self._fds[path] = fd
-            return fd
+            return self._fd_unlocked(path)
+
+    def _fd_unlocked(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(self.root / safe_relpath(path), os.O_RDONLY)
+            except OSError as exc:
+                raise SourceError(f"{self.root / path}: cannot open ({exc.strerror})") from None
+            self._fds[path] = fd
+        return fd
 
     def read_into(self, path: str, offset: int, out: memoryview) -> None:
         fd = self._fd(path)
@@ -170,11 +175,68 @@ class LocalDirSource:
     def fetch(self, path: str, dest: Path) -> None:
         shutil.copyfile(self.root / safe_relpath(path), dest)
 
+    def map_range(self, path: str, offset: int, length: int) -> tuple[memoryview, object]:
+        """Zero-copy view of bytes of a file (a private read mapping of the page cache) and a release handle.
+
+        Releasing drops the pages from this process (MADV_DONTNEED), so resident memory stays bounded by what is
+        in flight, whatever the file's size.
+        """
+        with self._lock:
+            mm = self._maps.get(path)
+            if mm is None:
+                fd = self._fd_unlocked(path)
+                size = os.fstat(fd).st_size
+                if size == 0:
+                    raise SourceError(f"{self.root / path}: empty file")
+                mm = self._maps[path] = mmap.mmap(fd, size, access=mmap.ACCESS_COPY)
+        if offset + length > len(mm):
+            raise SourceError(
+                f"{self.root / path}: file ends at byte {len(mm)}, expected {offset + length}; the file is truncated"
+            )
+        if hasattr(mm, "madvise") and length >= (1 << 20):
+            start = offset - offset % mmap.PAGESIZE
+            mm.madvise(mmap.MADV_WILLNEED, start, length + offset - start)
+        return memoryview(mm)[offset : offset + length], (mm, offset, length)
+
+    @staticmethod
+    def release_range(handle: object) -> None:
+        mm, offset, length = handle  # type: ignore[misc]
+        page = mmap.PAGESIZE
+        start = -(-offset // page) * page  # only whole pages inside the range
+        end = (offset + length) // page * page
+        if end > start and hasattr(mm, "madvise"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+            except (OSError, ValueError):
+                pass
+
+    def copy_range(self, path: str, offset: int, length: int, dst_fd: int, dst_offset: int) -> None:
+        """Copy bytes file-to-file inside the kernel (copy_file_range), as `cp` does: no trip through user memory."""
+        fd = self._fd(path)
+        done = 0
+        while done < length:
+            try:
+                n = os.copy_file_range(fd, dst_fd, length - done, offset + done, dst_offset + done)
+            except OSError:
+                n = -1
+            if n <= 0:  # not supported here (or EOF): fall back to read + write
+                chunk = os.pread(fd, min(length - done, 16 << 20), offset + done)
+                if not chunk:
+                    raise SourceError(f"{self.root / path}: file ends at byte {offset + done}; the file is truncated")
+                n = os.pwrite(dst_fd, chunk, dst_offset + done)
+            done += n
+
     def local_file(self, path: str) -> Path | None:
         return self.root / safe_relpath(path)
 
     def close(self) -> None:
         with self._lock:
+            for mm in self._maps.values():
+                try:
+                    mm.close()
+                except BufferError:  # a view is still alive somewhere; the mapping goes with it
+                    pass
+            self._maps.clear()
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()

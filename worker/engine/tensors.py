@@ -91,6 +91,7 @@ class AdapterWeights:
         self.entry = entry
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_bytes = cache_bytes
+        self._bytes = 0
         self._lock = threading.Lock()
         self._state: dict[str, torch.Tensor] | None = None
         self._header: FileHeader | None = None
@@ -116,10 +117,10 @@ class AdapterWeights:
             raise NumericError(f"adapter tensor {key!r} contains NaN or Inf; the adapter is broken")
         with self._lock:
             self._cache[key] = value
-            total = sum(v.numel() * v.element_size() for v in self._cache.values())
-            while total > self._cache_bytes and len(self._cache) > 1:
+            self._bytes += value.numel() * value.element_size()
+            while self._bytes > self._cache_bytes and len(self._cache) > 1:
                 _, old = self._cache.popitem(last=False)
-                total -= old.numel() * old.element_size()
+                self._bytes -= old.numel() * old.element_size()
         return value
 
     def load_rows(self, key: str, r0: int, r1: int) -> torch.Tensor:

@@ -23,14 +23,32 @@ import torch.nn.functional as F
 from .tensors import AdapterWeights
 
 
+class Scratch:
+    """Reusable flat buffers per (name, dtype): the hot loop allocates nothing (no page-fault storms)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._bufs: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = math.prod(shape)
+        buf = self._bufs.get((name, dtype))
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1), dtype=dtype, device=self.device)
+            self._bufs[(name, dtype)] = buf
+        return buf[:n].view(shape)
+
+
 class Ctx:
-    """What ops need besides the base slice: adapter tensors on the compute device, as float32."""
+    """What ops need besides the base slice: adapter tensors on the compute device (as float32), scratch."""
 
     def __init__(self, adapter: AdapterWeights, device: torch.device, cache_bytes: int = 256 << 20):
         self.adapter = adapter
         self.device = device
+        self.scratch = Scratch(device)
         self._f32: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_bytes = cache_bytes
+        self._bytes = 0
 
     def f32(self, key: str) -> torch.Tensor:
         hit = self._f32.get(key)
@@ -39,26 +57,32 @@ class Ctx:
             return hit
         value = self.adapter.load(key).to(self.device, non_blocking=False).float()
         self._f32[key] = value
-        total = sum(v.numel() * 4 for v in self._f32.values())
-        while total > self._cache_bytes and len(self._f32) > 1:
+        self._bytes += value.numel() * 4
+        while self._bytes > self._cache_bytes and len(self._f32) > 1:
             _, old = self._f32.popitem(last=False)
-            total -= old.numel() * 4
+            self._bytes -= old.numel() * 4
         return value
 
     def rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
         return self.adapter.load_rows(key, r0, r1).to(self.device)
 
-
-def _add(w: torch.Tensor, delta: torch.Tensor, round_delta: bool) -> torch.Tensor:
-    if round_delta:
-        delta = delta.to(w.dtype).float()
-    out = w.float()
-    out += delta
-    return out.to(w.dtype)
+    def round_to(self, x: torch.Tensor, dtype: torch.dtype) -> None:
+        """Round float32 `x` in place to the nearest `dtype` value (what `.to(dtype)` would keep)."""
+        if dtype == torch.float32:
+            return
+        tmp = self.scratch.get("round", tuple(x.shape), dtype)
+        tmp.copy_(x)
+        x.copy_(tmp)
 
 
 @dataclass(frozen=True)
 class Op:
+    """One PEFT merge rule applied to rows [r0, r1) of an output tensor held in float32 (`w`, in place).
+
+    `dtype` is the output dtype: ops that round ΔW before adding (PEFT's `ΔW.to(W.dtype)`) round to it; the
+    executor rounds `w` to it after each op, as PEFT's in-place updates of a low-precision weight do.
+    """
+
     module: str  # the in-memory module path the op comes from (messages, verification)
 
     #: False when the op needs the whole tensor at once (norms across dim 0)
@@ -69,7 +93,7 @@ class Op:
     def keys(self) -> tuple[str, ...]:
         raise NotImplementedError
 
-    def apply(self, w: torch.Tensor | None, r0: int, r1: int, ctx: Ctx) -> torch.Tensor:
+    def apply(self, w: torch.Tensor, r0: int, r1: int, ctx: Ctx, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
 
@@ -83,9 +107,8 @@ class Replace(Op):
     def keys(self):
         return (self.key,)
 
-    def apply(self, w, r0, r1, ctx):
-        value = ctx.rows(self.key, r0, r1)
-        return value if w is None else value.to(w.dtype)
+    def apply(self, w, r0, r1, ctx, dtype):
+        w.copy_(ctx.rows(self.key, r0, r1))
 
 
 @dataclass(frozen=True)
@@ -93,7 +116,8 @@ class LoraDelta(Op):
     """W' = W + s·(B @ A), transposed for Conv1D (`fan_in_fan_out`) and embeddings.
 
     Linear / Conv1D round once; Embedding (`lora_embedding_A/B`) and a 2-D ParamWrapper round ΔW first.
-    Rows of the output are rows of B (plain) or columns of A (transposed), so any row range is computable.
+    Rows of the output are rows of B (plain) or columns of A (transposed), so any row range is computable, and
+    a row block gives the same bits as the whole matrix (each element is the same length-r dot product).
     """
 
     a: str
@@ -105,14 +129,25 @@ class LoraDelta(Op):
     def keys(self):
         return (self.a, self.b)
 
-    def delta(self, r0: int, r1: int, ctx: Ctx) -> torch.Tensor:
+    def apply(self, w, r0, r1, ctx, dtype):
         A, B = ctx.f32(self.a), ctx.f32(self.b)
         if self.transposed:
-            return (B @ A[:, r0:r1]).T * self.scaling
-        return (B[r0:r1] @ A) * self.scaling
-
-    def apply(self, w, r0, r1, ctx):
-        return _add(w, self.delta(r0, r1, ctx), self.round_delta)
+            d = ctx.scratch.get("delta", (B.shape[0], r1 - r0))
+            torch.matmul(B, A[:, r0:r1], out=d)
+            d.mul_(self.scaling)
+            d = d.T
+        else:
+            d = ctx.scratch.get("delta", (r1 - r0, A.shape[1]))
+            torch.matmul(B[r0:r1], A, out=d)
+            if not self.round_delta and _power_of_two(self.scaling):
+                # PEFT rounds s·(B@A) and then W + that; with s a power of two the product is exact, so the
+                # fused add (one rounding of W + s·d) gives the same bits in one pass instead of two.
+                w.add_(d, alpha=self.scaling)
+                return
+            d.mul_(self.scaling)
+        if self.round_delta:
+            ctx.round_to(d, dtype)
+        w.add_(d)
 
 
 @dataclass(frozen=True)
@@ -137,28 +172,30 @@ class ExpertDelta(Op):
     def keys(self):
         return (self.a, self.b)
 
-    def _factors(self, ctx: Ctx, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self, ctx: Ctx, e: int) -> tuple[torch.Tensor, torch.Tensor]:
         A, B = ctx.f32(self.a), ctx.f32(self.b)
         E = self.num_experts
         r = A.shape[0] // E
-        A3 = A.reshape(E, r, A.shape[-1])
-        B3 = B.reshape(B.shape[0], r, E)
-        return B3[:, :, e], A3[e]  # (out', r), (r, in')
+        return B.reshape(B.shape[0], r, E)[:, :, e], A.reshape(E, r, A.shape[-1])[e]  # (out', r), (r, in')
 
-    def _expert_delta(self, ctx: Ctx, e: int, rows: slice | None = None) -> torch.Tensor:
-        Be, Ae = self._factors(ctx, e)
+    def _add_expert(self, w2: torch.Tensor, ctx: Ctx, e: int, rows: slice | None, dtype) -> None:
+        Be, Ae = self.factors(ctx, e)
+        if rows is not None:
+            Be = Be[rows]
+        d = ctx.scratch.get("delta", (Be.shape[0], Ae.shape[1]))
+        torch.matmul(Be, Ae, out=d)
+        d.mul_(self.scaling)
         if self.transposed:  # runtime param (E, in', out'): ΔP[e] = (Be @ Ae).T
-            d = (Be @ (Ae if rows is None else Ae[:, rows])).T
-        else:
-            d = (Be if rows is None else Be[rows]) @ Ae
-        return d * self.scaling
+            d = d.T
+        ctx.round_to(d, dtype)
+        w2.add_(d)
 
-    def apply(self, w, r0, r1, ctx):
+    def apply(self, w, r0, r1, ctx, dtype):
         if self.expert is None:
-            delta = torch.stack([self._expert_delta(ctx, e) for e in range(r0, r1)])
+            for i, e in enumerate(range(r0, r1)):
+                self._add_expert(w[i], ctx, e, None, dtype)
         else:
-            delta = self._expert_delta(ctx, self.expert, slice(self.row0 + r0, self.row0 + r1))
-        return _add(w, delta, round_delta=True)
+            self._add_expert(w, ctx, self.expert, slice(self.row0 + r0, self.row0 + r1), dtype)
 
 
 @dataclass(frozen=True)
@@ -182,8 +219,8 @@ class ConvDelta(Op):
         out = conv(A.transpose(0, 1), B)
         return out * self.scaling if self.groups > 1 else out.transpose(0, 1) * self.scaling
 
-    def apply(self, w, r0, r1, ctx):
-        return _add(w, self.delta(tuple(w.shape), ctx), round_delta=False)
+    def apply(self, w, r0, r1, ctx, dtype):
+        w.add_(self.delta(tuple(w.shape), ctx))
 
 
 @dataclass(frozen=True)
@@ -208,26 +245,21 @@ class DoraRescale(Op):
     def keys(self):
         return (self.a, self.b, self.magnitude)
 
-    def apply(self, w, r0, r1, ctx):
+    def apply(self, w, r0, r1, ctx, dtype):
         A, B, m = ctx.f32(self.a), ctx.f32(self.b), ctx.f32(self.magnitude)
-        w32 = w.float()
         if self.layout == "linear":
-            delta = (B[r0:r1] @ A) * self.scaling
-            v = w32 + delta
-            norm = torch.linalg.norm(v, dim=1)
-            out = (m[r0:r1] / norm).view(-1, 1) * v
+            LoraDelta(self.module, self.a, self.b, self.scaling).apply(w, r0, r1, ctx, dtype)  # w = W + ΔW
+            norm = torch.linalg.norm(w, dim=1)
+            w.mul_((m.reshape(-1)[r0:r1] / norm).view(-1, 1))
         elif self.layout in ("fifo", "embedding"):
             # W is stored (in, out) / (V, D): PEFT takes norms of the transposed view, one per column.
-            delta = (B @ A).T * self.scaling
-            v = w32 + delta
-            norm = torch.linalg.norm(w32.T + delta.T, dim=1)
-            out = (m / norm).view(1, -1) * v
+            w.add_((B @ A).T * self.scaling)
+            norm = torch.linalg.norm(w.T, dim=1)
+            w.mul_((m.reshape(-1) / norm).view(1, -1))
         else:  # conv
-            delta = ConvDelta(self.module, self.a, self.b, self.scaling, self.groups).delta(tuple(w.shape), ctx)
-            v = w32 + delta
-            norm = v.norm(p=2, dim=tuple(range(1, v.dim())), keepdim=True).transpose(1, 0)
-            out = (m / norm).view(-1, *([1] * (v.dim() - 1))) * v
-        return out.to(w.dtype)
+            w.add_(ConvDelta(self.module, self.a, self.b, self.scaling, self.groups).delta(tuple(w.shape), ctx))
+            norm = w.norm(p=2, dim=tuple(range(1, w.dim())), keepdim=True).transpose(1, 0)
+            w.mul_((m / norm).view(-1, *([1] * (w.dim() - 1))))
 
 
 @dataclass(frozen=True)
@@ -240,8 +272,8 @@ class BiasDelta(Op):
     def keys(self):
         return (self.key,)
 
-    def apply(self, w, r0, r1, ctx):
-        return _add(w, ctx.f32(self.key)[r0:r1] * self.scaling, round_delta=False)
+    def apply(self, w, r0, r1, ctx, dtype):
+        w.add_(ctx.f32(self.key)[r0:r1] * self.scaling)
 
 
 @dataclass(frozen=True)
@@ -254,15 +286,18 @@ class TokenRows(Op):
     def keys(self):
         return (self.key,)
 
-    def apply(self, w, r0, r1, ctx):
+    def apply(self, w, r0, r1, ctx, dtype):
         hits = [(i, idx) for i, idx in enumerate(self.indices) if r0 <= idx < r1]
         if not hits:
-            return w
+            return
         delta = ctx.f32(self.key)
-        out = w.clone()
         rows = torch.tensor([idx - r0 for _, idx in hits], device=w.device)
-        src = delta[torch.tensor([i for i, _ in hits], device=w.device)].to(w.dtype)
-        return out.index_copy(0, rows, src)
+        src = delta[torch.tensor([i for i, _ in hits], device=w.device)]
+        w.index_copy_(0, rows, src)
+
+
+def _power_of_two(x: float) -> bool:
+    return x > 0 and math.frexp(x)[0] == 0.5
 
 
 def rows_per_chunk(shape: tuple[int, ...], budget_elems: int) -> int:

@@ -1,0 +1,58 @@
+"""One measured run in a fresh process: prints {"wall", "peak_rss", "peak_vram"} as JSON on the last line.
+
+Modes: copy (the same bytes, shutil.copyfile), lorafold (the CLI's merge), peft (from_pretrained +
+merge_and_unload + save_pretrained).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    mode, base, adapter, out, device = sys.argv[1:6]
+    import torch  # imported in every mode so the baselines pay the same import cost
+
+    vram = 0
+    t0 = time.perf_counter()
+    if mode == "copy":
+        Path(out).mkdir(parents=True)
+        for p in sorted(Path(base).iterdir()):
+            shutil.copyfile(p, Path(out) / p.name)
+    elif mode == "lorafold":
+        from worker.cli import main as cli
+
+        rc = cli(["merge", adapter, "--base", base, "--out", out, "--device", device, "-q"])
+        if rc:
+            raise SystemExit(rc)
+        if device == "cuda":
+            vram = torch.cuda.max_memory_allocated()
+    elif mode == "peft":
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16, device_map=device)
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+        model.save_pretrained(out)
+        if device == "cuda":
+            vram = torch.cuda.max_memory_allocated()
+    else:
+        raise SystemExit(f"unknown mode {mode}")
+    wall = time.perf_counter() - t0
+    print(json.dumps({"wall": wall, "peak_rss": _peak_rss(), "peak_vram": vram}))
+
+
+if __name__ == "__main__":
+    main()
