@@ -105,25 +105,36 @@ class _Done:
 
 
 class BufferPool:
-    """Reusable byte buffers (pinned on CUDA): no page-fault storm or pinned-allocation cost per chunk."""
+    """Reusable byte buffers (pinned on CUDA), by size class: no page-fault storm or pinned allocation per chunk.
 
-    def __init__(self, pinned: bool, keep: int = 12):
+    Sizes are rounded up to whole MiB, so the few chunk sizes of a model's repeated layers share buffers; what
+    the pool keeps is capped, so memory stays flat however many tensors pass through.
+    """
+
+    _GRAIN = 1 << 20
+
+    def __init__(self, pinned: bool, cap_bytes: int):
         self.pinned = pinned
-        self.keep = keep
-        self.free: list[torch.Tensor] = []
+        self.cap = cap_bytes
+        self.kept = 0
+        self.free: dict[int, list[torch.Tensor]] = {}
         self.lock = threading.Lock()
 
     def get(self, nbytes: int) -> torch.Tensor:
+        size = -(-max(nbytes, 1) // self._GRAIN) * self._GRAIN
         with self.lock:
-            for i, buf in enumerate(self.free):
-                if nbytes <= buf.numel() <= 2 * nbytes + (1 << 20):
-                    return self.free.pop(i)
-        return torch.empty(max(nbytes, 1), dtype=torch.uint8, pin_memory=self.pinned)
+            bucket = self.free.get(size)
+            if bucket:
+                self.kept -= size
+                return bucket.pop()
+        return torch.empty(size, dtype=torch.uint8, pin_memory=self.pinned)
 
     def put(self, buf: torch.Tensor) -> None:
+        size = buf.numel()
         with self.lock:
-            if len(self.free) < self.keep:
-                self.free.append(buf)
+            if size % self._GRAIN == 0 and self.kept + size <= self.cap:
+                self.free.setdefault(size, []).append(buf)
+                self.kept += size
 
 
 class _Budget:
@@ -171,12 +182,16 @@ class Executor:
         self.failed = threading.Event()
         self.errors: list[BaseException] = []
         self.budget = _Budget(plan.options.inflight_bytes)
-        self.buffers = BufferPool(pinned=self.cuda)
+        self.buffers = BufferPool(pinned=self.cuda, cap_bytes=plan.options.inflight_bytes // 2)
         self._last_progress = 0.0
         self._copy_stream = torch.cuda.Stream(device) if self.cuda else None
         self._h2d_done = None
         self._copier = getattr(plan.base, "copy_range", None)
         self._mapper = getattr(plan.base, "map_range", None)
+        names = list(plan.tensors)
+        self._shared_keys = {
+            a: {k for op in plan.tensors[b].ops for k in op.keys()} for a, b in zip(names, names[1:]) if plan.tensors[b].ops
+        }
 
     # --- reading ------------------------------------------------------------------------------------------------
 
@@ -301,6 +316,8 @@ class Executor:
             if handle is not None:  # mapped: write it as it is, then release the pages
                 return buf[: item.read[2]], None, handle
             return buf[: item.read[2]], None, buf
+        if item.r0 == 0:
+            self.ctx.keep_only({k for op in t.ops for k in op.keys()} | self._next_keys(t))
         out_dtype = torch_dtype(t.dtype)
         rows = item.r1 - item.r0
         shape = (rows, *t.shape[1:]) if t.shape else (1,)
@@ -336,6 +353,10 @@ class Executor:
                 self._h2d_done.synchronize()
             self.buffers.put(buf)
         return host[: item.out_nbytes], event, host
+
+    def _next_keys(self, t: OutTensor) -> set[str]:
+        # Experts of one layer (gate, up, down of expert e) share a LoRA pair: keep it for the next tensor too.
+        return self._shared_keys.get(t.name, set())
 
     def _merge_rows(self, t: OutTensor, item: Item, src, out, out_dtype, shape) -> None:
         """Apply the ops in float32, block by block, in place; round to the output dtype between and after ops."""

@@ -80,7 +80,7 @@ class AdapterWeights:
     checked for NaN/Inf the first time it is loaded.
     """
 
-    def __init__(self, source: ModelSource, entry: FileEntry, cache_bytes: int = 256 << 20):
+    def __init__(self, source: ModelSource, entry: FileEntry, cache_bytes: int = 16 << 20):
         # Adapters are small next to the base: read them from a local copy when the source can make one
         # (a Hub source downloads the file once instead of one ranged request per LoRA factor).
         local = source.local_file(entry.path)

@@ -66,6 +66,12 @@ class Ctx:
     def rows(self, key: str, r0: int, r1: int) -> torch.Tensor:
         return self.adapter.load_rows(key, r0, r1).to(self.device)
 
+    def keep_only(self, keys: set[str]) -> None:
+        """Forget adapter tensors no op of the current tensor uses (each LoRA pair serves one tensor, or a few
+        neighbours for tied or MoE weights): the cache holds one tensor's factors, not the whole adapter."""
+        for key in [k for k in self._f32 if k not in keys]:
+            self._bytes -= self._f32.pop(key).numel() * 4
+
     def round_to(self, x: torch.Tensor, dtype: torch.dtype) -> None:
         """Round float32 `x` in place to the nearest `dtype` value (what `.to(dtype)` would keep)."""
         if dtype == torch.float32:
