@@ -160,6 +160,7 @@ class AdapterMapper:
                 )
             replacements.append((k, key))
 
+        replacements = self._fold_wrapper_copies(replacements)
         for name, key in sorted(replacements):
             self._replacement(name, key)
         wrapped: dict[str, dict[int, _Module]] = defaultdict(dict)
@@ -175,6 +176,29 @@ class AdapterMapper:
         if self.tied and self.lm_head is not None:
             self._share_tied_ops()
         return self.out
+
+    def _fold_wrapper_copies(self, replacements: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """PEFT's ModulesToSaveWrapper keys (saved next to `X.weight` when the vocabulary was resized):
+        `X.modules_to_save.weight` is the trained tensor again, `X.original_module.weight` the untrained copy.
+        The first stands in for `X.weight` when that is absent (and must equal it otherwise, which the shapes
+        check); the second is not part of the merged model. Both are accounted for, never silently dropped."""
+        by_name = dict(replacements)
+        out = []
+        for name, key in replacements:
+            if ".original_module." in name:
+                self.out.notes.append(f"{key}: PEFT's untrained copy of a modules_to_save layer; not used")
+                continue
+            if ".modules_to_save." in name:
+                plain = re.sub(r"\.modules_to_save(\.[^.]+)?\.(weight|bias)$", r".\2", name)
+                plain = plain.replace(".modules_to_save.", ".")
+                if plain in by_name:
+                    if self._info(by_name[plain]).shape != self._info(key).shape:
+                        raise PlanError(f"adapter tensors {key!r} and {by_name[plain]!r} should be the same tensor but differ in shape")
+                    continue
+                out.append((plain, key))
+                continue
+            out.append((name, key))
+        return out
 
     def _is_param_wrapper(self, path: str) -> bool:
         if not self.spec.target_parameters or self._resolve(f"{path}.weight") is not None:

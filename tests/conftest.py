@@ -1,0 +1,90 @@
+"""Fixtures shared by every layer: an isolated Hugging Face home, the Hub double, PostgreSQL and Redis.
+
+PostgreSQL and Redis are the real servers on 127.0.0.1 (CI and every developer machine of this project have
+them). Where they are missing, tests that need them are skipped with a loud reason, unless
+LORAFOLD_REQUIRE_SERVICES=1 (set by .ci/run), which turns the skip into a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# The client must speak LFS to the double (no Xet CAS there) and never use a token from this machine.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
+import huggingface_hub.constants as hf_constants  # noqa: E402
+
+hf_constants.HF_HUB_DISABLE_XET = True
+hf_constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
+
+PG_HOST = os.environ.get("LORAFOLD_TEST_PG", "127.0.0.1:5432")
+REDIS_HOST = os.environ.get("LORAFOLD_TEST_REDIS", "127.0.0.1:6379")
+
+
+def _reachable(hostport: str) -> bool:
+    host, port = hostport.rsplit(":", 1)
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def need_service(name: str, hostport: str) -> None:
+    if _reachable(hostport):
+        return
+    message = f"{name} is not reachable at {hostport}"
+    if os.environ.get("LORAFOLD_REQUIRE_SERVICES"):
+        pytest.fail(f"{message}, and LORAFOLD_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
+    pytest.skip(f"SKIPPED LOUDLY: {message}; start it (see README) to run this test")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
+    need_service("PostgreSQL", PG_HOST)
+    import psycopg
+
+    host, port = PG_HOST.rsplit(":", 1)
+    name = f"lorafold_test_{uuid.uuid4().hex[:12]}"
+    admin = f"host={host} port={port} user=postgres dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@{host}:{port}/{name}"
+    from worker.jobs.db import _engines
+
+    for url in [u for u in _engines if u.endswith("/" + name)]:
+        _engines.pop(url).dispose()
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def redis_url():
+    """A Redis database number of its own (flushed before and after)."""
+    need_service("Redis", REDIS_HOST)
+    import redis
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = 1 + (int(worker[2:]) if worker[2:].isdigit() else 0) % 14
+    url = f"redis://{REDIS_HOST}/{index}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
