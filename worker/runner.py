@@ -34,9 +34,13 @@ def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -
     store = job_store(settings)
     worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     state = store.claim(job_id, worker)
+    if state == "busy":
+        holder = store.holder(job_id)
+        if holder and _dead_here(holder) and store.take_over(job_id, holder, worker):
+            state = "claimed"  # the process that ran it on this machine is gone (e.g. SIGKILL): no need to wait
     deadline = time.monotonic() + LEASE_SECONDS + 10
     while state == "busy" and redelivered and time.monotonic() < deadline:
-        # The message came back because the worker running it died; its lease runs out shortly.
+        # The message came back because the worker running it died elsewhere; its lease runs out shortly.
         time.sleep(min(5.0, store.lease_remaining(job_id) + 0.5))
         state = store.claim(job_id, worker)
     if state != "claimed":
@@ -94,6 +98,21 @@ def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -
         log.warning("job=%s finished as %s but the row had moved on (cancelled or taken over)", job_id, status.value)
         return "lost"
     return status.value
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether `holder` (host:pid:nonce) names a process of this machine that no longer exists."""
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def reconcile(settings: Settings, enqueue, *, requeue_after: int = 600) -> dict:

@@ -84,6 +84,23 @@ class JobStore:
                 return "done"
             return "busy"
 
+    def take_over(self, job_id: str, dead_worker: str, worker: str, lease_seconds: int = LEASE_SECONDS) -> bool:
+        """running under `dead_worker` (known dead) → running under `worker`, as a new attempt."""
+        now = utcnow()
+        with self.db.session() as s:
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == dead_worker,
+                       Job.cancel_requested.is_(False))
+                .values(attempts=Job.attempts + 1, worker=worker, lease_until=now + timedelta(seconds=lease_seconds),
+                        started_at=now, progress_at=now, phase="start")
+            )
+            return res.rowcount == 1
+
+    def holder(self, job_id: str) -> str | None:
+        with self.db.session() as s:
+            return s.execute(select(Job.worker).where(Job.id == job_id)).scalar()
+
     def lease_remaining(self, job_id: str) -> float:
         with self.db.session() as s:
             job = s.get(Job, job_id)
