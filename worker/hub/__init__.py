@@ -23,6 +23,15 @@ from .source import HubSource  # noqa: E402
 
 constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True  # also when huggingface_hub was imported before us
 
+
+def _quiet_client() -> None:
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()  # lorafold reports progress itself (also when huggingface_hub was imported first)
+
+
+_quiet_client()
+
 __all__ = ["HubClient", "HubSink", "HubSource", "read_error", "write_error"]
 
 
