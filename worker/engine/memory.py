@@ -12,6 +12,22 @@ import torch
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
+def pin_malloc_threshold(threshold: int = 1 << 20) -> None:
+    """Make glibc serve every allocation of `threshold` bytes or more with its own mmap, returned on free.
+
+    By default glibc raises its mmap threshold after large frees, and later large buffers (tensor chunks read by
+    several threads) land in per-thread arenas that keep freed memory: resident memory then creeps up with the
+    model's size. A fixed threshold keeps it flat. Harmless elsewhere (no-op without glibc).
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, threshold)  # M_MMAP_THRESHOLD (also disables the dynamic adjustment)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:

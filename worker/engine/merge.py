@@ -12,7 +12,7 @@ from .card import Lineage, build_card
 from .errors import EngineError
 from .execute import Executor, select_device
 from .io import ModelSink, ModelSource, NullReporter, Progress, Reporter
-from .memory import MemorySampler, peak_rss_bytes
+from .memory import MemorySampler, peak_rss_bytes, pin_malloc_threshold
 from .plan import INDEX_NAME, MergeOptions, MergePlan, plan_merge
 
 VERSION = "0.1.0"
@@ -59,6 +59,7 @@ def merge(
     started = time.monotonic()
     timings: dict[str, float] = {}
     device = select_device(options.device)
+    pin_malloc_threshold()
     try:
         with MemorySampler(reporter, device) as sampler:
             reporter.progress(Progress("plan"))
