@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, snapshot_download
 
-from tests.hub.conftest import ALICE, merged_commits, seed
+from tests.support.hubseed import ALICE, merged_commits, seed
 from tests.support.models import assert_models_match
 from worker.cli import main
 
@@ -119,7 +119,7 @@ def test_private_repos_work_with_the_token_and_fail_clearly_without(hub, seeded_
     assert rc == 0, capsys.readouterr().err
     assert HfApi(endpoint=hub.url).model_info("alice/merged-private", token=ALICE).private
 
-    from tests.hub.conftest import BOB
+    from tests.support.hubseed import BOB
 
     rc = main(["merge", "alice/secret-adapter", "--push-to", "bob/x", "--token", BOB, "-q"])
     err = capsys.readouterr().err.strip()

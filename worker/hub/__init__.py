@@ -63,7 +63,7 @@ class HubClient:
 
     def source(self, repo_id: str, revision: str | None, stack: ExitStack | None = None) -> HubSource:
         src = HubSource(self.api, repo_id, revision, self.token, max_download_bytes=self.max_download_bytes,
-                        max_total_bytes=self.max_base_bytes)
+                        max_total_bytes=self.max_base_bytes, work_root=self.work_root)
         if stack is not None:
             stack.callback(src.close)
         return src

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import queue
 import shutil
-import tempfile
 import threading
 import time
 import uuid
@@ -23,6 +22,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 from huggingface_hub import errors as hf
 
+from .. import tempdirs
 from ..engine.errors import OutputError
 from .errors import is_transient, status_of, write_error
 
@@ -54,7 +54,7 @@ class HubSink:
         self.create_pr = create_pr
         self.merge_id = merge_id or uuid.uuid4().hex
         self.label = repo_id
-        self.work_dir = Path(tempfile.mkdtemp(prefix="lorafold-out-", dir=work_root))
+        self.work_dir = tempdirs.make("lorafold-out-", work_root)
         self.commit_retries = commit_retries
         self._ops: list = []
         self._uploaded: list[CommitOperationAdd] = []

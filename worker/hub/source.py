@@ -13,7 +13,6 @@ from __future__ import annotations
 import random
 import re
 import shutil
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from huggingface_hub import HfApi, hf_hub_download, hf_hub_url
 from huggingface_hub.hf_api import RepoFile
 from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
 
+from .. import tempdirs
 from ..engine.errors import SourceError
 from ..engine.io import FileEntry, safe_relpath
 from .errors import TRANSIENT_EXC, TRANSIENT_STATUS, read_error, status_of
@@ -43,6 +43,7 @@ class HubSource:
         *,
         max_download_bytes: int = 8 * 10**9,
         max_total_bytes: int | None = None,
+        work_root: str | None = None,
         retries: int = 5,
         timeout: float = 30.0,
     ):
@@ -53,6 +54,7 @@ class HubSource:
         self.retries = retries
         self.timeout = timeout
         self.max_download_bytes = max_download_bytes
+        self.work_root = work_root
         try:
             info = api.model_info(repo_id, revision=revision, token=token)
             self.revision = info.sha
@@ -165,7 +167,7 @@ class HubSource:
                     f"{self.max_download_bytes / 1e9:.1f} GB"
                 )
             if self._tmp is None:
-                self._tmp = Path(tempfile.mkdtemp(prefix="lorafold-hub-"))
+                self._tmp = tempdirs.make("lorafold-in-", self.work_root)
             try:
                 got = hf_hub_download(
                     self.repo_id,

@@ -1,0 +1,31 @@
+"""A migrated database per test: SQLite file and real PostgreSQL (the same code must run on both)."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker import migrate
+from worker.jobs import Database, JobStore, SecretBox
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request, tmp_path):
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def db(database_url) -> Database:
+    migrate.upgrade(database_url)
+    return Database(database_url)
+
+
+@pytest.fixture
+def box() -> SecretBox:
+    return SecretBox("test-secret-key-for-lorafold")
+
+
+@pytest.fixture
+def store(db, box) -> JobStore:
+    return JobStore(db, box)
