@@ -1,0 +1,17 @@
+# One image for web and worker. Build the GPU flavour with:
+#   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t lorafold .
+FROM python:3.11-slim
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_DISABLE_TELEMETRY=1 HF_HUB_DISABLE_IMPLICIT_TOKEN=1
+WORKDIR /app
+RUN useradd --create-home --uid 1000 lorafold && mkdir /scratch && chown lorafold /scratch
+COPY pyproject.toml README.md alembic.ini ./
+COPY requirements ./requirements
+COPY worker ./worker
+COPY web ./web
+COPY migrations ./migrations
+RUN pip install --index-url "$TORCH_INDEX" torch \
+ && pip install -e '.[worker,web]'
+USER lorafold
+EXPOSE 8000
+CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--timeout", "60", "web:create_app()"]
