@@ -20,9 +20,9 @@ MERGE_QUEUE = "gpu"
 def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
     app = Celery("lorafold", broker=settings.broker_url, include=["worker.tasks"] if worker else [])
     hard = settings.job_time_limit
-    transport = {"visibility_timeout": hard + 3600}
-    if settings.broker_url.startswith("sqla+"):
-        transport["polling_interval"] = 0.5
+    # The embedded SQLAlchemy broker hands its transport options to create_engine(): give it none. It has no
+    # visibility timeout (unacked messages return when the worker reconnects).
+    transport = {} if settings.broker_url.startswith("sqla+") else {"visibility_timeout": hard + 3600}
     app.conf.update(
         task_ignore_result=True,
         result_backend=None,
