@@ -33,6 +33,8 @@ def _warm(folder: Path) -> None:
 
 def run(mode: str, base: Path, adapter: Path, out: Path, device: str) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # no writeback of an earlier run may throttle this one (copy times swing 3x otherwise)
+    _warm(base)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "bench._run", mode, str(base), str(adapter), str(out), device],

@@ -422,8 +422,10 @@ class Executor:
 
     def _run(self) -> Stats:
         items = plan_items(self.plan, direct_copy=self._copier is not None)
-        read_q: queue.Queue = queue.Queue(maxsize=3)
-        write_q: queue.Queue = queue.Queue(maxsize=3)
+        # The byte budget bounds memory; the queues only bound the count, generously, so that a long kernel copy in
+        # the writer (an untouched embedding) never stalls the math.
+        read_q: queue.Queue = queue.Queue(maxsize=8)
+        write_q: queue.Queue = queue.Queue(maxsize=64)
         reader = threading.Thread(target=self._reader, args=(items, read_q), name="lorafold-read", daemon=True)
         writer = threading.Thread(target=self._writer, args=(write_q,), name="lorafold-write", daemon=True)
         reader.start()
