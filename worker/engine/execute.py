@@ -360,8 +360,19 @@ class Executor:
 
     def _merge_rows(self, t: OutTensor, item: Item, src, out, out_dtype, shape) -> None:
         """Apply the ops in float32, block by block, in place; round to the output dtype between and after ops."""
-        rows = shape[0]
         whole = not all(op.chunkable for op in t.ops)
+        if whole and not self.cuda and torch.get_num_threads() != self._threads:
+            # Convolutions and norms over a whole tensor reduce in an order that depends on the thread count:
+            # run them as PEFT runs them, with the process's own setting, to get its exact bits.
+            torch.set_num_threads(self._threads)
+            try:
+                return self._merge_blocks(t, item, src, out, out_dtype, shape, whole)
+            finally:
+                torch.set_num_threads(self._io_threads)
+        return self._merge_blocks(t, item, src, out, out_dtype, shape, whole)
+
+    def _merge_blocks(self, t, item, src, out, out_dtype, shape, whole) -> None:
+        rows = shape[0]
         block = rows if (whole or self.cuda) else rows_per_chunk(shape, _CPU_BLOCK_ELEMS)
         convert = t.source is not None and t.source.dtype != t.dtype
         extremes = []
@@ -411,10 +422,12 @@ class Executor:
     # --- driver -----------------------------------------------------------------------------------------------
 
     def run(self) -> Stats:
-        threads = torch.get_num_threads()
+        threads = self._threads = torch.get_num_threads()
+        self._io_threads = threads
         if not self.cuda and (os.cpu_count() or 1) > 1:
             # The reader and writer threads spend their time in the kernel copying pages; give them a core.
-            torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
+            self._io_threads = max(1, min(threads, (os.cpu_count() or 2) - 1))
+            torch.set_num_threads(self._io_threads)
         try:
             return self._run()
         finally:

@@ -279,7 +279,7 @@ class AdapterMapper:
             raise PlanError(f"{mod.path}: adapter mixes {', '.join(sorted(p))}; {', '.join(extra)} would be left unused")
         A, B = self._info(p[a_kind]), self._info(p[b_kind])
         r = A.shape[0]
-        if len(B.shape) < 2 or B.shape[1] != r:
+        if len(B.shape) < 2 or (B.shape[1] != r and len(A.shape) == 2):
             raise PlanError(f"{mod.path}: lora_B has shape {list(B.shape)}, which does not fit lora_A {list(A.shape)}")
         expected_r = self.spec.rank_for(mod.path)
         if r != expected_r:
@@ -352,12 +352,17 @@ class AdapterMapper:
                 return DoraRescale(mod.path, a, b, mag, s, layout="fifo" if fifo else "linear")
             return LoraDelta(mod.path, a, b, s, transposed=fifo)
         if len(shape) >= 3 and len(A.shape) == len(shape) and len(B.shape) == len(shape):
-            if B.shape[0] != shape[0] or in_f % max(1, shape[1]) or A.shape[2:] != shape[2:]:
+            groups = in_f // max(1, shape[1])
+            if groups > 1 and in_f % shape[1] == 0:
+                raise PlanError(
+                    f"{mod.path}: LoRA on a grouped convolution (groups={groups}) cannot be merged into the weight "
+                    "(PEFT refuses it too)"
+                )
+            if B.shape[0] != shape[0] or B.shape[1] != A.shape[0] or in_f != shape[1] or A.shape[2:] != shape[2:]:
                 raise PlanError(
                     f"{mod.path}: conv LoRA factors {list(A.shape)} / {list(B.shape)} do not fit base tensor "
                     f"{name} {list(shape)}"
                 )
-            groups = in_f // shape[1]
             if mag:
                 return DoraRescale(mod.path, a, b, mag, s, layout="conv", groups=groups)
             return ConvDelta(mod.path, a, b, s, groups=groups)
