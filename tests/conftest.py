@@ -88,3 +88,47 @@ def redis_url():
     yield url
     client.flushdb()
     client.close()
+
+
+# --- the reliability table (`make reliability`) ------------------------------------------------------------------
+
+RELIABILITY_LOG = os.environ.get("LORAFOLD_RELIABILITY_LOG", "")
+
+
+class _Record:
+    def __init__(self, fault: str, expected: str):
+        self.fault, self.expected, self.seen = fault, expected, None
+
+    def observed(self, text: str) -> None:
+        self.seen = text
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call":
+        item._lorafold_report = report
+
+
+@pytest.fixture
+def reliability(request):
+    """`rec = reliability(fault, expected)`; `rec.observed(...)` at the end. Written to LORAFOLD_RELIABILITY_LOG."""
+    records: list[_Record] = []
+
+    def make(fault: str, expected: str) -> _Record:
+        records.append(_Record(fault, expected))
+        return records[-1]
+
+    yield make
+    if not RELIABILITY_LOG:
+        return
+    import json
+
+    report = getattr(request.node, "_lorafold_report", None)
+    passed = bool(report and report.passed)
+    failure = "" if passed or report is None else str(report.longrepr).strip().splitlines()[-1][:200]
+    with open(RELIABILITY_LOG, "a") as f:
+        for r in records:
+            f.write(json.dumps({"fault": r.fault, "expected": r.expected, "observed": r.seen if passed else f"FAILED: {failure}",
+                                "passed": passed, "test": request.node.nodeid}) + "\n")

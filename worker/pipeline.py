@@ -52,6 +52,7 @@ def run_job(
         max_download_bytes=settings.max_adapter_bytes,
         max_base_bytes=settings.max_base_bytes,
         work_root=settings.work_dir or None,
+        timeout=settings.hub_timeout,
     )
     landed = find_marker_commit(hub, spec.target_repo, spec.job_id)
     if landed:
@@ -59,7 +60,8 @@ def run_job(
         return Outcome(spec.target_repo, landed, f"{hub.endpoint}/{spec.target_repo}", reused=True)
 
     reporter.set_phase("resolve")
-    adapter = hub.source(spec.adapter_repo, check_revision(spec.adapter_revision, "adapter"))
+    adapter = hub.source(spec.adapter_repo, check_revision(spec.adapter_revision, "adapter"),
+                         max_total_bytes=settings.max_adapter_bytes)
     try:
         on_resolved(adapter_sha=adapter.revision)
         files = {f.path for f in adapter.files()}

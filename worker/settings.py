@@ -28,6 +28,7 @@ class Settings:
     host: str = _setting("LORAFOLD_HOST", "127.0.0.1", "Address `lorafold serve` binds.")
     public_url: str = _setting("LORAFOLD_PUBLIC_URL", "", "External base URL, used in webhook URLs (default http://HOST:PORT).")
     work_dir: str = _setting("LORAFOLD_WORK_DIR", "", "Temporary folder for shards being uploaded (default: the system temp dir).")
+    hub_timeout: int = _setting("LORAFOLD_HUB_TIMEOUT", 30, "Seconds without an answer before a Hub read is retried (5 tries).")
     device: str = _setting("LORAFOLD_DEVICE", "auto", "Merge device for workers: auto, cpu or cuda.")
     oauth_client_id: str = _setting("OAUTH_CLIENT_ID", "", "Hugging Face OAuth app id; enables 'Sign in with Hugging Face'.")
     oauth_client_secret: str = _setting("OAUTH_CLIENT_SECRET", "", "Hugging Face OAuth app secret.", secret=True)

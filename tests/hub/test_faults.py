@@ -13,14 +13,15 @@ from tests.support.hubdouble import Fault
 from tests.support.models import assert_models_match
 from worker.cli import main
 
-pytestmark = pytest.mark.xdist_group("hub")
+pytestmark = [pytest.mark.xdist_group("hub"), pytest.mark.reliability]
 
 
 def _merge(target: str, *extra: str) -> list[str]:
     return ["merge", "alice/adapter", "--push-to", target, "--token", ALICE, "-q", *extra]
 
 
-def test_reset_mid_range_read_is_retried(hub, seeded_model, tmp_path, capsys):
+def test_reset_mid_range_read_is_retried(hub, seeded_model, tmp_path, capsys, reliability):
+    rec = reliability("CLI: connection reset twice in the middle of a ranged read", "retried from the last byte; result equals PEFT")
     seed(hub, seeded_model)
     fault = hub.faults.add(Fault(method="GET", path=r"/alice/base/resolve/[^/]+/model-00002-of-00003\.safetensors",
                                  kind="reset", after_bytes=65536, start_after=1, times=2))
@@ -28,6 +29,7 @@ def test_reset_mid_range_read_is_retried(hub, seeded_model, tmp_path, capsys):
     assert fault.hits == 2
     local = Path(snapshot_download("alice/merged", endpoint=hub.url, token=ALICE, local_dir=tmp_path / "dl"))
     assert_models_match(local, seeded_model.expected_dir, max_ulps=1)
+    rec.observed("2 resets retried; merged model equal to PEFT within 1 ulp")
 
 
 def test_truncated_body_and_429_are_retried(hub, seeded_model, tmp_path, capsys):
@@ -58,7 +60,8 @@ def test_500_on_commit_is_retried_once_and_commits_once(hub, seeded_model, capsy
     assert len(merged_commits(hub, "alice/merged")) == 1
 
 
-def test_server_ignoring_range_is_refused_not_trusted(hub, seeded_model, capsys):
+def test_server_ignoring_range_is_refused_not_trusted(hub, seeded_model, capsys, reliability):
+    rec = reliability("CLI: server ignores Range (200 with the whole file)", "refused, clear error, no repo/commit left")
     seed(hub, seeded_model)
     capsys.readouterr()
     hub.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*model-00002", kind="ignore_range", start_after=1, times=None))
@@ -66,6 +69,7 @@ def test_server_ignoring_range_is_refused_not_trusted(hub, seeded_model, capsys)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "ignored the Range header" in err and "\n" not in err
     assert not hub.has_repo("alice/merged"), "the repo lorafold created is removed when nothing was committed"
+    rec.observed(err[:90])
 
 
 def test_missing_adapter_fails_fast(hub, seeded_model, capsys):

@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 
 from .errors import AdapterSpecError, FormatError, PlanError, SourceError
-from .io import FileEntry, ModelSource
+from .io import FileEntry, ModelSource, safe_relpath
 from .mapping import AdapterMapper
 from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
 from .spec import CONFIG_NAME, AdapterSpec
@@ -159,8 +158,10 @@ def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[
             if fname not in names:
                 names.append(fname)
         for fname in names:
-            if PurePosixPath(fname).name != fname and ".." in PurePosixPath(fname).parts:
-                raise FormatError(f"{base.label}/{INDEX_NAME}: refusing shard name {fname!r}")
+            try:
+                safe_relpath(fname)
+            except SourceError:
+                raise FormatError(f"{base.label}/{INDEX_NAME}: refusing shard name {fname!r}") from None
             if fname not in files:
                 raise SourceError(f"{base.label}: {INDEX_NAME} lists {fname}, which is missing")
         return sorted(names), True

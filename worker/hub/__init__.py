@@ -39,7 +39,7 @@ class HubClient:
     """An endpoint and a token (or none, for public reads), handing out sources and sinks."""
 
     def __init__(self, endpoint: str, token: str | None, *, max_download_bytes: int = 8 * 10**9,
-                 max_base_bytes: int | None = None, work_root: str | None = None):
+                 max_base_bytes: int | None = None, work_root: str | None = None, timeout: float = 30.0):
         self.endpoint = endpoint.rstrip("/")
         self.token: str | bool = token or False  # False: send no token, never an implicit one
         register(token)
@@ -47,6 +47,7 @@ class HubClient:
         self.max_download_bytes = max_download_bytes
         self.max_base_bytes = max_base_bytes
         self.work_root = work_root
+        self.timeout = timeout
 
     @classmethod
     def from_user(cls, token: str | None = None) -> HubClient:
@@ -61,9 +62,12 @@ class HubClient:
     def whoami(self) -> dict:
         return self.api.whoami(token=self.token)
 
-    def source(self, repo_id: str, revision: str | None, stack: ExitStack | None = None) -> HubSource:
+    def source(self, repo_id: str, revision: str | None, stack: ExitStack | None = None, *,
+               max_total_bytes: int | None = None) -> HubSource:
+        """A repo pinned to `revision`'s commit; refused (before any download) when larger than the limit."""
         src = HubSource(self.api, repo_id, revision, self.token, max_download_bytes=self.max_download_bytes,
-                        max_total_bytes=self.max_base_bytes, work_root=self.work_root)
+                        max_total_bytes=max_total_bytes or self.max_base_bytes, work_root=self.work_root,
+                        timeout=self.timeout)
         if stack is not None:
             stack.callback(src.close)
         return src

@@ -66,7 +66,10 @@ class HubSource:
             raise read_error(exc, repo_id, revision) from None
         total = sum(f.size for f in self._files)
         if max_total_bytes is not None and total > max_total_bytes:
-            raise SourceError(f"{repo_id}: {total / 1e9:.1f} GB is over this service's limit of {max_total_bytes / 1e9:.1f} GB")
+            raise SourceError(
+                f"{repo_id}: {total / 1e9:.2f} GB is over this service's limit of {max_total_bytes / 1e9:.2f} GB; "
+                "nothing was downloaded"
+            )
         self._sizes = {f.path: f.size for f in self._files}
         self._tmp: Path | None = None
         self._downloaded: dict[str, Path] = {}
