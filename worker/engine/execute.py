@@ -330,7 +330,11 @@ class Executor:
                     src = src.to(self.device, non_blocking=True)
                     self._h2d_done = torch.cuda.Event()
                     self._h2d_done.record(self._copy_stream)
-                torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+                compute_stream = torch.cuda.current_stream(self.device)
+                compute_stream.wait_stream(self._copy_stream)
+                # Allocated on the copy stream, read on the compute stream: tell the caching allocator, or it may
+                # hand this memory to the next host-to-device copy while the math still reads it.
+                src.record_stream(compute_stream)
         host = self.buffers.get(item.out_nbytes)
         host_out = interpret(host, t.dtype, shape)
         out = host_out if not self.cuda else self.ctx.scratch.get("out", shape, out_dtype)
