@@ -90,7 +90,7 @@ def bench(size: str, device: str, work: Path, with_peft: bool, repeat: int) -> d
             if mode == "lorafold" and with_peft:
                 shutil.rmtree(work / "out-lorafold-keep", ignore_errors=True)
                 os.rename(out, work / "out-lorafold-keep")
-            else:
+            elif mode != "peft":
                 shutil.rmtree(out, ignore_errors=True)
         rows[mode] = best
         print(f"[{size}] {mode:9s} wall {best['wall']:7.2f} s  peak RSS {best['peak_rss'] / 1e6:8.0f} MB  "
