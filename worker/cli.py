@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--create-pr", action="store_true", help="with --push-to and --overwrite: open a pull request instead of committing to main")
     m.add_argument("--verify", action="store_true", help="probe every merged tensor with a random vector and report the worst error")
     m.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the huggingface_hub login)")
-    m.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    m.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no notes")
+    m.add_argument("--verbose", "-v", action="store_true", help="notes on stderr even when it is not a terminal")
 
     s = sub.add_parser("serve", help="run the web service and one worker on embedded defaults (SQLite, no Redis)")
     s.add_argument("--port", type=int, default=None, help="port (default: PORT or 5000)")
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.print_help(sys.stderr)
-            return EXIT_USAGE
+            raise UsageError("missing command: merge, serve, worker or db (see `lorafold --help`)")
+        _terminate_like_interrupt()
         if args.command == "merge":
             from .merge_command import run_merge_command
 
@@ -113,6 +114,23 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LORAFOLD_DEBUG"):
             traceback.print_exc()
         return EXIT_ERROR
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM (`timeout`, `docker stop`, a supervisor) cleans up exactly like Ctrl-C: nothing half-written stays."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        pass
 
 
 if __name__ == "__main__":

@@ -17,10 +17,12 @@ from .locations import parse_ref
 class TerminalReporter:
     """A progress bar (tensors and bytes) on a terminal; plain log lines otherwise."""
 
-    def __init__(self, quiet: bool):
+    def __init__(self, quiet: bool, verbose: bool = False):
         self.quiet = quiet
         self.bar = None
         self.tty = sys.stderr.isatty()
+        # Notes only where a person reads them: on failure a script sees exactly one stderr line, `error: ...`.
+        self.notes = verbose or (self.tty and not quiet)
 
     def progress(self, p: Progress) -> None:
         if self.quiet or not self.tty or p.phase != "merge" or not p.bytes_total:
@@ -34,8 +36,11 @@ class TerminalReporter:
         self.bar.refresh()
 
     def log(self, level: str, message: str) -> None:
-        if not self.quiet and level != "debug":
-            print(f"lorafold: {message}", file=sys.stderr)
+        if self.notes and level != "debug":
+            if self.bar is not None:
+                self.bar.write(f"lorafold: {message}", file=sys.stderr)
+            else:
+                print(f"lorafold: {message}", file=sys.stderr)
 
     def memory(self, rss_bytes: int, vram_bytes: int) -> None:
         pass
@@ -65,6 +70,15 @@ def run_merge_command(args) -> int:
     )
     if args.create_pr and not args.push_to:
         raise UsageError("--create-pr needs --push-to")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out is empty (an unset variable?); name the output folder")
+    if args.push_to is not None and not args.push_to.strip():
+        raise UsageError("--push-to is empty; name the target repo as OWNER/NAME")
+    if args.push_to is not None:
+        from .locations import is_repo_id
+
+        if not is_repo_id(args.push_to):
+            raise UsageError(f"--push-to {args.push_to!r} is not a Hub repo id (OWNER/NAME)")
     adapter_ref = parse_ref(args.adapter, args.revision, "adapter")
     with ExitStack() as stack:
         hub = None
@@ -96,7 +110,7 @@ def run_merge_command(args) -> int:
             base_ref.repo_id or str(base_ref.path), base.revision, adapter_ref.repo_id or str(adapter_ref.path),
             adapter.revision, base_ref.is_hub, adapter_ref.is_hub,
         )
-        reporter = TerminalReporter(args.quiet)
+        reporter = TerminalReporter(args.quiet, args.verbose)
         try:
             result = merge(base, adapter, sink, options, reporter, lineage=lineage)
         finally:

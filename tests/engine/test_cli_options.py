@@ -93,7 +93,7 @@ def test_non_weight_files_are_copied_and_stray_weights_are_not(plain, tmp_path, 
     (base / "tokenizer" / "deep").mkdir(parents=True)
     (base / "tokenizer" / "deep" / "vocab.txt").write_text("a\nb\n")
     out = tmp_path / "out"
-    rc = main(["merge", str(plain.adapter_dir), "--base", str(base), "--out", str(out)])
+    rc = main(["merge", str(plain.adapter_dir), "--base", str(base), "--out", str(out), "--verbose"])
     err = capsys.readouterr().err
     assert rc == 0
     assert (out / "tokenizer" / "deep" / "vocab.txt").read_text() == "a\nb\n"

@@ -339,6 +339,10 @@ class Executor:
         host_out = interpret(host, t.dtype, shape)
         out = host_out if not self.cuda else self.ctx.scratch.get("out", shape, out_dtype)
         if not t.ops:  # a dtype conversion only
+            if t.source is not None and _overflow(out_dtype) < _overflow(torch_dtype(t.source.dtype)):
+                lo, hi = torch.aminmax(src)
+                if max(abs(float(lo)), abs(float(hi))) >= _overflow(out_dtype):
+                    raise NumericError(f"base tensor {t.name} has values beyond the range of {t.dtype} (--dtype)")
             out.copy_(src)
         else:
             self._merge_rows(t, item, src, out, out_dtype, shape)
@@ -393,9 +397,11 @@ class Executor:
                     self.ctx.round_to(w, out_dtype)
             extremes.append(torch.stack(torch.aminmax(w)))
             out[b0:b1].copy_(w)
-        if not bool(torch.isfinite(torch.stack(extremes)).all()):  # NaN/Inf propagate into min/max
+        ext = torch.stack(extremes)  # NaN/Inf propagate into min/max; beyond the boundary rounds to Inf
+        if not bool(torch.isfinite(ext).all()) or bool((ext.abs() >= _overflow(out_dtype)).any()):
             raise NumericError(
-                f"merged tensor {t.name} contains NaN or Inf (from {t.ops[0].module}); the adapter or the base is broken"
+                f"merged tensor {t.name} contains NaN or Inf in {t.dtype} (from {t.ops[0].module}); the adapter or "
+                "the base is broken, or the result does not fit the output dtype"
             )
 
     def _verify(self, t: OutTensor, item: Item, w_in, w_out) -> None:
@@ -471,6 +477,14 @@ class Executor:
 
 
 _MANTISSA = {"BF16": 7, "F16": 10, "F32": 23, "F64": 52}
+
+
+def _overflow(dtype: torch.dtype) -> float:
+    """The smallest magnitude that rounds to Inf in `dtype` (largest finite value plus half an ulp)."""
+    if not dtype.is_floating_point or dtype == torch.float64:
+        return float("inf")
+    info = torch.finfo(dtype)
+    return float(info.max) + float(info.eps) * float(info.max) / (2 - float(info.eps)) / 2
 
 
 def probe_reference(op, w_in, x, r0, r1, ctx: Ctx) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
-import tempfile
+import stat
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -130,17 +130,40 @@ class LocalDirSource:
         self._lock = threading.Lock()
 
     def files(self) -> list[FileEntry]:
+        """Every file of the model. Only regular files inside the folder qualify (a symlink may lead into the
+        `blobs/` of the Hub cache the folder is a snapshot of): a link to ~/.cache/huggingface/token, to /dev/zero,
+        a FIFO or a broken link is refused by name, never copied (or published) and never waited on."""
         out = []
         for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
             dirnames[:] = sorted(d for d in dirnames if d not in IGNORED_DIRS)
             for name in sorted(filenames):
-                full = Path(dirpath, name)
-                try:
-                    size = full.stat().st_size
-                except OSError:
-                    continue  # a dangling symlink is not part of the model
-                out.append(FileEntry(full.relative_to(self.root).as_posix(), size))
+                entry, problem = self._entry(Path(dirpath, name))
+                if entry is None:
+                    raise SourceError(f"{Path(dirpath, name)}: {problem}; refusing to use it (copy the real file in, or remove it)")
+                out.append(entry)
         return out
+
+    def _entry(self, full: Path) -> tuple[FileEntry | None, str]:
+        try:
+            real = full.resolve(strict=True)
+            st = real.stat()
+        except (OSError, RuntimeError):
+            return None, "a broken symbolic link"
+        if not self._allowed(real):
+            return None, f"a symbolic link leading outside the model folder (to {real})"
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file (a device, FIFO or socket)"
+        return FileEntry(full.relative_to(self.root).as_posix(), st.st_size), ""
+
+    def _allowed(self, real: Path) -> bool:
+        if real == self.root or self.root in real.parents:
+            return True
+        # Hub cache layout: <cache>/models--o--n/snapshots/<sha>/file -> ../../../blobs/<hash>
+        parts = self.root.parts
+        if len(parts) >= 3 and parts[-2] == "snapshots":
+            blobs = self.root.parent.parent / "blobs"
+            return real.parent == blobs
+        return False
 
     def _fd(self, path: str) -> int:
         with self._lock:
@@ -149,10 +172,17 @@ class LocalDirSource:
     def _fd_unlocked(self, path: str) -> int:
         fd = self._fds.get(path)
         if fd is None:
-            try:
-                fd = os.open(self.root / safe_relpath(path), os.O_RDONLY)
+            full = self.root / safe_relpath(path)
+            entry, problem = self._entry(full)
+            if entry is None:
+                raise SourceError(f"{full}: {problem}; refusing to read it")
+            try:  # O_NONBLOCK: never wait on a FIFO swapped in after the check
+                fd = os.open(full, os.O_RDONLY | os.O_NONBLOCK)
             except OSError as exc:
-                raise SourceError(f"{self.root / path}: cannot open ({exc.strerror})") from None
+                raise SourceError(f"{full}: cannot open ({exc.strerror})") from None
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise SourceError(f"{full}: not a regular file; refusing to read it")
             self._fds[path] = fd
         return fd
 
@@ -173,7 +203,17 @@ class LocalDirSource:
             done += n
 
     def fetch(self, path: str, dest: Path) -> None:
-        shutil.copyfile(self.root / safe_relpath(path), dest)
+        """Copy a whole small file; at most the size it had when listed (a file that grows is not followed)."""
+        fd = self._fd(path)
+        size = os.fstat(fd).st_size
+        with open(dest, "wb") as out:
+            done = 0
+            while done < size:
+                chunk = os.pread(fd, min(size - done, 8 << 20), done)
+                if not chunk:
+                    break
+                out.write(chunk)
+                done += len(chunk)
 
     def map_range(self, path: str, offset: int, length: int) -> tuple[memoryview, object]:
         """Zero-copy view of bytes of a file (a private read mapping of the page cache) and a release handle.
@@ -227,7 +267,11 @@ class LocalDirSource:
             done += n
 
     def local_file(self, path: str) -> Path | None:
-        return self.root / safe_relpath(path)
+        full = self.root / safe_relpath(path)
+        entry, problem = self._entry(full)
+        if entry is None:
+            raise SourceError(f"{full}: {problem}; refusing to read it")
+        return full
 
     def close(self) -> None:
         with self._lock:
@@ -257,7 +301,9 @@ class LocalDirSink:
     def __post_init__(self) -> None:
         self.dest = Path(self.dest).expanduser().resolve()
         self.label = str(self.dest)
-        self.work_dir = self.dest.parent / f".{self.dest.name}.lorafold-partial-{uuid.uuid4().hex[:8]}"
+        # The owner's pid is in the name, so a later run can remove what a killed one left (see _sweep).
+        self._prefix = f".{self.dest.name}.lorafold-partial-"
+        self.work_dir = self.dest.parent / f"{self._prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     def prepare(self) -> None:
         for other in self.forbidden:
@@ -271,9 +317,16 @@ class LocalDirSink:
                 raise OutputError(f"{self.dest}: folder exists and is not empty; pass --overwrite to replace it")
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
+            self._sweep()
             self.work_dir.mkdir()
         except OSError as exc:
             raise OutputError(f"{self.dest}: cannot create the output folder ({exc.strerror})") from None
+
+    def _sweep(self) -> None:
+        for stale in self.dest.parent.glob(f"{self._prefix}*"):
+            pid = stale.name[len(self._prefix):].split("-", 1)[0]
+            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                shutil.rmtree(stale, ignore_errors=True)
 
     def shard_written(self, name: str, path: Path) -> None:
         pass
@@ -295,6 +348,11 @@ class LocalDirSink:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def scratch_dir(prefix: str = "lorafold-") -> Path:
-    """A private temporary folder (honours TMPDIR)."""
-    return Path(tempfile.mkdtemp(prefix=prefix))
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

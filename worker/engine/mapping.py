@@ -278,6 +278,14 @@ class AdapterMapper:
         if extra:
             raise PlanError(f"{mod.path}: adapter mixes {', '.join(sorted(p))}; {', '.join(extra)} would be left unused")
         A, B = self._info(p[a_kind]), self._info(p[b_kind])
+        for kind, info in ((a_kind, A), (b_kind, B)):
+            if len(info.shape) < 2:
+                raise PlanError(f"{mod.path}: {kind} has shape {list(info.shape)}; LoRA factors are matrices")
+            if info.dtype not in ("F16", "BF16", "F32", "F64"):
+                raise PlanError(f"{mod.path}: {kind} is {info.dtype}; LoRA factors must be real floating point")
+        for kind in ("lora_magnitude_vector", "lora_B.bias"):
+            if kind in p and self._info(p[kind]).dtype not in ("F16", "BF16", "F32", "F64"):
+                raise PlanError(f"{mod.path}: {kind} is {self._info(p[kind]).dtype}; it must be real floating point")
         r = A.shape[0]
         if len(B.shape) < 2 or (B.shape[1] != r and len(A.shape) == 2):
             raise PlanError(f"{mod.path}: lora_B has shape {list(B.shape)}, which does not fit lora_A {list(A.shape)}")

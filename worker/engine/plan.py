@@ -125,6 +125,8 @@ def _read_json(source: ModelSource, entry: FileEntry, what: str) -> dict:
         obj = json.loads(bytes(buf).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"{source.label}/{entry.path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{source.label}/{entry.path}: JSON nested too deeply") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{source.label}/{entry.path}: expected a JSON object")
     return obj

@@ -119,9 +119,12 @@ def parse_header(raw: bytes, path: str, file_size: int | None, header_len: int) 
         obj = json.loads(text, object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError) as exc:
         raise FormatError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{path}: safetensors header is nested too deeply to be a header") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{path}: safetensors header is not a JSON object")
-    metadata = obj.pop("__metadata__", None) or {}
+    metadata = obj.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -144,7 +147,7 @@ def _tensor_info(path: str, name: str, entry: object, data_size: int | None) -> 
     dtype = entry.get("dtype")
     shape = entry.get("shape")
     offsets = entry.get("data_offsets")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise FormatError(f"{where}: unknown dtype {dtype!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise FormatError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")

@@ -32,7 +32,7 @@ _UNSUPPORTED_VARIANTS = {
     "kasa_config": "KaSA (kasa_config) is not supported by lorafold",
     "use_qalora": "QALoRA (use_qalora) targets GPTQ-quantized layers, which PEFT cannot merge",
 }
-_MUTATING_INITS = ("pissa", "olora", "corda", "loftq")
+_MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,8 @@ class AdapterSpec:
             obj = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise AdapterSpecError(f"{where}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise AdapterSpecError(f"{where}: JSON nested too deeply") from None
         return cls.from_config(obj, where)
 
     @classmethod
@@ -111,6 +113,28 @@ class AdapterSpec:
             or (isinstance(tti, dict) and all(isinstance(v, list) and all(_is_int(i) for i in v) for v in tti.values()))
         ):
             raise AdapterSpecError(f"{where}: trainable_token_indices must be a list of ints or a dict of lists")
+        target_modules = _targets(cfg.get("target_modules"), "target_modules", where)
+        exclude_modules = _targets(cfg.get("exclude_modules"), "exclude_modules", where)
+        modules_to_save = tuple(_str_list(cfg.get("modules_to_save"), "modules_to_save", where))
+        for name, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+            if isinstance(value, str):
+                _regex(value, name, where)
+        for value in modules_to_save:
+            _regex(value, "modules_to_save", where)
+        for value in list(rank_pattern) + list(alpha_pattern):
+            _regex(value, "rank_pattern/alpha_pattern", where)
+        layers = cfg.get("layers_to_transform")
+        if layers is not None and not (_is_int(layers) or (isinstance(layers, list) and all(_is_int(i) for i in layers))):
+            raise AdapterSpecError(f"{where}: `layers_to_transform` must be an integer or a list of integers, got {layers!r}")
+        pattern = cfg.get("layers_pattern")
+        if pattern is not None and not isinstance(pattern, str) and not (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)):
+            raise AdapterSpecError(f"{where}: `layers_pattern` must be a string or a list of strings, got {pattern!r}")
+        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+            if not isinstance(cfg.get(name, False), (bool, type(None))):
+                raise AdapterSpecError(f"{where}: `{name}` must be true or false, got {cfg.get(name)!r}")
+        base = cfg.get("base_model_name_or_path")
+        if base is not None and not isinstance(base, str):
+            raise AdapterSpecError(f"{where}: `base_model_name_or_path` must be a string")
         return cls(
             r=r,
             lora_alpha=alpha,
@@ -121,12 +145,12 @@ class AdapterSpec:
             lora_bias=bool(cfg.get("lora_bias", False)),
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,
-            target_modules=_targets(cfg.get("target_modules"), "target_modules", where),
-            exclude_modules=_targets(cfg.get("exclude_modules"), "exclude_modules", where),
+            target_modules=target_modules,
+            exclude_modules=exclude_modules,
             target_parameters=target_parameters,
             layers_to_transform=cfg.get("layers_to_transform"),
             layers_pattern=cfg.get("layers_pattern"),
-            modules_to_save=tuple(_str_list(cfg.get("modules_to_save"), "modules_to_save", where)),
+            modules_to_save=modules_to_save,
             trainable_token_indices=tti,
             base_model_name_or_path=cfg.get("base_model_name_or_path") or None,
             revision=cfg.get("revision") or None,
@@ -227,6 +251,13 @@ def _pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:
             if key == pattern or key.endswith("." + pattern):
                 return pattern
     return None
+
+
+def _regex(value: str, name: str, where: str) -> None:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise AdapterSpecError(f"{where}: `{name}` entry {value!r} is not a valid regular expression ({exc})") from None
 
 
 def _is_int(x: object) -> bool:

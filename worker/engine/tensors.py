@@ -7,7 +7,9 @@ Only this module turns bytes into torch tensors, and it never unpickles anything
 from __future__ import annotations
 
 import pickle
+import re
 import threading
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -155,21 +157,27 @@ def _load_pickle_weights(source: ModelSource, entry: FileEntry) -> dict[str, tor
     if path is None:
         raise SourceError(f"{source.label}/{entry.path}: pickle weights must be downloaded before loading")
     try:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            if "mmap" not in str(exc):
-                raise
-            state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on old pickle protocols are not the user's concern
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                if "mmap" not in str(exc):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported pickle content"
+        text = str(exc)
+        m = re.search(r"(Trying to load unsupported GLOBAL [^\s]+|Unsupported global: GLOBAL [^\s]+|Unsupported operand \d+)", text)
+        reason = m.group(1) if m else (text.strip().splitlines() or ["unsupported pickle content"])[0][:120]
         raise FormatError(
-            f"{entry.path}: refused to unpickle: it holds more than plain tensors ({first[:200]}). "
-            "lorafold loads pickles with weights_only=True and never runs code from them; convert the adapter "
-            "to safetensors"
+            f"{entry.path}: refused to unpickle: it holds more than plain tensors ({reason}). lorafold loads "
+            "pickles with weights_only=True and never runs code from them; convert the adapter to safetensors"
         ) from None
     except Exception as exc:  # zip/format errors of torch's loader
         raise FormatError(f"{entry.path}: not a readable PyTorch weights file ({type(exc).__name__}: {exc})"[:400]) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise FormatError(f"{entry.path}: expected a dict of tensors")
+    for key, value in state.items():
+        if value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized:
+            raise FormatError(f"{entry.path}: tensor {key!r} is not a plain dense tensor ({value.layout}, {value.device})")
     return state

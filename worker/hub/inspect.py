@@ -1,0 +1,162 @@
+"""Checks a door makes against the Hub before it queues a merge: who the caller is, may they write there, is the
+adapter readable and really a LoRA adapter, is the base readable.
+
+The form and the JSON API call the same functions, so a request is refused for the same reason, with the same
+words, whichever door it came through. Nothing here downloads weights: the adapter's `adapter_config.json` is
+read with one ranged GET at the resolved commit, everything else is repo metadata. Importing this module does not
+import torch (only `worker.engine.spec` / `.errors`, which need none).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from ..engine.errors import AdapterSpecError, EngineError, SourceError
+from ..engine.spec import CONFIG_NAME, AdapterSpec
+from ..locations import check_revision, is_repo_id
+from . import HubClient
+from .errors import read_error
+
+WRITE_ROLES = frozenset({"admin", "write", "contributor"})
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few KB; a bigger one is hostile
+
+
+class InspectError(Exception):
+    """A request that cannot be queued, with the form/API field it is about and a one-line reason."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+    def __reduce__(self):
+        return (type(self), (self.field, self.message))
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a Hub token belongs to, as the Hub's whoami says: the user name, their orgs and roles, the token role."""
+
+    name: str
+    orgs: Mapping[str, str] = field(default_factory=dict)  # org name -> roleInOrg (admin/write/contributor/read)
+    token_role: str | None = None  # read | write | fineGrained (None when the Hub did not say)
+    scoped: Mapping[str, frozenset[str]] = field(default_factory=dict)  # fine-grained: entity -> permissions
+
+    @classmethod
+    def from_whoami(cls, info: Mapping) -> Identity:
+        name = info.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("whoami answer without a user name")
+        orgs = {}
+        for org in info.get("orgs") or []:
+            if isinstance(org, Mapping) and isinstance(org.get("name"), str):
+                orgs[org["name"]] = str(org.get("roleInOrg") or "read")
+        access = ((info.get("auth") or {}).get("accessToken") or {}) if isinstance(info.get("auth"), Mapping) else {}
+        role = access.get("role") if isinstance(access, Mapping) else None
+        scoped: dict[str, frozenset[str]] = {}
+        fine = access.get("fineGrained") if isinstance(access, Mapping) else None
+        if isinstance(fine, Mapping):
+            for item in fine.get("scoped") or []:
+                entity = (item or {}).get("entity") or {}
+                if isinstance(entity.get("name"), str):
+                    scoped[entity["name"]] = frozenset(p for p in item.get("permissions") or [] if isinstance(p, str))
+        return cls(name=name, orgs=orgs, token_role=role if isinstance(role, str) else None, scoped=scoped)
+
+    @property
+    def namespaces(self) -> frozenset[str]:
+        """Every namespace whose jobs this caller may see: their own and their orgs'."""
+        return frozenset({self.name, *self.orgs})
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    sha: str  # the commit the revision resolved to
+    spec: AdapterSpec
+    base: str | None  # the config's base_model_name_or_path when it is a Hub repo id (else None: a local path)
+
+
+@dataclass(frozen=True)
+class RepoInfo:
+    sha: str
+    files: tuple[str, ...]
+    private: bool
+
+
+def can_write(caller: Identity, namespace: str) -> bool:
+    """Whether `caller` may create a repo in `namespace`: their own, or an org where they are admin/write/contributor,
+    with a token that may write (create_repo on the Hub stays the final arbiter)."""
+    if caller.token_role == "read":
+        return False
+    if namespace == caller.name:
+        member = True
+    else:
+        member = caller.orgs.get(namespace) in WRITE_ROLES
+    if not member:
+        return False
+    if caller.token_role == "fineGrained" and caller.scoped:
+        return "repo.write" in caller.scoped.get(namespace, frozenset())
+    return True
+
+
+def check_repo_id(text: object, field: str, what: str) -> str:
+    if not isinstance(text, str) or not is_repo_id(text):
+        raise InspectError(field, f"{what}: {str(text)[:100]!r} is not a Hub repo id (owner/name)")
+    return text
+
+
+def check_rev(revision: object, field: str, what: str) -> str | None:
+    if revision is None or revision == "":
+        return None
+    try:
+        return check_revision(str(revision), what)
+    except SourceError as exc:
+        raise InspectError(field, str(exc)) from None
+
+
+def inspect_repo(client: HubClient, repo: str, revision: str | None = None, *, field: str = "base") -> RepoInfo:
+    """The repo exists and this token can read it (at `revision`); its resolved sha and file names."""
+    try:
+        info = client.api.model_info(repo, revision=revision, token=client.token, files_metadata=False)
+    except Exception as exc:  # noqa: BLE001 - mapped to one line
+        raise InspectError(field, str(read_error(exc, repo, revision))) from None
+    files = tuple(s.rfilename for s in (info.siblings or []))
+    return RepoInfo(sha=info.sha or "", files=files, private=bool(info.private))
+
+
+def inspect_adapter(client: HubClient, repo: str, revision: str | None = None, *, field: str = "adapter",
+                    max_bytes: int | None = None) -> AdapterInfo:
+    """The adapter is readable with this token and really a LoRA adapter lorafold can merge.
+
+    Reads only `adapter_config.json`, at the commit `revision` resolves to, and parses it with AdapterSpec (a
+    missing file, a non-LORA peft_type or an unmergeable variant is an InspectError on `field`).
+    """
+    try:
+        source = client.source(repo, revision, max_total_bytes=max_bytes)
+    except EngineError as exc:
+        raise InspectError(field, str(exc)) from None
+    try:
+        files = {f.path: f.size for f in source.files()}
+        if CONFIG_NAME not in files:
+            if "config.json" in files:
+                raise InspectError(field, f"{repo}: has config.json but no adapter_config.json: this is a model, not a PEFT adapter")
+            raise InspectError(field, f"{repo}: no adapter_config.json: not a PEFT adapter")
+        if not any(name in files for name in ADAPTER_WEIGHTS):
+            raise InspectError(field, f"{repo}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
+        size = files[CONFIG_NAME]
+        if size > MAX_CONFIG_BYTES:
+            raise InspectError(field, f"{repo}/{CONFIG_NAME}: {size} bytes is too large for an adapter config")
+        buf = bytearray(size)
+        if size:
+            source.read_into(CONFIG_NAME, 0, memoryview(buf))
+        spec = AdapterSpec.from_json(bytes(buf), f"{repo}/{CONFIG_NAME}")
+    except AdapterSpecError as exc:
+        raise InspectError(field, str(exc)) from None
+    except EngineError as exc:
+        raise InspectError(field, str(exc)) from None
+    finally:
+        source.close()
+    base = spec.base_model_name_or_path
+    base, _, _ = (base or "").partition("@")
+    return AdapterInfo(sha=source.revision, spec=spec, base=base if is_repo_id(base) else None)
