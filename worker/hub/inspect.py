@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..engine.errors import AdapterSpecError, EngineError, SourceError
+from huggingface_hub.errors import RevisionNotFoundError
+
+from ..engine.errors import EngineError, SourceError
 from ..engine.spec import CONFIG_NAME, AdapterSpec
 from ..locations import check_revision, is_repo_id
 from . import HubClient
@@ -115,25 +117,29 @@ def check_rev(revision: object, field: str, what: str) -> str | None:
         raise InspectError(field, str(exc)) from None
 
 
-def inspect_repo(client: HubClient, repo: str, revision: str | None = None, *, field: str = "base") -> RepoInfo:
+def inspect_repo(client: HubClient, repo: str, revision: str | None = None, *, field: str = "base",
+                 revision_field: str | None = None) -> RepoInfo:
     """The repo exists and this token can read it (at `revision`); its resolved sha and file names."""
     try:
         info = client.api.model_info(repo, revision=revision, token=client.token, files_metadata=False)
     except Exception as exc:  # noqa: BLE001 - mapped to one line
-        raise InspectError(field, str(read_error(exc, repo, revision))) from None
+        where = revision_field if revision_field and isinstance(exc, RevisionNotFoundError) else field
+        raise InspectError(where, str(read_error(exc, repo, revision))) from None
     files = tuple(s.rfilename for s in (info.siblings or []))
     return RepoInfo(sha=info.sha or "", files=files, private=bool(info.private))
 
 
 def inspect_adapter(client: HubClient, repo: str, revision: str | None = None, *, field: str = "adapter",
-                    max_bytes: int | None = None) -> AdapterInfo:
+                    revision_field: str = "adapter_revision", max_bytes: int | None = None) -> AdapterInfo:
     """The adapter is readable with this token and really a LoRA adapter lorafold can merge.
 
-    Reads only `adapter_config.json`, at the commit `revision` resolves to, and parses it with AdapterSpec (a
-    missing file, a non-LORA peft_type or an unmergeable variant is an InspectError on `field`).
+    Pins `revision` to its commit (a missing revision is an error on `revision_field`), reads only
+    `adapter_config.json` there and parses it with AdapterSpec (a missing file, a non-LORA peft_type or an
+    unmergeable variant is an InspectError on `field`). Adapters over `max_bytes` are refused before any download.
     """
+    pinned = inspect_repo(client, repo, revision, field=field, revision_field=revision_field)
     try:
-        source = client.source(repo, revision, max_total_bytes=max_bytes)
+        source = client.source(repo, pinned.sha or revision, max_total_bytes=max_bytes)
     except EngineError as exc:
         raise InspectError(field, str(exc)) from None
     try:
@@ -151,9 +157,7 @@ def inspect_adapter(client: HubClient, repo: str, revision: str | None = None, *
         if size:
             source.read_into(CONFIG_NAME, 0, memoryview(buf))
         spec = AdapterSpec.from_json(bytes(buf), f"{repo}/{CONFIG_NAME}")
-    except AdapterSpecError as exc:
-        raise InspectError(field, str(exc)) from None
-    except EngineError as exc:
+    except EngineError as exc:  # AdapterSpecError (not LoRA, unmergeable variant), SourceError (read failed)
         raise InspectError(field, str(exc)) from None
     finally:
         source.close()

@@ -1,0 +1,167 @@
+"""Web tests: the app built by `create_app` with a recording `enqueue` and a HubClient pointed at the Hub double.
+
+The Hub double is shared by the whole session (users, tokens and a few seeded repos); tests that create repos use
+names of their own. Databases: a SQLite file per test; API and webhook tests also run on a fresh PostgreSQL
+database (skipped loudly when PostgreSQL is unreachable, unless LORAFOLD_REQUIRE_SERVICES is set).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.support.hubdouble import HubDouble
+from web import create_app
+from worker.hub import HubClient
+from worker.jobs import Database
+from worker.settings import Settings
+
+from .seeding import (
+    ALICE,
+    BOB,
+    CAROL,
+    READER,
+    write_adapter,
+    write_model,
+)
+
+SECRET_KEY = "web-test-secret-key-0123456789abcdef"
+PUBLIC_URL = "http://localhost"
+
+
+@pytest.fixture(scope="session")
+def hub(tmp_path_factory):
+    """alice (org acme: write, org lab: read), bob, carol (no orgs), reader (read-only token); a LoRA adapter
+    alice/ad for alice/base, a plain model alice/base, a private adapter alice/secret-ad, a non-LoRA adapter."""
+    double = HubDouble().start()
+    double.add_user("alice", token=ALICE, orgs={"acme": "write", "lab": "read"})
+    double.add_user("bob", token=BOB)
+    double.add_user("carol", token=CAROL)
+    double.add_user("reader", token=READER, token_role="read")
+    root = tmp_path_factory.mktemp("seed")
+    for repo, folder, private in (
+        ("alice/base", write_model(root / "base"), False),
+        ("alice/ad", write_adapter(root / "ad", base="alice/base"), False),
+        ("alice/secret-ad", write_adapter(root / "secret", base="alice/base"), True),
+        ("alice/ia3", write_adapter(root / "ia3", base="alice/base", peft_type="IA3"), False),
+        ("alice/nobase-ad", write_adapter(root / "nobase", base="/home/alice/local-model"), False),
+    ):
+        double.create_repo(repo, private=private)
+        double.upload_folder(repo, folder, message="seed")
+    yield double
+    double.stop()
+
+
+@pytest.fixture
+def database_url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'web.db'}"
+
+
+@pytest.fixture
+def db(database_url) -> Database:
+    """SQLite: the models' tables; PostgreSQL: the Alembic migrations, as production builds it."""
+    if database_url.startswith("sqlite"):
+        database = Database(database_url)
+        database.create_all()
+        return database
+    from worker import migrate
+
+    migrate.upgrade(database_url)
+    return Database(database_url)
+
+
+@pytest.fixture
+def settings_for(tmp_path, hub, database_url):
+    def make(**overrides) -> Settings:
+        values = dict(
+            data_dir=str(tmp_path / "var"), database_url=database_url, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
+            secret_key=SECRET_KEY, hf_endpoint=hub.url, public_url=PUBLIC_URL, rate_limit="10000/minute",
+            whoami_ttl=60,
+        )
+        values.update(overrides)
+        return Settings(**values).resolved()
+
+    return make
+
+
+@pytest.fixture
+def enqueued() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def make_app(db, settings_for, enqueued, hub):
+    def make(hub_url: str | None = None, **overrides):
+        endpoint = hub_url or hub.url
+        app = create_app(settings_for(**overrides), enqueue=enqueued.append,
+                         hub_factory=lambda token: HubClient(endpoint, token))
+        app.testing = True
+        return app
+
+    return make
+
+
+@pytest.fixture
+def app(make_app):
+    return make_app()
+
+
+@pytest.fixture
+def client(app):
+    return app.test_client()
+
+
+def bearer(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+CSRF_RE = re.compile(r'name="csrf_token" type="hidden" value="([^"]+)"|name="csrf_token" value="([^"]+)"')
+
+
+def csrf_from(html: str) -> str:
+    m = CSRF_RE.search(html)
+    assert m, "no CSRF token in the page"
+    return m.group(1) or m.group(2)
+
+
+def sign_in(client, token: str = ALICE) -> None:
+    page = client.get("/login").get_data(as_text=True)
+    r = client.post("/login", data={"token": token, "csrf_token": csrf_from(page), "next": "/jobs"})
+    assert r.status_code == 302, r.get_data(as_text=True)[:500]
+
+
+def unique(prefix: str = "m") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+class LiveServer:
+    """The app on 127.0.0.1:<free port>, served by werkzeug in a thread (for the Hub double's webhook deliveries
+    and the browser)."""
+
+    def __init__(self, app):
+        from werkzeug.serving import make_server
+
+        self.server = make_server("127.0.0.1", 0, app, threaded=True)
+        self.port = self.server.server_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True, name="live-app")
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+__all__ = ["ALICE", "BOB", "CAROL", "READER", "Path", "bearer", "csrf_from", "sign_in", "unique", "LiveServer", "free_port"]

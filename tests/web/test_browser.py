@@ -1,0 +1,145 @@
+"""The whole stack in a real browser: headless Chromium signs in with a pasted token, fills the merge form (the base
+is pre-filled from the adapter's config by the page's JS), submits, and watches the job page's progress bar reach
+100% while a real `lorafold worker` process merges a tiny llama from the Hub double and publishes it there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+
+from tests.support.hubdouble import HubDouble
+from web import create_app
+from worker import migrate
+from worker.settings import Settings
+
+from .conftest import LiveServer, unique
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.xdist_group("worker")]
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "test-output"
+TOKEN = "hf_browser_0123456789abcdefgh"
+SECRET = "browser-test-secret-key-0123456789"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def build_models(root: Path) -> tuple[Path, Path]:
+    """A 2-layer llama with random weights and a PEFT LoRA adapter for it (non-zero B: init_lora_weights=False)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    base = AutoModelForCausalLM.from_config(config)
+    base.save_pretrained(root / "base", max_shard_size="200KB")
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj", "up_proj"]))
+    model.save_pretrained(root / "adapter")
+    cfg_path = root / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["base_model_name_or_path"] = "maria/tiny-llama"
+    cfg_path.write_text(json.dumps(cfg))
+    return root / "base", root / "adapter"
+
+
+@pytest.fixture
+def stack(tmp_path):
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("LORAFOLD_REQUIRE_SERVICES"):
+            pytest.fail(f"{CHROMIUM} is missing, and LORAFOLD_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
+        pytest.skip(f"SKIPPED LOUDLY: {CHROMIUM} is missing (apt-get install chromium)")
+    hub = HubDouble().start()
+    hub.add_user("maria", token=TOKEN)
+    base, adapter = build_models(tmp_path / "models")
+    for repo, folder in (("maria/tiny-llama", base), ("maria/tiny-lora", adapter)):
+        hub.create_repo(repo)
+        hub.upload_folder(repo, folder, message="seed")
+    database_url = f"sqlite:///{tmp_path / 'lorafold.db'}"
+    broker_url = f"sqla+sqlite:///{tmp_path / 'broker.db'}"
+    migrate.upgrade(database_url)
+    env = dict(os.environ, DATABASE_URL=database_url, CELERY_BROKER_URL=broker_url, HF_ENDPOINT=hub.url,
+               HF_HUB_DISABLE_XET="1", LORAFOLD_SECRET_KEY=SECRET, LORAFOLD_DATA_DIR=str(tmp_path / "var"),
+               LORAFOLD_WORK_DIR=str(tmp_path / "work"), PYTHONPATH=str(ROOT))
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, cwd=ROOT, stdout=log,
+                              stderr=subprocess.STDOUT)
+    settings = Settings.from_env(env)
+    app = create_app(settings)  # the real wiring: Celery enqueue by task name, HubClient on HF_ENDPOINT
+    live = LiveServer(app)
+    try:
+        yield hub, live, tmp_path / "worker.log"
+    finally:
+        live.stop()
+        worker.send_signal(signal.SIGTERM)
+        try:
+            worker.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
+        log.close()
+        hub.stop()
+
+
+def test_sign_in_merge_and_watch_it_finish(stack):
+    from playwright.sync_api import expect, sync_playwright
+
+    hub, live, worker_log = stack
+    target = f"maria/{unique('tiny')}-merged"
+    OUT.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        csp_errors: list[str] = []
+        page.on("console", lambda msg: csp_errors.append(msg.text) if "Content Security Policy" in msg.text else None)
+        try:
+            page.goto(live.url + "/")
+            page.get_by_role("link", name="Sign in to start").click()
+            page.fill("#token", TOKEN)
+            page.get_by_role("button", name="Sign in").click()
+            expect(page.locator(".who")).to_have_text("maria")
+
+            page.goto(live.url + "/merge")
+            page.fill("#adapter", "maria/tiny-lora")
+            expect(page.locator("#base")).to_have_value("maria/tiny-llama", timeout=10_000)  # from adapter_config.json
+            expect(page.locator("#target")).to_have_value("maria/tiny-lora-merged")
+            page.fill("#target", target)
+            page.select_option("#dtype", "float32")
+            page.click("#submit-merge")
+
+            page.wait_for_url(f"{live.url}/jobs/*", timeout=15_000)
+            seen = set()
+            deadline = time.monotonic() + 75
+            while time.monotonic() < deadline:
+                value = page.eval_on_selector("#progress", "el => el.value")
+                seen.add(round(value))
+                status = page.inner_text("#status")
+                if status in ("failed", "cancelled", "skipped"):
+                    raise AssertionError(f"job {status}: {page.inner_text('#error')}\n{worker_log.read_text()[-3000:]}")
+                if value >= 100 and status == "succeeded":
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError(f"progress stuck at {value} ({status})\n{worker_log.read_text()[-3000:]}")
+            expect(page.locator("#result-link")).to_have_text(target, timeout=5_000)
+            expect(page.locator("#pct")).to_have_text("100%")
+            assert page.inner_text("#stat-rss") != "–"
+            expect(page.locator("#log li").last).to_contain_text("published")
+            page.wait_for_timeout(1200)  # one more poll: memory chart and stats drawn
+            page.screenshot(path=str(OUT / "browser-job-succeeded.png"), full_page=True)
+            assert not csp_errors, csp_errors
+        finally:
+            browser.close()
+    files = hub.repo_files(target)
+    assert "config.json" in files and any(name.endswith(".safetensors") for name in files)

@@ -1,0 +1,38 @@
+"""The pages' forms (Flask-WTF: every one carries the CSRF token). Hub checks happen in web/merge.py and
+web/rules.py, shared with the JSON API; these classes only bound and shape the input."""
+
+from __future__ import annotations
+
+from flask_wtf import FlaskForm
+from wtforms import BooleanField, PasswordField, SelectField, StringField
+from wtforms.validators import DataRequired, Length, Optional
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+_DTYPE_CHOICES = list(DTYPES)  # plain values (labels = values): no tuples, which WTForms 3.3 deprecates
+
+
+class TokenForm(FlaskForm):
+    token = PasswordField("Hugging Face token", validators=[DataRequired(), Length(max=512)])
+
+
+class MergeForm(FlaskForm):
+    adapter = StringField("Adapter repo", validators=[DataRequired(), Length(max=200)])
+    adapter_revision = StringField("Adapter revision", validators=[Optional(), Length(max=200)])
+    base = StringField("Base model", validators=[Optional(), Length(max=200)])
+    base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
+    target = StringField("Target repo", validators=[DataRequired(), Length(max=200)])
+    private = BooleanField("Private")
+    dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
+
+
+class RuleForm(FlaskForm):
+    watch = StringField("Watch", validators=[DataRequired(), Length(max=200)])
+    target = StringField("Target", validators=[Optional(), Length(max=200)])
+    base = StringField("Base model", validators=[Optional(), Length(max=200)])
+    base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
+    private = BooleanField("Private")
+    dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
+
+
+class ActionForm(FlaskForm):
+    """Buttons (cancel, retry, delete, sign out): nothing but the CSRF token."""

@@ -1,0 +1,109 @@
+"""Jobs as a caller may see them, and the actions on them (cancel, retry), for the API and the pages alike.
+
+Access rule (everywhere): a caller sees a job when they own it or when its target namespace is theirs or one of
+their orgs'. Anything else is "not found", exactly like an id that does not exist (no existence leak).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from datetime import datetime
+
+from sqlalchemy import and_, or_, select
+
+from worker.jobs import Job, JobLog, JobSample, JobStatus
+
+from .auth import Caller
+from .errors import Conflict, NotFound, Unprocessable
+from .services import services
+
+JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+RETRYABLE = (JobStatus.failed.value, JobStatus.cancelled.value, JobStatus.skipped.value)
+STATUSES = tuple(s.value for s in JobStatus)
+
+
+def visible(caller: Caller):
+    return or_(Job.owner == caller.name, Job.namespace.in_(sorted(caller.namespaces)))
+
+
+def get(caller: Caller, job_id: str) -> Job:
+    if not JOB_ID_RE.match(job_id or ""):
+        raise NotFound("no such job")
+    with services().db.session() as s:
+        job = s.scalar(select(Job).where(Job.id == job_id, visible(caller)))
+    if job is None:
+        raise NotFound("no such job")
+    return job
+
+
+def page(caller: Caller, *, status: str | None = None, limit: int = 50, cursor: str | None = None) -> tuple[list[Job], str | None]:
+    """Newest first; `cursor` continues after the last job of the previous page."""
+    query = select(Job).where(visible(caller))
+    if status:
+        query = query.where(Job.status == status)
+    if cursor:
+        at, job_id = decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < job_id)))
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)
+    with services().db.session() as s:
+        jobs = list(s.scalars(query))
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    return jobs, (encode_cursor(jobs[-1]) if more and jobs else None)
+
+
+def encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, job_id = raw.split("|", 1)
+        if not JOB_ID_RE.match(job_id):
+            raise ValueError
+        return datetime.fromisoformat(at), job_id
+    except (ValueError, UnicodeDecodeError, binascii.Error):
+        raise Unprocessable("cursor is not one this service gave out", field="cursor") from None
+
+
+def logs(job: Job, *, after: int = 0, limit: int = 200) -> list[JobLog]:
+    with services().db.session() as s:
+        return list(s.scalars(select(JobLog).where(JobLog.job_id == job.id, JobLog.id > after)
+                              .order_by(JobLog.id).limit(limit)))
+
+
+def log_tail(job: Job, count: int = 100) -> list[JobLog]:
+    with services().db.session() as s:
+        rows = list(s.scalars(select(JobLog).where(JobLog.job_id == job.id).order_by(JobLog.id.desc()).limit(count)))
+    return rows[::-1]
+
+
+def samples(job: Job, *, after: int = 0, limit: int = 2000) -> list[JobSample]:
+    with services().db.session() as s:
+        return list(s.scalars(select(JobSample).where(JobSample.job_id == job.id, JobSample.id > after)
+                              .order_by(JobSample.id).limit(limit)))
+
+
+def cancel(caller: Caller, job_id: str) -> Job:
+    """queued → cancelled at once; running → the worker stops between tensors. 409 when it already ended."""
+    job = get(caller, job_id)
+    if job.is_terminal:
+        raise Conflict(f"the job already ended ({job.status}); nothing to cancel")
+    services().store.request_cancel(job.id)
+    return get(caller, job_id)
+
+
+def retry(caller: Caller, job_id: str) -> Job:
+    """failed / cancelled / skipped → queued again, with the caller's current token. 409 otherwise."""
+    job = get(caller, job_id)
+    if job.status not in RETRYABLE:
+        raise Conflict(f"only failed, cancelled or skipped jobs can be retried (this one is {job.status})")
+    svc = services()
+    if not svc.store.retry(job.id, caller.token, caller.name):
+        raise Conflict("the job changed meanwhile; reload and try again")
+    svc.enqueue(job.id)
+    return get(caller, job_id)
