@@ -99,6 +99,7 @@ def main() -> int:
         base = f"http://127.0.0.1:{web_port}"
         _wait(f"{base}/healthz")
         _wait(f"http://127.0.0.1:{hub_port}/api/whoami-v2")
+        _seed_adapters(f"http://127.0.0.1:{hub_port}", tokens)
         return _load(base, tokens, args, env["DATABASE_URL"])
     finally:
         for p in procs:
@@ -106,6 +107,30 @@ def main() -> int:
             p.wait(timeout=30)
         with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+
+
+def _seed_adapters(hub_url: str, tokens: dict[str, str]) -> None:
+    """The API checks each adapter on the Hub before queueing: give every user a tiny LoRA adapter (and one base)."""
+    os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
+    import numpy as np
+    from huggingface_hub import HfApi, constants
+    from safetensors.numpy import save_file
+
+    constants.HF_HUB_DISABLE_XET = True
+    folder = Path(tempfile.mkdtemp(prefix="lorafold-load-adapter-"))
+    owner = next(iter(tokens))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"],
+        "base_model_name_or_path": f"{owner}/base"}))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.zeros((4, 8), np.float32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.zeros((8, 4), np.float32)},
+              str(folder / "adapter_model.safetensors"))
+    api = HfApi(endpoint=hub_url)
+    api.create_repo(f"{owner}/base", token=tokens[owner])
+    api.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=f"{owner}/base", token=tokens[owner])
+    for user, token in tokens.items():
+        api.create_repo(f"{user}/adapter", token=token)
+        api.upload_folder(repo_id=f"{user}/adapter", folder_path=str(folder), token=token)
 
 
 def _load(base: str, tokens: dict[str, str], args, database_url: str) -> int:
@@ -133,7 +158,7 @@ def _load(base: str, tokens: dict[str, str], args, database_url: str) -> int:
         user = names[i % len(names)]
         session = requests.Session()
         headers = {"Authorization": f"Bearer {tokens[user]}", "Idempotency-Key": f"load-{i}"}
-        body = {"adapter": f"{user}/adapter-{i}", "target": f"{user}/merged-{i}"}
+        body = {"adapter": f"{user}/adapter", "target": f"{user}/merged-{i}"}
         r = timed("create", session, "POST", f"{base}/api/v1/jobs", json=body, headers=headers)
         again = timed("retry-create", session, "POST", f"{base}/api/v1/jobs", json=body, headers=headers)
         if r.status_code in (200, 201, 202):
