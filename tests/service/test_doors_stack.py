@@ -1,0 +1,184 @@
+"""The three doors on the real stack: the web app served over HTTP, a Celery worker process, Redis, PostgreSQL
+and the Hub double (which also delivers the Hub's webhooks on real commits).
+
+- the form (Flask test client) queues a merge that the worker publishes, equal to PEFT's merge;
+- the JSON API: create, idempotency, list, poll to success, logs, cancel, retry, auth failures, isolation;
+- a webhook rule: every push of the adapter becomes one job and one commit; replays make no new job; a
+  README-only push is recorded as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from huggingface_hub import HfApi, snapshot_download
+
+from tests.support.hubdouble import Fault
+from tests.support.hubseed import ALICE, BOB, merged_commits, seeded_model  # noqa: F401
+from tests.support.models import assert_models_match
+from tests.support.stack import Stack
+from tests.web.conftest import LiveServer, csrf_from, sign_in
+from web import create_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("worker")]
+
+
+class _Lazy:
+    """A WSGI app filled in once the server's port is known (the app needs its public URL for webhook URLs)."""
+
+    app = None
+
+    def __call__(self, environ, start_response):
+        return self.app(environ, start_response)
+
+
+@pytest.fixture
+def live(postgres_url, redis_url, tmp_path, seeded_model):  # noqa: F811
+    stack = Stack(postgres_url, redis_url, tmp_path, seeded_model)
+    stack.hub.add_user("bob", token=BOB)
+    stack.start_worker()
+    lazy = _Lazy()
+    server = LiveServer(lazy)
+    from dataclasses import replace
+
+    settings = replace(stack.settings, public_url=server.url, rate_limit="100000/minute")
+    lazy.app = create_app(settings)
+    stack.web = server.url
+    stack.app = lazy.app
+    yield stack
+    server.stop()
+    stack.close()
+
+
+def _api(live, method, path, token=ALICE, **kw):
+    headers = kw.pop("headers", {})
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    return requests.request(method, live.web + path, headers=headers, timeout=60, **kw)
+
+
+def test_form_to_worker_to_hub(live, seeded_model, tmp_path):  # noqa: F811
+    client = live.app.test_client()
+    sign_in(client, ALICE)
+    page = client.get("/merge").get_data(as_text=True)
+    r = client.post("/merge", data={"adapter": "alice/adapter", "target": "alice/from-form", "dtype": "auto",
+                                    "csrf_token": csrf_from(page)})
+    assert r.status_code == 302, r.get_data(as_text=True)[:500]
+    job_id = r.headers["Location"].rstrip("/").split("/")[-1]
+    job = live.wait(job_id)
+    assert job.status == "succeeded", job.error
+    assert job.door == "form" and job.peak_rss_bytes and job.bytes_written and job.seconds
+    page = client.get(f"/jobs/{job_id}").get_data(as_text=True)
+    assert "alice/from-form" in page and job.result_commit[:12] in page
+    local = Path(snapshot_download("alice/from-form", endpoint=live.hub.url, token=ALICE, local_dir=tmp_path / "dl"))
+    assert_models_match(local, seeded_model.expected_dir, max_ulps=1)
+
+
+def test_api_lifecycle_on_the_real_stack(live):
+    body = {"adapter": "alice/adapter", "target": "alice/from-api"}
+    r = _api(live, "POST", "/api/v1/jobs", json=body, headers={"Idempotency-Key": "run-1"})
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    again = _api(live, "POST", "/api/v1/jobs", json=body, headers={"Idempotency-Key": "run-1"})
+    assert again.status_code == 202 and again.json()["id"] == job_id
+
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        job = _api(live, "GET", f"/api/v1/jobs/{job_id}").json()
+        if job["status"] not in ("queued", "running"):
+            break
+        time.sleep(0.5)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["repo"] == "alice/from-api" and job["result"]["commit"]
+    assert job["progress"]["done"] == job["progress"]["total"] > 0
+    assert all(job["stats"][k] for k in ("peak_rss_bytes", "bytes_read", "bytes_written", "seconds"))
+    logs = _api(live, "GET", f"/api/v1/jobs/{job_id}/logs").json()
+    assert any("published alice/from-api" in line["message"] for line in logs["logs"])
+    tail = _api(live, "GET", f"/api/v1/jobs/{job_id}/logs", params={"after": logs["last_id"]}).json()
+    assert tail["logs"] == []
+    listed = _api(live, "GET", "/api/v1/jobs", params={"status": "succeeded"}).json()
+    assert job_id in [j["id"] for j in listed["jobs"]]
+
+    # isolation and auth
+    assert _api(live, "GET", f"/api/v1/jobs/{job_id}", token=BOB).status_code == 404
+    assert _api(live, "POST", f"/api/v1/jobs/{job_id}/cancel", token=BOB).status_code == 404
+    assert _api(live, "GET", f"/api/v1/jobs/{job_id}", token=None).status_code == 401
+    assert _api(live, "GET", f"/api/v1/jobs/{job_id}", token="hf_not_a_real_token_000").status_code == 401
+    bad = _api(live, "POST", "/api/v1/jobs", json={**body, "colour": "blue"})
+    assert bad.status_code == 422 and bad.json()["error"]["field"] == "colour"
+    assert _api(live, "POST", f"/api/v1/jobs/{job_id}/retry").status_code == 409
+    assert len(merged_commits(live.hub, "alice/from-api")) == 1
+
+
+def test_api_cancel_and_retry(live):
+    slow = live.hub.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*\.safetensors", kind="delay", delay=0.3, times=None))
+    r = _api(live, "POST", "/api/v1/jobs", json={"adapter": "alice/adapter", "target": "alice/cancel-retry"})
+    job_id = r.json()["id"]
+    live.wait(job_id, lambda j: j.status == "running" and j.tensors_done > 0)
+    assert _api(live, "POST", f"/api/v1/jobs/{job_id}/cancel").status_code == 202
+    assert live.wait(job_id, timeout=30).status == "cancelled"
+    live.hub.faults.remove(slow)
+    retried = _api(live, "POST", f"/api/v1/jobs/{job_id}/retry")
+    assert retried.status_code == 202, retried.text
+    job = live.wait(job_id)
+    assert job.status == "succeeded" and job.attempts == 2
+    assert len(merged_commits(live.hub, "alice/cancel-retry")) == 1
+
+
+def test_webhook_pushes_merge_each_new_adapter_commit_once(live, seeded_model, tmp_path):  # noqa: F811
+    rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/adapter"})
+    assert rule.status_code == 201, rule.text
+    rule = rule.json()
+    target = "alice/adapter-merged"
+    live.hub.add_webhook("alice", rule["webhook_url"], [{"type": "model", "name": "alice/adapter"}], secret=rule["secret"])
+    api = HfApi(endpoint=live.hub.url)
+
+    def push(folder: Path, message: str) -> str:
+        api.upload_folder(repo_id="alice/adapter", folder_path=str(folder), token=ALICE, commit_message=message)
+        return live.hub.head("alice/adapter")
+
+    def job_for(sha: str):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            deliveries = _api(live, "GET", f"/api/v1/rules/{rule['id']}").json()["deliveries"]
+            hit = [d for d in deliveries if d.get("new_sha") == sha and d.get("job_id")]
+            if hit:
+                return live.wait(hit[0]["job_id"])
+            time.sleep(0.2)
+        raise AssertionError(f"no job for {sha}")
+
+    # push 1: the adapter as seeded, touched again (a new commit that changes adapter_config.json)
+    adapter = shutil.copytree(seeded_model.adapter_dir, tmp_path / "ad1")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "revision": "v1"}, indent=2))
+    first = job_for(push(adapter, "train more"))
+    assert first.status == "succeeded", first.error
+    # push 2: another commit of the adapter
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "revision": "v2"}, indent=2))
+    second = job_for(push(adapter, "train even more"))
+    assert second.status == "succeeded", second.error
+    commits = merged_commits(live.hub, target)
+    assert len(commits) == 2, commits
+    assert second.adapter_sha in (live.hub.read_file(target, "README.md").decode())
+
+    # the Hub retries / Replay: the same delivery three times makes no new job
+    index = max(i for i, d in enumerate(live.hub.deliveries) if d.payload["updatedRefs"][0]["newSha"] == second.adapter_sha)
+    for _ in range(3):
+        assert live.hub.replay(index) in (200, 202)
+    with live.db.session() as s:
+        from worker.jobs import Job
+
+        assert s.query(Job).filter(Job.rule_id == rule["id"]).count() == 2
+
+    # a README-only push is recorded as skipped, not failed
+    readme = tmp_path / "readme"
+    readme.mkdir()
+    (readme / "README.md").write_text("# my adapter\n")
+    third = job_for(push(readme, "docs"))
+    assert third.status == "skipped" and "did not change the adapter" in third.error
+    assert len(merged_commits(live.hub, target)) == 2
