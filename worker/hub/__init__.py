@@ -41,6 +41,7 @@ class HubClient:
     def __init__(self, endpoint: str, token: str | None, *, max_download_bytes: int = 8 * 10**9,
                  max_base_bytes: int | None = None, work_root: str | None = None, timeout: float = 30.0):
         self.endpoint = endpoint.rstrip("/")
+        _quiet_client()  # again per client: transformers' enable_progress_bar() turns the Hub's bars back on
         self.token: str | bool = token or False  # False: send no token, never an implicit one
         register(token)
         self.api = HfApi(endpoint=self.endpoint, token=self.token, library_name="lorafold")
