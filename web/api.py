@@ -16,6 +16,19 @@ from .services import services
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
+# The query parameters each endpoint takes (openapi.py describes the same): anything else is a 422 naming it,
+# as unknown body fields are, so a typo (`?stauts=failed`) is never silently ignored.
+QUERY = {"api.list_jobs": {"status", "limit", "cursor"}, "api.job_logs": {"after", "limit"}}
+
+
+@bp.before_request
+def _strict_query():
+    allowed = QUERY.get(request.endpoint or "", set())
+    for name in request.args:
+        if name not in allowed:
+            shown = name[:60] or "(empty name)"
+            raise Unprocessable(f"unknown query parameter {shown!r}", field=shown)
+
 IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 

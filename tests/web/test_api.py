@@ -215,3 +215,11 @@ def test_job_row_never_holds_the_token(client, db):
     with db.session() as s:
         row = s.scalar(select(Job).where(Job.id == job_id))
         assert ALICE not in json.dumps({c.name: str(getattr(row, c.name)) for c in Job.__table__.columns})
+
+
+def test_unknown_query_parameters_are_rejected(client):
+    r = client.get("/api/v1/jobs?stauts=failed", headers=bearer(ALICE))
+    assert r.status_code == 422 and r.json["error"]["field"] == "stauts"
+    r = client.get("/api/v1/jobs?=1", headers=bearer(ALICE))
+    assert r.status_code == 422
+    assert client.get("/api/v1/jobs?status=failed&limit=5", headers=bearer(ALICE)).status_code == 200
