@@ -10,6 +10,7 @@ taken as the wanted bytes.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import shutil
@@ -32,7 +33,9 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 class HubSource:
     """`ModelSource` for `owner/name` at a revision (resolved to its commit sha when opened)."""
 
-    parallel_reads = 4  # ranged GETs in flight: a single CDN connection is slow (service-anchors.md (e) 15)
+    # Ranged GETs in flight: one CDN connection is slow (service-anchors.md (e) 15), but each costs CPU too;
+    # 4 on a real worker host, 2 where two cores also do the math (measured in bench/hub_bench.py).
+    parallel_reads = min(4, max(2, (os.cpu_count() or 2)))
 
     def __init__(
         self,
