@@ -29,3 +29,19 @@ def test_every_merge_option_is_documented():
 
 def test_the_two_commands_of_the_quick_start():
     assert "make run" in README and "make test" in README and "make demo" in README
+
+
+def test_every_http_route_is_in_the_readme(tmp_path):
+    from web import create_app
+
+    settings = Settings(data_dir=str(tmp_path), secret_key="docs-test-key-0123456789").resolved()
+    app = create_app(settings, enqueue=lambda job_id: None)
+    missing = []
+    for rule in app.url_map.iter_rules():
+        if not rule.rule.startswith(("/api/", "/hooks/", "/healthz")):
+            continue
+        shown = re.sub(r"<([a-z_]+:)?([a-z_]+)>", r"<\2>", rule.rule)
+        generic = re.sub(r"<[a-z_]+>", "<id>", shown)
+        if shown not in README and generic not in README and rule.rule not in README:
+            missing.append(shown)
+    assert not missing, f"README does not name {sorted(set(missing))}"

@@ -13,7 +13,7 @@ import stat
 import threading
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .errors import OutputError, SourceError
@@ -32,10 +32,9 @@ def safe_relpath(path: str) -> str:
     """Reject names that could escape the folder they are written into (names come from untrusted repos)."""
     if not path or "\x00" in path or "\\" in path or path.startswith("/") or len(path) > 1024:
         raise SourceError(f"refusing file name {path!r}: not a plain relative path")
-    parts = PurePosixPath(path).parts
-    if any(p in ("..", ".", "") for p in parts):
-        raise SourceError(f"refusing file name {path!r}: it would leave the model folder")
-    return str(PurePosixPath(*parts))
+    if any(part in ("..", ".", "") for part in path.split("/")):
+        raise SourceError(f"refusing file name {path!r}: not a plain relative path (empty, '.' or '..' parts)")
+    return path
 
 
 @runtime_checkable
