@@ -110,10 +110,9 @@ class MergePlan:
 
     def summary(self) -> str:
         n = len(self.merged)
-        return (
-            f"{len(self.tensors)} tensors in {len(self.shards)} shard(s), {n} changed by the adapter, "
-            f"{self.bytes_total / 1e9:.2f} GB to write"
-        )
+        size = self.bytes_total
+        shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+        return f"{len(self.tensors)} tensors in {len(self.shards)} shard(s), {n} changed by the adapter, {shown} to write"
 
 
 def _read_json(source: ModelSource, entry: FileEntry, what: str) -> dict:
