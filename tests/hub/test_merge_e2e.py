@@ -150,3 +150,20 @@ def test_overwrite_commits_on_top_and_create_pr_opens_a_pull_request(hub, seeded
     files = hub.repo_files("alice/target")
     assert "model-00001-of-00009.safetensors" not in files, "stale shards of the old weights are deleted"
     assert "model.safetensors.index.json" in files
+
+
+def test_gated_base_needs_granted_access(hub, seeded_model, capsys):
+    seed(hub, seeded_model)
+    hub.set_gated("alice/base")
+    hub.add_user("carol", token="hf_carol_0123456789abcdef")
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("carol/adapter", token="hf_carol_0123456789abcdef")
+    api.upload_folder(repo_id="carol/adapter", folder_path=str(seeded_model.adapter_dir), token="hf_carol_0123456789abcdef")
+    capsys.readouterr()
+    rc = main(["merge", "carol/adapter", "--push-to", "carol/merged", "--token", "hf_carol_0123456789abcdef", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("error: alice/base: gated repository; accept its conditions") and "\n" not in err
+    assert not hub.has_repo("carol/merged")
+    hub.grant_gated("alice/base", "carol")
+    rc = main(["merge", "carol/adapter", "--push-to", "carol/merged", "--token", "hf_carol_0123456789abcdef", "-q"])
+    assert rc == 0, capsys.readouterr().err
