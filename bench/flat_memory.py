@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from bench.merge_bench import ROOT, _warm, run
 from bench.synth import SHAPES, make_adapter, make_model

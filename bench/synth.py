@@ -87,7 +87,7 @@ def make_model(shape: Shape, root: Path, seed: int = 0) -> Path:
     sizes = [math.prod(shp) * 2 for _, shp in tensors]
     per_shard = sum(sizes) / shape.shards
     groups, acc = [[]], 0
-    for t, size in zip(tensors, sizes):
+    for t, size in zip(tensors, sizes, strict=True):
         if groups[-1] and acc + size > per_shard * len(groups) and len(groups) < shape.shards:
             groups.append([])
         groups[-1].append(t)

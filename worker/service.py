@@ -39,7 +39,7 @@ def run_worker(queues: str = "gpu", concurrency: int = 1) -> int:
     settings = Settings.from_env()
     from celery import signals
 
-    from .queue import enqueue_merge, make_celery
+    from .queue import make_celery
 
     app = make_celery(settings, worker=True)
 

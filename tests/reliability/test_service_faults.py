@@ -8,7 +8,6 @@ import shutil
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -97,7 +96,7 @@ def test_postgres_connections_dropped_mid_job(make_stack, postgres_url, redis_ur
     dbname = postgres_url.rsplit("/", 1)[1]
     kills = 0
     for threshold in (1, 6):
-        stack.wait(job_id, lambda j: j.status == "running" and j.tensors_done >= threshold)
+        stack.wait(job_id, lambda j, threshold=threshold: j.status == "running" and j.tensors_done >= threshold)
         with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
             kills += conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchone()[0]
     before = stack.job(job_id).tensors_done

@@ -190,7 +190,7 @@ class Executor:
         self._mapper = getattr(plan.base, "map_range", None)
         names = list(plan.tensors)
         self._shared_keys = {
-            a: {k for op in plan.tensors[b].ops for k in op.keys()} for a, b in zip(names, names[1:]) if plan.tensors[b].ops
+            a: {k for op in plan.tensors[b].ops for k in op.keys()} for a, b in zip(names, names[1:], strict=False) if plan.tensors[b].ops
         }
 
     # --- reading ------------------------------------------------------------------------------------------------

@@ -401,7 +401,7 @@ class AdapterMapper:
             if any(s != first for s in shapes) or any(len(s) != 2 or s[1] != first[0][1] for s in first):
                 raise PlanError(f"{path}: per-expert tensors for {pname} have inconsistent shapes")
             parts, row0 = [], 0
-            for sub, s in zip(subs, first):
+            for sub, s in zip(subs, first, strict=True):
                 parts.append((sub, row0, s[0]))
                 row0 += s[0]
             return ("split", len(names), names, parts, (len(names), row0, first[0][1]))
@@ -480,7 +480,7 @@ class AdapterMapper:
                 raise PlanError(f"{key}: per-expert checkpoint tensors with (experts, in, out) runtime layout are not supported")
             _, _, names, parts, _ = layout
             for e in range(E):
-                for (sub, row0, _n), tensor in zip(parts, names[e]):
+                for (_sub, row0, _n), tensor in zip(parts, names[e], strict=True):
                     self.out.add(tensor, ExpertDelta(key, a, b, s, E, False, expert=e, row0=row0), (0, 1))
 
     # --- trainable tokens and tied sharing -------------------------------------------------------------------

@@ -290,13 +290,13 @@ def _layout(
             size += t.nbytes
         n = len(packs)
         names = [SINGLE_NAME] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        groups = list(zip(names, packs))
+        groups = list(zip(names, packs, strict=True))
         metadata = {name: {"format": "pt"} for name in names}
         write_index = n > 1
     shards = []
     for fname, group in groups:
         header, offsets = build_header([(t.name, t.dtype, t.shape) for t in group], metadata[fname])
-        for t, off in zip(group, offsets):
+        for t, off in zip(group, offsets, strict=True):
             t.shard = fname
             t.offset = len(header) + off
         size = len(header) + sum(t.nbytes for t in group)

@@ -134,7 +134,7 @@ def parse_header(raw: bytes, path: str, file_size: int | None, header_len: int) 
     for name, entry in obj.items():
         tensors[name] = _tensor_info(path, name, entry, data_size)
     spans = sorted((t.begin, t.end, t.name) for t in tensors.values() if t.end > t.begin)
-    for (b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:]):
+    for (_b0, e0, n0), (b1, _e1, n1) in zip(spans, spans[1:], strict=False):
         if b1 < e0:
             raise FormatError(f"{path}: tensors {n0!r} and {n1!r} overlap in the data buffer; the file is corrupt")
     return FileHeader(path, header_len, tensors, dict(metadata), file_size)
