@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .engine.io import pid_alive
+
 
 def make(prefix: str, root: str | None = None) -> Path:
     root_dir = Path(root) if root else Path(tempfile.gettempdir())
@@ -23,18 +25,8 @@ def sweep(prefix: str, root: Path) -> int:
     removed = 0
     for path in root.glob(f"{prefix}*"):
         pid = path.name[len(prefix) :].split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
             continue
         shutil.rmtree(path, ignore_errors=True)
         removed += 1
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

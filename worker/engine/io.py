@@ -324,7 +324,7 @@ class LocalDirSink:
     def _sweep(self) -> None:
         for stale in self.dest.parent.glob(f"{self._prefix}*"):
             pid = stale.name[len(self._prefix):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 shutil.rmtree(stale, ignore_errors=True)
 
     def shard_written(self, name: str, path: Path) -> None:
@@ -347,7 +347,8 @@ class LocalDirSink:
         shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this machine with this pid exists (owner checks of leftover folders)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
