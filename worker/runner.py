@@ -106,13 +106,9 @@ def _dead_here(holder: str) -> bool:
     pid = rest.partition(":")[0]
     if host != socket.gethostname() or not pid.isdigit():
         return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    from .engine.io import pid_alive
+
+    return not pid_alive(int(pid))
 
 
 def reconcile(settings: Settings, enqueue, *, requeue_after: int = 600) -> dict:
