@@ -19,8 +19,11 @@ from .conftest import ALICE, bearer
 MAX_EXAMPLES = 20
 
 
+@pytest.mark.reliability
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE], ids=lambda m: m.value)
-def test_api_matches_its_openapi_description(app, mode):
+def test_api_matches_its_openapi_description(app, mode, reliability):
+    rec = reliability(f"schemathesis over openapi.json, {mode.value} data, 20 examples per operation",
+                      "no 500, no schema violation")
     schema = schemathesis.openapi.from_wsgi("/api/v1/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 12
@@ -42,6 +45,7 @@ def test_api_matches_its_openapi_description(app, mode):
         except Exception as exc:  # noqa: BLE001 - collect every operation's failure, then report them together
             failures.append(f"{operation.method.upper()} {operation.path}: {exc}")
     assert not failures, "\n\n".join(failures)
+    rec.observed(f"{len(operations)} operations, no failure")
 
 
 def test_openapi_describes_every_api_route(app, client):
