@@ -2,8 +2,9 @@
 
 Traps handled (service-anchors.md (e) 24–28): the broker's visibility timeout is far above the hard time limit
 (or a long merge is started twice); acks_late + reject_on_worker_lost re-deliver a job whose worker died;
-prefetch 1 and one merge per child process (VRAM goes back to the driver after each job); no result backend
-(the job row is the truth); cancellation goes through the database, never revoke(terminate=True).
+prefetch 1; every job in a fresh process (worker/job_process.py: VRAM goes back to the driver after each job,
+CUDA never meets fork, and no pool-child recycling, which races in billiard); no result backend (the job row is
+the truth); cancellation goes through the database, never revoke(terminate=True).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
         task_reject_on_worker_lost=True,
         task_acks_on_failure_or_timeout=True,
         worker_prefetch_multiplier=1,
-        worker_max_tasks_per_child=1,
         task_time_limit=hard,
         task_soft_time_limit=max(30, hard - 60),
         task_routes={MERGE_TASK: {"queue": MERGE_QUEUE}},

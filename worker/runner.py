@@ -82,8 +82,9 @@ def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -
         reporter.log("info", f"skipped: {exc}")
     except BaseException as exc:  # noqa: BLE001 - every failure becomes a terminal status with one line
         name = type(exc).__name__
-        if name == "SoftTimeLimitExceeded":
-            message = f"time limit of {settings.job_time_limit} s reached; nothing was published"
+        if name in ("SoftTimeLimitExceeded", "Stopped"):
+            message = (f"stopped: the time limit ({settings.job_time_limit} s) was reached or the worker shut down; "
+                       "nothing was published")
         else:
             message = describe(exc)
             if "internal error" in message:

@@ -1,4 +1,4 @@
-"""The Celery task: a thin adapter with a stable name. It only passes the job id to the runner."""
+"""The Celery task: a thin adapter with a stable name. It runs the job in a fresh process (worker/job_process.py)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ from .queue import MERGE_TASK
 
 @shared_task(name=MERGE_TASK, bind=True)
 def merge(self, job_id: str) -> None:
-    from .runner import execute_job
-    from .settings import Settings
+    from .job_process import run_in_subprocess
 
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
-    execute_job(str(job_id), Settings.from_env(), redelivered=redelivered)
+    run_in_subprocess(str(job_id), redelivered=redelivered)

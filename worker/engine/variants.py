@@ -143,13 +143,14 @@ class LoraDelta(Op):
             d.mul_(self.scaling)
             d = d.T
         else:
+            if not self.round_delta and _power_of_two(self.scaling) and w.device.type == "cpu":
+                # PEFT rounds B@A, then s·(B@A), then W + that. With s a power of two the product is exact, and a
+                # BLAS kernel finishes each output tile in registers before adding C: addmm_ gives the same bits
+                # without writing and re-reading a delta matrix (the parity table checks it, bit for bit).
+                w.addmm_(B[r0:r1], A, alpha=self.scaling)
+                return
             d = ctx.scratch.get("delta", (r1 - r0, A.shape[1]))
             torch.matmul(B[r0:r1], A, out=d)
-            if not self.round_delta and _power_of_two(self.scaling):
-                # PEFT rounds s·(B@A) and then W + that; with s a power of two the product is exact, so the
-                # fused add (one rounding of W + s·d) gives the same bits in one pass instead of two.
-                w.add_(d, alpha=self.scaling)
-                return
             d.mul_(self.scaling)
         if self.round_delta:
             ctx.round_to(d, dtype)
