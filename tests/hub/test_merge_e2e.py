@@ -6,6 +6,7 @@ commit, and the base was streamed with ranged reads (never downloaded whole; at 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -32,12 +33,12 @@ class DiskWatcher:
     def _run(self):
         while not self._stop.is_set():
             total = 0
-            for p in list(self.root.rglob("*")):
-                try:
-                    if p.is_file():
-                        total += p.stat().st_size
-                except OSError:
-                    pass
+            for dirpath, _dirs, files in os.walk(self.root, onerror=lambda exc: None):  # folders vanish mid-walk
+                for name in files:
+                    try:
+                        total += os.stat(os.path.join(dirpath, name)).st_size
+                    except OSError:
+                        pass
             self.peak = max(self.peak, total)
             time.sleep(0.002)
 
