@@ -44,12 +44,23 @@ def rate_key() -> str:
     from .auth import bearer_token
 
     token = bearer_token()
-    if token:
+    if token and _verified(token):
         return "tok:" + fingerprint(token)
+    # An unverified token gets no bucket of its own: rotating made-up tokens must not escape the limit (each would
+    # also cost a whoami call to the Hub); such callers are counted by address.
     cred = session.get("cred") if not request.path.startswith("/api/") else None
     if isinstance(cred, str):
         return "cred:" + cred
     return "ip:" + (get_remote_address() or "unknown")
+
+
+def _verified(token: str) -> bool:
+    from .services import services
+
+    try:
+        return services().whoami.known(token)
+    except Exception:  # noqa: BLE001 - no app context or no cache: count by address
+        return False
 
 
 def init_app(app: Flask, rate_limit: str, storage: str, cookies_secure: bool) -> Limiter:

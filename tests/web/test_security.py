@@ -204,7 +204,16 @@ def test_create_app_without_arguments_reads_the_environment(monkeypatch, tmp_pat
 def test_rate_limits_shared_through_redis(make_app, redis_url):
     """Production keeps the counters in Redis, so every gunicorn worker draws on the same budget."""
     first, second = (make_app(rate_limit="2/minute", rate_limit_storage=redis_url).test_client() for _ in range(2))
+    for client in (first, second):  # each process verifies the token once (that request counts by address)
+        assert client.get("/api/v1/jobs", headers=bearer(ALICE)).status_code == 200
     assert first.get("/api/v1/jobs", headers=bearer(ALICE)).status_code == 200
     assert second.get("/api/v1/jobs", headers=bearer(ALICE)).status_code == 200
     r = first.get("/api/v1/jobs", headers=bearer(ALICE))
     assert r.status_code == 429 and int(r.headers["Retry-After"]) > 0
+
+
+def test_made_up_tokens_share_the_address_budget(make_app):
+    app = make_app(rate_limit="5/minute")
+    client = app.test_client()
+    codes = [client.get("/api/v1/jobs", headers={"Authorization": f"Bearer hf_madeup_{i:020d}"}).status_code for i in range(8)]
+    assert codes[:5] == [401] * 5 and 429 in codes[5:], codes
