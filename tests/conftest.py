@@ -80,8 +80,11 @@ def redis_url():
     need_service("Redis", REDIS_HOST)
     import redis
 
+    # Each xdist worker gets its own database; LORAFOLD_TEST_REDIS_DB moves the range, so that test runs of
+    # several checkouts on one machine never flush each other's queues.
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    index = 1 + (int(worker[2:]) if worker[2:].isdigit() else 0) % 14
+    base = int(os.environ.get("LORAFOLD_TEST_REDIS_DB", "1"))
+    index = (base + (int(worker[2:]) if worker[2:].isdigit() else 0)) % 16
     url = f"redis://{REDIS_HOST}/{index}"
     client = redis.Redis.from_url(url)
     client.flushdb()

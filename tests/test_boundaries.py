@@ -37,12 +37,12 @@ def _fresh(code: str) -> str:
 
 
 def test_job_record_and_hub_imports_pull_in_neither_torch_nor_celery_workers():
-    out = _fresh("import sys, worker.jobs, worker.hub, worker.engine.spec, worker.queue, worker.tasks;"
+    out = _fresh("import sys, worker.jobs, worker.hub, worker.engine.spec, worker.service.queue, worker.service.tasks;"
                  "print(sorted(m for m in ('torch', 'flask', 'transformers') if m in sys.modules))")
     assert out == "[]", out
 
 
 def test_web_never_imports_torch_or_the_engine():
     for path in (ROOT / "web").rglob("*.py"):
-        bad = [m for m in _imports(path) if m.split(".")[0] == "torch" or m.startswith(("worker.engine.execute", "worker.engine.merge", "worker.runner", "worker.pipeline", "worker.tasks"))]
+        bad = [m for m in _imports(path) if m.split(".")[0] == "torch" or m.startswith(("worker.engine.execute", "worker.engine.merge", "worker.service.tasks", "worker.service.runner", "worker.service.pipeline", "worker.service.job_process"))]
         assert not bad, f"{path} imports {bad}"

@@ -48,7 +48,7 @@ def celery_enqueue(settings: Settings) -> Callable[[str], None]:
     holder: list = []
 
     def enqueue(job_id: str) -> None:
-        from worker.queue import enqueue_merge, make_celery
+        from worker.service.queue import enqueue_merge, make_celery
 
         with lock:
             if not holder:

@@ -129,7 +129,7 @@ def test_stale_jobs_are_found_for_the_reconciler(db, box, store):
 
 
 def test_reconcile_requeues_dead_jobs_and_fails_them_after_max_attempts(db, box, store, monkeypatch):
-    from worker import runner
+    from worker.service import reconcile
     from worker.settings import Settings
 
     settings = Settings(database_url=db.url, secret_key="test-secret-key-for-lorafold", max_attempts=2, stuck_after=600).resolved()
@@ -139,7 +139,7 @@ def test_reconcile_requeues_dead_jobs_and_fails_them_after_max_attempts(db, box,
         assert store.claim(job.id, f"w{attempt}") == "claimed"
         with db.session() as s:
             s.execute(update(Job).where(Job.id == job.id).values(lease_until=utcnow() - timedelta(seconds=1)))
-        counts = runner.reconcile(settings, resent.append, requeue_after=3600)
+        counts = reconcile.reconcile(settings, resent.append, requeue_after=3600)
         if attempt == 1:
             assert counts["requeued"] == 1 and resent == [job.id]
     assert counts["failed"] == 1

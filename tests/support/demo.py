@@ -65,7 +65,7 @@ lorafold demo
   adapter:     demo/tiny-lora     base: demo/tiny-llama
   the service: http://127.0.0.1:{port}/  -> sign in with the token above, then "merge adapter into base"
 """, flush=True)
-    from worker.service import serve
+    from worker.cli.serve import serve
 
     try:
         serve(port=int(port))

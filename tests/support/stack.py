@@ -14,7 +14,7 @@ from tests.support.hubdouble import HubDouble
 from tests.support.hubseed import ALICE, seed
 from worker import migrate
 from worker.jobs import Database, Job, JobRequest, JobStore, SecretBox, submit
-from worker.queue import enqueue_merge, make_celery
+from worker.service.queue import enqueue_merge, make_celery
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

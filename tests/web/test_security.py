@@ -82,7 +82,7 @@ rule = c.post("/api/v1/rules", json={{"watch": "alice/*"}}, headers=h).get_json(
 c.post("/hooks/hub/" + rule["id"], json={push_payload("alice/x", "a" * 40)!r}, headers={{"X-Webhook-Secret": rule["secret"]}})
 for path in ("/", "/login", "/healthz", "/api/v1/jobs", "/api/v1/jobs/" + job, "/api/v1/openapi.json"):
     c.get(path, headers=h)
-print(json.dumps(sorted(m for m in ("torch", "transformers", "peft", "worker.engine.execute", "worker.pipeline", "worker.tasks") if m in sys.modules)))
+print(json.dumps(sorted(m for m in ("torch", "transformers", "peft", "worker.engine.execute", "worker.service.pipeline", "worker.service.tasks") if m in sys.modules)))
 """
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})

@@ -49,6 +49,11 @@ class JobStore:
 
     # --- claiming ---------------------------------------------------------------------------------------------
 
+    @classmethod
+    def open(cls, settings) -> JobStore:
+        """The store of a process's Settings (database URL, secret key for the stored tokens)."""
+        return cls(Database(settings.database_url), SecretBox(settings.secret_key))
+
     def claim(self, job_id: str, worker: str, lease_seconds: int = LEASE_SECONDS) -> str:
         """queued → running, or take over a running job whose lease ran out. Returns "claimed", "busy" or "done"."""
         now = utcnow()
@@ -158,6 +163,11 @@ class JobStore:
     def finish(self, job_id: str, status: JobStatus, worker: str | None = None, **fields) -> bool:
         with self.db.session() as s:
             return self._finish(s, job_id, status, (JobStatus.running.value,), worker=worker, **fields)
+
+    def fail_running(self, job_id: str, error: str) -> bool:
+        """running → failed (the reconciler's verdict on an abandoned job that used up its attempts)."""
+        with self.db.session() as s:
+            return self._finish(s, job_id, JobStatus.failed, (JobStatus.running.value,), error=error)
 
     def _finish(self, s, job_id: str, status: JobStatus, expected: tuple[str, ...], worker: str | None = None, **fields) -> bool:
         cond = [Job.id == job_id, Job.status.in_(expected)]

@@ -7,31 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import traceback
 
-EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.I)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
-          "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-
-
-class UsageError(Exception):
-    pass
-
-
-def parse_size(text: str) -> int:
-    """'5GB' (10^9, as transformers counts), '500MiB', '123' (bytes)."""
-    m = _SIZE_RE.match(text or "")
-    unit = (m.group(2) or "").upper() if m else None
-    if not m or unit not in _UNITS:
-        raise UsageError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
-    size = int(float(m.group(1)) * _UNITS[unit])
-    if size <= 0:
-        raise UsageError("--max-shard-size must be positive")
-    return size
+from .args import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, parse_size  # noqa: F401 - re-exported
 
 
 class _Parser(argparse.ArgumentParser):
@@ -83,19 +62,19 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("missing command: merge, serve, worker or db (see `lorafold --help`)")
         _terminate_like_interrupt()
         if args.command == "merge":
-            from .merge_command import run_merge_command
+            from .merge import run_merge_command
 
             return run_merge_command(args)
         if args.command == "serve":
-            from .service import serve
+            from .serve import serve
 
             return serve(port=args.port, host=args.host, with_worker=not args.no_worker)
         if args.command == "worker":
-            from .service import run_worker
+            from .serve import run_worker
 
             return run_worker(queues=args.queues, concurrency=args.concurrency)
         if args.command == "db":
-            from .service import db_command
+            from .serve import db_command
 
             return db_command(args.action)
         raise UsageError(f"unknown command {args.command!r}")
@@ -108,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse --help
         return int(exc.code or 0)
     except BaseException as exc:  # noqa: BLE001 - the one place where any failure becomes one line
-        from .errors import describe
+        from ..errors import describe
 
         print(f"error: {describe(exc)}", file=sys.stderr)
         if os.environ.get("LORAFOLD_DEBUG"):

@@ -11,9 +11,9 @@ import logging
 import threading
 import time
 
-from .jobs.models import utcnow
-from .jobs.store import JobStore
-from .redact import scrub
+from ..jobs.models import utcnow
+from ..jobs.store import JobStore
+from ..redact import scrub
 
 log = logging.getLogger("lorafold.job")
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .engine import Lineage, MergeOptions, merge
-from .engine.errors import EngineError, SourceError
-from .engine.plan import load_spec
-from .hub import HubClient
-from .hub.sink import MARKER
-from .jobs.store import RunSpec
-from .locations import check_revision, is_repo_id
-from .settings import Settings
+from ..engine import Lineage, MergeOptions, merge
+from ..engine.errors import EngineError, SourceError
+from ..engine.plan import load_spec
+from ..hub import HubClient
+from ..hub.sink import MARKER
+from ..jobs.store import RunSpec
+from ..locations import check_revision, is_repo_id
+from ..settings import Settings
 
 
 class Skipped(EngineError):

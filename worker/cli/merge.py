@@ -6,12 +6,12 @@ import os
 import sys
 from contextlib import ExitStack
 
-from .cli import EXIT_OK, UsageError, parse_size
-from .engine import LocalDirSink, LocalDirSource, MergeOptions, Progress, merge
-from .engine.card import Lineage
-from .engine.errors import SourceError
-from .engine.plan import load_spec
-from .locations import parse_ref
+from ..engine import LocalDirSink, LocalDirSource, MergeOptions, Progress, merge
+from ..engine.card import Lineage
+from ..engine.errors import SourceError
+from ..engine.plan import load_spec
+from ..locations import parse_ref
+from .args import EXIT_OK, UsageError, parse_size
 
 
 class TerminalReporter:
@@ -75,7 +75,7 @@ def run_merge_command(args) -> int:
     if args.push_to is not None and not args.push_to.strip():
         raise UsageError("--push-to is empty; name the target repo as OWNER/NAME")
     if args.push_to is not None:
-        from .locations import is_repo_id
+        from ..locations import is_repo_id
 
         if not is_repo_id(args.push_to):
             raise UsageError(f"--push-to {args.push_to!r} is not a Hub repo id (OWNER/NAME)")
@@ -83,7 +83,7 @@ def run_merge_command(args) -> int:
     with ExitStack() as stack:
         hub = None
         if adapter_ref.is_hub or args.push_to or (args.base and not os.path.isdir(os.path.expanduser(args.base))):
-            from .hub import HubClient
+            from ..hub import HubClient
 
             hub = HubClient.from_user(token)
         adapter = open_source(adapter_ref, hub, stack)
@@ -95,7 +95,7 @@ def run_merge_command(args) -> int:
                 raise SourceError("no --base given and adapter_config.json names no base_model_name_or_path")
             base_ref = parse_ref(base_text, args.base_revision, "base (from adapter_config.json)")
             if base_ref.is_hub and hub is None:
-                from .hub import HubClient
+                from ..hub import HubClient
 
                 hub = HubClient.from_user(token)
         else:

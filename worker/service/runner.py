@@ -14,29 +14,25 @@ import uuid
 
 from sqlalchemy import select
 
-from .engine.errors import Cancelled
-from .errors import describe
-from .jobs import Database, Job, JobStatus, JobStore, SecretBox
-from .jobs.models import utcnow
-from .jobs.store import LEASE_SECONDS
+from ..engine.errors import Cancelled
+from ..errors import describe
+from ..jobs import Job, JobStatus, JobStore
+from ..jobs.store import LEASE_SECONDS
+from ..settings import Settings
+from .reconcile import dead_here
 from .reporting import JobReporter
-from .settings import Settings
 
 log = logging.getLogger("lorafold.runner")
 
 
-def job_store(settings: Settings) -> JobStore:
-    return JobStore(Database(settings.database_url), SecretBox(settings.secret_key))
-
-
 def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -> str:
     """Returns the final status (or "busy"/"done" when another attempt owns the job)."""
-    store = job_store(settings)
+    store = JobStore.open(settings)
     worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     state = store.claim(job_id, worker)
     if state == "busy":
         holder = store.holder(job_id)
-        if holder and _dead_here(holder) and store.take_over(job_id, holder, worker):
+        if holder and dead_here(holder) and store.take_over(job_id, holder, worker):
             state = "claimed"  # the process that ran it on this machine is gone (e.g. SIGKILL): no need to wait
     deadline = time.monotonic() + LEASE_SECONDS + 10
     while state == "busy" and redelivered and time.monotonic() < deadline:
@@ -99,36 +95,3 @@ def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -
         log.warning("job=%s finished as %s but the row had moved on (cancelled or taken over)", job_id, status.value)
         return "lost"
     return status.value
-
-
-def _dead_here(holder: str) -> bool:
-    """Whether `holder` (host:pid:nonce) names a process of this machine that no longer exists."""
-    host, _, rest = holder.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    from .engine.io import pid_alive
-
-    return not pid_alive(int(pid))
-
-
-def reconcile(settings: Settings, enqueue, *, requeue_after: int = 600) -> dict:
-    """The periodic check: revive jobs whose worker vanished, fail or retry stuck ones, re-send lost messages."""
-    store = job_store(settings)
-    now = utcnow()
-    counts = {"requeued": 0, "failed": 0, "resent": 0}
-    for job in store.stale_running(now, settings.stuck_after):
-        dead = job.lease_until is None or job.lease_until < now
-        why = "its worker stopped answering" if dead else f"no progress for {settings.stuck_after} s"
-        if job.attempts >= settings.max_attempts:
-            with store.db.session() as s:
-                if store._finish(s, job.id, JobStatus.failed, (JobStatus.running.value,), error=f"stopped: {why} ({job.attempts} attempts)"):
-                    counts["failed"] += 1
-        elif store.requeue(job.id, f"attempt {job.attempts} abandoned: {why}; trying again"):
-            enqueue(job.id)
-            counts["requeued"] += 1
-    for job_id in store.stale_queued(now, requeue_after):
-        store.set_fields(job_id, enqueued_at=utcnow())
-        enqueue(job_id)
-        counts["resent"] += 1
-    return counts

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from .settings import Settings
+from ..settings import Settings
 
 MERGE_TASK = "lorafold.merge"
 RECONCILE_TASK = "lorafold.reconcile"
@@ -19,7 +19,7 @@ MERGE_QUEUE = "gpu"
 
 
 def make_celery(settings: Settings, *, worker: bool = False) -> Celery:
-    app = Celery("lorafold", broker=settings.broker_url, include=["worker.tasks"] if worker else [])
+    app = Celery("lorafold", broker=settings.broker_url, include=["worker.service.tasks"] if worker else [])
     hard = settings.job_time_limit
     # The embedded SQLAlchemy broker hands its transport options to create_engine(): give it none. It has no
     # visibility timeout (unacked messages return when the worker reconnects).

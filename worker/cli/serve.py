@@ -9,20 +9,20 @@ import subprocess
 import sys
 import threading
 
-from .settings import Settings
+from ..settings import Settings
 
 log = logging.getLogger("lorafold.service")
 
 
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .redact import install_log_filter
+    from ..redact import install_log_filter
 
     install_log_filter()
 
 
 def db_command(action: str) -> int:
-    from . import migrate
+    from .. import migrate
 
     settings = Settings.from_env()
     if action == "upgrade":
@@ -39,7 +39,7 @@ def run_worker(queues: str = "gpu", concurrency: int = 1) -> int:
     settings = Settings.from_env()
     from celery import signals
 
-    from .queue import make_celery
+    from ..service.queue import make_celery
 
     app = make_celery(settings, worker=True)
 
@@ -49,7 +49,7 @@ def run_worker(queues: str = "gpu", concurrency: int = 1) -> int:
 
     @signals.worker_process_init.connect
     def _after_fork(**_kw):
-        from .jobs.db import dispose_all
+        from ..jobs.db import dispose_all
 
         dispose_all()
 
@@ -61,8 +61,8 @@ def run_worker(queues: str = "gpu", concurrency: int = 1) -> int:
 
 
 def _reconcile_loop(settings: Settings, app) -> None:
-    from .queue import enqueue_merge
-    from .runner import reconcile
+    from ..service.queue import enqueue_merge
+    from ..service.reconcile import reconcile
 
     stop = threading.Event()
     while not stop.wait(settings.reconcile_every):
@@ -79,7 +79,7 @@ def serve(port: int | None = None, host: str | None = None, with_worker: bool = 
     _logging()
     overrides = {k: v for k, v in {"port": port, "host": host}.items() if v is not None}
     settings = Settings.from_env(**overrides)
-    from . import migrate
+    from .. import migrate
 
     migrate.upgrade(settings.database_url)
     env = dict(os.environ, DATABASE_URL=settings.database_url, CELERY_BROKER_URL=settings.broker_url,

@@ -30,7 +30,7 @@ def run_in_subprocess(job_id: str, *, redelivered: bool = False) -> int:
     """Run the job in a child process; restart it (as a new attempt) when it is killed. Returns the exit code."""
     code = 0
     for restart in range(MAX_RESTARTS + 1):
-        args = [sys.executable, "-m", "worker.job_process", job_id] + (["--redelivered"] if redelivered or restart else [])
+        args = [sys.executable, "-m", "worker.service.job_process", job_id] + (["--redelivered"] if redelivered or restart else [])
         proc = subprocess.Popen(args)
         try:
             code = proc.wait()
@@ -62,7 +62,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str]) -> int:
     _die_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from .redact import install_log_filter
+    from ..redact import install_log_filter
 
     install_log_filter()
 
@@ -70,8 +70,8 @@ def main(argv: list[str]) -> int:
         raise Stopped()
 
     signal.signal(signal.SIGTERM, stop)
+    from ..settings import Settings
     from .runner import execute_job
-    from .settings import Settings
 
     execute_job(argv[0], Settings.from_env(), redelivered="--redelivered" in argv[1:])
     return 0
