@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from worker.engine.files import WEIGHT_SUFFIXES
 from worker.hub.inspect import (
     AdapterInfo,
     InspectError,
@@ -24,7 +25,6 @@ from .errors import Unprocessable
 from .forms import DTYPES
 from .services import services
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 FIELDS = {"adapter": str, "adapter_revision": str, "base": str, "base_revision": str, "target": str,
           "private": bool, "dtype": str}
 MAX_STRING = 200

@@ -2,16 +2,23 @@
 
 A LoRA folded into one base is, weight-wise, a fine-tune of that base: `base_model: <base>`,
 `base_model_relation: finetune` (service-anchors.md (c) step 6). The license is inherited from the base card.
-The card is deterministic (no timings) so that re-running the same merge produces the same bytes.
+The card is deterministic (no timings) so that re-running the same merge produces the same bytes. It names every
+base file that was not copied and why (files.py): a user must not look for the base's GGUF or ONNX export in the
+merged repo and find it missing without a word, nor find an unmerged one there.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .files import SkippedFile
+
 LORAFOLD_URL = "https://github.com/lorafold/lorafold"
+#: the most of the base's README.md that is read: its YAML header is all the card inherits (the license)
+CARD_HEAD_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,17 @@ def _yaml_str(value: str) -> str:
     return json.dumps(value)  # a JSON string is a valid YAML scalar, with every odd character escaped
 
 
-def build_card(lineage: Lineage, settings: dict, adapter_summary: dict, base_card: str | None, version: str) -> str:
+def _code(text: str) -> str:
+    """`text` as a Markdown code span inside a table cell: shown literally, whatever backticks, pipes or HTML
+    it holds (file names come from untrusted repos)."""
+    text = text.replace("\r", " ").replace("\n", " ").replace("|", "\\|")  # a pipe ends a GFM table cell, even in code
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+def build_card(lineage: Lineage, settings: dict, adapter_summary: dict, base_card: str | None, version: str,
+               skipped: Sequence[SkippedFile] = ()) -> str:
     base_meta = front_matter(base_card or "")
     lines = ["---"]
     if lineage.base_is_hub:
@@ -82,6 +99,17 @@ def build_card(lineage: Lineage, settings: dict, adapter_summary: dict, base_car
         "|---|---|",
     ]
     for key, value in {**settings, **adapter_summary}.items():
-        body.append(f"| {key} | `{json.dumps(value) if not isinstance(value, str) else value}` |")
+        body.append(f"| {key} | {_code(json.dumps(value) if not isinstance(value, str) else value)} |")
+    if skipped:
+        body += [
+            "",
+            "## Files of the base not copied",
+            "",
+            "These files of the base are not in this repo, for the reason given.",
+            "",
+            "| file | why |",
+            "|---|---|",
+        ]
+        body += [f"| {_code(f.path)} | {f.reason} |" for f in skipped]
     body.append("")
     return "\n".join(lines + body)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 from .errors import OutputError, SourceError
+from .files import check_name as safe_relpath  # noqa: F401 - the one file-name rule; re-exported
 
 #: folders that are never part of a model (VCS and client caches)
 IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__", ".ipynb_checkpoints", ".huggingface"})
@@ -26,15 +27,6 @@ IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__", ".ipynb_checkpoints",
 class FileEntry:
     path: str  # posix path relative to the model root
     size: int
-
-
-def safe_relpath(path: str) -> str:
-    """Reject names that could escape the folder they are written into (names come from untrusted repos)."""
-    if not path or "\x00" in path or "\\" in path or path.startswith("/") or len(path) > 1024:
-        raise SourceError(f"refusing file name {path!r}: not a plain relative path")
-    if any(part in ("..", ".", "") for part in path.split("/")):
-        raise SourceError(f"refusing file name {path!r}: not a plain relative path (empty, '.' or '..' parts)")
-    return path
 
 
 @runtime_checkable

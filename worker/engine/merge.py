@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .card import Lineage, build_card
+from .card import CARD_HEAD_BYTES, Lineage, build_card
 from .errors import EngineError
 from .execute import Executor, select_device
 from .io import ModelSink, ModelSource, NullReporter, Progress, Reporter
@@ -69,6 +69,8 @@ def merge(
             reporter.log("info", f"plan: {plan.summary()} on {device}")
             for note in plan.notes:
                 reporter.log("info", note)
+            for skipped in plan.skipped_files:  # one line per file: the job log lists every one (so does the card)
+                reporter.log("warning", _not_copied(skipped))
             t0 = time.monotonic()
             _copy_small_files(plan, sink)
             stats = Executor(plan, sink, device, reporter).run()
@@ -107,8 +109,12 @@ def merge(
         timings=timings,
         result=published,
         max_verify_error=stats.max_verify_error,
-        notes=plan.notes,
+        notes=plan.notes + [_not_copied(f) for f in plan.skipped_files],
     )
+
+
+def _not_copied(skipped) -> str:
+    return f"not copied from the base: {skipped.path!r}: {skipped.reason}"
 
 
 def _copy_small_files(plan: MergePlan, sink: ModelSink) -> None:
@@ -163,21 +169,35 @@ def _write_index(plan: MergePlan, sink: ModelSink) -> None:
 
 def _write_card(plan: MergePlan, sink: ModelSink, lineage: Lineage | None, device: torch.device) -> None:
     lineage = lineage or Lineage(plan.base.label, plan.base.revision, plan.adapter.label, plan.adapter.revision, False, False)
-    base_card = None
-    if any(f.path == "README.md" for f in plan.base.files()):
-        tmp = sink.work_dir / ".base-README.md"
-        plan.base.fetch("README.md", tmp)
-        base_card = tmp.read_text(errors="replace")[:200_000]
-        tmp.unlink()
+    base_card = _base_card_head(plan.base)
     settings = {
         "dtype": plan.options.dtype,
         "shards": "base layout" if plan.options.max_shard_size is None else f"max {plan.options.max_shard_size} bytes",
         "tensors changed": len(plan.merged),
     }
-    text = build_card(lineage, settings, plan.spec.summary(), base_card, VERSION)
+    text = build_card(lineage, settings, plan.spec.summary(), base_card, VERSION, skipped=plan.skipped_files)
     path = sink.work_dir / "README.md"
     path.write_text(text)
     sink.file_written("README.md", path)
+
+
+def _base_card_head(base: ModelSource) -> str | None:
+    """The start of the base's README.md: all the card needs is its YAML header (the license), so at most
+    CARD_HEAD_BYTES are read, whatever the file's size (a 300 MB README once tripled a job's peak RSS)."""
+    entry = next((f for f in base.files() if f.path == "README.md"), None)
+    if entry is None:
+        return None
+    n = min(entry.size, CARD_HEAD_BYTES)
+    # a small file is fetched as every small file is (a Hub repo keeps those in git); of a large one, one ranged
+    # read of its start (on the Hub such a file is in LFS, served with ranges like the shards)
+    local = base.local_file("README.md") if entry.size <= CARD_HEAD_BYTES else None
+    if local is not None:
+        with open(local, "rb") as f:
+            head = f.read(n)
+    else:
+        head = bytearray(n)
+        base.read_into("README.md", 0, memoryview(head))
+    return bytes(head).decode("utf-8", errors="replace")
 
 
 def default_lineage_for(base: ModelSource, adapter: ModelSource) -> Lineage:

@@ -11,19 +11,20 @@ import math
 from dataclasses import dataclass, field
 
 from .errors import AdapterSpecError, FormatError, PlanError, SourceError
-from .io import FileEntry, ModelSource, safe_relpath
+from .files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SkippedFile, check_name, not_copied_reason
+from .io import FileEntry, ModelSource
 from .mapping import AdapterMapper
 from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
 from .spec import CONFIG_NAME, AdapterSpec
 from .tensors import AdapterWeights, read_header
 from .variants import Op
 
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+INDEX_NAME = SAFETENSORS_INDEX
+SINGLE_NAME = SAFETENSORS_SINGLE
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MAX_JSON_BYTES = 64 << 20  # config/index files are small; a huge one is hostile
-# weight formats that are never copied into the merged model: they would be unmerged duplicates
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".ot", ".tflite")
+# written anew: the model card replaces the base's README (it reads only its head, card.CARD_HEAD_BYTES), and
+# .gitattributes is the Hub's own business (its LFS rules are made per commit)
 _NEVER_COPY = {"README.md", ".gitattributes"}
 
 
@@ -37,6 +38,10 @@ class MergeOptions:
     verify: bool = False  # probe every merged tensor with a random vector
     chunk_bytes: int = 32 << 20  # float32 working set per compute step (large tensors go in row chunks)
     inflight_bytes: int = 192 << 20  # bytes read but not yet written, across the pipeline
+    # A non-weight file of the base larger than this is not copied (and says so in the log and the card): the
+    # service's download limit per file is of the same size, and a training state (optimizer.pt) this large
+    # only doubles the upload.
+    max_copy_bytes: int = 8 * 10**9
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPES:
@@ -97,7 +102,7 @@ class MergePlan:
     config: dict | None
     config_patch: dict[str, object]
     copy_files: list[FileEntry]
-    skipped_files: list[str]
+    skipped_files: list[SkippedFile]
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -160,7 +165,7 @@ def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[
                 names.append(fname)
         for fname in names:
             try:
-                safe_relpath(fname)
+                check_name(fname)
             except SourceError:
                 raise FormatError(f"{base.label}/{INDEX_NAME}: refusing shard name {fname!r}") from None
             if fname not in files:
@@ -184,7 +189,7 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     spec, weights_entry = load_spec(adapter)
     adapter_weights = AdapterWeights(adapter, weights_entry)
 
-    files = {f.path: f for f in base.files()}
+    files = {check_name(f.path): f for f in base.files()}  # every name, before any is used in a log or a path
     weight_names, sharded = _weight_files(base, files)
     config = _read_json(base, files["config.json"], "model config") if "config.json" in files else {}
     headers: dict[str, FileHeader] = {name: read_header(base, files[name]) for name in weight_names}
@@ -236,20 +241,8 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     config_patch = dict(mapping.config_patch)
     if override:
         config_patch["dtype"] = options.dtype
-    copy_files, skipped = [], []
-    weight_set = set(weight_names) | {INDEX_NAME}
-    for path, entry in sorted(files.items()):
-        if path in weight_set or path in _NEVER_COPY:
-            continue
-        if path.endswith(_WEIGHT_SUFFIXES) or path.endswith(".index.json"):
-            skipped.append(path)
-            continue
-        copy_files.append(entry)
-    notes = list(mapping.notes)
-    if skipped:
-        notes.append(
-            "not copied (weights in another format, which would be unmerged duplicates): " + ", ".join(skipped[:8])
-        )
+    copy_files, skipped = files_to_copy(files, set(weight_names) | {INDEX_NAME}, options.max_copy_bytes)
+    notes = list(mapping.notes) + [f"not copied from the base: {f.path!r}: {f.reason}" for f in skipped]
     return MergePlan(
         spec=spec,
         options=options,
@@ -265,6 +258,28 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
         skipped_files=skipped,
         notes=notes,
     )
+
+
+def files_to_copy(
+    files: dict[str, FileEntry], weights: set[str], max_copy_bytes: int
+) -> tuple[list[FileEntry], list[SkippedFile]]:
+    """The base files copied into the merged model as they are, and those left out with the reason why.
+
+    Left out: the base's other weight formats and exports (files.not_copied_reason: they are unmerged), and
+    files over `max_copy_bytes`. Every left-out file is named in the job log and the model card.
+    """
+    copy, skipped = [], []
+    for path, entry in sorted(files.items()):
+        if path in weights or path in _NEVER_COPY:
+            continue
+        reason = not_copied_reason(path)
+        if reason is None and entry.size > max_copy_bytes:
+            reason = f"{entry.size / 1e9:.2f} GB, over the {max_copy_bytes / 1e9:.2f} GB limit for a file that is not a weight"
+        if reason is not None:
+            skipped.append(SkippedFile(path, reason))
+        else:
+            copy.append(entry)
+    return copy, skipped
 
 
 def _layout(

@@ -24,9 +24,9 @@ from huggingface_hub import errors as hf
 
 from .. import tempdirs
 from ..engine.errors import OutputError
+from ..engine.files import is_weight_file
 from .errors import is_transient, status_of, write_error
 
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 MARKER = "lorafold-merge-id"
 
 
@@ -88,7 +88,7 @@ class HubSink:
                 raise write_error(exc, self.repo_id, "create the repository") from None
             info = self.api.model_info(self.repo_id, token=self.token)
         files = [s.rfilename for s in (info.siblings or [])]
-        weights = [f for f in files if f.endswith(_WEIGHT_SUFFIXES)]
+        weights = [f for f in files if is_weight_file(f)]
         if weights and not self.overwrite:
             raise OutputError(
                 f"{self.repo_id}: the target repo already has weights ({weights[0]}...); pass --overwrite to commit "
@@ -156,7 +156,7 @@ class HubSink:
         deletes = [
             CommitOperationDelete(path_in_repo=f)
             for f in self._existing
-            if f not in new and (f.endswith(_WEIGHT_SUFFIXES) or f.endswith(".index.json"))
+            if f not in new and (is_weight_file(f) or f.endswith(".index.json"))
         ]
         operations = self._uploaded + self._ops + deletes
         marker = f"{MARKER}: {self.merge_id}"

@@ -24,7 +24,8 @@ from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_st
 
 from .. import tempdirs
 from ..engine.errors import SourceError
-from ..engine.io import FileEntry, safe_relpath
+from ..engine.files import check_name as safe_relpath
+from ..engine.io import FileEntry
 from .errors import TRANSIENT_EXC, TRANSIENT_STATUS, read_error, status_of
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
