@@ -82,7 +82,7 @@ def main() -> int:
         CELERY_BROKER_URL="redis://127.0.0.1:6379/15",
         LORAFOLD_RATE_LIMIT="100000/minute",
         LORAFOLD_RATE_LIMIT_STORAGE="redis://127.0.0.1:6379/15",
-        LORAFOLD_SECRET_KEY="load-test-secret-key-0123456789",
+        LORAFOLD_SECRET_KEY="load-test-secret-key-0123456789-0123456789",
         LORAFOLD_PUBLIC_URL=f"http://127.0.0.1:{web_port}",
         LORAFOLD_DATA_DIR=str(tmp / "var"),
         HF_ENDPOINT=f"http://127.0.0.1:{hub_port}",

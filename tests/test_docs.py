@@ -34,7 +34,7 @@ def test_the_two_commands_of_the_quick_start():
 def test_every_http_route_is_in_the_readme(tmp_path):
     from web import create_app
 
-    settings = Settings(data_dir=str(tmp_path), secret_key="docs-test-key-0123456789").resolved()
+    settings = Settings(data_dir=str(tmp_path), secret_key="docs-test-key-0123456789-0123456789").resolved()
     app = create_app(settings, enqueue=lambda job_id: None)
     missing = []
     for rule in app.url_map.iter_rules():

@@ -2,15 +2,33 @@
 
 Each setting has a default that works on a fresh machine (SQLite under ./var, an embedded broker) and a line of
 help; README.md's environment table lists the same names (tests/test_docs.py keeps them in step).
+
+The data dir holds the generated secret key (it decrypts every stored Hub token) and the SQLite files (which hold
+them encrypted): lorafold makes it 0700 and those files 0600, whatever the umask, and writes the key atomically
+(a process that starts while another writes it must never read half a key, or an empty one, and keep it).
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+#: The shortest LORAFOLD_SECRET_KEY accepted: 32 characters of `secrets.token_urlsafe` are 192 bits, and a short,
+#: typed key (a word, a date) could be guessed offline from one signed session cookie.
+MIN_SECRET_KEY_CHARS = 32
+_KEY_ADVICE = "python3 -c 'import secrets; print(secrets.token_urlsafe(48))'"
+
+
+class SettingsError(ValueError):
+    """A setting lorafold cannot start with; `user_message` is the one line shown (worker.errors.describe)."""
+
+    @property
+    def user_message(self) -> str:
+        return str(self)
 
 
 def _setting(env: str, default, help: str, **kw):
@@ -19,11 +37,11 @@ def _setting(env: str, default, help: str, **kw):
 
 @dataclass(frozen=True)
 class Settings:
-    data_dir: str = _setting("LORAFOLD_DATA_DIR", "var", "Folder for the embedded defaults (SQLite files, secret key).")
+    data_dir: str = _setting("LORAFOLD_DATA_DIR", "var", "Folder for the embedded defaults (SQLite files, secret key); made 0700, its files 0600.")
     database_url: str = _setting("DATABASE_URL", "", "SQLAlchemy URL of the job database (default: SQLite file in the data dir).")
     broker_url: str = _setting("CELERY_BROKER_URL", "", "Celery broker (default: an embedded SQLite-backed broker, no server).")
     hf_endpoint: str = _setting("HF_ENDPOINT", "https://huggingface.co", "The Hugging Face Hub every request goes to; never taken from user input.")
-    secret_key: str = _setting("LORAFOLD_SECRET_KEY", "", "Signs sessions and encrypts stored Hub tokens (default: generated once into the data dir).")
+    secret_key: str = _setting("LORAFOLD_SECRET_KEY", "", "Signs sessions and encrypts stored Hub tokens; at least 32 random characters (default: generated once into the data dir).")
     port: int = _setting("PORT", 5000, "Port `make run` / `lorafold serve` listens on.")
     host: str = _setting("LORAFOLD_HOST", "127.0.0.1", "Address `lorafold serve` binds.")
     public_url: str = _setting("LORAFOLD_PUBLIC_URL", "", "External base URL, used in webhook URLs (default http://HOST:PORT).")
@@ -46,25 +64,42 @@ class Settings:
     whoami_ttl: int = _setting("LORAFOLD_WHOAMI_TTL", 60, "Seconds a Hub whoami answer is cached (keyed by a hash of the token).")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> Settings:
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, resolve: bool = True, **overrides) -> Settings:
+        """The settings of this process. `resolve=False` leaves the data-dir defaults (database, broker, secret
+        key) unset and touches no disk: for a command that needs none of them (`lorafold merge`)."""
         environ = os.environ if environ is None else environ
         values = {}
         for f in fields(cls):
-            raw = environ.get(f.metadata["env"])
+            name = f.metadata["env"]
+            raw = environ.get(name)
             if raw is None or raw == "":
                 continue
-            values[f.name] = int(raw) if isinstance(f.default, int) else raw
+            if isinstance(f.default, int):
+                try:
+                    values[f.name] = int(raw)
+                except ValueError:
+                    raise SettingsError(f"{name} must be a whole number, got {raw[:40]!r}") from None
+            else:
+                values[f.name] = raw
         values.update(overrides)
-        return cls(**values).resolved()
+        settings = cls(**values)
+        return settings.resolved() if resolve else settings
 
     def resolved(self) -> Settings:
-        """Fill the defaults that depend on other settings (paths under data_dir, generated secret key)."""
+        """Fill the defaults that depend on other settings (paths under data_dir, generated secret key); the data
+        dir and the SQLite files lorafold puts there are made private to this user."""
         data = Path(self.data_dir).expanduser()
         changes: dict[str, object] = {}
+        if self.secret_key:
+            check_secret_key(self.secret_key, "LORAFOLD_SECRET_KEY")
+        in_data_dir = [name for name, value in (("lorafold.db", self.database_url), ("broker.db", self.broker_url),
+                                                ("secret_key", self.secret_key)) if not value]
+        if in_data_dir:
+            private_dir(data)
         if not self.database_url:
-            changes["database_url"] = f"sqlite:///{(data / 'lorafold.db').resolve()}"
+            changes["database_url"] = f"sqlite:///{private_file(data / 'lorafold.db').resolve()}"
         if not self.broker_url:
-            changes["broker_url"] = f"sqla+sqlite:///{(data / 'broker.db').resolve()}"
+            changes["broker_url"] = f"sqla+sqlite:///{private_file(data / 'broker.db').resolve()}"
         if not self.public_url:
             changes["public_url"] = f"http://{self.host}:{self.port}"
         if not self.secret_key:
@@ -87,18 +122,99 @@ class Settings:
         return [(f.metadata["env"], str(f.default), f.metadata["help"]) for f in fields(cls)]
 
 
-def _dev_secret(data: Path) -> str:
-    """A per-installation random key kept in the data dir, so sessions and stored tokens survive restarts."""
-    path = data / "secret_key"
+def check_secret_key(key: str, where: str) -> str:
+    if len(key) < MIN_SECRET_KEY_CHARS:
+        raise SettingsError(
+            f"{where} is {len(key)} characters long; it must have at least {MIN_SECRET_KEY_CHARS} random characters "
+            f"(make one with {_KEY_ADVICE})"
+        )
+    return key
+
+
+def _owned_by_me(st: os.stat_result) -> bool:
+    return not hasattr(os, "getuid") or st.st_uid == os.getuid()
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only this user can enter: created 0700; an existing one that already holds lorafold's
+    files (an older install's `var/`) is tightened to 0700. Any other existing folder is left as it is (the files
+    lorafold puts there are 0600 anyway), so pointing LORAFOLD_DATA_DIR at a shared folder never chmods it."""
     try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        data.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(48)
+        path.mkdir(mode=0o700, parents=True)
+        return path
+    except FileExistsError:
+        pass
+    st = path.stat()
+    ours = any((path / name).exists() for name in ("secret_key", "lorafold.db", "broker.db"))
+    if ours and _owned_by_me(st) and stat.S_IMODE(st.st_mode) & 0o077:
+        path.chmod(0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """An SQLite file lorafold keeps in the data dir, created (empty: a valid empty database) or tightened to 0600
+    before SQLite opens it; SQLite gives its -journal/-wal/-shm files the database file's permissions."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        st = os.fstat(fd)
+        if _owned_by_me(st) and stat.S_IMODE(st.st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-journal", "-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:  # another process won the race
-            return path.read_text().strip()
+            if stat.S_IMODE(side.stat().st_mode) & 0o077 and _owned_by_me(side.stat()):
+                side.chmod(0o600)
+        except FileNotFoundError:
+            pass
+    return path
+
+
+def _dev_secret(data: Path) -> str:
+    """A per-installation random key kept in the data dir, so sessions and stored tokens survive restarts.
+
+    Written atomically: the key goes into a private temporary file, is flushed to disk, and is then hard-linked to
+    its name, which either appears complete or fails because another process won the race (then its key is
+    used). A plain create-then-write let a second process read an empty key in between (and keep using it)."""
+    path = data / "secret_key"
+    data.mkdir(mode=0o700, parents=True, exist_ok=True)  # resolved() made it private before any file was added
+    try:
+        return check_secret_key(path.read_text().strip(), f"{path} (remove it to generate a new key; tokens stored "
+                                "with the old one can no longer be decrypted)")
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(48)
+    tmp = data / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "w") as f:
             f.write(key)
-        return key
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another process won the race: its key, complete (it was linked only when written)
+            key = path.read_text().strip()
+        except OSError:  # a file system without hard links: create-if-absent by rename's check, slightly racy
+            if path.exists():
+                key = path.read_text().strip()
+            else:
+                os.replace(tmp, path)
+        _fsync_dir(data)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return check_secret_key(key, str(path))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -132,7 +132,7 @@ def test_reconcile_requeues_dead_jobs_and_fails_them_after_max_attempts(db, box,
     from worker.service import reconcile
     from worker.settings import Settings
 
-    settings = Settings(database_url=db.url, secret_key="test-secret-key-for-lorafold", max_attempts=2, stuck_after=600).resolved()
+    settings = Settings(database_url=db.url, secret_key="test-secret-key-for-lorafold-0123456789", max_attempts=2, stuck_after=600).resolved()
     job, _ = _submit(db, box, [])
     resent = []
     for attempt in (1, 2):

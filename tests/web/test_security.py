@@ -190,7 +190,7 @@ def test_create_app_without_arguments_reads_the_environment(monkeypatch, tmp_pat
     Database(url).create_all()
     monkeypatch.setenv("DATABASE_URL", url)
     monkeypatch.setenv("CELERY_BROKER_URL", f"sqla+sqlite:///{tmp_path / 'broker.db'}")
-    monkeypatch.setenv("LORAFOLD_SECRET_KEY", "env-secret-key-0123456789")
+    monkeypatch.setenv("LORAFOLD_SECRET_KEY", "env-secret-key-0123456789-0123456789")
     monkeypatch.setenv("LORAFOLD_DATA_DIR", str(tmp_path / "var"))
     monkeypatch.setenv("HF_ENDPOINT", hub.url)
     monkeypatch.setenv("LORAFOLD_PUBLIC_URL", "https://lorafold.example")

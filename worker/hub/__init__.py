@@ -7,32 +7,33 @@ back to a token of its own environment (service-anchors.md (e) 7). The endpoint 
 
 from __future__ import annotations
 
-import os
 from contextlib import ExitStack
 
-os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # lorafold reports its own progress
+from huggingface_hub import HfApi, constants
 
-from huggingface_hub import HfApi, constants  # noqa: E402
+from ..redact import register
+from .errors import read_error, write_error
+from .sink import HubSink
+from .source import HubSource
 
-from ..redact import register  # noqa: E402
-from .errors import read_error, write_error  # noqa: E402
-from .sink import HubSink  # noqa: E402
-from .source import HubSource  # noqa: E402
-
-constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True  # also when huggingface_hub was imported before us
+__all__ = ["HubClient", "HubSink", "HubSource", "configure_client", "read_error", "write_error"]
 
 
-def _quiet_client() -> None:
+def configure_client() -> None:
+    """The process-wide huggingface_hub settings lorafold relies on, set on the library (never in os.environ, and
+    never at import): called by every HubClient, so no Hub call of ours runs without them. Idempotent.
+
+    - no implicit token: a request without a token of the user's stays anonymous, never the worker's own login
+      (read at each request, so this holds even when huggingface_hub was imported, or configured, before us);
+    - no telemetry;
+    - no progress bars: lorafold reports its own progress, and transformers' `enable_progress_bar()` turns the
+      Hub's bars back on globally, hence again per client.
+    """
     from huggingface_hub.utils import disable_progress_bars
 
-    disable_progress_bars()  # lorafold reports progress itself (also when huggingface_hub was imported first)
-
-
-_quiet_client()
-
-__all__ = ["HubClient", "HubSink", "HubSource", "read_error", "write_error"]
+    constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
+    constants.HF_HUB_DISABLE_TELEMETRY = True
+    disable_progress_bars()
 
 
 class HubClient:
@@ -41,7 +42,7 @@ class HubClient:
     def __init__(self, endpoint: str, token: str | None, *, max_download_bytes: int = 8 * 10**9,
                  max_base_bytes: int | None = None, work_root: str | None = None, timeout: float = 30.0):
         self.endpoint = endpoint.rstrip("/")
-        _quiet_client()  # again per client: transformers' enable_progress_bar() turns the Hub's bars back on
+        configure_client()
         self.token: str | bool = token or False  # False: send no token, never an implicit one
         register(token)
         self.api = HfApi(endpoint=self.endpoint, token=self.token, library_name="lorafold")
@@ -57,7 +58,7 @@ class HubClient:
 
         from ..settings import Settings
 
-        settings = Settings.from_env()
+        settings = Settings.from_env(resolve=False)  # the endpoint and work dir only: no ./var, no secret key
         return cls(settings.hf_endpoint, token or get_token(), work_root=settings.work_dir or None)
 
     def whoami(self) -> dict:
