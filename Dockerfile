@@ -10,8 +10,10 @@ COPY requirements ./requirements
 COPY worker ./worker
 COPY web ./web
 COPY migrations ./migrations
+COPY deploy ./deploy
 RUN pip install --index-url "$TORCH_INDEX" torch \
  && pip install -e '.[worker,web]'
 USER lorafold
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "4", "--timeout", "60", "web:create_app()"]
+# put a buffering proxy in front (compose.yaml's `proxy`, deploy/nginx.conf): slow clients stall gunicorn alone
+CMD ["gunicorn", "-c", "deploy/gunicorn.conf.py", "web:create_app()"]

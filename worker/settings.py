@@ -61,6 +61,7 @@ class Settings:
     rate_limit: str = _setting("LORAFOLD_RATE_LIMIT", "120/minute", "Requests per caller on the JSON API and forms.")
     rate_limit_storage: str = _setting("LORAFOLD_RATE_LIMIT_STORAGE", "memory://", "Where rate-limit counters live (redis://... in production).")
     secure_cookies: str = _setting("LORAFOLD_SECURE_COOKIES", "auto", "Mark cookies Secure: auto (when PUBLIC_URL is https), 1 or 0.")
+    proxy_hops: int = _setting("LORAFOLD_PROXY_HOPS", 0, "Reverse proxies in front of gunicorn whose X-Forwarded-For/-Proto are trusted (deploy/gunicorn.conf.py; compose: 1).")
     whoami_ttl: int = _setting("LORAFOLD_WHOAMI_TTL", 60, "Seconds a Hub whoami answer is cached (keyed by a hash of the token).")
 
     @classmethod
