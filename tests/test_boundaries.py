@@ -46,3 +46,18 @@ def test_web_never_imports_torch_or_the_engine():
     for path in (ROOT / "web").rglob("*.py"):
         bad = [m for m in _imports(path) if m.split(".")[0] == "torch" or m.startswith(("worker.engine.execute", "worker.engine.merge", "worker.service.tasks", "worker.service.runner", "worker.service.pipeline", "worker.service.job_process"))]
         assert not bad, f"{path} imports {bad}"
+
+
+def test_product_code_needs_no_test_only_or_unused_package():
+    """safetensors and numpy build the tests' fixtures (the engine parses safetensors itself and reaches numpy only
+    through torch); psutil is used nowhere: none of them is imported by the product or is a core dependency."""
+    import tomllib
+
+    test_only = {"safetensors", "numpy", "psutil"}
+    for path in [*(ROOT / "worker").rglob("*.py"), *(ROOT / "web").rglob("*.py")]:
+        bad = [m for m in _imports(path) if m.split(".")[0] in test_only]
+        assert not bad, f"{path} imports {bad}"
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in project["dependencies"]}
+    assert not core & test_only, core & test_only
+    assert any(d.startswith("numpy") for d in project["optional-dependencies"]["worker"])  # Tensor.numpy()

@@ -18,6 +18,7 @@ from typing import Protocol, runtime_checkable
 
 from .errors import OutputError, SourceError
 from .files import check_name as safe_relpath  # noqa: F401 - the one file-name rule; re-exported
+from .leftovers import owned_name, pid_alive, sweep  # noqa: F401 - pid_alive re-exported
 
 #: folders that are never part of a model (VCS and client caches)
 IGNORED_DIRS = frozenset({".git", ".cache", "__pycache__", ".ipynb_checkpoints", ".huggingface"})
@@ -292,9 +293,9 @@ class LocalDirSink:
     def __post_init__(self) -> None:
         self.dest = Path(self.dest).expanduser().resolve()
         self.label = str(self.dest)
-        # The owner's pid is in the name, so a later run can remove what a killed one left (see _sweep).
+        # The owner (pid and host) is in the name, so a later run can remove what a killed one left (leftovers.py).
         self._prefix = f".{self.dest.name}.lorafold-partial-"
-        self.work_dir = self.dest.parent / f"{self._prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.work_dir = self.dest.parent / owned_name(self._prefix)
 
     def prepare(self) -> None:
         for other in self.forbidden:
@@ -308,16 +309,10 @@ class LocalDirSink:
                 raise OutputError(f"{self.dest}: folder exists and is not empty; pass --overwrite to replace it")
         try:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
-            self._sweep()
+            sweep(self.dest.parent, self._prefix)
             self.work_dir.mkdir()
         except OSError as exc:
             raise OutputError(f"{self.dest}: cannot create the output folder ({exc.strerror})") from None
-
-    def _sweep(self) -> None:
-        for stale in self.dest.parent.glob(f"{self._prefix}*"):
-            pid = stale.name[len(self._prefix):].split("-", 1)[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-                shutil.rmtree(stale, ignore_errors=True)
 
     def shard_written(self, name: str, path: Path) -> None:
         pass
@@ -337,14 +332,3 @@ class LocalDirSink:
 
     def abort(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process of this machine with this pid exists (owner checks of leftover folders)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

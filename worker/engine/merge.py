@@ -198,9 +198,3 @@ def _base_card_head(base: ModelSource) -> str | None:
         head = bytearray(n)
         base.read_into("README.md", 0, memoryview(head))
     return bytes(head).decode("utf-8", errors="replace")
-
-
-def default_lineage_for(base: ModelSource, adapter: ModelSource) -> Lineage:
-    return Lineage(base.label, base.revision, adapter.label, adapter.revision, False, False)
-
-

@@ -78,8 +78,6 @@ class HubSource:
         self._tmp: Path | None = None
         self._downloaded: dict[str, Path] = {}
         self._lock = threading.Lock()
-        self.requests = 0
-        self.bytes_received = 0
 
     # --- ModelSource ------------------------------------------------------------------------------------------
 
@@ -127,7 +125,6 @@ class HubSource:
         headers["Accept-Encoding"] = "identity"
         received = 0
         with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=self.timeout) as r:
-            self.requests += 1
             hf_raise_for_status(r)
             if r.status_code != 206:
                 raise SourceError(
@@ -149,7 +146,6 @@ class HubSource:
                     received += n
             except TRANSIENT_EXC:
                 pass  # keep what arrived; the caller asks again for the rest
-        self.bytes_received += received
         if received < len(out):
             if received == 0:
                 raise _ShortRead()
