@@ -1,0 +1,42 @@
+"""Base files on the Hub: the left-out ones are not committed and are named in the card; a large README is read
+only as far as the card needs (one ranged GET of its head, never downloaded whole)."""
+
+from __future__ import annotations
+
+import pytest
+from huggingface_hub import HfApi
+
+from tests.support.hubseed import ALICE, seed
+from worker.cli import main
+from worker.engine.card import CARD_HEAD_BYTES
+
+pytestmark = pytest.mark.xdist_group("hub")
+
+
+def test_left_out_files_and_a_large_readme_on_the_hub(hub, seeded_model, capsys):
+    seed(hub, seeded_model)
+    api = HfApi(endpoint=hub.url)
+    readme = b"---\nlicense: mit\n---\n# base\n" + b"words " * (3 * CARD_HEAD_BYTES // 6)
+    extras = {"README.md": readme, "onnx/model.onnx": b"onnx", "pytorch_model.bin": b"pickle",
+              "llama-q4.gguf": b"GGUF", "training_args.bin": b"args", "extra/blob.bin": b"blob"}
+    for path, data in extras.items():
+        api.upload_file(path_or_fileobj=data, path_in_repo=path, repo_id="alice/base", token=ALICE)
+    hub.clear_log()
+    capsys.readouterr()
+    rc = main(["merge", "alice/adapter", "--push-to", "alice/merged", "--token", ALICE, "-q"])
+    assert rc == 0, capsys.readouterr().err
+
+    files = hub.repo_files("alice/merged")
+    assert "training_args.bin" in files and "extra/blob.bin" in files
+    for left_out in ("onnx/model.onnx", "pytorch_model.bin", "llama-q4.gguf"):
+        assert left_out not in files
+    card = api.hf_hub_download("alice/merged", "README.md", token=ALICE)
+    text = open(card).read()
+    assert 'license: "mit"' in text
+    section = text.split("## Files of the base not copied", 1)[1]
+    assert all(f"| `{p}` |" in section for p in ("onnx/model.onnx", "pytorch_model.bin", "llama-q4.gguf"))
+
+    readme_gets = [r for r in hub.request_log if r.method == "GET" and r.path.endswith("/alice/base/resolve/" +
+                   hub.head("alice/base") + "/README.md")]
+    assert readme_gets and all(r.range for r in readme_gets), [(r.path, r.range) for r in readme_gets]
+    assert sum(r.bytes_sent for r in readme_gets) <= CARD_HEAD_BYTES
