@@ -15,7 +15,7 @@ import pytest
 from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
 from worker.engine.card import _code
 from worker.engine.errors import SourceError
-from worker.engine.files import DUPLICATE_REASON, EXPORT_REASON, check_name, not_copied_reason
+from worker.engine.files import ADAPTER_REASON, DUPLICATE_REASON, EXPORT_REASON, check_name, not_copied_reason
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +38,7 @@ COPIED = [
     "training_args.bin", "extra/blob.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "2_Dense/model.safetensors",
     "2_Dense/pytorch_model.bin", "sub/pytorch_model.bin", "original/params.json", "original/tokenizer.model",
     "config.json", "tokenizer.json", "special_tokens_map.json", "adapter/notes.h5.txt", "my_model.safetensors.txt",
-    "models/consolidated.safetensors", "pytorch_model.binx", "xmodel.safetensors",
+    "models/consolidated.safetensors", "pytorch_model.binx", "xmodel.safetensors", "checkpoint-5/adapter_config.json",
 ]
 
 
@@ -50,6 +50,11 @@ def test_other_formats_of_the_base_weights_at_the_root_are_duplicates(path):
 @pytest.mark.parametrize("path", EXPORTS)
 def test_exports_to_other_runtimes_are_left_out_anywhere(path):
     assert not_copied_reason(path) == EXPORT_REASON
+
+
+@pytest.mark.parametrize("path", ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"])
+def test_an_adapter_at_the_root_is_left_out(path):
+    assert not_copied_reason(path) == ADAPTER_REASON  # transformers would load it instead of the merged weights
 
 
 @pytest.mark.parametrize("path", COPIED)

@@ -16,6 +16,8 @@ merged weights still UNMERGED, under a name that says "merged":
   external data), OpenVINO IR, TFLite, Core ML. They would run the base without the adapter; they are not
   refused (many bases ship them), they are left out, and the model card and job log say which and why, so the
   user can export the merged model again.
+- a PEFT adapter at the root (`adapter_config.json`, `adapter_model.*`): transformers, seeing it, loads the
+  adapter's own base and applies the adapter, never the merged weights beside it.
 Everything else is copied, whatever its suffix: `training_args.bin`, `optimizer.pt`, a sentence-transformers
 `2_Dense/model.safetensors` or `extra/blob.bin` are not the base's weights and the merge does not change them.
 """
@@ -30,7 +32,8 @@ from .errors import SourceError
 #: Suffixes of files that hold model weights in any format: "does this repo already have a model?" and "which
 #: files of the previous model does a new commit replace?" (the Hub sink and the web's target check).
 WEIGHT_SUFFIXES = (
-    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".gguf", ".npz", ".ot", ".tflite",
+    ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".onnx", ".onnx_data", ".gguf", ".npz", ".ot",
+    ".tflite",
 )
 
 #: The base's weights in the format lorafold reads and writes (names transformers' save_pretrained uses).
@@ -61,8 +64,11 @@ _EXPORT = re.compile(
     re.X,
 )
 _MLPACKAGE = re.compile(r"(?:^|/)[^/]+\.mlpackage/")
+_ADAPTER_AT_ROOT = re.compile(r"^(?:adapter_config\.json|adapter_model\.(?:safetensors|bin))$")
 
 DUPLICATE_REASON = "the base's weights in another format, unmerged (the merged model is published as safetensors)"
+ADAPTER_REASON = ("a PEFT adapter of the base: transformers would load it onto its own base instead of the merged "
+                  "weights")
 EXPORT_REASON = ("an export of the base to another runtime (GGUF, ONNX, OpenVINO, TFLite, Core ML), unmerged: "
                  "export the merged model again")
 
@@ -107,4 +113,6 @@ def not_copied_reason(path: str) -> str | None:
         return DUPLICATE_REASON
     if _EXPORT.search(path) or _MLPACKAGE.search(path):
         return EXPORT_REASON
+    if _ADAPTER_AT_ROOT.match(path):
+        return ADAPTER_REASON
     return None
