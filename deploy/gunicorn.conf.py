@@ -22,6 +22,21 @@ accesslog = "-"
 access_log_format = '%({x-forwarded-for}i)s "%(m)s %(U)s" %(s)s %(b)s %(L)ss'
 
 
+def on_starting(server):
+    """Settings are checked once, in the master, before any worker boots: a bad one (a LORAFOLD_SECRET_KEY that is
+    too short, a number that is not one) is one `error:` line and exit status 1, not a traceback per worker."""
+    import sys
+
+    from worker.errors import describe
+    from worker.settings import Settings
+
+    try:
+        Settings.from_env()
+    except Exception as exc:  # noqa: BLE001 - any failure to start is one line
+        print(f"error: {describe(exc)}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def post_worker_init(worker):
     """Behind nginx every request comes from nginx's address: with LORAFOLD_PROXY_HOPS=1 (compose.yaml) the app
     takes the client's from the X-Forwarded-For entry nginx sets (nginx overwrites whatever the client sent), so

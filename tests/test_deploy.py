@@ -65,6 +65,19 @@ def test_gunicorn_trusts_x_forwarded_for_only_when_told_a_proxy_is_in_front(monk
     assert isinstance(worker.wsgi, ProxyFix) if hops == "1" else worker.wsgi == app
 
 
+def test_gunicorn_refuses_a_short_secret_key_in_one_line(tmp_path):
+    (tmp_path / "echo_app.py").write_text(APP)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LORAFOLD_SECRET_KEY="hunter2", DATABASE_URL="sqlite://",
+               CELERY_BROKER_URL="memory://", LORAFOLD_DATA_DIR=str(tmp_path / "var"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "gunicorn", "-c", str(ROOT / "deploy" / "gunicorn.conf.py"), "--bind", "127.0.0.1:0",
+         "--pythonpath", str(tmp_path), "echo_app:app"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: LORAFOLD_SECRET_KEY is 7 characters long"), proc.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
