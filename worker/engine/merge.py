@@ -11,6 +11,7 @@ import torch
 from .card import CARD_HEAD_BYTES, Lineage, build_card
 from .errors import EngineError
 from .execute import Executor, select_device
+from .files import SkippedFile
 from .io import ModelSink, ModelSource, NullReporter, Progress, Reporter
 from .memory import MemorySampler, peak_rss_bytes, pin_malloc_threshold
 from .plan import INDEX_NAME, MergeOptions, MergePlan, plan_merge
@@ -113,7 +114,7 @@ def merge(
     )
 
 
-def _not_copied(skipped) -> str:
+def _not_copied(skipped: SkippedFile) -> str:
     return f"not copied from the base: {skipped.path!r}: {skipped.reason}"
 
 

@@ -48,6 +48,8 @@ class MergeOptions:
             raise AdapterSpecError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.max_shard_size is not None and self.max_shard_size <= 0:
             raise AdapterSpecError("--max-shard-size must be positive")
+        if self.max_copy_bytes < 0:
+            raise AdapterSpecError("max_copy_bytes must not be negative")
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,7 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     if override:
         config_patch["dtype"] = options.dtype
     copy_files, skipped = files_to_copy(files, set(weight_names) | {INDEX_NAME}, options.max_copy_bytes)
-    notes = list(mapping.notes) + [f"not copied from the base: {f.path!r}: {f.reason}" for f in skipped]
+    notes = list(mapping.notes)  # the skipped files are told apart, as warnings (merge.py)
     return MergePlan(
         spec=spec,
         options=options,
