@@ -25,7 +25,8 @@ DUPLICATES = [
     "pytorch_model.bin", "pytorch_model-00001-of-00002.bin", "pytorch_model.bin.index.json",
     "tf_model.h5", "tf_model-00001-of-00003.h5", "tf_model.h5.index.json",
     "flax_model.msgpack", "flax_model-00002-of-00002.msgpack", "flax_model.msgpack.index.json",
-    "model.ckpt.index", "model.ckpt.data-00000-of-00001", "rust_model.ot",
+    "model.ckpt.index", "model.ckpt.data-00000-of-00001", "rust_model.ot", "model.pt", "pytorch_model.pth",
+    "weights.npz",
     "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
     "consolidated.safetensors", "consolidated.00.pth", "original/consolidated.00.pth",
 ]

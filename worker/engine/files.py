@@ -7,8 +7,8 @@ Why some base files are not copied: the merged model is published as safetensors
 the base is copied as it is. A file that holds the base's weights in another form would be published beside the
 merged weights still UNMERGED, under a name that says "merged":
 - transformers' other serialisations at the repo root (`pytorch_model*.bin`, `tf_model*.h5`, `flax_model*.msgpack`,
-  `model.ckpt*`, `rust_model.ot`, with their indexes) and leftover safetensors shards of the standard names: a
-  loader that prefers one of them (transformers looks for `model.safetensors` before the index; `use_safetensors=
+  `model.ckpt*`, `rust_model.ot`, with their indexes; `model.pt(h)`, MLX's old `weights.npz`) and leftover
+  safetensors shards of the standard names: a loader that prefers one of them (transformers looks for `model.safetensors` before the index; `use_safetensors=
   False`, TF and Flax load theirs) would load the base without the adapter.
 - the model makers' own layouts: Mistral's `consolidated*.safetensors` at the root (vLLM's `--load-format mistral`
   reads it) and Meta's `original/consolidated.*.pth`: the same weights, unmerged.
@@ -48,8 +48,10 @@ _DUPLICATE_AT_ROOT = re.compile(
     r"""^(?:
         (?:model|pytorch_model|tf_model|flax_model)(?:-\d+-of-\d+)?\.(?:safetensors|bin|h5|msgpack)
       | (?:model|pytorch_model|tf_model|flax_model)\.(?:safetensors|bin|h5|msgpack)\.index\.json
+      | (?:model|pytorch_model)(?:-\d+-of-\d+)?\.(?:pt|pth)
       | model\.ckpt(?:\..+)?
       | rust_model\.ot
+      | weights\.npz
       | consolidated(?:\.\d+)?\.(?:safetensors|pth|pt)
       | original/consolidated(?:\.\d+)?\.(?:safetensors|pth|pt)
     )$""",
