@@ -157,6 +157,7 @@ def test_a_base_file_named_with_a_control_character_is_refused_by_repr(hostile_c
     err = capsys.readouterr().err
     assert code != 0 and not hostile_case.out.exists()
     assert err.count("\n") == 1 and "\x1b" not in err and "'a\\x1b[2Jb.txt'" in err
+    assert err.startswith(f"error: {hostile_case.base.resolve()}: refusing file name")
 
 
 # --- memory: a huge README and large other files ---------------------------------------------------------------

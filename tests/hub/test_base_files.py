@@ -40,3 +40,15 @@ def test_left_out_files_and_a_large_readme_on_the_hub(hub, seeded_model, capsys)
                    hub.head("alice/base") + "/README.md")]
     assert readme_gets and all(r.range for r in readme_gets), [(r.path, r.range) for r in readme_gets]
     assert sum(r.bytes_sent for r in readme_gets) <= CARD_HEAD_BYTES
+
+
+def test_a_hub_file_name_with_a_control_character_is_one_line_naming_repo_and_file(hub, seeded_model, capsys):
+    seed(hub, seeded_model)
+    HfApi(endpoint=hub.url).upload_file(path_or_fileobj=b"x", path_in_repo="notes\x1b[2J\u202e.txt", repo_id="alice/base",
+                                        token=ALICE)
+    capsys.readouterr()
+    rc = main(["merge", "alice/adapter", "--push-to", "alice/merged", "--token", ALICE, "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1 and "\x1b" not in err and "\u202e" not in err
+    assert err.startswith("error: alice/base: refusing file name 'notes\\x1b[2J\\u202e.txt'"), err
+    assert not hub.has_repo("alice/merged")

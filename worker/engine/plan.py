@@ -152,6 +152,17 @@ def load_spec(adapter: ModelSource) -> tuple[AdapterSpec, FileEntry]:
     raise AdapterSpecError(f"{adapter.label}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
 
 
+def _checked_files(base: ModelSource) -> dict[str, FileEntry]:
+    """The base's files by name, every name checked before any is used in a log line, a card or a path."""
+    files = {}
+    for entry in base.files():
+        try:
+            files[check_name(entry.path)] = entry
+        except SourceError as exc:
+            raise SourceError(f"{base.label}: {exc}") from None
+    return files
+
+
 def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[str], bool]:
     """The base's safetensors weight files (in order) and whether it is sharded (has an index)."""
     if INDEX_NAME in files:
@@ -191,7 +202,7 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     spec, weights_entry = load_spec(adapter)
     adapter_weights = AdapterWeights(adapter, weights_entry)
 
-    files = {check_name(f.path): f for f in base.files()}  # every name, before any is used in a log or a path
+    files = _checked_files(base)
     weight_names, sharded = _weight_files(base, files)
     config = _read_json(base, files["config.json"], "model config") if "config.json" in files else {}
     headers: dict[str, FileHeader] = {name: read_header(base, files[name]) for name in weight_names}

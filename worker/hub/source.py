@@ -64,8 +64,8 @@ class HubSource:
             self.revision = info.sha
             tree = api.list_repo_tree(repo_id, revision=self.revision, recursive=True, token=token)
             self._files = [FileEntry(safe_relpath(f.path), f.size) for f in tree if isinstance(f, RepoFile)]
-        except SourceError:
-            raise
+        except SourceError as exc:  # a refused file name: say whose
+            raise SourceError(f"{repo_id}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - mapped to one line
             raise read_error(exc, repo_id, revision) from None
         total = sum(f.size for f in self._files)
