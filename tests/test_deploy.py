@@ -165,7 +165,10 @@ def front(tmp_path):
 
 
 @pytest.mark.slow
-def test_slow_clients_stall_gunicorn_alone_but_not_behind_nginx(front):
+@pytest.mark.reliability
+def test_slow_clients_stall_gunicorn_alone_but_not_behind_nginx(front, reliability):
+    rec = reliability("16 slow clients (slow headers, slow bodies) + 2 slow readers of 2 MB against the web front",
+                      "other requests answered at once (gunicorn alone: stalled)")
     g_port, n_port = front
     # on its own, two slow clients take gunicorn's two threads: the next request waits (the stall)
     stalled = _slow_clients(g_port, 2)[:2]
@@ -182,13 +185,17 @@ def test_slow_clients_stall_gunicorn_alone_but_not_behind_nginx(front):
             times.append(seconds)
             assert body == b"127.0.0.1 0"
         assert max(times) < 1.0, times
+        rec.observed(f"gunicorn alone: next request timed out; behind nginx: 10 requests, slowest {max(times):.3f} s")
     finally:
         for s in slow:
             s.close()
 
 
 @pytest.mark.slow
-def test_the_app_sees_the_client_address_not_a_forged_one(front):
+@pytest.mark.reliability
+def test_the_app_sees_the_client_address_not_a_forged_one(front, reliability):
+    rec = reliability("client sends a forged X-Forwarded-For through the proxy", "the app sees the real client address")
     _, n_port = front
     _, body = _get(n_port, headers="X-Forwarded-For: 6.6.6.6\r\n")
     assert body == b"127.0.0.1 0"
+    rec.observed(f"app saw {body.split()[0].decode()}")

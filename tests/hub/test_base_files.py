@@ -13,7 +13,10 @@ from worker.engine.card import CARD_HEAD_BYTES
 pytestmark = pytest.mark.xdist_group("hub")
 
 
-def test_left_out_files_and_a_large_readme_on_the_hub(hub, seeded_model, capsys):
+@pytest.mark.reliability
+def test_left_out_files_and_a_large_readme_on_the_hub(hub, seeded_model, capsys, reliability):
+    rec = reliability("base ships pytorch_model.bin, an ONNX and a GGUF export beside safetensors, a 3 MiB README",
+                      "those left out and named in the card; other files copied; README read only up to 1 MiB")
     seed(hub, seeded_model)
     api = HfApi(endpoint=hub.url)
     readme = b"---\nlicense: mit\n---\n# base\n" + b"words " * (3 * CARD_HEAD_BYTES // 6)
@@ -40,9 +43,15 @@ def test_left_out_files_and_a_large_readme_on_the_hub(hub, seeded_model, capsys)
                    hub.head("alice/base") + "/README.md")]
     assert readme_gets and all(r.range for r in readme_gets), [(r.path, r.range) for r in readme_gets]
     assert sum(r.bytes_sent for r in readme_gets) <= CARD_HEAD_BYTES
+    rec.observed(f"3 files left out and listed in the card; README: {len(readme_gets)} ranged GET(s), "
+                 f"{sum(r.bytes_sent for r in readme_gets)} bytes")
 
 
-def test_a_hub_file_name_with_a_control_character_is_one_line_naming_repo_and_file(hub, seeded_model, capsys):
+@pytest.mark.reliability
+def test_a_hub_file_name_with_a_control_character_is_one_line_naming_repo_and_file(hub, seeded_model, capsys,
+                                                                                  reliability):
+    rec = reliability("base repo file named with ESC and a bidi override (log injection)",
+                      "one error line naming repo and file by repr, nothing published")
     seed(hub, seeded_model)
     HfApi(endpoint=hub.url).upload_file(path_or_fileobj=b"x", path_in_repo="notes\x1b[2J\u202e.txt", repo_id="alice/base",
                                         token=ALICE)
@@ -52,3 +61,4 @@ def test_a_hub_file_name_with_a_control_character_is_one_line_naming_repo_and_fi
     assert rc == 1 and err.count("\n") == 1 and "\x1b" not in err and "\u202e" not in err
     assert err.startswith("error: alice/base: refusing file name 'notes\\x1b[2J\\u202e.txt'"), err
     assert not hub.has_repo("alice/merged")
+    rec.observed(err.strip()[:90] + "...")
