@@ -85,11 +85,12 @@ def test_an_older_install_s_open_data_dir_and_files_are_tightened(tmp_path):
     data.mkdir(mode=0o755)
     data.chmod(0o755)
     (data / "secret_key").write_text("s" * 64)
+    (data / "secret_key").chmod(0o644)
     (data / "lorafold.db").write_bytes(b"")
     (data / "lorafold.db").chmod(0o644)
     settings = Settings.from_env(_env(tmp_path))
     assert settings.secret_key == "s" * 64
-    assert _mode(data) == 0o700 and _mode(data / "lorafold.db") == 0o600
+    assert _mode(data) == 0o700 and _mode(data / "lorafold.db") == 0o600 and _mode(data / "secret_key") == 0o600
 
 
 def test_a_shared_folder_given_as_data_dir_is_not_chmodded(tmp_path):

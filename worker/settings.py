@@ -155,7 +155,7 @@ def private_dir(path: Path) -> Path:
 def private_file(path: Path) -> Path:
     """An SQLite file lorafold keeps in the data dir, created (empty: a valid empty database) or tightened to 0600
     before SQLite opens it; SQLite gives its -journal/-wal/-shm files the database file's permissions."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o600)  # never truncates; works on a read-only file too
     try:
         st = os.fstat(fd)
         if _owned_by_me(st) and stat.S_IMODE(st.st_mode) & 0o077:
@@ -163,13 +163,18 @@ def private_file(path: Path) -> Path:
     finally:
         os.close(fd)
     for suffix in ("-journal", "-wal", "-shm"):
-        side = path.with_name(path.name + suffix)
-        try:
-            if stat.S_IMODE(side.stat().st_mode) & 0o077 and _owned_by_me(side.stat()):
-                side.chmod(0o600)
-        except FileNotFoundError:
-            pass
+        _tighten(path.with_name(path.name + suffix))
     return path
+
+
+def _tighten(path: Path) -> None:
+    """An existing file of ours that others can read becomes 0600 (an older install's, or a copied one)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return
+    if _owned_by_me(st) and stat.S_IMODE(st.st_mode) & 0o077:
+        path.chmod(0o600)
 
 
 def _dev_secret(data: Path) -> str:
@@ -181,10 +186,13 @@ def _dev_secret(data: Path) -> str:
     path = data / "secret_key"
     data.mkdir(mode=0o700, parents=True, exist_ok=True)  # resolved() made it private before any file was added
     try:
-        return check_secret_key(path.read_text().strip(), f"{path} (remove it to generate a new key; tokens stored "
-                                "with the old one can no longer be decrypted)")
+        key = path.read_text().strip()
     except FileNotFoundError:
         pass
+    else:
+        _tighten(path)
+        return check_secret_key(key, f"{path} (remove it to generate a new key; tokens stored with the old one can "
+                                "no longer be decrypted)")
     key = secrets.token_urlsafe(48)
     tmp = data / f".secret_key.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
