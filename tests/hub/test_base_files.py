@@ -14,7 +14,7 @@ pytestmark = pytest.mark.xdist_group("hub")
 
 
 @pytest.mark.reliability
-def test_left_out_files_and_a_large_readme_on_the_hub(hub, seeded_model, capsys, reliability):
+def test_left_out_files_and_a_large_readme_on_the_hub(hub, seeded_model, capsys, reliability, tmp_path, monkeypatch):
     rec = reliability("base ships pytorch_model.bin, an ONNX and a GGUF export beside safetensors, a 3 MiB README",
                       "those left out and named in the card; other files copied; README read only up to 1 MiB")
     seed(hub, seeded_model)
@@ -26,8 +26,12 @@ def test_left_out_files_and_a_large_readme_on_the_hub(hub, seeded_model, capsys,
         api.upload_file(path_or_fileobj=data, path_in_repo=path, repo_id="alice/base", token=ALICE)
     hub.clear_log()
     capsys.readouterr()
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    monkeypatch.delenv("LORAFOLD_DATA_DIR", raising=False)
     rc = main(["merge", "alice/adapter", "--push-to", "alice/merged", "--token", ALICE, "-q"])
     assert rc == 0, capsys.readouterr().err
+    assert not any((tmp_path / "cwd").iterdir()), "the CLI creates nothing in the current folder (no ./var)"
 
     files = hub.repo_files("alice/merged")
     assert "training_args.bin" in files and "extra/blob.bin" in files
@@ -62,3 +66,20 @@ def test_a_hub_file_name_with_a_control_character_is_one_line_naming_repo_and_fi
     assert err.startswith("error: alice/base: refusing file name 'notes\\x1b[2J\\u202e.txt'"), err
     assert not hub.has_repo("alice/merged")
     rec.observed(err.strip()[:90] + "...")
+
+
+def test_a_server_ignoring_ranges_for_the_readme_falls_back_to_a_download(hub, seeded_model, capsys):
+    from tests.support.hubdouble.faults import Fault
+
+    seed(hub, seeded_model)
+    readme = b"---\nlicense: mit\n---\n" + b"x" * (2 * CARD_HEAD_BYTES)
+    HfApi(endpoint=hub.url).upload_file(path_or_fileobj=readme, path_in_repo="README.md", repo_id="alice/base",
+                                        token=ALICE)
+    fault = hub.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*/README\.md$", kind="ignore_range",
+                                 times=None))
+    capsys.readouterr()
+    rc = main(["merge", "alice/adapter", "--push-to", "alice/merged", "--token", ALICE, "-q"])
+    assert rc == 0, capsys.readouterr().err
+    assert fault.hits == 1
+    card = open(HfApi(endpoint=hub.url).hf_hub_download("alice/merged", "README.md", token=ALICE)).read()
+    assert 'license: "mit"' in card

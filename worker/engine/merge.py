@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .card import CARD_HEAD_BYTES, Lineage, build_card
-from .errors import EngineError
+from .errors import EngineError, SourceError
 from .execute import Executor, select_device
 from .files import SkippedFile
 from .io import ModelSink, ModelSource, NullReporter, Progress, Reporter
@@ -189,13 +189,17 @@ def _base_card_head(base: ModelSource) -> str | None:
     if entry is None:
         return None
     n = min(entry.size, CARD_HEAD_BYTES)
-    # a small file is fetched as every small file is (a Hub repo keeps those in git); of a large one, one ranged
-    # read of its start (on the Hub such a file is in LFS, served with ranges like the shards)
-    local = base.local_file("README.md") if entry.size <= CARD_HEAD_BYTES else None
-    if local is not None:
-        with open(local, "rb") as f:
-            head = f.read(n)
-    else:
+    if entry.size > CARD_HEAD_BYTES:
+        # one ranged read of its start (on the Hub a file this large is in LFS, served with ranges like the shards)
         head = bytearray(n)
-        base.read_into("README.md", 0, memoryview(head))
-    return bytes(head).decode("utf-8", errors="replace")
+        try:
+            base.read_into("README.md", 0, memoryview(head))
+            return bytes(head).decode("utf-8", errors="replace")
+        except SourceError:
+            pass  # a server that ignores ranges for it: fetched to disk like any small file, and still read in part
+    # fetched as every small file is (to disk, streamed), then only its head is read
+    local = base.local_file("README.md")
+    if local is None:
+        raise SourceError(f"{base.label}/README.md: cannot be read")
+    with open(local, "rb") as f:
+        return f.read(n).decode("utf-8", errors="replace")
