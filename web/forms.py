@@ -23,6 +23,8 @@ class MergeForm(FlaskForm):
     target = StringField("Target repo", validators=[DataRequired(), Length(max=200)])
     private = BooleanField("Private")
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
+    overwrite = BooleanField("Overwrite the weights already there")
+    create_pr = BooleanField("Open a pull request instead of committing to main")
 
 
 class RuleForm(FlaskForm):
