@@ -237,7 +237,8 @@
         $("result-link").href = job.result.url;
         setText("result-link", job.result.repo || "");
         setText("result-commit", (job.result.commit || "").slice(0, 12));
-        if (job.result.commit) $("result-commit-link").href = job.result.url + "/commit/" + job.result.commit;
+        // the repo's commit page (result.url is the pull request's page when the merge was proposed as one)
+        if (job.result.commit) $("result-commit-link").href = root.dataset.hubUrl + job.result.repo + "/commit/" + job.result.commit;
       }
       if (job.adapter_sha) setText("adapter-sha", job.adapter_sha.slice(0, 12));
       var s = job.stats;
