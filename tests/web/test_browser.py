@@ -112,7 +112,7 @@ def _seed_pages(database_url: str) -> tuple[str, str]:
                       target_repo="maria/big-merge", base_repo="maria/tiny-llama", status="running", phase="merge",
                       attempts=1, created_at=now - timedelta(seconds=40), enqueued_at=now - timedelta(seconds=40),
                       started_at=now - timedelta(seconds=37), tensors_done=120, tensors_total=291,
-                      bytes_done=6_100_000_000, bytes_total=16_060_000_000, peak_rss_bytes=1_900_000_000)
+                      bytes_done=6_100_000_000, bytes_total=16_060_000_000, peak_rss_bytes=2_010_000_000)
         failed = Job(owner="maria", namespace="maria", door="form", adapter_repo="maria/tiny-lora",
                      target_repo="maria/wrong-merge", base_repo="maria/wide-llama", status="failed", phase="done",
                      attempts=1, created_at=now - timedelta(seconds=90), enqueued_at=now - timedelta(seconds=90),
@@ -192,6 +192,7 @@ def test_sign_in_merge_and_watch_it_finish(stack):
             expect(page.locator("#result-link")).to_have_text(target, timeout=5_000)
             expect(page.locator("#pct")).to_have_text("100%")
             expect(page.locator("#state")).to_have_text("succeeded")
+            assert not page.is_visible("#again-link") and not page.is_visible("#retry-form")
             assert page.inner_text("#stat-rss") != "–"
             assert not page.is_visible("#vram-key")  # a CPU job: no VRAM legend
             expect(page.locator("#t-finished")).to_contain_text("UTC")
@@ -212,6 +213,7 @@ def test_sign_in_merge_and_watch_it_finish(stack):
 
             page.goto(f"{live.url}/jobs/{running_id}")
             expect(page.locator("#state")).to_have_text("running · merge")
+            assert not page.is_visible("#again-link") and page.is_visible("#cancel-form")
             page.wait_for_timeout(1500)
             page.screenshot(path=str(OUT / "browser-job-running.png"), full_page=True)
             page.goto(f"{live.url}/jobs/{failed_id}")

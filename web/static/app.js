@@ -219,6 +219,7 @@
       pct = Math.round(pct * 10) / 10;
       $("progress").value = pct;
       setText("pct", pct + "%");
+      $("counts").hidden = !p.total;  // nothing planned yet (or it failed before): no "0 / 0" to read
       setText("tensors", p.done + " / " + p.total);
       setText("bytes", formatBytes(p.bytes_done) + " / " + formatBytes(p.bytes_total));
       setText("state", data.state);
@@ -312,8 +313,11 @@
       var W = 600, H = 220, top = 20, bottom = 14;
       var tMax = samples[samples.length - 1].t;
       tMax = tMax > 0 ? tMax * 1.05 : 1;
-      var yMax = peakRss || 1;
-      samples.forEach(function (s) { yMax = Math.max(yMax, s.rss, s.vram); });
+      var top1 = 0;
+      samples.forEach(function (s) { top1 = Math.max(top1, s.rss); });
+      var peakShown = Math.max(peakRss, top1);  // the worker's peak is sampled more often than the chart
+      var yMax = Math.max(peakShown, 1);
+      samples.forEach(function (s) { yMax = Math.max(yMax, s.vram); });
       yMax *= 1.15;
       function X(t) { return (t / tMax) * W; }
       function Y(v) { return H - bottom - (v / yMax) * (H - top - bottom); }
@@ -341,12 +345,12 @@
         });
       }
       var peak = $("peak-line");
-      if (peakRss) { peak.setAttribute("y1", Y(peakRss).toFixed(1)); peak.setAttribute("y2", Y(peakRss).toFixed(1)); }
+      peak.setAttribute("y1", Y(peakShown).toFixed(1)); peak.setAttribute("y2", Y(peakShown).toFixed(1));
       setText("chart-max", formatBytes(Math.round(yMax)));
       setText("chart-zero", "0");
       setText("chart-time", formatSeconds1(tMax));
       setText("chart-note", samples.length + (samples.length === 1 ? " sample" : " samples") +
-              (peakRss ? ", peak RSS " + formatBytes(peakRss) : "") + (finished ? "" : " so far"));
+              ", peak RSS " + formatBytes(peakShown) + (finished ? "" : " so far"));
       var grid = $("gridlines");
       if (!grid.childNodes.length) {
         for (var i = 1; i < 4; i++) {
