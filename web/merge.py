@@ -128,7 +128,8 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
     hub = svc.hub(caller.token)
     info = attempt(inspect_adapter, hub, adapter, adapter_rev, max_bytes=svc.settings.max_adapter_bytes)
     base_id = base or (info.base if info else None)
-    base_at = base_rev if base else (info.base_revision if info else None)
+    # the revision the worker will read (pipeline.py): the field's, else a `base@rev` pinned in the adapter config
+    base_at = base_rev if base else (base_rev or (info.base_revision if info else None))
     if info is not None and base_id is None:
         errors.append(InspectError("base", f"{adapter}: adapter_config.json names no Hub base model; choose the base"))
     base_info = None
@@ -166,7 +167,7 @@ def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str, d
     except EngineError as exc:
         raise InspectError("adapter", str(exc)) from None
     try:
-        base_src = hub.source(base, base_sha)
+        base_src = hub.source(base, base_sha, max_total_bytes=services().settings.max_base_bytes)
     except EngineError as exc:
         adapter_src.close()
         raise InspectError("base", str(exc)) from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker.engine.errors import EngineError
@@ -40,6 +41,7 @@ MAX_SHARDS = 128  # more than this (≈ a 600B model at 5 GB shards) is left to 
 MAX_INDEX_BYTES = 50 * 1024 * 1024
 FIRST_READ = 100_000  # one ranged GET gets most headers whole (huggingface_hub reads 100 kB too)
 SHOWN = 3  # mismatches named in the one-line error
+PARALLEL_READS = 8
 
 _PAIR = re.compile(r"^(?P<m>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
@@ -124,8 +126,12 @@ def check_fit(adapter_src, base_src, *, adapter: str, base: str, spec: AdapterSp
             total = sum(b_files[s] for s in shards)
             return Preflight(total, total, 0, 0, len(shards), False, (f"{len(shards)} shards",))
         shapes: dict[str, tuple[tuple[int, ...], str]] = {}
-        for shard in shards:
-            for name, info in read_header(base_src, shard, b_files[shard]).tensors.items():
+        # one or two small ranged GETs per shard, several at once: a 30-shard base costs a round trip or two,
+        # not thirty (HubSource reads are thread-safe; the engine reads the same way)
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(shards)) or 1) as pool:
+            headers = list(pool.map(lambda shard: read_header(base_src, shard, b_files[shard]), shards))
+        for header in headers:
+            for name, info in header.tensors.items():
                 shapes[name] = (info.shape, info.dtype)
         base_bytes = sum(b_files[s] for s in shards)
         if ADAPTER_SAFETENSORS not in a_files:
