@@ -6,7 +6,8 @@ HF_ENDPOINT pointing at the double. Sign in with the printed token, merge `demo/
 `demo/tiny-llama`, and watch the job page; its "Published" link opens the new repo's page on the local Hub.
 
 State (the Hub's repos, the job database) lives in `var/demo` and survives a restart; the Hub's port is fixed so
-links in old jobs keep working. `make demo-reset` (or `--reset`) starts from scratch.
+links in old jobs keep working. `make demo-reset` (or `--reset`) starts from scratch. `LORAFOLD_DEMO_DIR` moves the
+state folder (the tests use it).
 
 The console is for the banner: one line per request (the job page's once-a-second polls are not logged), Hub and
 HTTP-client chatter at debug level, known dependency warnings silenced, the worker's log in `var/demo/worker.log`,
@@ -88,6 +89,8 @@ def quiet() -> None:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        # as the servers bind (allow_reuse_address): a port in TIME_WAIT after a restart is free to them
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError as exc:
@@ -142,6 +145,9 @@ def _run(data: Path) -> int:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         os.environ["HF_ENDPOINT"] = hub.url
+        # everything the demo writes stays under `data`, so `make demo-reset` forgets all of it
+        for name in ("DATABASE_URL", "CELERY_BROKER_URL", "LORAFOLD_SECRET_KEY", "LORAFOLD_PUBLIC_URL"):
+            os.environ.pop(name, None)
         os.environ["LORAFOLD_DATA_DIR"] = str(data / "service")
         os.environ.setdefault("LORAFOLD_HOST", "127.0.0.1")
         os.environ["PORT"] = str(port)
