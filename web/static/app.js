@@ -261,7 +261,10 @@
         lastSample = data.samples[data.samples.length - 1].id;
       }
       if (samples.length) drawChart(TERMINAL[job.status]);
-      else if (TERMINAL[job.status]) setText("chart-note", "the job ended before the first memory sample");
+      else if (TERMINAL[job.status]) {
+        setText("chart-note", "the job ended before the first memory sample");
+        $("memchart").setAttribute("hidden", "");  // an empty frame says nothing
+      }
     }
 
     function renderTimes(times) {
