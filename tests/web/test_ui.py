@@ -579,3 +579,18 @@ def test_the_hub_double_has_pages_for_repos_commits_and_tokens(hub):
     assert status == 404 and kind.startswith("text/html")
     assert get("/settings/tokens")[0] == 200
     assert get("/api/whoami-v2")[0] == 401  # API paths still answer as the API
+
+
+def test_hub_retries_are_counted_per_client(hub):
+    """What /metrics' lorafold_hub_retries_total sums: the retries a job's HubClient made (pipeline → timings)."""
+    from tests.support.hubdouble import Fault
+    from worker.hub import HubClient
+
+    client = HubClient(hub.url, ALICE)
+    source = client.source("alice/base", None)
+    fault = hub.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*model\.safetensors", kind="status",
+                                 status=503, headers={"Retry-After": "0"}, times=1))
+    buf = bytearray(8)
+    source.read_into("model.safetensors", 0, memoryview(buf))
+    assert fault.hits == 1 and source.retries_made == 1 and client.retries == 1
+    source.close()
