@@ -1,7 +1,8 @@
 """`GET /healthz`: can this web process reach its database and its broker (200, or 503 naming what is down), which
 workers it can see and how deep the queue is.
 
-Workers and queue depth are reported, never judged: a web with no worker up is still a healthy web (jobs wait
+Workers are counted, not named: /healthz is unauthenticated and worker names carry host names (Flower, behind its
+password, names them). Workers and queue depth are reported, never judged: a web with no worker up is still a healthy web (jobs wait
 in the queue, and the reconciler re-sends them), so they do not turn the answer into a 503 that would make an
 orchestrator restart the wrong container. Both are cached for a few seconds: a load balancer probing every
 second must not turn into a Celery broadcast every second.
@@ -39,7 +40,7 @@ def healthz():
     extra = {}
     if report["database"] == "ok":
         extra["queue"] = queue_depth(svc)
-    extra["workers"] = _cached(f"workers:{svc.settings.broker_url}", lambda: workers(svc, report))
+    extra["workers"] = _cached(f"workers:{id(svc)}", lambda: workers(svc, report))
     return jsonify(status="ok" if ok else "unavailable", **report, **extra), 200 if ok else 503
 
 
@@ -98,16 +99,15 @@ def workers(svc, report: dict) -> dict:
                 replies = app.control.ping(timeout=PING_TIMEOUT) or []
             finally:
                 app.close()
-            names = sorted(name for reply in replies for name in reply)
-            return {"count": len(names), "names": names, "seen_by": "celery ping"}
+            return {"count": len({name for reply in replies for name in reply}), "seen_by": "celery ping"}
         except Exception as exc:  # noqa: BLE001 - reported, not raised
-            return {"count": None, "names": [], "seen_by": f"celery ping failed ({type(exc).__name__})"}
+            return {"count": None, "seen_by": f"celery ping failed ({type(exc).__name__})"}
     if report.get("database") != "ok":
-        return {"count": None, "names": [], "seen_by": "nothing (the database is down)"}
+        return {"count": None, "seen_by": "nothing (the database is down)"}
     with svc.db.session() as s:
-        names = sorted(n.rsplit(":", 1)[0] for n in s.scalars(select(Job.worker).where(
-            Job.status == JobStatus.running.value, Job.lease_until > utcnow(), Job.worker.is_not(None))).unique())
-    return {"count": len(names), "names": names,
+        names = set(s.scalars(select(Job.worker).where(
+            Job.status == JobStatus.running.value, Job.lease_until > utcnow(), Job.worker.is_not(None))))
+    return {"count": len({n.rsplit(":", 1)[0] for n in names}),
             "seen_by": "leases of running jobs (the embedded broker cannot broadcast: idle workers are not shown)"}
 
 

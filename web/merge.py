@@ -84,8 +84,9 @@ class MergeInput:
             value = (getattr(form, name).data or "").strip()
             return value or None
 
+        private = True if form.private.data else (None if form.private_auto.data == "1" else False)
         return cls(adapter=text("adapter") or "", target=text("target") or "", adapter_revision=text("adapter_revision"),
-                   base=text("base"), base_revision=text("base_revision"), private=bool(form.private.data),
+                   base=text("base"), base_revision=text("base_revision"), private=private,
                    dtype=form.dtype.data or "auto", overwrite=bool(form.overwrite.data),
                    create_pr=bool(form.create_pr.data))
 

@@ -594,3 +594,29 @@ def test_hub_retries_are_counted_per_client(hub):
     source.read_into("model.safetensors", 0, memoryview(buf))
     assert fault.hits == 1 and source.retries_made == 1 and client.retries == 1
     source.close()
+
+
+def test_the_form_keeps_a_private_adapter_private_unless_the_user_chose_public(client, db):
+    sign_in(client)
+    page = client.get("/merge").get_data(as_text=True)
+    assert 'id="private_auto" name="private_auto" type="hidden" value="1"' in page
+    left = client.post("/merge", data=merge_data(client, adapter="alice/secret-ad", private_auto="1"))
+    chosen = client.post("/merge", data=merge_data(client, adapter="alice/secret-ad", private_auto="0"))
+    public = client.post("/merge", data=merge_data(client, adapter="alice/ad", private_auto="1"))
+    with db.session() as s:
+        assert s.get(Job, left.headers["Location"].rsplit("/", 1)[1]).private is True  # box left at its default
+        assert s.get(Job, chosen.headers["Location"].rsplit("/", 1)[1]).private is False  # unticked on purpose
+        assert s.get(Job, public.headers["Location"].rsplit("/", 1)[1]).private is False
+
+
+def test_healthz_counts_workers_without_naming_hosts(client, db):
+    from datetime import timedelta
+
+    from worker.jobs.models import utcnow
+
+    with db.session() as s:
+        s.add(Job(owner="alice", namespace="alice", door="api", adapter_repo="alice/ad", target_repo="alice/r",
+                  status="running", worker="lorafold-77@gpu-host-3:9f", lease_until=utcnow() + timedelta(seconds=60)))
+    body = client.get("/healthz").json
+    assert body["workers"]["count"] == 1 and body["queue"]["running"] == 1
+    assert "gpu-host-3" not in client.get("/healthz").get_data(as_text=True)

@@ -60,10 +60,14 @@
   function initMergeForm(form) {
     var adapter = $("adapter"), revision = $("adapter_revision"), base = $("base"), target = $("target");
     var priv = $("private"), status = $("adapter-status"), panel = $("preview");
-    var auto = { base: base.value === "", target: target.value === "", private: true };
+    var auto = { base: base.value === "", target: target.value === "", private: $("private_auto").value === "1" };
     base.addEventListener("input", function () { auto.base = base.value === ""; });
     target.addEventListener("input", function () { auto.target = target.value === ""; });
-    priv.addEventListener("change", function () { auto.private = false; setText("private-hint", ""); });
+    priv.addEventListener("change", function () {
+      auto.private = false;
+      $("private_auto").value = "0";  // the user chose: unticked now means public
+      setText("private-hint", "");
+    });
     var timer = null, seq = 0, ptimer = null, pseq = 0;
     var hadServerErrors = !!form.querySelector(".field-error");
 
@@ -108,7 +112,7 @@
       var q = ["adapter", "adapter_revision", "base", "base_revision", "target", "dtype"].map(function (n) {
         return n + "=" + encodeURIComponent(($(n).value || "").trim());
       });
-      q.push("private=" + (priv.checked ? "1" : (auto.private ? "" : "0")));
+      q.push("private=" + (priv.checked ? "1" : ($("private_auto").value === "1" ? "" : "0")));
       q.push("overwrite=" + ($("overwrite").checked ? "1" : "0"));
       q.push("create_pr=" + ($("create_pr").checked ? "1" : "0"));
       return form.dataset.previewUrl + "?" + q.join("&");
