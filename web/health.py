@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from flask import Blueprint, jsonify
+from flask import Blueprint, current_app, jsonify
 from sqlalchemy import func, select, text
 
 from worker.jobs import Job, JobStatus
@@ -27,7 +27,6 @@ bp = Blueprint("health", __name__)
 
 PING_TIMEOUT = 1.0  # seconds a Celery ping waits for answers (the probe's own timeout is longer)
 CACHE_SECONDS = 10.0
-_cache: dict[str, tuple[float, dict]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -40,19 +39,20 @@ def healthz():
     extra = {}
     if report["database"] == "ok":
         extra["queue"] = queue_depth(svc)
-    extra["workers"] = _cached(f"workers:{id(svc)}", lambda: workers(svc, report))
+    extra["workers"] = _cached("workers", lambda: workers(svc, report))
     return jsonify(status="ok" if ok else "unavailable", **report, **extra), 200 if ok else 503
 
 
 def _cached(key: str, compute):
+    cache = current_app.extensions.setdefault("lorafold.health", {})  # per app: two apps never share answers
     now = time.monotonic()
     with _cache_lock:
-        hit = _cache.get(key)
+        hit = cache.get(key)
         if hit and now - hit[0] < CACHE_SECONDS:
             return hit[1]
     value = compute()
     with _cache_lock:
-        _cache[key] = (now, value)
+        cache[key] = (now, value)
     return value
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import Counter
 
-from flask import Blueprint, Response
+from flask import Blueprint, Response, current_app
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import select
@@ -35,7 +35,6 @@ SECONDS_BUCKETS = (0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200)
 BYTES_BUCKETS = tuple(float(2**n) for n in range(26, 41, 2))  # 64 MiB … 1 TiB, x4 steps
 
 _lock = threading.Lock()
-_cache: dict[int, tuple[float, bytes]] = {}
 
 
 @bp.get("/metrics")
@@ -43,16 +42,16 @@ def metrics():
     """Prometheus text format: jobs by state and door, queue wait, start-up and merge seconds, bytes, peak
     RSS/VRAM, Hub retries."""
     svc = services()
-    key = id(svc)
+    cache = current_app.extensions.setdefault("lorafold.metrics", {})  # per app: two apps never share numbers
     now = time.monotonic()
     with _lock:
-        hit = _cache.get(key)
+        hit = cache.get("body")
     if hit is None or now - hit[0] > CACHE_SECONDS:
         registry = CollectorRegistry(auto_describe=False)
         registry.register(JobCollector(svc.db))
         body = generate_latest(registry)
         with _lock:
-            _cache[key] = (now, body)
+            cache["body"] = (now, body)
     else:
         body = hit[1]
     return Response(body, mimetype=CONTENT_TYPE_LATEST.split(";")[0], headers={"Content-Type": CONTENT_TYPE_LATEST})
