@@ -213,6 +213,7 @@
     var lastSample = 0;
     var samples = [];
     var peakRss = 0;
+    var jobSeconds = null;
 
     function setText(id, text) { var el = $(id); if (el && el.textContent !== text) el.textContent = text; }
 
@@ -251,6 +252,7 @@
       setText("stat-vram", s.peak_vram_bytes ? formatBytes(s.peak_vram_bytes) : "–");
       if (s.peak_vram_bytes) { $("stat-vram").hidden = false; $("stat-vram-label").hidden = false; $("vram-key").hidden = false; }
       peakRss = s.peak_rss_bytes || 0;
+      jobSeconds = s.seconds;
       renderTimes(data.times);
       setText("stat-read", s.bytes_read ? formatBytes(s.bytes_read) : "–");
       setText("stat-written", s.bytes_written ? formatBytes(s.bytes_written) : "–");
@@ -318,7 +320,9 @@
     // which can fall between samples.
     function drawChart(finished) {
       var W = 600, H = 220, top = 20, bottom = 14;
-      var tMax = samples[samples.length - 1].t;
+      // the time axis spans the whole merge when it is known, so a short job's one or two samples sit where
+      // they were taken within it rather than at the right edge
+      var tMax = Math.max(samples[samples.length - 1].t, jobSeconds || 0);
       tMax = tMax > 0 ? tMax * 1.05 : 1;
       var top1 = 0;
       samples.forEach(function (s) { top1 = Math.max(top1, s.rss); });
