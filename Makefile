@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.lorafold-installed
 PORT    ?= 5000
 
-.PHONY: install run demo worker test test-fast reliability bench bench-gpu lint clean
+.PHONY: install run demo demo-reset worker test test-fast reliability bench bench-gpu lint clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -20,8 +20,11 @@ install: $(STAMP)  ## create .venv with the `lorafold` console script and every 
 run: $(STAMP)  ## the whole service on embedded defaults (SQLite + embedded broker), web and one worker
 	PORT=$(PORT) $(BIN)/lorafold serve
 
-demo: $(STAMP)  ## the service plus a local Hub seeded with a small model and adapter (no internet)
+demo: $(STAMP)  ## the service plus a local Hub (127.0.0.1:5001, DEMO_HUB_PORT) seeded with a small model and adapter (no internet)
 	PORT=$(PORT) $(BIN)/python -m tests.support.demo
+
+demo-reset: $(STAMP)  ## forget the demo's Hub repos and jobs (var/demo): the next `make demo` starts from scratch
+	$(BIN)/python -m tests.support.demo --reset
 
 test: $(STAMP)  ## every test
 	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)

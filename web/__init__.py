@@ -30,7 +30,7 @@ def create_app(
     from worker.jobs import Database, JobStore, SecretBox
     from worker.settings import Settings
 
-    from . import api, auth, errors, health, hooks, present, rules, security, ui
+    from . import api, auth, errors, health, hooks, metrics, present, rules, security, ui
     from .services import Services, celery_enqueue, default_hub_factory
 
     settings = settings if settings is not None else Settings.from_env()
@@ -50,7 +50,7 @@ def create_app(
 
     limiter = security.init_app(app, settings.rate_limit, settings.rate_limit_storage, settings.cookies_secure)
     csrf = CSRFProtect(app)
-    for bp in (auth.bp, ui.bp, rules.bp, api.bp, hooks.bp, health.bp):
+    for bp in (auth.bp, ui.bp, rules.bp, api.bp, hooks.bp, health.bp, metrics.bp):
         app.register_blueprint(bp)
     csrf.exempt(api.bp)  # Bearer tokens only: a browser cannot be tricked into sending one
     csrf.exempt(hooks.bp)  # authenticated by the rule's secret

@@ -19,12 +19,12 @@ from urllib.parse import urlsplit
 from flask import Blueprint, current_app, g, redirect, render_template, request, session, url_for
 from sqlalchemy import delete
 
-from worker.hub.inspect import Identity
 from worker.jobs import Credential, fingerprint
 from worker.jobs.models import utcnow
 
 from .errors import HubUnavailable, Unauthorized, wants_json
 from .forms import TokenForm
+from .hubcheck import Identity
 from .services import services
 
 bp = Blueprint("auth", __name__)

@@ -13,8 +13,9 @@ import time
 from flask import Flask, current_app, jsonify, make_response, render_template, request
 from werkzeug.exceptions import HTTPException
 
-from worker.hub.inspect import InspectError
 from worker.redact import scrub
+
+from .hubcheck import InspectError
 
 log = logging.getLogger("lorafold.web")
 

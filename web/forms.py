@@ -4,7 +4,7 @@ web/rules.py, shared with the JSON API; these classes only bound and shape the i
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, PasswordField, SelectField, StringField
+from wtforms import BooleanField, HiddenField, PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, Optional
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -22,7 +22,12 @@ class MergeForm(FlaskForm):
     base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
     target = StringField("Target repo", validators=[DataRequired(), Length(max=200)])
     private = BooleanField("Private")
+    # "1" until the user touches the checkbox (the page's JS sets "0"): an unticked box then means "as private as
+    # the adapter and the base", so a private adapter is never published publicly by a box left at its default
+    private_auto = HiddenField(default="1")
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
+    overwrite = BooleanField("Overwrite the weights already there")
+    create_pr = BooleanField("Open a pull request instead of committing to main")
 
 
 class RuleForm(FlaskForm):

@@ -1,25 +1,114 @@
-"""`GET /healthz`: can this web process reach its database and its broker? 200 or 503 naming what is down."""
+"""`GET /healthz`: can this web process reach its database and its broker (200, or 503 naming what is down), which
+workers it can see and how deep the queue is.
+
+Workers are counted, not named: /healthz is unauthenticated and worker names carry host names (Flower, behind its
+password, names them). Workers and queue depth are reported, never judged: a web with no worker up is still a healthy web (jobs wait
+in the queue, and the reconciler re-sends them), so they do not turn the answer into a 503 that would make an
+orchestrator restart the wrong container. Both are cached for a few seconds: a load balancer probing every
+second must not turn into a Celery broadcast every second.
+"""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
-from flask import Blueprint, jsonify
-from sqlalchemy import text
+from flask import Blueprint, current_app, jsonify
+from sqlalchemy import func, select, text
+
+from worker.jobs import Job, JobStatus
+from worker.jobs.models import utcnow
 
 from .services import services
 
 bp = Blueprint("health", __name__)
 
+PING_TIMEOUT = 1.0  # seconds a Celery ping waits for answers (the probe's own timeout is longer)
+CACHE_SECONDS = 10.0
+_cache_lock = threading.Lock()
+
 
 @bp.get("/healthz")
 def healthz():
-    """Database and broker reachability."""
+    """Database and broker reachability; the workers this web can see and the queue depth."""
     svc = services()
     report = {"database": _database(svc.db), "broker": _broker(svc.settings.broker_url)}
     ok = all(v == "ok" for v in report.values())
-    return jsonify(status="ok" if ok else "unavailable", **report), 200 if ok else 503
+    extra = {}
+    if report["database"] == "ok":
+        extra["queue"] = queue_depth(svc)
+    extra["workers"] = _cached("workers", lambda: workers(svc, report))
+    return jsonify(status="ok" if ok else "unavailable", **report, **extra), 200 if ok else 503
+
+
+def _cached(key: str, compute):
+    cache = current_app.extensions.setdefault("lorafold.health", {})  # per app: two apps never share answers
+    now = time.monotonic()
+    with _cache_lock:
+        hit = cache.get(key)
+        if hit and now - hit[0] < CACHE_SECONDS:
+            return hit[1]
+    value = compute()
+    with _cache_lock:
+        cache[key] = (now, value)
+    return value
+
+
+def queue_depth(svc) -> dict:
+    """Jobs waiting (queued rows: the truth) and running; plus the broker's own list length where that is one
+    cheap command (Redis). The two differ while the reconciler re-sends jobs a broker lost."""
+    with svc.db.session() as s:
+        counts = dict(s.execute(select(Job.status, func.count()).where(
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value))).group_by(Job.status)).all())
+        oldest = s.scalar(select(func.min(Job.created_at)).where(Job.status == JobStatus.queued.value))
+    out = {"queued": counts.get("queued", 0), "running": counts.get("running", 0),
+           "oldest_queued_seconds": round((utcnow() - oldest).total_seconds(), 1) if oldest else None}
+    url = svc.settings.broker_url
+    if url.startswith(("redis://", "rediss://")):
+        out["broker_messages"] = _redis_length(url)
+    return out
+
+
+def _redis_length(url: str) -> int | None:
+    try:
+        import redis
+
+        from worker.service.queue import MERGE_QUEUE
+
+        client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        try:
+            return int(client.llen(MERGE_QUEUE))
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - reported as unknown
+        return None
+
+
+def workers(svc, report: dict) -> dict:
+    """Workers that answer a Celery ping (brokers that can broadcast), else those holding a live lease on a
+    running job (the embedded broker cannot broadcast, so idle workers are invisible there; said so)."""
+    url = svc.settings.broker_url
+    if report.get("broker") == "ok" and not url.startswith("sqla+"):
+        try:
+            from worker.service.queue import make_celery
+
+            app = make_celery(svc.settings)
+            try:
+                replies = app.control.ping(timeout=PING_TIMEOUT) or []
+            finally:
+                app.close()
+            return {"count": len({name for reply in replies for name in reply}), "seen_by": "celery ping"}
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return {"count": None, "seen_by": f"celery ping failed ({type(exc).__name__})"}
+    if report.get("database") != "ok":
+        return {"count": None, "seen_by": "nothing (the database is down)"}
+    with svc.db.session() as s:
+        names = set(s.scalars(select(Job.worker).where(
+            Job.status == JobStatus.running.value, Job.lease_until > utcnow(), Job.worker.is_not(None))))
+    return {"count": len({n.rsplit(":", 1)[0] for n in names}),
+            "seen_by": "leases of running jobs (the embedded broker cannot broadcast: idle workers are not shown)"}
 
 
 def _database(db) -> str:

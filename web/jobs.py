@@ -70,6 +70,15 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         raise Unprocessable("cursor is not one this service gave out", field="cursor") from None
 
 
+def states(job_ids) -> dict[str, str]:
+    """job id → its status now, for pages that list jobs by id (a rule's run history follows each to its end)."""
+    ids = sorted({i for i in job_ids if i})
+    if not ids:
+        return {}
+    with services().db.session() as s:
+        return dict(s.execute(select(Job.id, Job.status).where(Job.id.in_(ids))).all())
+
+
 def logs(job: Job, *, after: int = 0, limit: int = 200) -> list[JobLog]:
     with services().db.session() as s:
         return list(s.scalars(select(JobLog).where(JobLog.job_id == job.id, JobLog.id > after)

@@ -1,15 +1,26 @@
 """A merge request from the form or the API → checked against the Hub → `submit()`.
 
-Both doors build a `MergeInput`, call `check()` (every problem, each tied to its field) and then `create()`. The
-webhook door does not come here: it must answer in milliseconds and never calls the Hub (the worker checks).
+Both doors build a `MergeInput`, call `check()` (every problem, each tied to its field, including whether the base's
+shapes fit the adapter: preflight.py reads the safetensors headers) and then `create()`. The webhook door does
+not come here: it must answer in milliseconds and never calls the Hub (the worker checks).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, replace
 
+from sqlalchemy import func, select
+
+from worker.engine.card import Lineage, build_card
+from worker.engine.errors import EngineError
 from worker.engine.files import WEIGHT_SUFFIXES
-from worker.hub.inspect import (
+from worker.jobs import Job, JobRequest, JobStatus, submit
+
+from .auth import Caller
+from .errors import Unprocessable
+from .forms import DTYPES
+from .hubcheck import (
     AdapterInfo,
     InspectError,
     can_write,
@@ -18,15 +29,11 @@ from worker.hub.inspect import (
     inspect_adapter,
     inspect_repo,
 )
-from worker.jobs import Job, JobRequest, submit
-
-from .auth import Caller
-from .errors import Unprocessable
-from .forms import DTYPES
+from .preflight import Preflight, check_fit
 from .services import services
 
 FIELDS = {"adapter": str, "adapter_revision": str, "base": str, "base_revision": str, "target": str,
-          "private": bool, "dtype": str}
+          "private": bool, "dtype": str, "overwrite": bool, "create_pr": bool}
 MAX_STRING = 200
 
 
@@ -37,8 +44,10 @@ class MergeInput:
     adapter_revision: str | None = None
     base: str | None = None
     base_revision: str | None = None
-    private: bool = False
+    private: bool | None = None  # None: private when the adapter or the base is (resolved by check())
     dtype: str = "auto"
+    overwrite: bool = False  # commit on top of a target that already has weights (a retrained adapter)
+    create_pr: bool = False  # propose the merge as a pull request on the target instead of committing to main
 
     @classmethod
     def from_json(cls, body: object) -> MergeInput:
@@ -75,13 +84,28 @@ class MergeInput:
             value = (getattr(form, name).data or "").strip()
             return value or None
 
+        private = True if form.private.data else (None if form.private_auto.data == "1" else False)
         return cls(adapter=text("adapter") or "", target=text("target") or "", adapter_revision=text("adapter_revision"),
-                   base=text("base"), base_revision=text("base_revision"), private=bool(form.private.data),
-                   dtype=form.dtype.data or "auto")
+                   base=text("base"), base_revision=text("base_revision"), private=private,
+                   dtype=form.dtype.data or "auto", overwrite=bool(form.overwrite.data),
+                   create_pr=bool(form.create_pr.data))
 
 
-def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], AdapterInfo | None]:
-    """Every reason this request cannot be queued (empty when it can), in field order, and the adapter's facts."""
+@dataclass(frozen=True)
+class Checked:
+    """What check() learnt on the way: the adapter's facts, the base, the headers' verdict (None when the request
+    failed before the shape check), and the request with `private` resolved."""
+
+    inp: MergeInput
+    adapter: AdapterInfo | None = None
+    base: str | None = None
+    base_sha: str | None = None
+    base_private: bool = False
+    preflight: Preflight | None = None
+
+
+def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]:
+    """Every reason this request cannot be queued (empty when it can), in field order, and what was learnt."""
     errors: list[InspectError] = []
 
     def attempt(fn, *args, **kwargs):
@@ -99,20 +123,27 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], AdapterI
     if inp.dtype not in DTYPES:
         errors.append(InspectError("dtype", f"dtype must be one of {', '.join(DTYPES)}"))
     if errors:
-        return errors, None
+        return errors, Checked(inp)
 
     svc = services()
     hub = svc.hub(caller.token)
     info = attempt(inspect_adapter, hub, adapter, adapter_rev, max_bytes=svc.settings.max_adapter_bytes)
     base_id = base or (info.base if info else None)
+    # the revision the worker will read (pipeline.py): the field's, else a `base@rev` pinned in the adapter config
+    base_at = base_rev if base else (base_rev or (info.base_revision if info else None))
     if info is not None and base_id is None:
         errors.append(InspectError("base", f"{adapter}: adapter_config.json names no Hub base model; choose the base"))
+    base_info = None
     if base_id is not None:
         where = "" if base else " (named by the adapter's config)"
         try:
-            inspect_repo(hub, base_id, base_rev if base else None, field="base", revision_field="base_revision")
+            base_info = inspect_repo(hub, base_id, base_at, field="base", revision_field="base_revision")
         except InspectError as exc:
             errors.append(InspectError(exc.field, exc.message + where))
+    private = inp.private
+    if private is None:  # the API left it out: a merge is as private as the most private of its inputs
+        private = bool((info and info.private) or (base_info and base_info.private))
+    inp = replace(inp, private=private)
     namespace = target.split("/")[0]
     if target in (adapter, base_id):
         errors.append(InspectError("target", f"{target}: the target must be a new repo, not the adapter or the base"))
@@ -121,36 +152,124 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], AdapterI
             "target", f"you cannot create repos in '{namespace}' with this token: use your own namespace "
                       f"({caller.name}) or an organization where you have write access"))
     else:
-        _check_existing_target(hub, target, inp.private, errors)
-    return sorted(errors, key=lambda e: list(FIELDS).index(e.field) if e.field in FIELDS else 99), info
+        _check_existing_target(hub, inp, errors)
+    preflight = None
+    if info is not None and base_info is not None:
+        preflight = attempt(_preflight, hub, adapter, info, base_id, base_info.sha, inp.dtype)
+    errors.sort(key=lambda e: list(FIELDS).index(e.field) if e.field in FIELDS else 99)
+    return errors, Checked(inp, info, base_id, base_info.sha if base_info else None,
+                           bool(base_info and base_info.private), preflight)
 
 
-def _check_existing_target(hub, target: str, private: bool, errors: list[InspectError]) -> None:
-    """An existing target with weights would be refused by the worker after queueing: say it now."""
+def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str, dtype: str) -> Preflight:
+    """The headers' verdict (preflight.py), read at the commits the checks above resolved."""
+    try:
+        adapter_src = hub.source(adapter, info.sha, max_total_bytes=services().settings.max_adapter_bytes)
+    except EngineError as exc:
+        raise InspectError("adapter", str(exc)) from None
+    try:
+        base_src = hub.source(base, base_sha, max_total_bytes=services().settings.max_base_bytes)
+    except EngineError as exc:
+        adapter_src.close()
+        raise InspectError("base", str(exc)) from None
+    try:
+        return check_fit(adapter_src, base_src, adapter=adapter, base=base, spec=info.spec, dtype=dtype)
+    finally:
+        adapter_src.close()
+        base_src.close()
+
+
+def _check_existing_target(hub, inp: MergeInput, errors: list[InspectError]) -> None:
+    """An existing target with weights would be refused by the worker after queueing: say it now, and say how to
+    re-publish on purpose (a retrained adapter): overwrite, or a pull request, as the CLI offers."""
+    target = inp.target
     try:
         existing = inspect_repo(hub, target, field="target")
     except InspectError:
+        if inp.create_pr:
+            errors.append(InspectError("create_pr", f"{target} does not exist yet: a pull request needs an existing "
+                                                    "repo; untick \"open a pull request\" to create it"))
         return  # not there (or not visible): the worker creates it
     weights = [f for f in existing.files if f.endswith(WEIGHT_SUFFIXES)]
-    if weights:
-        errors.append(InspectError("target", f"{target} already exists and has weights ({weights[0]}); choose a new repo name"))
-    elif private and not existing.private:
+    if weights and not (inp.overwrite or inp.create_pr):
+        errors.append(InspectError(
+            "target", f"{target} already exists and has weights ({weights[0]}); choose a new repo name, or "
+                      "re-publish on purpose with overwrite or a pull request"))
+    elif inp.private and not existing.private:
         errors.append(InspectError("private", f"{target} exists and is public, but a private merge was asked for"))
 
 
 def create(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
     """Check, then submit. Raises the first InspectError (the API); the form calls check() itself to show all."""
-    errors, _ = check(caller, inp)
+    errors, checked = check(caller, inp)
     if errors:
         raise errors[0]
-    return queue(caller, inp, door, idempotency_key)
+    return queue(caller, checked.inp, door, idempotency_key)
 
 
 def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
     svc = services()
     request = JobRequest(
         owner=caller.name, door=door, adapter=inp.adapter, adapter_revision=inp.adapter_revision, base=inp.base,
-        base_revision=inp.base_revision, target=inp.target, private=inp.private, dtype=inp.dtype,
-        idempotency_key=idempotency_key,
+        base_revision=inp.base_revision, target=inp.target, private=bool(inp.private), dtype=inp.dtype,
+        # a pull request never touches main, so it may always land on a repo that has weights
+        overwrite=inp.overwrite or inp.create_pr, create_pr=inp.create_pr, idempotency_key=idempotency_key,
     )
     return submit(svc.db, svc.box, request, caller.token, svc.enqueue)
+
+
+def estimate_seconds(out_bytes: int) -> float | None:
+    """Time to merge `out_bytes` at this service's median byte rate over its last successful jobs (None before
+    it has any): measured here, on these workers, rather than a guess."""
+    with services().db.session() as s:
+        rows = s.execute(select(Job.bytes_total, Job.seconds).where(
+            Job.status == JobStatus.succeeded.value, Job.bytes_total > 0, Job.seconds > 0)
+            .order_by(Job.finished_at.desc()).limit(20)).all()
+    rates = [b / sec for b, sec in rows if b and sec]
+    if not rates:
+        return None
+    return round(out_bytes / statistics.median(rates), 1)
+
+
+def jobs_ahead() -> int:
+    """Jobs queued or running now (on every worker): the wait before a new one starts, in jobs."""
+    with services().db.session() as s:
+        return s.scalar(select(func.count()).select_from(Job).where(
+            Job.status.in_((JobStatus.queued.value, JobStatus.running.value)))) or 0
+
+
+def card_preview(checked: Checked, hub) -> str | None:
+    """The model card the merge will publish, built by the engine's own (torch-free) card builder; the base's
+    license comes from its card, read at the resolved commit."""
+    info, pf = checked.adapter, checked.preflight
+    if info is None or checked.base is None:
+        return None
+    import importlib.metadata
+
+    try:
+        version = importlib.metadata.version("lorafold")
+    except importlib.metadata.PackageNotFoundError:
+        version = "dev"
+    inp = checked.inp
+    settings = {"dtype": inp.dtype, "shards": "base layout", "tensors changed": pf.tensors_changed if pf else "?"}
+    lineage = Lineage(checked.base, checked.base_sha, inp.adapter, info.sha, True, True)
+    return build_card(lineage, settings, info.spec.summary(), _base_card(hub, checked.base, checked.base_sha), version)
+
+
+def _base_card(hub, base: str, sha: str | None) -> str | None:
+    """The base's README.md (its first 200 kB, as the worker reads it), or None."""
+    try:
+        src = hub.source(base, sha)
+    except EngineError:
+        return None
+    try:
+        size = {f.path: f.size for f in src.files()}.get("README.md")
+        if not size:
+            return None
+        buf = bytearray(min(size, 200_000))
+        src.read_into("README.md", 0, memoryview(buf))
+        return bytes(buf).decode("utf-8", errors="replace")
+    except EngineError:
+        return None
+    finally:
+        src.close()

@@ -100,3 +100,111 @@ def webhook_url(rule_id: str) -> str:
 def delivery_json(d: Delivery) -> dict:
     return {"id": d.id, "received_at": iso(d.received_at), "repo": d.repo, "new_sha": d.new_sha, "outcome": d.outcome,
             "reason": d.reason, "job_id": d.job_id}
+
+
+# --- the job page's words (page-only: the API's job shape above stays as documented) ---------------------------
+
+# Failures that say nothing about the inputs: the same job may well succeed when run again.
+_TRANSIENT = ("after retries", "rate limited", "try again", "cannot reach", "time limit", "worker shut down",
+              "moved while merging", "worker was lost", "lost its worker", "timed out", "unavailable")
+# Failures about access: Retry runs with the caller's *current* token, so it helps once that token can.
+_ACCESS = ("token", "(401)", "(403)", "gated", "not readable", "not found, or private")
+
+
+def retry_advice(job: Job) -> dict:
+    """Whether to offer Retry, and why: a retry of a failure that depends only on the (unchanged) inputs would
+    fail the same way, so the page hides it there and says what to change instead."""
+    status = job.status
+    if status not in ("failed", "cancelled", "skipped"):
+        return {"offer": False, "note": ""}
+    if status == "cancelled":
+        return {"offer": True, "note": "Retry runs it again from the start."}
+    if status == "skipped":
+        return {"offer": True, "note": "Retry merges this commit anyway."}
+    error = (job.error or "").lower()
+    if any(word in error for word in _TRANSIENT):
+        return {"offer": True, "note": "This failure looks temporary: Retry runs the same merge again."}
+    if any(word in error for word in _ACCESS):
+        return {"offer": True, "note": "Retry uses the token you are signed in with now: it helps once that token "
+                                       "can read the adapter and base and write the target."}
+    return {"offer": False, "note": "Retrying would fail the same way: the adapter, base and target are unchanged. "
+                                    "Change the inputs and start a new merge."}
+
+
+def state_text(job: Job) -> str:
+    """One plain phrase for where the job is: a failed job says "failed", never the last phase it reached."""
+    if job.status == "running":
+        return f"running · {job.phase}" if job.phase else "running · starting"
+    if job.status == "queued":
+        return "queued · waiting for a worker"
+    return job.status
+
+
+def human_seconds(seconds: float | None) -> str:
+    if seconds is None:
+        return "–"
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    s = round(seconds)
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m} min {s} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m} min"
+
+
+def human_when(at: datetime | None, now: datetime | None = None) -> str:
+    """"12:04:31 UTC (3 min ago)", or with the date when it was not today."""
+    if at is None:
+        return "–"
+    now = now or utcnow()
+    ago = (now - at).total_seconds()
+    clock = at.strftime("%H:%M:%S UTC") if at.date() == now.date() else at.strftime("%Y-%m-%d %H:%M UTC")
+    if ago < 0:
+        return clock
+    if ago < 45:
+        rel = "just now"
+    elif ago < 3600:
+        rel = f"{round(ago / 60) or 1} min ago"
+    elif ago < 86400:
+        rel = f"{round(ago / 3600)} h ago"
+    else:
+        rel = f"{round(ago / 86400)} d ago"
+    return f"{clock} ({rel})"
+
+
+def job_times(job: Job) -> list[dict]:
+    """The Details panel's times: created, queue wait, start-up (when the worker recorded it), merge, finished,
+    total; each {"id", "label", "text", "iso"} (iso for the <time> element, when it is a moment)."""
+    timings = job.timings if isinstance(job.timings, dict) else {}
+    queued_from = job.enqueued_at or job.created_at
+    wait = timings.get("queue_wait")
+    if wait is None and job.started_at and queued_from:
+        wait = max(0.0, (job.started_at - queued_from).total_seconds())
+    rows = [{"id": "t-created", "label": "Created", "text": f"{human_when(job.created_at)} via {job.door}",
+             "iso": iso(job.created_at)}]
+    if wait is not None:
+        rows.append({"id": "t-wait", "label": "Queue wait", "text": human_seconds(wait), "iso": None})
+    elif job.status == "queued" and queued_from:
+        rows.append({"id": "t-wait", "label": "Queue wait",
+                     "text": f"{human_seconds((utcnow() - queued_from).total_seconds())} so far", "iso": None})
+    if timings.get("startup") is not None:
+        rows.append({"id": "t-startup", "label": "Start-up", "text": human_seconds(timings["startup"]), "iso": None})
+    if job.seconds is not None:
+        rows.append({"id": "t-merge", "label": "Merge", "text": human_seconds(job.seconds), "iso": None})
+    elif job.status == "running" and job.started_at:
+        rows.append({"id": "t-merge", "label": "Running for",
+                     "text": human_seconds((utcnow() - job.started_at).total_seconds()), "iso": None})
+    if job.finished_at:
+        rows.append({"id": "t-finished", "label": "Finished", "text": human_when(job.finished_at), "iso": iso(job.finished_at)})
+        rows.append({"id": "t-total", "label": "Total", "text": human_seconds((job.finished_at - job.created_at).total_seconds()),
+                     "iso": None})
+    return rows
+
+
+def merge_again_url(job: Job) -> str:
+    """The form, pre-filled with this job's adapter, base and target (to change what made it fail)."""
+    args = {"adapter": job.adapter_repo, "target": job.target_repo}
+    if job.base_repo:
+        args["base"] = job.base_repo
+    return url_for("ui.merge_form", **args)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from flask import Blueprint, make_response, redirect, render_template, url_for
 from sqlalchemy import delete, select
 
-from worker.hub.inspect import InspectError, can_write, check_repo_id, check_rev, inspect_repo
 from worker.jobs import Credential, Delivery, Rule
 from worker.locations import is_repo_id
 from worker.redact import register
@@ -22,6 +21,7 @@ from worker.redact import register
 from .auth import Caller, login_required, session_caller
 from .errors import NotFound, Unprocessable
 from .forms import DTYPES, ActionForm, RuleForm
+from .hubcheck import InspectError, can_write, check_repo_id, check_rev, inspect_repo
 from .services import services
 
 bp = Blueprint("rules", __name__)

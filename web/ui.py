@@ -4,16 +4,36 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
-from worker.hub.inspect import InspectError, check_repo_id, check_rev, inspect_adapter
-
 from . import jobs, merge
 from .auth import login_required, session_caller
 from .errors import Unprocessable
 from .forms import ActionForm, MergeForm
-from .present import job_json, log_json
+from .hubcheck import InspectError, check_repo_id, check_rev, inspect_adapter
+from .present import job_json, job_times, log_json, merge_again_url, retry_advice, state_text
 from .services import services
 
 bp = Blueprint("ui", __name__)
+
+
+@bp.app_context_processor
+def _page_helpers():
+    return {"job_states": jobs.states, "hub_url": hub_url, "webhook_url_local": local_public_url()}
+
+
+def local_public_url() -> str | None:
+    """LORAFOLD_PUBLIC_URL (or its default) when it names this machine: webhook URLs built on it are unreachable
+    from the Hub, which the rules page says up front."""
+    from urllib.parse import urlsplit
+
+    url = services().settings.public_url
+    host = (urlsplit(url).hostname or "").lower()
+    local = host in ("localhost", "0.0.0.0", "::1", "") or host.startswith("127.") or host.endswith(".localhost")
+    return url if local else None
+
+
+def hub_url(repo: str) -> str:
+    """A repo's page on the configured Hub."""
+    return services().settings.hf_endpoint.rstrip("/") + "/" + repo
 
 
 @bp.get("/")
@@ -27,29 +47,55 @@ def index():
 @bp.route("/merge", methods=["GET", "POST"])
 @login_required
 def merge_form():
-    """The form "merge adapter into base"; checked against the Hub before anything is queued."""
+    """The form "merge adapter into base"; checked against the Hub (shapes included) before anything is queued.
+    "Preview" shows the model card and the size and time estimate without queueing."""
     caller = session_caller()
     form = MergeForm()
     if request.method == "GET":
         for name in ("adapter", "base", "target"):
             if request.args.get(name):
                 getattr(form, name).data = request.args[name][:200]
-        return render_template("merge.html", form=form)
+        return render_template("merge.html", form=form, preview=None, token_page=token_page())
     if form.validate_on_submit():
         inp = merge.MergeInput.from_form(form)
-        errors, _ = merge.check(caller, inp)
-        if not errors:
-            job, _ = merge.queue(caller, inp, "form")
+        errors, checked = merge.check(caller, inp)
+        if not errors and not request.form.get("preview"):
+            job, _ = merge.queue(caller, checked.inp, "form")
             return redirect(url_for("ui.job_page", job_id=job.id))
         for err in errors:
             getattr(form, err.field, form.adapter).errors.append(err.message)
-    return render_template("merge.html", form=form), 422
+        if not errors:
+            return render_template("merge.html", form=form, preview=preview_json(checked, caller),
+                                   token_page=token_page())
+    return render_template("merge.html", form=form, preview=None, token_page=token_page()), 422
+
+
+def token_page() -> str:
+    """Where a user makes a Hub token (the configured Hub's own settings page)."""
+    return services().settings.hf_endpoint.rstrip("/") + "/settings/tokens"
+
+
+def preview_json(checked: merge.Checked, caller) -> dict:
+    """Before queueing: what will be written, how long it should take here, and the model card."""
+    pf = checked.preflight
+    out_bytes = pf.out_bytes if pf else None
+    return {
+        "private": bool(checked.inp.private),
+        "size_bytes": out_bytes,
+        "tensors": pf.tensors if pf else None,
+        "tensors_changed": pf.tensors_changed if pf else None,
+        "shards": pf.shards if pf else None,
+        "shapes_checked": bool(pf and pf.checked),
+        "estimate_seconds": merge.estimate_seconds(out_bytes) if out_bytes else None,
+        "jobs_ahead": merge.jobs_ahead(),
+        "card": merge.card_preview(checked, services().hub(caller.token)),
+    }
 
 
 @bp.get("/merge/adapter.json")
 @login_required
 def adapter_info():
-    """What the form pre-fills from an adapter: its base model and a suggested target name."""
+    """What the form pre-fills from an adapter: its base model, a suggested target name, whether it is private."""
     caller = session_caller()
     adapter = request.args.get("adapter", "").strip()
     revision = request.args.get("revision", "").strip() or None
@@ -60,8 +106,40 @@ def adapter_info():
                                max_bytes=services().settings.max_adapter_bytes)
     except InspectError as exc:
         raise Unprocessable(exc.message, field=exc.field) from None
-    return jsonify(adapter=adapter, sha=info.sha, base=info.base, r=info.spec.r,
+    return jsonify(adapter=adapter, sha=info.sha, base=info.base, r=info.spec.r, private=info.private,
                    target=f"{caller.name}/{adapter.split('/')[1]}-merged")
+
+
+@bp.get("/merge/preview.json")
+@login_required
+def merge_preview():
+    """The whole check of a would-be request (every field error, shapes included) and, when it passes, the
+    preview: size, tensors changed, time estimate, jobs ahead, the model card. Nothing is queued."""
+    caller = session_caller()
+    args = {k: request.args.get(k, "").strip()[: merge.MAX_STRING] for k in
+            ("adapter", "adapter_revision", "base", "base_revision", "target", "dtype")}
+    flags = {k: request.args.get(k) in ("1", "true", "on") for k in ("overwrite", "create_pr")}
+    private = request.args.get("private")
+    inp = merge.MergeInput(adapter=args["adapter"], target=args["target"], adapter_revision=args["adapter_revision"] or None,
+                           base=args["base"] or None, base_revision=args["base_revision"] or None,
+                           private=None if private in (None, "") else private in ("1", "true", "on"),
+                           dtype=args["dtype"] or "auto", **flags)
+    errors, checked = merge.check(caller, inp)
+    if errors:
+        return jsonify(ok=False, errors=[{"field": e.field, "message": e.message} for e in errors])
+    return jsonify(ok=True, errors=[], preview=preview_json(checked, caller))
+
+
+@bp.get("/merge/adapters.json")
+@login_required
+def my_adapters():
+    """The signed-in user's PEFT adapter repos (and their organizations'), for the form's pick list."""
+    caller = session_caller()
+    hub = services().hub(caller.token)
+    found: list[str] = []
+    for namespace in [caller.name, *sorted(caller.namespaces - {caller.name})][:6]:
+        found += hub.list_adapters(namespace, limit=50)
+    return jsonify(adapters=found[:200])
 
 
 @bp.get("/jobs")
@@ -82,7 +160,8 @@ def job_page(job_id: str):
     """One job, live: progress, phase, logs, memory chart, result, cancel and retry."""
     job = jobs.get(session_caller(), job_id)
     return render_template("job.html", job=job, data=job_json(job), logs=jobs.log_tail(job), action=ActionForm(),
-                           retryable=job.status in jobs.RETRYABLE)
+                           retry=retry_advice(job), times=job_times(job), state=state_text(job),
+                           cpu_only=not job.peak_vram_bytes, again=merge_again_url(job))
 
 
 @bp.get("/jobs/<job_id>.json")
@@ -98,7 +177,9 @@ def job_live(job_id: str):
         job=job_json(job),
         logs=[log_json(line) for line in lines],
         samples=[{"id": s.id, "t": s.t, "rss": s.rss_bytes, "vram": s.vram_bytes} for s in samples],
-        retryable=job.status in jobs.RETRYABLE,
+        retry=retry_advice(job),  # page-only fields, beside the API's job shape rather than inside it
+        times=job_times(job),
+        state=state_text(job),
     )
 
 

@@ -1,6 +1,9 @@
-"""The whole stack in a real browser: headless Chromium signs in with a pasted token, fills the merge form (the base
-is pre-filled from the adapter's config by the page's JS), submits, and watches the job page's progress bar reach
-100% while a real `lorafold worker` process merges a tiny llama from the Hub double and publishes it there."""
+"""The whole stack in a real browser, as `make demo` runs it: headless Chromium signs in with a pasted token, fills
+the merge form (the base is pre-filled from the adapter's config by the page's JS, the preview shows size and the
+model card), is refused once for a base that does not fit, submits, watches the job page's progress bar reach
+100% while a real `lorafold worker` process merges a tiny llama from the Hub double and publishes it there, and
+follows the "Published" link to the repo's page on the Hub double. Screenshots of every page (form, job running /
+failed / succeeded, rules, the published repo) go to test-output/ for a person to look at."""
 
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ def build_models(root: Path) -> tuple[Path, Path]:
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "maria/tiny-llama"
     cfg_path.write_text(json.dumps(cfg))
+    wide = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256))
+    wide.save_pretrained(root / "wide")  # a base whose shapes do not fit the adapter
     return root / "base", root / "adapter"
 
 
@@ -62,7 +69,7 @@ def stack(tmp_path):
     hub = HubDouble().start()
     hub.add_user("maria", token=TOKEN)
     base, adapter = build_models(tmp_path / "models")
-    for repo, folder in (("maria/tiny-llama", base), ("maria/tiny-lora", adapter)):
+    for repo, folder in (("maria/tiny-llama", base), ("maria/tiny-lora", adapter), ("maria/wide-llama", base.parent / "wide")):
         hub.create_repo(repo)
         hub.upload_folder(repo, folder, message="seed")
     database_url = f"sqlite:///{tmp_path / 'lorafold.db'}"
@@ -78,7 +85,7 @@ def stack(tmp_path):
     app = create_app(settings)  # the real wiring: Celery enqueue by task name, HubClient on HF_ENDPOINT
     live = LiveServer(app)
     try:
-        yield hub, live, tmp_path / "worker.log"
+        yield hub, live, tmp_path / "worker.log", database_url
     finally:
         live.stop()
         worker.send_signal(signal.SIGTERM)
@@ -91,12 +98,45 @@ def stack(tmp_path):
         hub.stop()
 
 
+def _seed_pages(database_url: str) -> tuple[str, str]:
+    """A running job (with memory samples) and a failed one, for the screenshots of those states."""
+    from datetime import timedelta
+
+    from worker.jobs import Database, Job, JobLog, JobSample
+    from worker.jobs.models import utcnow
+
+    now = utcnow()
+    db = Database(database_url)
+    with db.session() as s:
+        running = Job(owner="maria", namespace="maria", door="api", adapter_repo="maria/tiny-lora",
+                      target_repo="maria/big-merge", base_repo="maria/tiny-llama", status="running", phase="merge",
+                      attempts=1, created_at=now - timedelta(seconds=40), enqueued_at=now - timedelta(seconds=40),
+                      started_at=now - timedelta(seconds=37), tensors_done=120, tensors_total=291,
+                      bytes_done=6_100_000_000, bytes_total=16_060_000_000, peak_rss_bytes=2_010_000_000)
+        failed = Job(owner="maria", namespace="maria", door="form", adapter_repo="maria/tiny-lora",
+                     target_repo="maria/wrong-merge", base_repo="maria/wide-llama", status="failed", phase="done",
+                     attempts=1, created_at=now - timedelta(seconds=90), enqueued_at=now - timedelta(seconds=90),
+                     started_at=now - timedelta(seconds=88), finished_at=now - timedelta(seconds=86),
+                     error="model.layers.0.self_attn.q_proj: lora_B @ lora_A is 64x64 but base tensor "
+                           "model.layers.0.self_attn.q_proj.weight is [128, 128]; is this the adapter's base model?")
+        s.add_all([running, failed])
+        s.flush()
+        s.add_all([JobSample(job_id=running.id, t=float(t), rss_bytes=int((0.9 + 0.03 * t) * 1e9), vram_bytes=0)
+                   for t in range(0, 37, 2)])
+        s.add_all([JobLog(job_id=running.id, level="info", message=m) for m in (
+            "attempt 1 on lorafold-1234@host", "adapter maria/tiny-lora@3f2a…, base maria/tiny-llama@9c1e…",
+            "plan: 291 tensors, 168 change, 16.1 GB")])
+        s.add(JobLog(job_id=failed.id, level="error", message=failed.error))
+        return running.id, failed.id
+
+
 def test_sign_in_merge_and_watch_it_finish(stack):
     from playwright.sync_api import expect, sync_playwright
 
-    hub, live, worker_log = stack
+    hub, live, worker_log, database_url = stack
     target = f"maria/{unique('tiny')}-merged"
     OUT.mkdir(exist_ok=True)
+    running_id, failed_id = _seed_pages(database_url)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM,
                                     args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
@@ -110,12 +150,29 @@ def test_sign_in_merge_and_watch_it_finish(stack):
             page.get_by_role("button", name="Sign in").click()
             expect(page.locator(".who")).to_have_text("maria")
 
+            # a base that does not fit: refused at submit, the reason said once, next to the base field
             page.goto(live.url + "/merge")
             page.fill("#adapter", "maria/tiny-lora")
             expect(page.locator("#base")).to_have_value("maria/tiny-llama", timeout=10_000)  # from adapter_config.json
+            page.fill("#base", "maria/wide-llama")
+            page.fill("#target", target)
+            page.click("#submit-merge")
+            expect(page.locator("#base-error")).to_contain_text("does not fit the adapter", timeout=15_000)
+            page.wait_for_timeout(1500)  # the page's own checks have run by now
+            assert page.inner_text("main").count("does not fit the adapter") == 1
+
+            page.goto(live.url + "/merge")
+            page.fill("#adapter", "maria/tiny-lora")
+            expect(page.locator("#base")).to_have_value("maria/tiny-llama", timeout=10_000)
             expect(page.locator("#target")).to_have_value("maria/tiny-lora-merged")
             page.fill("#target", target)
             page.select_option("#dtype", "float32")
+            page.dispatch_event("#dtype", "change")
+            expect(page.locator("#pv-facts")).to_be_visible(timeout=15_000)
+            expect(page.locator("#pv-state")).to_contain_text("The base fits the adapter")
+            expect(page.locator("#pv-card")).to_contain_text('base_model: "maria/tiny-llama"')
+            page.click(".card-preview summary")
+            page.screenshot(path=str(OUT / "browser-form.png"), full_page=True)
             page.click("#submit-merge")
 
             page.wait_for_url(f"{live.url}/jobs/*", timeout=15_000)
@@ -134,10 +191,46 @@ def test_sign_in_merge_and_watch_it_finish(stack):
                 raise AssertionError(f"progress stuck at {value} ({status})\n{worker_log.read_text()[-3000:]}")
             expect(page.locator("#result-link")).to_have_text(target, timeout=5_000)
             expect(page.locator("#pct")).to_have_text("100%")
+            expect(page.locator("#state")).to_have_text("succeeded")
+            assert not page.is_visible("#again-link") and not page.is_visible("#retry-form")
             assert page.inner_text("#stat-rss") != "–"
+            assert not page.is_visible("#vram-key")  # a CPU job: no VRAM legend
+            expect(page.locator("#t-finished")).to_contain_text("UTC")
             expect(page.locator("#log li").last).to_contain_text("published")
             page.wait_for_timeout(1200)  # one more poll: memory chart and stats drawn
             page.screenshot(path=str(OUT / "browser-job-succeeded.png"), full_page=True)
+            assert not csp_errors, csp_errors
+
+            # the published link opens the repo's page on the (local) Hub: files and the model card
+            page.click("#result-link")
+            expect(page.locator("#repo-title")).to_contain_text(target, timeout=10_000)
+            expect(page.locator("#model-card")).to_contain_text("base_model")
+            assert "model.safetensors" in page.inner_text("main")
+            page.screenshot(path=str(OUT / "browser-hub-repo.png"), full_page=True)
+            page.go_back()
+            page.click("#result-commit-link")
+            expect(page.locator("#commit-title")).to_contain_text("Merge maria/tiny-lora", timeout=10_000)
+
+            page.goto(f"{live.url}/jobs/{running_id}")
+            expect(page.locator("#state")).to_have_text("running · merge")
+            assert not page.is_visible("#again-link") and page.is_visible("#cancel-form")
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(OUT / "browser-job-running.png"), full_page=True)
+            page.goto(f"{live.url}/jobs/{failed_id}")
+            expect(page.locator("#state")).to_have_text("failed")
+            assert not page.is_visible("#retry-form") and page.is_visible("#again-link")
+            page.wait_for_timeout(1200)
+            page.screenshot(path=str(OUT / "browser-job-failed.png"), full_page=True)
+
+            page.goto(live.url + "/rules")
+            page.fill("#watch", "maria/*")
+            page.get_by_role("button", name="Create rule").click()
+            expect(page.locator("#new-secret")).to_be_visible()
+            assert page.is_visible("button[data-copy='new-secret']")
+            page.screenshot(path=str(OUT / "browser-rules.png"), full_page=True)
+            page.on("dialog", lambda dialog: dialog.dismiss())  # "Delete the rule ...?" answered no: nothing deleted
+            page.locator(".rule button.danger").first.click()
+            expect(page.locator(".rule")).to_have_count(1)
             assert not csp_errors, csp_errors
         finally:
             browser.close()

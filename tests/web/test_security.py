@@ -50,7 +50,8 @@ def test_request_size_limit_on_hooks_and_forms(client):
 
 def test_healthz(client, make_app, tmp_path):
     r = client.get("/healthz")
-    assert r.status_code == 200 and r.json == {"status": "ok", "database": "ok", "broker": "ok"}
+    assert r.status_code == 200
+    assert {k: r.json[k] for k in ("status", "database", "broker")} == {"status": "ok", "database": "ok", "broker": "ok"}
     broken = make_app(broker_url="redis://127.0.0.1:1/0").test_client().get("/healthz")
     assert broken.status_code == 503 and broken.json["broker"].startswith("down") and broken.json["database"] == "ok"
     gone = make_app(database_url="postgresql+psycopg://postgres@127.0.0.1:1/nothing",

@@ -8,15 +8,16 @@ back to a token of its own environment (service-anchors.md (e) 7). The endpoint 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 from huggingface_hub import HfApi, constants
 
 from ..redact import register
-from .errors import read_error, write_error
+from .errors import RevisionMissing, read_error, write_error
 from .sink import HubSink
 from .source import HubSource
 
-__all__ = ["HubClient", "HubSink", "HubSource", "configure_client", "read_error", "write_error"]
+__all__ = ["HubClient", "HubSink", "HubSource", "RepoMeta", "RevisionMissing", "configure_client", "read_error", "write_error"]
 
 
 def configure_client() -> None:
@@ -36,6 +37,17 @@ def configure_client() -> None:
     disable_progress_bars()
 
 
+@dataclass(frozen=True)
+class RepoMeta:
+    """A model repo as its metadata says, pinned to the commit `revision` resolved to (no file contents)."""
+
+    repo_id: str
+    sha: str
+    files: tuple[str, ...]
+    private: bool
+    gated: bool
+
+
 class HubClient:
     """An endpoint and a token (or none, for public reads), handing out sources and sinks."""
 
@@ -50,6 +62,7 @@ class HubClient:
         self.max_base_bytes = max_base_bytes
         self.work_root = work_root
         self.timeout = timeout
+        self._opened: list = []  # sources and sinks handed out, for `retries`
 
     @classmethod
     def from_user(cls, token: str | None = None) -> HubClient:
@@ -72,6 +85,7 @@ class HubClient:
                         timeout=self.timeout)
         if stack is not None:
             stack.callback(src.close)
+        self._opened.append(src)
         return src
 
     def sink(self, repo_id: str, *, private: bool = False, overwrite: bool = False, create_pr: bool = False,
@@ -80,5 +94,31 @@ class HubClient:
             from ..engine.errors import OutputError
 
             raise OutputError(f"{repo_id}: publishing needs a Hub token (--token, HF_TOKEN or `hf auth login`)")
-        return HubSink(self.api, repo_id, self.token, private=private, overwrite=overwrite, create_pr=create_pr,
+        sink = HubSink(self.api, repo_id, self.token, private=private, overwrite=overwrite, create_pr=create_pr,
                        merge_id=merge_id, work_root=self.work_root)
+        self._opened.append(sink)
+        return sink
+
+    @property
+    def retries(self) -> int:
+        """Transient Hub failures retried by the sources and sinks of this client (a job's count, for /metrics)."""
+        return sum(getattr(x, "retries_made", 0) for x in self._opened)
+
+    def repo_meta(self, repo_id: str, revision: str | None = None) -> RepoMeta:
+        """Metadata of a model repo at `revision`; a SourceError (RevisionMissing for a revision) names why not."""
+        try:
+            info = self.api.model_info(repo_id, revision=revision, token=self.token, files_metadata=False)
+        except Exception as exc:  # noqa: BLE001 - mapped to one line
+            raise read_error(exc, repo_id, revision) from None
+        files = tuple(s.rfilename for s in (info.siblings or []))
+        return RepoMeta(repo_id, info.sha or "", files, bool(info.private), bool(info.gated))
+
+    def list_adapters(self, author: str, limit: int = 100) -> list[str]:
+        """Ids of `author`'s PEFT adapter repos (the Hub tags repos with an adapter_config.json `peft`), newest
+        first; empty when the Hub cannot say (the form then simply offers no list)."""
+        try:
+            found = self.api.list_models(author=author, filter="peft", sort="last_modified", limit=limit,
+                                         token=self.token)
+            return [m.id for m in found if getattr(m, "id", None)]
+        except Exception:  # noqa: BLE001 - a convenience list: never an error of its own
+            return []

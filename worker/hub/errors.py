@@ -16,6 +16,10 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 TRANSIENT_EXC = (httpx2.TimeoutException, httpx2.NetworkError, httpx2.RemoteProtocolError)
 
 
+class RevisionMissing(SourceError):
+    """The repo is readable but the revision asked for is not in it (a door ties this to its revision field)."""
+
+
 def status_of(exc: BaseException) -> int | None:
     response = getattr(exc, "response", None)
     return getattr(response, "status_code", None)
@@ -33,7 +37,7 @@ def read_error(exc: BaseException, repo: str, revision: str | None = None, path:
     elif isinstance(exc, hf.RepositoryNotFoundError):
         msg = f"{repo}: repository not found, or private and not readable with this token (check the name and the token)"
     elif isinstance(exc, hf.RevisionNotFoundError):
-        msg = f"{repo}: revision {revision!r} not found"
+        return RevisionMissing(scrub(f"{repo}: revision {revision!r} not found"))
     elif isinstance(exc, hf.EntryNotFoundError):
         msg = f"{what}: file not found" + (f" at revision {revision}" if revision else "")
     elif status_of(exc) == 401:

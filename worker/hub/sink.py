@@ -67,6 +67,7 @@ class HubSink:
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._upload_loop, name="lorafold-upload", daemon=True)
         self._closed = False
+        self.retries_made = 0  # transient failures retried (summed per job by HubClient.retries, for /metrics)
 
     # --- before the merge ---------------------------------------------------------------------------------------
 
@@ -143,6 +144,7 @@ class HubSink:
             except Exception as exc:  # noqa: BLE001
                 if attempt == attempts or not is_transient(exc):
                     raise write_error(exc, self.repo_id, action) from None
+                self.retries_made += 1
                 time.sleep(min(8.0, 0.5 * 2**attempt))
 
     # --- the end ------------------------------------------------------------------------------------------------
@@ -183,6 +185,7 @@ class HubSink:
                     return self._result(landed, None)
                 if not is_transient(exc) or attempt == self.commit_retries:
                     break
+                self.retries_made += 1
                 time.sleep(min(8.0, 1.0 * 2**attempt))
         assert last is not None
         raise write_error(last, self.repo_id, "commit the merged model") from None

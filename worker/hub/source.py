@@ -78,6 +78,7 @@ class HubSource:
         self._tmp: Path | None = None
         self._downloaded: dict[str, Path] = {}
         self._lock = threading.Lock()
+        self.retries_made = 0  # transient failures retried (summed per job by HubClient.retries, for /metrics)
 
     # --- ModelSource ------------------------------------------------------------------------------------------
 
@@ -116,6 +117,7 @@ class HubSource:
                         raise SourceError(f"{self.repo_id}/{path}: the Hub kept closing the connection early") from None
                     raise read_error(exc, self.repo_id, self.revision, path) from None
                 attempt += 1
+                self.retries_made += 1
                 time.sleep(_backoff(attempt, exc))
 
     def _get_range(self, url: str, path: str, start: int, end: int, out: memoryview) -> int:

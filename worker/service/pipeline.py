@@ -112,7 +112,7 @@ def run_job(
             "bytes_read": result.bytes_read,
             "bytes_written": result.bytes_written,
             "seconds": result.seconds,
-            "timings": result.timings,
+            "timings": {**result.timings, "hub_retries": hub.retries},  # retries: read by web/metrics.py
         },
     )
 

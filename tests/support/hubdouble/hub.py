@@ -12,7 +12,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from . import api, files
+from . import api, files, pages
 from .accounts import Accounts
 from .faults import FaultSet
 from .oauth import OAuth
@@ -47,7 +47,8 @@ class HubDouble:
         self._conns = _ConnSet()
         self._hooks = Webhooks(self)
         self._oauth = OAuth(self)
-        self._router = Router(api.ROUTES + files.ROUTES + self._hooks.routes() + self._oauth.routes())
+        self._router = Router(api.ROUTES + files.ROUTES + self._hooks.routes() + self._oauth.routes()
+                              + pages.ROUTES)  # pages last: see pages.ROUTES
         self._server = None
 
     # ----- lifecycle -----------------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 adapter readable and really a LoRA adapter, is the base readable.
 
 The form and the JSON API call the same functions, so a request is refused for the same reason, with the same
-words, whichever door it came through. Nothing here downloads weights: the adapter's `adapter_config.json` is
-read with one ranged GET at the resolved commit, everything else is repo metadata. Importing this module does not
-import torch (only `worker.engine.spec` / `.errors`, which need none).
+words, whichever door it came through. Errors carry the form/API field they are about, which is why this lives in
+web/ (it moved here from worker/hub: only the doors use it); the Hub client stays in worker/hub, and this module
+does not import huggingface_hub. Nothing here downloads weights: the adapter's `adapter_config.json` is read with
+one ranged GET at the resolved commit, everything else is repo metadata (the shape check in preflight.py reads
+safetensors headers the same way). Importing this module does not import torch (only `worker.engine.spec` /
+`.errors`, which need none).
 """
 
 from __future__ import annotations
@@ -12,13 +15,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from huggingface_hub.errors import RevisionNotFoundError
-
-from ..engine.errors import EngineError, SourceError
-from ..engine.spec import CONFIG_NAME, AdapterSpec
-from ..locations import check_revision, is_repo_id
-from . import HubClient
-from .errors import read_error
+from worker.engine.errors import EngineError, SourceError
+from worker.engine.spec import CONFIG_NAME, AdapterSpec
+from worker.hub import HubClient, RevisionMissing
+from worker.locations import check_revision, is_repo_id
 
 WRITE_ROLES = frozenset({"admin", "write", "contributor"})
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
@@ -77,6 +77,8 @@ class AdapterInfo:
     sha: str  # the commit the revision resolved to
     spec: AdapterSpec
     base: str | None  # the config's base_model_name_or_path when it is a Hub repo id (else None: a local path)
+    private: bool = False
+    base_revision: str | None = None  # a revision pinned in the config (`owner/name@rev`)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ class RepoInfo:
     sha: str
     files: tuple[str, ...]
     private: bool
+    gated: bool = False
 
 
 def can_write(caller: Identity, namespace: str) -> bool:
@@ -121,12 +124,11 @@ def inspect_repo(client: HubClient, repo: str, revision: str | None = None, *, f
                  revision_field: str | None = None) -> RepoInfo:
     """The repo exists and this token can read it (at `revision`); its resolved sha and file names."""
     try:
-        info = client.api.model_info(repo, revision=revision, token=client.token, files_metadata=False)
-    except Exception as exc:  # noqa: BLE001 - mapped to one line
-        where = revision_field if revision_field and isinstance(exc, RevisionNotFoundError) else field
-        raise InspectError(where, str(read_error(exc, repo, revision))) from None
-    files = tuple(s.rfilename for s in (info.siblings or []))
-    return RepoInfo(sha=info.sha or "", files=files, private=bool(info.private))
+        meta = client.repo_meta(repo, revision)
+    except SourceError as exc:
+        where = revision_field if revision_field and isinstance(exc, RevisionMissing) else field
+        raise InspectError(where, str(exc)) from None
+    return RepoInfo(sha=meta.sha, files=meta.files, private=meta.private, gated=meta.gated)
 
 
 def inspect_adapter(client: HubClient, repo: str, revision: str | None = None, *, field: str = "adapter",
@@ -162,5 +164,6 @@ def inspect_adapter(client: HubClient, repo: str, revision: str | None = None, *
     finally:
         source.close()
     base = spec.base_model_name_or_path
-    base, _, _ = (base or "").partition("@")
-    return AdapterInfo(sha=source.revision, spec=spec, base=base if is_repo_id(base) else None)
+    base, _, at = (base or "").partition("@")
+    return AdapterInfo(sha=source.revision, spec=spec, base=base if is_repo_id(base) else None,
+                       private=pinned.private, base_revision=at or None)

@@ -1,0 +1,189 @@
+"""Plan from headers at submit: does the base fit the adapter, and how big will the merge be? (torch-free)
+
+Before this, a base whose shapes did not fit the adapter was accepted by the form and the API and failed minutes
+later in the worker. The worker's planner needs torch; the web never imports it, so this reads only what the
+planner reads first, over HTTP range requests: the adapter's safetensors header and the base's safetensors
+headers (one or two small ranged GETs per file; no tensor data). Base names are found with the engine's own
+`keys.KeyResolver` (torch-free), so a name the worker would place, this places the same way.
+
+It is deliberately one-sided: it refuses only what the worker would certainly refuse (a plain LoRA pair whose
+base tensor is missing or has shapes neither `(out, in)` nor `(in, out)`, an embedding LoRA whose delta is not
+the embedding's shape, a base with no safetensors weights). Anything it does not fully understand (conv and
+MoE parameter LoRA, quantized or packed base tensors, ambiguous names, `.bin` adapters, more shards than it
+will read at submit) is left to the worker's planner, which has the last word.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from worker.engine.errors import EngineError
+from worker.engine.keys import KeyResolver, strip_peft_prefix
+from worker.engine.safetensors_format import (
+    DTYPES,
+    MERGEABLE_DTYPES,
+    OUTPUT_DTYPES,
+    FileHeader,
+    header_length,
+    parse_header,
+)
+from worker.engine.spec import AdapterSpec
+
+from .hubcheck import InspectError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+ADAPTER_SAFETENSORS = "adapter_model.safetensors"
+MAX_SHARDS = 128  # more than this (≈ a 600B model at 5 GB shards) is left to the worker: submit stays quick
+MAX_INDEX_BYTES = 50 * 1024 * 1024
+FIRST_READ = 100_000  # one ranged GET gets most headers whole (huggingface_hub reads 100 kB too)
+SHOWN = 3  # mismatches named in the one-line error
+PARALLEL_READS = 8
+
+_PAIR = re.compile(r"^(?P<m>.+?)\.(?P<kind>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+
+@dataclass(frozen=True)
+class Preflight:
+    """What the headers say about the merge to come (shown on the form before queueing)."""
+
+    base_bytes: int  # the base's safetensors weights
+    out_bytes: int  # the merged weights, after the dtype conversion asked for
+    tensors: int  # tensors in the base
+    tensors_changed: int  # base tensors a LoRA pair folds into (plain and embedding pairs)
+    shards: int
+    checked: bool  # False when the shape check was left to the worker (see `skipped`)
+    skipped: tuple[str, ...] = field(default_factory=tuple)
+
+
+def read_header(source, path: str, size: int) -> FileHeader:
+    """One safetensors header with at most two ranged reads, validated against the file's size."""
+    first = bytearray(min(size, FIRST_READ))
+    source.read_into(path, 0, memoryview(first))
+    n = header_length(bytes(first[:8]), path, size)
+    if 8 + n <= len(first):
+        raw = bytes(first[8 : 8 + n])
+    else:
+        rest = bytearray(8 + n - len(first))
+        source.read_into(path, len(first), memoryview(rest))
+        raw = bytes(first[8:]) + bytes(rest)
+    return parse_header(raw, path, size, n)
+
+
+def _base_shards(source, base: str, files: dict[str, int]) -> list[str]:
+    if INDEX_NAME in files:
+        size = files[INDEX_NAME]
+        if size > MAX_INDEX_BYTES:
+            raise InspectError("base", f"{base}/{INDEX_NAME}: {size} bytes is too large for a safetensors index")
+        buf = bytearray(size)
+        source.read_into(INDEX_NAME, 0, memoryview(buf))
+        try:
+            weight_map = json.loads(bytes(buf)).get("weight_map")
+        except (ValueError, AttributeError, RecursionError):
+            weight_map = None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise InspectError("base", f"{base}/{INDEX_NAME}: not a safetensors index (no weight_map)")
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if s not in files]
+        if missing:
+            raise InspectError("base", f"{base}: {INDEX_NAME} lists {missing[0]}, which is missing")
+        return shards
+    if SINGLE_NAME in files:
+        return [SINGLE_NAME]
+    if "adapter_config.json" in files and "config.json" not in files:
+        raise InspectError("base", f"{base}: this is a PEFT adapter (adapter_config.json), not a base model")
+    if any(p.endswith(".bin") for p in files):
+        raise InspectError("base", f"{base}: the base has only pickle weights; lorafold streams safetensors. Convert "
+                                   "the base first (transformers save_pretrained(..., safe_serialization=True))")
+    raise InspectError("base", f"{base}: no {SINGLE_NAME} or {INDEX_NAME}: not a safetensors model")
+
+
+def _out_bytes(shapes: dict[str, tuple[tuple[int, ...], str]], dtype: str) -> int:
+    code = OUTPUT_DTYPES.get(dtype)
+    total = 0
+    for shape, dt in shapes.values():
+        n = 1
+        for d in shape:
+            n *= d
+        # the output dtype applies to floating tensors only; integer / packed tensors are copied as they are
+        item = DTYPES[code][0] if code and dt in MERGEABLE_DTYPES else DTYPES.get(dt, (1, None))[0]
+        total += n * item
+    return total
+
+
+def check_fit(adapter_src, base_src, *, adapter: str, base: str, spec: AdapterSpec, dtype: str = "auto") -> Preflight:
+    """Read the headers and check every plain LoRA pair against the base; InspectError("base", ...) when it
+    certainly does not fit. `adapter_src` / `base_src` are open `ModelSource`s (HubSource) pinned to commits."""
+    a_files = {f.path: f.size for f in adapter_src.files()}
+    b_files = {f.path: f.size for f in base_src.files()}
+    try:
+        shards = _base_shards(base_src, base, b_files)
+        skipped: list[str] = []
+        if len(shards) > MAX_SHARDS:
+            total = sum(b_files[s] for s in shards)
+            return Preflight(total, total, 0, 0, len(shards), False, (f"{len(shards)} shards",))
+        shapes: dict[str, tuple[tuple[int, ...], str]] = {}
+        # one or two small ranged GETs per shard, several at once: a 30-shard base costs a round trip or two,
+        # not thirty (HubSource reads are thread-safe; the engine reads the same way)
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(shards)) or 1) as pool:
+            headers = list(pool.map(lambda shard: read_header(base_src, shard, b_files[shard]), shards))
+        for header in headers:
+            for name, info in header.tensors.items():
+                shapes[name] = (info.shape, info.dtype)
+        base_bytes = sum(b_files[s] for s in shards)
+        if ADAPTER_SAFETENSORS not in a_files:
+            return Preflight(base_bytes, _out_bytes(shapes, dtype), len(shapes), 0, len(shards), False,
+                             ("the adapter's weights are not safetensors",))
+        pairs: dict[str, dict[str, tuple[int, ...]]] = {}
+        for key, info in read_header(adapter_src, ADAPTER_SAFETENSORS, a_files[ADAPTER_SAFETENSORS]).tensors.items():
+            m = _PAIR.match(strip_peft_prefix(key))
+            if m and ".base_layer" not in m.group("m"):
+                pairs.setdefault(m.group("m"), {})[m.group("kind")] = info.shape
+    except EngineError as exc:  # FormatError (a corrupt header), SourceError (a read failed)
+        raise InspectError("base", str(exc)) from None
+    problems, changed = _fit(pairs, shapes, spec, skipped)
+    if problems:
+        more = f" (and {len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
+        raise InspectError("base", f"{base} does not fit the adapter {adapter}: {'; '.join(problems[:SHOWN])}{more}. "
+                                   "Is this the adapter's base model?")
+    return Preflight(base_bytes, _out_bytes(shapes, dtype), len(shapes), len(changed), len(shards), True, tuple(skipped))
+
+
+def _fit(pairs, shapes, spec: AdapterSpec, skipped: list[str]) -> tuple[list[str], set[str]]:
+    resolver = KeyResolver(shapes)
+    problems: list[str] = []
+    changed: set[str] = set()
+    for module, parts in sorted(pairs.items()):
+        emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+        a, b = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if emb else (
+            parts.get("lora_A.weight"), parts.get("lora_B.weight"))
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            skipped.append(module)  # incomplete or conv pairs: the worker's planner words those
+            continue
+        try:
+            name = resolver.resolve(f"{module}.weight")
+        except LookupError:
+            skipped.append(module)
+            continue
+        if name is None:
+            if module.split(".")[-1] == "lm_head" or spec.target_parameters:
+                skipped.append(module)  # a tied head, or a parameter LoRA (MoE experts): the planner decides
+                continue
+            problems.append(f"it has no tensor {module}.weight")
+            continue
+        shape, dtype = shapes[name]
+        if dtype not in MERGEABLE_DTYPES or len(shape) != 2:
+            skipped.append(module)  # quantized / packed / conv weights: their shapes are not the math shapes
+            continue
+        changed.add(name)
+        if emb:
+            if shape != (a[1], b[0]):
+                problems.append(f"{module}: the embedding LoRA gives a {a[1]}x{b[0]} delta but {name} is {list(shape)}")
+        elif b[1] != a[0]:
+            problems.append(f"{module}: lora_B {list(b)} does not fit lora_A {list(a)}")
+        elif shape not in ((b[0], a[1]), (a[1], b[0])):
+            problems.append(f"{module}: lora_B @ lora_A is {b[0]}x{a[1]} but {name} is {list(shape)}")
+    return problems, changed
