@@ -5,12 +5,22 @@ path), while the base checkpoint on disk uses the names of whatever saved it. Th
 transformers v5 renames (merge-anchors.md b.0: `language_model.` ↔ `model.language_model.`, Mixtral's
 `block_sparse_moe.` ↔ `mlp.`), for bare-model checkpoints (`h.0...` vs `transformer.h.0...`), and for tied
 embeddings (no `lm_head.weight` on disk). Matching is by whole names and explicit rewrite rules, never by
-`str.strip` or substring search (the qlora-pipe bug in merge-anchors.md), and an ambiguous match is an error.
+`str.strip` or substring search (the qlora-pipe bug in merge-anchors.md).
+
+When no rule fits, one last resort remains: a single prefix that is added to, or stripped from, *every* adapter
+module path (a checkpoint nested under a wrapper no rule knows). It is learned once for the whole adapter
+(`learn_prefix`), must be the only one that fits, and may never strip an index: an adapter for layer 7 is never
+folded into layer 0, and a language-model adapter never lands in a vision tower. An earlier version matched
+name tails key by key and did exactly that (issue 10).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .errors import PlanError
 
 PEFT_PREFIX = "base_model.model."
 
@@ -27,14 +37,45 @@ _PREFIX_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model.", ("",)),  # adapter on *ForCausalLM, checkpoint of the bare model
     ("transformer.", ("",)),  # GPT-2 family: the original checkpoints have no `transformer.` prefix
 )
-# in-memory infix -> on-disk infix (transformers v5 WeightRenaming for Mixtral)
-_INFIX_RULES: tuple[tuple[str, str], ...] = ((".mlp.", ".block_sparse_moe."),)
+# in-memory infix -> on-disk infix (transformers v5 WeightRenaming for Mixtral, both ways: a v5 adapter on a v4-era
+# checkpoint, and an adapter saved before v5 on a checkpoint written by v5)
+_INFIX_RULES: tuple[tuple[str, str], ...] = ((".mlp.", ".block_sparse_moe."), (".block_sparse_moe.", ".mlp."))
 
 _EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight", "tok_embeddings.weight")
+# module-path components that end a module path inside an adapter key (what follows belongs to PEFT)
+_PEFT_PARTS = re.compile(r"\.(lora_[A-Za-z0-9_]+|base_layer|modules_to_save|original_module|token_adapter)(\.|$)")
 
 
 def strip_peft_prefix(key: str) -> str:
     return key[len(PEFT_PREFIX) :] if key.startswith(PEFT_PREFIX) else key
+
+
+def module_path(key: str) -> str:
+    """The in-memory module path an adapter key belongs to (PEFT prefix and PEFT's own parts removed)."""
+    k = strip_peft_prefix(key)
+    m = _PEFT_PARTS.search(k)
+    return k[: m.start()] if m else k.rpartition(".")[0]
+
+
+def _has_index(prefix: str) -> bool:
+    return any(p.isdigit() for p in prefix.split(".") if p)
+
+
+@dataclass(frozen=True)
+class PrefixRewrite:
+    """The one fallback: strip `strip` from the front of every adapter path, or put `add` in front of it."""
+
+    strip: str = ""
+    add: str = ""
+
+    def applies(self, name: str) -> bool:
+        return name.startswith(self.strip)
+
+    def __call__(self, name: str) -> str:
+        return self.add + name[len(self.strip) :]
+
+    def describe(self) -> str:
+        return f"strip {self.strip!r}" if self.strip else f"prefix {self.add!r}"
 
 
 class KeyResolver:
@@ -42,7 +83,11 @@ class KeyResolver:
 
     def __init__(self, names: Iterable[str]):
         self.names = frozenset(names)
-        self._by_tail: dict[str, list[str]] | None = None
+        self.rewrite: PrefixRewrite | None = None
+        self._modules: frozenset[str] | None = None
+        self._wrappers: dict[str, list[str]] | None = None
+
+    # --- the rules --------------------------------------------------------------------------------------------
 
     def candidates(self, name: str) -> list[str]:
         out = [name]
@@ -62,32 +107,139 @@ class KeyResolver:
         return list(seen)
 
     def resolve(self, name: str) -> str | None:
-        """The on-disk name of `name`, or None. Raises LookupError when two different names would fit."""
+        """The on-disk name of `name` by the rules, then through the learned prefix rewrite; None if absent."""
         for cand in self.candidates(name):
             if cand in self.names:
                 return cand
-        return self._unique_tail(name)
-
-    def _unique_tail(self, name: str) -> str | None:
-        # Last resort: the checkpoint nests the same path under a prefix no rule knows. Accept only a match
-        # on the whole layer-level tail, and only when exactly one name has it.
-        parts = name.split(".")
-        if len(parts) < 3:
-            return None
-        if self._by_tail is None:
-            self._by_tail = {}
-            for n in self.names:
-                p = n.split(".")
-                for i in range(1, len(p) - 1):
-                    self._by_tail.setdefault(".".join(p[i:]), []).append(n)
-        for i in range(1, len(parts) - 2):
-            tail = ".".join(parts[i:])
-            hits = self._by_tail.get(tail, [])
-            if len(hits) == 1:
-                return hits[0]
-            if len(hits) > 1:
-                raise LookupError(f"{name!r} matches several base tensors ({', '.join(sorted(hits)[:3])}...)")
+        if self.rewrite is not None and self.rewrite.applies(name):
+            for cand in self.candidates(self.rewrite(name)):
+                if cand in self.names:
+                    return cand
         return None
+
+    # --- module paths -----------------------------------------------------------------------------------------
+
+    @property
+    def modules(self) -> frozenset[str]:
+        """Every module path of the base (each proper dotted prefix of a tensor name)."""
+        if self._modules is None:
+            mods: set[str] = set()
+            for n in self.names:
+                i = n.find(".")
+                while i != -1:
+                    mods.add(n[:i])
+                    i = n.find(".", i + 1)
+            self._modules = frozenset(mods)
+        return self._modules
+
+    def module_on_disk(self, path: str, rewrite: PrefixRewrite | None = None) -> str | None:
+        """The base's module path for in-memory module `path` by the rules (after `rewrite`), or None."""
+        if rewrite is not None:
+            if not rewrite.applies(path):
+                return None
+            path = rewrite(path)
+        for cand in self.candidates(path + "."):
+            if cand and cand[:-1] in self.modules:
+                return cand[:-1]
+        return None
+
+    def _rewrites_for(self, path: str) -> set[PrefixRewrite]:
+        """Prefix rewrites under which `path` names a base module: strip a leading part that holds no index, or
+        add a base prefix that holds none (so layer numbers and expert numbers always stay as they are)."""
+        out: set[PrefixRewrite] = set()
+        parts = path.split(".")
+        for i in range(1, len(parts)):
+            strip = ".".join(parts[:i]) + "."
+            if _has_index(strip):
+                break
+            if self.module_on_disk(path[len(strip) :]) is not None:
+                out.add(PrefixRewrite(strip=strip))
+        if self._wrappers is None:
+            self._wrappers = {}
+            for mod in self.modules:
+                p = mod.split(".")
+                for i in range(1, len(p)):
+                    prefix = ".".join(p[:i]) + "."
+                    if _has_index(prefix):
+                        break
+                    self._wrappers.setdefault(".".join(p[i:]), []).append(prefix)
+        for cand in self.candidates(path + "."):
+            for prefix in self._wrappers.get(cand[:-1], ()) if cand else ():
+                out.add(PrefixRewrite(add=prefix))
+        return out
+
+    def learn_prefix(self, paths: Iterable[str]) -> None:
+        """Decide, once for the whole adapter, whether its module paths need one prefix added or stripped.
+
+        Paths the rules place keep the rules. When some do not, the one rewrite that places every one of them
+        (that any rewrite places) is adopted, provided it applies to every path and places no path the rules
+        already placed somewhere else; anything else is an error naming a path."""
+        paths = sorted(set(paths))
+        placed = {p for p in paths if self.module_on_disk(p) is not None}
+        lost = [p for p in paths if p not in placed]
+        if not lost:
+            return
+        options: set[PrefixRewrite] | None = None
+        first: dict[PrefixRewrite, str] = {}
+        for path in lost:
+            fits = self._rewrites_for(path)
+            if not fits:
+                continue  # reported by the mapper, with the reason, when the path is used
+            for r in fits:
+                first.setdefault(r, path)
+            if options is not None and not (options & fits):
+                other = first[next(iter(sorted(options, key=PrefixRewrite.describe)))]
+                raise PlanError(
+                    f"adapter module {path} and {other} sit under different prefixes in the base ({_list(fits)} "
+                    f"vs {_list(options)}): no single prefix places every adapter key; is this the adapter's base model?"
+                )
+            options = fits if options is None else options & fits
+        if not options:
+            return
+        if len(options) > 1:
+            raise PlanError(
+                f"adapter module {lost[0]} is not in the base by its own name and fits several places "
+                f"({_list(options)}); is this the adapter's base model?"
+            )
+        (rewrite,) = options
+        for path in paths:
+            if not rewrite.applies(path):
+                raise PlanError(
+                    f"adapter module {path} does not start with {rewrite.strip!r} like the others (which the base "
+                    f"holds without it); is this the adapter's base model?"
+                )
+            if path in placed:
+                raise PlanError(
+                    f"adapter module {path} is in the base as it is, but {lost[0]} only with {rewrite.describe()}: "
+                    "the adapter's keys do not agree on one prefix; is this the adapter's base model?"
+                )
+        self.rewrite = rewrite
+
+    # --- messages -----------------------------------------------------------------------------------------------
+
+    def explain_missing(self, name: str) -> str:
+        """Why `name` is not in the base, when the structure tells (a missing layer or expert index, a missing
+        module under a present parent); "" otherwise."""
+        parts = name.split(".")
+        rewrite = self.rewrite if self.rewrite is not None and self.rewrite.applies(name) else None
+        for i, part in enumerate(parts):
+            if not part.isdigit() or i == 0:
+                continue
+            container = ".".join(parts[:i])
+            on_disk = self.module_on_disk(container, rewrite)
+            if on_disk is None:
+                return ""
+            have = sorted(
+                int(m[len(on_disk) + 1 :]) for m in self.modules if m.startswith(on_disk + ".") and m[len(on_disk) + 1 :].isdigit()
+            )
+            if have and int(part) not in have:
+                what = parts[i - 1]
+                return f"the base has no {what} {part} (it has {what} {_ranges(have)})"
+        for i in range(len(parts) - 1, 0, -1):
+            parent = ".".join(parts[:i])
+            if self.module_on_disk(parent, rewrite) is not None:
+                return f"the base's {parent} has no {parts[i]}" if i < len(parts) - 1 or parts[i] != "weight" else ""
+        return ""
 
     def input_embedding(self, rows: int | None = None, cols: int | None = None, shapes=None) -> str | None:
         """The input embedding's name (for folding a tied lm_head), by the usual names; None if not unique."""
@@ -99,3 +251,18 @@ class KeyResolver:
         return None
 
 
+def _list(rewrites: set[PrefixRewrite]) -> str:
+    return ", ".join(sorted(r.describe() for r in rewrites)[:4])
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    out, start, prev = [], values[0], values[0]
+    for v in values[1:] + [None]:
+        if v is not None and v == prev + 1:
+            prev = v
+            continue
+        out.append(f"{start}-{prev}" if prev != start else f"{start}")
+        if v is not None:
+            start = prev = v
+    return ", ".join(out[:6]) + (", ..." if len(out) > 6 else "")
