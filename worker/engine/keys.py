@@ -9,7 +9,7 @@ embeddings (no `lm_head.weight` on disk). Matching is by whole names and explici
 
 When no rule fits, one last resort remains: a single prefix that is added to, or stripped from, *every* adapter
 module path (a checkpoint nested under a wrapper no rule knows). It is learned once for the whole adapter
-(`learn_prefix`), must be the only one that fits, and may never strip an index: an adapter for layer 7 is never
+(`learn_prefix`), must be the only one that fits, and may never add or strip an index or a sub-model's name: an adapter for layer 7 is never
 folded into layer 0, and a language-model adapter never lands in a vision tower. An earlier version matched
 name tails key by key and did exactly that (issue 10).
 """
@@ -57,8 +57,20 @@ def module_path(key: str) -> str:
     return k[: m.start()] if m else k.rpartition(".")[0]
 
 
-def _has_index(prefix: str) -> bool:
-    return any(p.isdigit() for p in prefix.split(".") if p)
+# sub-models of multimodal checkpoints: a fallback prefix never moves a delta into or out of one of them (the
+# adapter of a language model must not land in a vision tower that happens to hold the only matching names)
+_TOWERS = frozenset(
+    {
+        "vision_tower", "vision_model", "vision_encoder", "visual", "vision", "image_encoder", "vit",
+        "audio_tower", "audio_model", "audio_encoder", "audio", "speech_encoder", "whisper_encoder",
+        "multi_modal_projector", "mm_projector", "connector", "encoder", "decoder", "text_encoder",
+    }
+)
+
+
+def _fallback_ok(prefix: str) -> bool:
+    """A prefix the fallback may add or strip: no index (layer, expert) and no sub-model of a multimodal model."""
+    return not any(p.isdigit() or p in _TOWERS for p in prefix.split(".") if p)
 
 
 @dataclass(frozen=True)
@@ -71,8 +83,14 @@ class PrefixRewrite:
     def applies(self, name: str) -> bool:
         return name.startswith(self.strip)
 
-    def __call__(self, name: str) -> str:
-        return self.add + name[len(self.strip) :]
+    def names(self, name: str) -> list[str]:
+        """On-disk names to try for in-memory `name`: the prefix added or stripped, and nothing else but the
+        renames of one module (infix rules). Prefix rules do not compose with it: `model.language_model.` → ``
+        followed by adding `model.vision_tower.` would be a replacement, and lands a language-model delta in the
+        vision tower."""
+        if not name.startswith(self.strip):
+            return []
+        return _infix_variants(self.add + name[len(self.strip) :])
 
     def describe(self) -> str:
         return f"strip {self.strip!r}" if self.strip else f"prefix {self.add!r}"
@@ -96,14 +114,12 @@ class KeyResolver:
                 out += [new + name[len(old) :] for new in news]
         if not name.startswith("model."):
             out.append("model." + name)  # adapter on the bare model, checkpoint of *ForCausalLM
-        with_infix = []
-        for cand in out:
-            for old, new in _INFIX_RULES:
-                if old in cand:
-                    with_infix.append(cand.replace(old, new))
         seen: dict[str, None] = {}
-        for cand in out + with_infix:
+        for cand in out:
             seen.setdefault(cand, None)
+        for cand in out:
+            for variant in _infix_variants(cand)[1:]:
+                seen.setdefault(variant, None)
         return list(seen)
 
     def resolve(self, name: str) -> str | None:
@@ -111,8 +127,8 @@ class KeyResolver:
         for cand in self.candidates(name):
             if cand in self.names:
                 return cand
-        if self.rewrite is not None and self.rewrite.applies(name):
-            for cand in self.candidates(self.rewrite(name)):
+        if self.rewrite is not None:
+            for cand in self.rewrite.names(name):
                 if cand in self.names:
                     return cand
         return None
@@ -133,12 +149,9 @@ class KeyResolver:
         return self._modules
 
     def module_on_disk(self, path: str, rewrite: PrefixRewrite | None = None) -> str | None:
-        """The base's module path for in-memory module `path` by the rules (after `rewrite`), or None."""
-        if rewrite is not None:
-            if not rewrite.applies(path):
-                return None
-            path = rewrite(path)
-        for cand in self.candidates(path + "."):
+        """The base's module path for in-memory module `path` by the rules (and `rewrite`), or None."""
+        cands = self.candidates(path + ".") if rewrite is None else rewrite.names(path + ".")
+        for cand in cands:
             if cand and cand[:-1] in self.modules:
                 return cand[:-1]
         return None
@@ -150,21 +163,22 @@ class KeyResolver:
         parts = path.split(".")
         for i in range(1, len(parts)):
             strip = ".".join(parts[:i]) + "."
-            if _has_index(strip):
+            if not _fallback_ok(strip):
                 break
-            if self.module_on_disk(path[len(strip) :]) is not None:
-                out.add(PrefixRewrite(strip=strip))
+            rewrite = PrefixRewrite(strip=strip)
+            if self.module_on_disk(path, rewrite) is not None:
+                out.add(rewrite)
         if self._wrappers is None:
             self._wrappers = {}
             for mod in self.modules:
                 p = mod.split(".")
                 for i in range(1, len(p)):
                     prefix = ".".join(p[:i]) + "."
-                    if _has_index(prefix):
+                    if not _fallback_ok(prefix):
                         break
                     self._wrappers.setdefault(".".join(p[i:]), []).append(prefix)
-        for cand in self.candidates(path + "."):
-            for prefix in self._wrappers.get(cand[:-1], ()) if cand else ():
+        for cand in _infix_variants(path):
+            for prefix in self._wrappers.get(cand, ()):
                 out.add(PrefixRewrite(add=prefix))
         return out
 
@@ -196,6 +210,11 @@ class KeyResolver:
             options = fits if options is None else options & fits
         if not options:
             return
+        # rewrites that put every path in the same place are one and the same (`backbone.` + the rule that adds
+        # `model.`, or `backbone.model.`): keep the first
+        placements = {r: tuple(self.module_on_disk(p, r) for p in lost) for r in options}
+        if len(set(placements.values())) == 1:
+            options = {min(options, key=PrefixRewrite.describe)}
         if len(options) > 1:
             raise PlanError(
                 f"adapter module {lost[0]} is not in the base by its own name and fits several places "
@@ -249,6 +268,15 @@ class KeyResolver:
         if len(hits) == 1:
             return hits[0]
         return None
+
+
+def _infix_variants(name: str) -> list[str]:
+    """`name` and its renames by the infix rules (one module under another name), `name` first."""
+    out = [name]
+    for old, new in _INFIX_RULES:
+        if old in name:
+            out.append(name.replace(old, new))
+    return out
 
 
 def _list(rewrites: set[PrefixRewrite]) -> str:
