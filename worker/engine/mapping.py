@@ -327,6 +327,13 @@ class AdapterMapper:
                 wrapped[mod.path][mod.depth] = mod
             elif self.moe_family and legacy_moe.is_router(mod.path):
                 self._legacy_router(mod)
+            elif self.moe_family and mod.depth == 0 and self.moe_family.param_of(mod.path.rpartition(".")[2]):
+                raise PlanError(
+                    f"adapter holds LoRA for {mod.path}, but PEFT 0.21 loads {self.model_type} adapters with their "
+                    f"{mod.path.rpartition('.')[2]} targets moved to the fused experts (target_parameters) and "
+                    "ignores LoRA on other modules of that name; lorafold neither drops adapter weights nor merges "
+                    "what PEFT would not"
+                )
             else:
                 self._lora_module(mod)
         for path, levels in sorted(wrapped.items()):
