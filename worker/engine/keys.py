@@ -157,17 +157,23 @@ class KeyResolver:
         return None
 
     def _rewrites_for(self, path: str) -> set[PrefixRewrite]:
-        """Prefix rewrites under which `path` names a base module: strip a leading part that holds no index, or
-        add a base prefix that holds none (so layer numbers and expert numbers always stay as they are)."""
+        """Prefix rewrites under which `path` names a base module: strip a leading part of the adapter's path or
+        add a leading part of the base's names, neither holding an index nor a sub-model's name (so layer and
+        expert numbers, and towers, always stay as they are)."""
         out: set[PrefixRewrite] = set()
         parts = path.split(".")
         for i in range(1, len(parts)):
-            strip = ".".join(parts[:i]) + "."
-            if not _fallback_ok(strip):
+            rewrite = PrefixRewrite(strip=".".join(parts[:i]) + ".")
+            if not _fallback_ok(rewrite.strip):
                 break
-            rewrite = PrefixRewrite(strip=strip)
             if self.module_on_disk(path, rewrite) is not None:
                 out.add(rewrite)
+        for cand in _infix_variants(path):
+            out.update(PrefixRewrite(add=prefix) for prefix in self._wrapper_index().get(cand, ()))
+        return out
+
+    def _wrapper_index(self) -> dict[str, list[str]]:
+        """Base module path without a leading wrapper -> the wrappers (fallback-safe leading parts) it sits under."""
         if self._wrappers is None:
             self._wrappers = {}
             for mod in self.modules:
@@ -177,62 +183,54 @@ class KeyResolver:
                     if not _fallback_ok(prefix):
                         break
                     self._wrappers.setdefault(".".join(p[i:]), []).append(prefix)
-        for cand in _infix_variants(path):
-            for prefix in self._wrappers.get(cand, ()):
-                out.add(PrefixRewrite(add=prefix))
-        return out
+        return self._wrappers
 
     def learn_prefix(self, paths: Iterable[str]) -> None:
         """Decide, once for the whole adapter, whether its module paths need one prefix added or stripped.
 
         Paths the rules place keep the rules. When some do not, the one rewrite that places every one of them
-        (that any rewrite places) is adopted, provided it applies to every path and places no path the rules
-        already placed somewhere else; anything else is an error naming a path."""
+        (that any rewrite places) is adopted, provided it applies to every path and no path is placed by the
+        rules alone; anything else is an error naming a path. Paths no rewrite places are left to the mapper,
+        which names them and says why when it needs them."""
         paths = sorted(set(paths))
         placed = {p for p in paths if self.module_on_disk(p) is not None}
-        lost = [p for p in paths if p not in placed]
-        if not lost:
+        fits = {p: f for p in paths if p not in placed and (f := self._rewrites_for(p))}
+        if not fits:
             return
-        options: set[PrefixRewrite] | None = None
-        first: dict[PrefixRewrite, str] = {}
-        for path in lost:
-            fits = self._rewrites_for(path)
-            if not fits:
-                continue  # reported by the mapper, with the reason, when the path is used
-            for r in fits:
-                first.setdefault(r, path)
-            if options is not None and not (options & fits):
-                other = first[next(iter(sorted(options, key=PrefixRewrite.describe)))]
-                raise PlanError(
-                    f"adapter module {path} and {other} sit under different prefixes in the base ({_list(fits)} "
-                    f"vs {_list(options)}): no single prefix places every adapter key; is this the adapter's base model?"
-                )
-            options = fits if options is None else options & fits
-        if not options:
-            return
-        # rewrites that put every path in the same place are one and the same (`backbone.` + the rule that adds
-        # `model.`, or `backbone.model.`): keep the first
-        placements = {r: tuple(self.module_on_disk(p, r) for p in lost) for r in options}
-        if len(set(placements.values())) == 1:
-            options = {min(options, key=PrefixRewrite.describe)}
-        if len(options) > 1:
-            raise PlanError(
-                f"adapter module {lost[0]} is not in the base by its own name and fits several places "
-                f"({_list(options)}); is this the adapter's base model?"
-            )
-        (rewrite,) = options
+        rewrite = self._single_rewrite(fits)
+        example = next(iter(fits))
         for path in paths:
             if not rewrite.applies(path):
                 raise PlanError(
-                    f"adapter module {path} does not start with {rewrite.strip!r} like the others (which the base "
+                    f"adapter module {path} does not start with {rewrite.strip!r} like {example} (which the base "
                     f"holds without it); is this the adapter's base model?"
                 )
             if path in placed:
                 raise PlanError(
-                    f"adapter module {path} is in the base as it is, but {lost[0]} only with {rewrite.describe()}: "
+                    f"adapter module {path} is in the base as it is, but {example} only with {rewrite.describe()}: "
                     "the adapter's keys do not agree on one prefix; is this the adapter's base model?"
                 )
         self.rewrite = rewrite
+
+    def _single_rewrite(self, fits: dict[str, set[PrefixRewrite]]) -> PrefixRewrite:
+        """The one rewrite every path in `fits` accepts. Rewrites that put every path in the same place are one
+        and the same (`backbone.` and `backbone.model.` when both fit): the first by name is kept."""
+        options: set[PrefixRewrite] | None = None
+        first = next(iter(fits))
+        for path, accepted in fits.items():
+            if options is not None and not (options & accepted):
+                raise PlanError(
+                    f"adapter module {path} and {first} sit under different prefixes in the base ({_list(accepted)} "
+                    f"vs {_list(options)}): no single prefix places every adapter key; is this the adapter's base model?"
+                )
+            options = accepted if options is None else options & accepted
+        assert options
+        if len({tuple(self.module_on_disk(p, r) for p in fits) for r in options}) > 1:
+            raise PlanError(
+                f"adapter module {first} is not in the base by its own name and fits several places "
+                f"({_list(options)}); is this the adapter's base model?"
+            )
+        return min(options, key=PrefixRewrite.describe)
 
     # --- messages -----------------------------------------------------------------------------------------------
 

@@ -325,17 +325,8 @@ class AdapterMapper:
                 legacy.append((expert, mod))
             elif mod.depth > 0 or self._is_param_wrapper(mod.path):
                 wrapped[mod.path][mod.depth] = mod
-            elif self.moe_family and legacy_moe.is_router(mod.path):
-                self._legacy_router(mod)
-            elif self.moe_family and mod.depth == 0 and self.moe_family.param_of(mod.path.rpartition(".")[2]):
-                raise PlanError(
-                    f"adapter holds LoRA for {mod.path}, but PEFT 0.21 loads {self.model_type} adapters with their "
-                    f"{mod.path.rpartition('.')[2]} targets moved to the fused experts (target_parameters) and "
-                    "ignores LoRA on other modules of that name; lorafold neither drops adapter weights nor merges "
-                    "what PEFT would not"
-                )
             else:
-                self._lora_module(mod)
+                self._module_lora(mod)
         for path, levels in sorted(wrapped.items()):
             self._param_wrapper(path, levels)
         if legacy:
@@ -346,6 +337,23 @@ class AdapterMapper:
             self._share_tied_ops()
         self._check_vocab()
         return self.out
+
+    def _module_lora(self, mod: LoraModule) -> None:
+        """LoRA on a module: plain, unless PEFT 0.21 reads it as something else on this MoE model (the router
+        becomes a ParamWrapper; other modules named like expert parts lose their LoRA)."""
+        leaf = mod.path.rpartition(".")[2]
+        if self.moe_family is None:
+            self._lora_module(mod)
+        elif legacy_moe.is_router(mod.path):
+            self._legacy_router(mod)
+        elif self.moe_family.param_of(leaf):
+            raise PlanError(
+                f"adapter holds LoRA for {mod.path}, but PEFT 0.21 loads {self.model_type} adapters with their {leaf} "
+                "targets moved to the fused experts (target_parameters) and ignores LoRA on other modules of that "
+                "name; lorafold neither drops adapter weights nor merges what PEFT would not"
+            )
+        else:
+            self._lora_module(mod)
 
     def _fold_wrapper_copies(self, replacements: tuple[Entry, ...]) -> list[Entry]:
         """PEFT's ModulesToSaveWrapper keys (saved next to `X.weight` when the vocabulary was resized):
@@ -761,24 +769,51 @@ class AdapterMapper:
         param: str,
         members: dict[tuple[int, str], LoraModule],
     ) -> None:
+        """One fused parameter of one layer from per-expert LoRA pairs: checked as PEFT's conversion needs them
+        (every part of every expert, one rank, rows that add up), then one op per target tensor."""
         parts = fam.parts_of(param)
         path = fam.in_memory(experts)
         key = f"{path}.{param}"
         layout = self._expert_layout(path, param)
         if layout is None:
             raise self._missing(path, param)
-        E = layout.shape[0] if isinstance(layout, FusedLayout) else len(layout.names)
         if len(layout.shape) != 3:
             raise PlanError(f"{key}: the base's {param} is not a 3-D expert parameter ({list(layout.shape)})")
-        want = {(e, p) for e in range(E) for p in parts}
-        if set(members) != want:
-            gap = sorted(want - set(members)) or sorted(set(members) - want)
-            e, p = gap[0]
-            raise PlanError(
-                f"{experts}: PEFT fuses LoRA on {'/'.join(parts)} of all {E} experts into {param}, but the adapter "
-                f"{'lacks' if (e, p) in want else 'has an extra'} {experts}.{e}.{p}; is this the adapter's base model?"
-            )
+        num = layout.shape[0]
+        self._legacy_complete(experts, param, parts, num, members)
         factors = {ep: self._legacy_factors(mod) for ep, mod in members.items()}
+        rows = self._legacy_rows(experts, key, parts, layout, factors)
+        R = factors[(0, parts[0])].rank * len(parts)
+        if spec.rank_for(key) != R:
+            raise PlanError(f"{key}: PEFT loads this adapter with rank {spec.rank_for(key)} but its LoRA pairs give {R}")
+        s = spec.scaling_for(key, R)
+        a = tuple(tuple(factors[(e, p)].a for p in parts) for e in range(num))
+        b = tuple(tuple(factors[(e, p)].b for p in parts) for e in range(num))
+        if isinstance(layout, FusedLayout):
+            self.out.add(layout.name, StackedExpertDelta(key, a, b, s), (OWN, 1))
+            return
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        if [(p.row0, p.rows) for p in layout.parts] != list(zip(starts, rows, strict=True)):
+            raise PlanError(f"{key}: the base's per-expert tensors split {param} differently from the adapter")
+        for e, names in enumerate(layout.names):
+            for part, tensor in zip(layout.parts, names, strict=True):
+                self.out.add(tensor, StackedExpertDelta(key, a, b, s, expert=e, row0=part.row0), (OWN, 1))
+
+    @staticmethod
+    def _legacy_complete(experts: str, param: str, parts, num: int, members: dict[tuple[int, str], LoraModule]) -> None:
+        want = {(e, p) for e in range(num) for p in parts}
+        if set(members) == want:
+            return
+        missing = sorted(want - set(members))
+        e, p = (missing or sorted(set(members) - want))[0]
+        raise PlanError(
+            f"{experts}: PEFT fuses LoRA on {'/'.join(parts)} of all {num} experts into {param}, but the adapter "
+            f"{'lacks' if missing else 'has an extra'} {experts}.{e}.{p}; is this the adapter's base model?"
+        )
+
+    @staticmethod
+    def _legacy_rows(experts: str, key: str, parts, layout: Layout, factors: dict[tuple[int, str], Factors]) -> list[int]:
+        """Rows of each part (B's rows), the same for every expert; one rank; inputs and rows fit the base."""
         r = factors[(0, parts[0])].rank
         rows = [factors[(0, p)].out_features for p in parts]
         for (e, p), f in factors.items():
@@ -789,21 +824,7 @@ class AdapterMapper:
                 )
         if sum(rows) != layout.shape[1]:
             raise PlanError(f"{key}: the adapter's {'/'.join(parts)} give {sum(rows)} rows but the base has {layout.shape[1]}")
-        R = r * len(parts)
-        if spec.rank_for(key) != R:
-            raise PlanError(f"{key}: PEFT loads this adapter with rank {spec.rank_for(key)} but its LoRA pairs give {R}")
-        s = spec.scaling_for(key, R)
-        a = tuple(tuple(factors[(e, p)].a for p in parts) for e in range(E))
-        b = tuple(tuple(factors[(e, p)].b for p in parts) for e in range(E))
-        if isinstance(layout, FusedLayout):
-            self.out.add(layout.name, StackedExpertDelta(key, a, b, s), (OWN, 1))
-            return
-        starts = [sum(rows[:i]) for i in range(len(rows))]
-        if [(p.row0, p.rows) for p in layout.parts] != list(zip(starts, rows, strict=True)):
-            raise PlanError(f"{key}: the base's per-expert tensors split {param} differently from the adapter")
-        for e, names in enumerate(layout.names):
-            for part, tensor in zip(layout.parts, names, strict=True):
-                self.out.add(tensor, StackedExpertDelta(key, a, b, s, expert=e, row0=part.row0), (OWN, 1))
+        return rows
 
     def _legacy_factors(self, mod: LoraModule) -> Factors:
         if set(mod.parts) != _PAIR:
