@@ -9,6 +9,7 @@ renamings, deletions, prefixes and extra adapter modules at it; a few full-CLI c
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -21,8 +22,6 @@ from worker.engine.keys import KeyResolver, PrefixRewrite
 from worker.engine.mapping import AdapterMapper
 from worker.engine.spec import AdapterSpec
 from worker.engine.tensors import AdapterTensorInfo
-
-from .conftest import read_raw, write_raw
 
 DIMS = {"q_proj": (8, 8), "k_proj": (4, 8), "v_proj": (4, 8)}
 R = 2
@@ -224,20 +223,21 @@ def test_property_every_delta_lands_on_its_own_tensor_or_the_plan_fails(scenario
 
 
 def _rename_base(base: Path, rename) -> None:
-    """Rename (or, when `rename` gives None, delete) tensors in the safetensors headers and the index."""
+    """Rename (or, when `rename` gives None, delete) tensors of every shard and the index (files rewritten whole,
+    so they stay valid safetensors)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     for shard in base.glob("*.safetensors"):
-        header, data = read_raw(shard)
-        new = {}
-        for k, v in header.items():
-            if k == "__metadata__":
-                new[k] = v
-            elif rename(k) is not None:
-                new[rename(k)] = v
-        write_raw(shard, new, data)
+        with safe_open(str(shard), "pt") as f:
+            meta = f.metadata()
+            tensors = {rename(k): f.get_tensor(k) for k in f.keys() if rename(k) is not None}
+        save_file(tensors, str(shard), metadata=meta)
     index_path = base / "model.safetensors.index.json"
-    index = json.loads(index_path.read_text())
-    index["weight_map"] = {rename(k): f for k, f in index["weight_map"].items() if rename(k) is not None}
-    index_path.write_text(json.dumps(index))
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {rename(k): f for k, f in index["weight_map"].items() if rename(k) is not None}
+        index_path.write_text(json.dumps(index))
 
 
 def _run(case, capsys):
@@ -278,3 +278,88 @@ def test_cli_base_under_an_unknown_prefix_gives_peft_exact_result(hostile_case, 
     shutil.copytree(hostile_case.out, renamed)
     _rename_base(renamed, lambda k: k.removeprefix("backbone."))
     assert_models_match(renamed, expected, max_ulps=0)
+
+
+# --- property, full CLI: mutated real checkpoints give PEFT's result or one error line ------------------------------
+
+_PEFT_CACHE: dict[str, Path] = {}
+_TOUCHED = re.compile(r"layers\.\d+\.self_attn\.(q_proj|v_proj)\.weight$")  # what the hostile adapter changes
+
+
+def _mutation(draw, names: list[str]):
+    """A rename function for base tensor names: a whole-checkpoint prefix change, then renamed / deleted tensors."""
+    prefix = draw(st.sampled_from(["", "backbone.", "strip-model"]))
+    edits: dict[str, str | None] = {}
+    for name in draw(st.lists(st.sampled_from(names), max_size=3, unique=True)):
+        action = draw(st.sampled_from(["delete", "renumber", "rename"]))
+        if action == "delete":
+            edits[name] = None
+        elif action == "renumber":
+            edits[name] = re.sub(r"layers\.\d+\.", f"layers.{draw(st.integers(0, 4))}.", name)
+        else:
+            edits[name] = re.sub(r"\.(\w+_proj)\.", f".{draw(st.sampled_from(['q_proj', 'k_proj', 'u_proj']))}.", name)
+    taken = set(names)
+    for old, new in list(edits.items()):
+        if new is not None and new != old and new in taken:
+            del edits[old]  # never two tensors under one name
+        elif new is not None:
+            taken.add(new)
+
+    def rename(name: str) -> str | None:
+        name = edits.get(name, name)
+        if name is None:
+            return None
+        if prefix == "backbone.":
+            return "backbone." + name
+        return name.removeprefix("model.") if prefix == "strip-model" else name
+
+    moved = {old for old, new in edits.items() if new != old}
+    return rename, moved
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_property_cli_mutated_base_gives_peft_result_or_one_error_line(hostile_models, data):
+    import contextlib
+    import io
+    import tempfile
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.support.models import assert_models_match, peft_merge
+    from worker.cli import main
+
+    if "expected" not in _PEFT_CACHE:
+        root = Path(tempfile.mkdtemp(prefix="lorafold-peft-"))
+        _PEFT_CACHE["expected"] = peft_merge(hostile_models.base, hostile_models.adapter, root / "peft", dtype=torch.float32)
+    expected = _PEFT_CACHE["expected"]
+    names = sorted(json.loads((hostile_models.base / "model.safetensors.index.json").read_text())["weight_map"])
+    rename, moved = _mutation(data.draw, names)
+    extra = data.draw(st.sampled_from([None, "model.layers.5.self_attn.q_proj", "model.layers.0.self_attn.u_proj"]))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = Path(shutil.copytree(hostile_models.base, tmp / "base"))
+        adapter = Path(shutil.copytree(hostile_models.adapter, tmp / "adapter"))
+        _rename_base(base, rename)
+        if extra:
+            tensors = load_file(str(adapter / "adapter_model.safetensors"))
+            tensors[f"base_model.model.{extra}.lora_A.weight"] = torch.randn(4, 32)
+            tensors[f"base_model.model.{extra}.lora_B.weight"] = torch.randn(32, 4)
+            save_file(tensors, str(adapter / "adapter_model.safetensors"), metadata={"format": "pt"})
+            cfg = json.loads((adapter / "adapter_config.json").read_text())
+            cfg["target_modules"] = sorted({*cfg["target_modules"], extra.rsplit(".", 1)[1]})
+            (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            rc = main(["merge", str(adapter), "--base", str(base), "--out", str(tmp / "out"), "--device", "cpu"])
+        if rc != 0:
+            lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+            assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
+            assert extra or any(_TOUCHED.search(n) for n in moved), f"refused a base the adapter fits: {lines[0]}"
+            return
+        assert not extra and not any(_TOUCHED.search(n) for n in moved)
+        want = tmp / "want"
+        shutil.copytree(expected, want)
+        _rename_base(want, rename)
+        assert_models_match(tmp / "out", want, max_ulps=0)
