@@ -61,14 +61,14 @@ def test_layer_7_is_never_folded_into_the_only_layer():
     with pytest.raises(PlanError) as err:
         _mapper(base, {"model.layers.7.self_attn.q_proj": DIMS["q_proj"]}).run()
     msg = str(err.value)
-    assert "model.layers.7.self_attn.q_proj" in msg and "no layers 7 (it has layers 0)" in msg, msg
+    assert "model.layers.7.self_attn.q_proj" in msg and "no layer 7 (it has layers 0)" in msg, msg
     assert "is this the adapter's base model?" in msg
 
 
 def test_missing_layer_names_the_layers_the_base_has():
     with pytest.raises(PlanError) as err:
         _mapper(_llama_base(layers=(0, 1)), {"model.layers.7.self_attn.q_proj": DIMS["q_proj"]}).run()
-    assert "the base has no layers 7 (it has layers 0-1)" in str(err.value)
+    assert "the base has no layer 7 (it has layers 0-1)" in str(err.value)
     assert "several" not in str(err.value)
 
 
@@ -250,9 +250,9 @@ def _run(case, capsys):
 @pytest.mark.parametrize(
     "rename, why",
     [
-        (lambda k: None if ".layers.1." in k else k, "the base has no layers 1 (it has layers 0)"),
+        (lambda k: None if ".layers.1." in k else k, "the base has no layer 1 (it has layers 0)"),
         (lambda k: k.replace("model.layers.", "model.vision_tower.layers."), "is this the adapter's base model?"),
-        (lambda k: k.replace(".layers.1.", ".layers.5."), "the base has no layers 1 (it has layers 0, 5)"),
+        (lambda k: k.replace(".layers.1.", ".layers.5."), "the base has no layer 1 (it has layers 0, 5)"),
     ],
     ids=["deleted-layer", "vision-tower", "renumbered-layer"],
 )

@@ -251,7 +251,8 @@ class KeyResolver:
             )
             if have and int(part) not in have:
                 what = parts[i - 1]
-                return f"the base has no {what} {part} (it has {what} {_ranges(have)})"
+                one = what[:-1] if what.endswith("s") and len(what) > 1 else what
+                return f"the base has no {one} {part} (it has {what} {_ranges(have)})"
         for i in range(len(parts) - 1, 0, -1):
             parent = ".".join(parts[:i])
             if self.module_on_disk(parent, rewrite) is not None:
