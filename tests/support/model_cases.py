@@ -392,6 +392,14 @@ EXTRA_CASES: dict[str, CaseSpec] = {
         resize_vocab=272,
         changed=(r"embed_tokens\.weight$", r"^lm_head\.weight$", r"q_proj\.weight$"),
     ),
+    "resized_vocab_lora_embed_tied": CaseSpec(
+        "qwen2",
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+        "vocab resized 256 -> 272 and LoRA on embed_tokens of a tied base: the lm_head follows the embedding",
+        tie=True,
+        resize_vocab=272,
+        changed=(r"embed_tokens\.weight$", r"q_proj\.weight$"),
+    ),
     "resized_vocab_lora_embed_mts": CaseSpec(
         "llama",
         dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"]),
