@@ -113,3 +113,12 @@ def test_dense_mlp_lora_peft_would_drop_is_refused():
     # the same module on a dense model is plain LoRA
     m = _run(base, _pairs({"model.layers.1.mlp.gate_proj": (INTER, H)}), config={"model_type": "qwen3"}, target_modules=["gate_proj"])
     assert isinstance(m.ordered("model.layers.1.mlp.gate_proj.weight")[0], LoraDelta)
+
+
+@pytest.mark.parametrize("path", ["model.layers.0.mlp.experts.1.up_proj", "model.layers.0.mlp.gate"])
+def test_qwen2_moe_expert_and_router_lora_that_peft_drops_is_refused(path):
+    # measured: PEFT 0.21 moves qwen2_moe per-expert LoRA to fused names nothing targets (the merge is a no-op)
+    # and refuses LoRA on the router module
+    base = {f"{path}.weight": (INTER, H), "lm_head.weight": (32, H)}
+    with pytest.raises(PlanError, match="PEFT 0.21 drops such LoRA"):
+        _run(base, _pairs({path: (INTER, H)}), config={"model_type": "qwen2_moe"}, target_modules=[path.rpartition(".")[2]])

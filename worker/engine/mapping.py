@@ -342,6 +342,11 @@ class AdapterMapper:
         """LoRA on a module: plain, unless PEFT 0.21 reads it as something else on this MoE model (the router
         becomes a ParamWrapper; other modules named like expert parts lose their LoRA)."""
         leaf = mod.path.rpartition(".")[2]
+        if legacy_moe.peft_cannot_load(self.model_type, mod.path):
+            raise PlanError(
+                f"adapter holds LoRA for {mod.path}, a {self.model_type} expert or router module from before "
+                "transformers 5: PEFT 0.21 drops such LoRA (or fails to load it), so there is no PEFT result to match"
+            )
         if self.moe_family is None:
             self._lora_module(mod)
         elif legacy_moe.is_router(mod.path):
