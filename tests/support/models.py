@@ -32,6 +32,11 @@ What the oracle computes (PEFT 0.21.2 on CPU: ``PeftModel.from_pretrained`` with
 - ``lora_bias``: ``b' = rnd(b + s * b_B)`` in fp32 (rounding ``s * b_B`` first is 2 ulps off in bf16).
 - trainable tokens: rows replaced (``index_copy``) with the delta cast to W's dtype; modules_to_save and
   trained biases: replaced.
+- Router LoRA (``target_parameters=["gate.weight"]``, a 2-D ParamWrapper): ``W' = rnd(W + rnd((B @ A) * s))``.
+- MoE adapters saved before transformers 5 (``make_legacy_moe_adapter``; PEFT 0.21 converts them on load): per
+  expert ``W' = rnd(W + rnd(s' * blockdiag(B_w1, B_w3) @ cat(A_w1, A_w3)))`` with ``s' = 2 alpha / 2r`` (rsLoRA:
+  ``2 alpha / sqrt(2r)``), ``w2`` alone with ``s``; a single rounding is up to ~14.6k ulps off in bf16 where the sum
+  cancels, and the rsLoRA scale without the doubling ~2e9 ulps in fp32.
 """
 
 from __future__ import annotations
