@@ -105,3 +105,24 @@ def test_resized_embedding_without_the_untied_head_is_refused_at_plan_time(parit
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "272" in lines[0] and "lm_head" in lines[0] and "modules_to_save" in lines[0], lines[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["moe_legacy_mixtral", "moe_legacy_mixtral_fused_base", "moe_router", "resized_vocab_lora_embed"]
+)
+def test_row_chunks_give_the_same_bits(name, parity_root, tmp_path):
+    """A 1 kB working set splits every tensor into row blocks (one expert per block of a fused parameter, a few
+    rows of a per-expert tensor): each output element is still the same dot product, so the bits are PEFT's."""
+    import torch
+
+    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+
+    case = build_case(name, torch.bfloat16, parity_root)
+    out = tmp_path / "merged"
+    merge(
+        LocalDirSource(case.base_dir),
+        LocalDirSource(case.adapter_dir),
+        LocalDirSink(out),
+        MergeOptions(device="cpu", chunk_bytes=1024, inflight_bytes=64 << 10),
+    )
+    assert_models_match(out, case.expected_dir, max_ulps=0)
