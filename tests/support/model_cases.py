@@ -106,6 +106,12 @@ class CaseSpec:
     dtypes: tuple[torch.dtype, ...] = ALL_DTYPES
     changed: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
+    # the adapter is written by hand the way PEFT < 0.18 / transformers 4 saved MoE adapters: one LoRA pair per
+    # expert and part (`block_sparse_moe.experts.N.w1` ...), router LoRA as a module; ``lora`` is its config
+    legacy_experts: bool = False
+    # "checkpoint": save_pretrained's layout (per-expert MoE tensors); "runtime": the model's own state_dict
+    # (fused 3-D `experts.gate_up_proj` / `down_proj`), as some repos ship transformers-5 checkpoints
+    base_layout: str = "checkpoint"
 
 
 _LIN = tuple(rf"layers\.\d\.(self_attn|mlp)\.{m}\.weight$" for m in _ALL_LINEAR)
@@ -320,3 +326,85 @@ CASES: dict[str, CaseSpec] = {
 
 # Variants PEFT 0.21.2 cannot build or merge are kept out of CASES. None of the requested ones failed.
 UNSUPPORTED: dict[str, str] = {}
+
+
+# Cases PEFT rewrites on load (MoE router targets, adapters saved before transformers 5), bases in the runtime
+# layout, and LoRA on resized embeddings. Kept out of CASES because their adapter configs and base layouts do not
+# follow CASES' invariants (tests/support/test_models_selfcheck.py); tests/engine/test_parity_extra.py runs them
+# against PEFT 0.21's merge_and_unload bit for bit.
+_MIX_EXPERTS = (r"experts\.\d+\.w1\.weight$", r"experts\.\d+\.w3\.weight$", r"experts\.\d+\.w2\.weight$")
+_LEGACY_MIXTRAL = dict(r=4, lora_alpha=6, target_modules=["w1", "w2", "w3", "gate", "q_proj"])
+EXTRA_CASES: dict[str, CaseSpec] = {
+    "moe_router": CaseSpec(
+        "mixtral",
+        dict(r=4, lora_alpha=6, target_modules=["gate", "q_proj"]),
+        "LoRA on the Mixtral router: PEFT saves target_modules=['gate'] as target_parameters=['gate.weight'] "
+        "(a 2-D ParamWrapper: the delta is rounded before the add)",
+        changed=(r"block_sparse_moe\.gate\.weight$", r"q_proj\.weight$"),
+        unchanged=(r"experts\.",),
+    ),
+    "moe_router_fused_base": CaseSpec(
+        "mixtral",
+        dict(r=4, lora_alpha=6, target_modules=["gate", "q_proj"]),
+        "router LoRA on a base saved in the runtime layout (mlp.gate.weight, fused experts)",
+        shards=1,
+        base_layout="runtime",
+        changed=(r"mlp\.gate\.weight$",),
+    ),
+    "moe_legacy_mixtral": CaseSpec(
+        "mixtral",
+        _LEGACY_MIXTRAL,
+        "per-expert LoRA on block_sparse_moe.experts.N.w1/w2/w3 + router + q_proj, saved before transformers 5; "
+        "PEFT 0.21 fuses w1/w3 into gate_up_proj (rank 2r, alpha 2 alpha) and rounds the delta first",
+        legacy_experts=True,
+        changed=(*_MIX_EXPERTS, r"block_sparse_moe\.gate\.weight$", r"q_proj\.weight$"),
+        unchanged=(r"k_proj",),
+    ),
+    "moe_legacy_mixtral_rslora": CaseSpec(
+        "mixtral",
+        dict(_LEGACY_MIXTRAL, use_rslora=True, lora_alpha=5),
+        "the same with use_rslora: the fused gate_up_proj gets 2 alpha / sqrt(2r), not alpha / sqrt(r)",
+        legacy_experts=True,
+        changed=_MIX_EXPERTS,
+    ),
+    "moe_legacy_mixtral_fused_base": CaseSpec(
+        "mixtral",
+        _LEGACY_MIXTRAL,
+        "pre-transformers-5 per-expert adapter on a base in the runtime layout (fused experts.gate_up_proj)",
+        legacy_experts=True,
+        shards=1,
+        base_layout="runtime",
+        changed=(r"experts\.gate_up_proj$", r"experts\.down_proj$", r"mlp\.gate\.weight$"),
+    ),
+    "moe_legacy_qwen3": CaseSpec(
+        "qwen3_moe",
+        dict(r=4, lora_alpha=6, target_modules=["gate_proj", "up_proj", "down_proj", "gate", "q_proj"]),
+        "per-expert LoRA on mlp.experts.N.gate_proj/up_proj/down_proj + router, saved before transformers 5 "
+        "(qwen2_moe conversion family)",
+        legacy_experts=True,
+        changed=(r"experts\.\d+\.gate_proj\.weight$", r"experts\.\d+\.down_proj\.weight$", r"mlp\.gate\.weight$"),
+    ),
+    "resized_vocab_lora_embed": CaseSpec(
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head", "q_proj"]),
+        "vocab resized 256 -> 272 and LoRA on embed_tokens and lm_head of an untied base: PEFT saves both full "
+        "272-row base layers (base_layer.weight) next to the LoRA pairs",
+        resize_vocab=272,
+        changed=(r"embed_tokens\.weight$", r"^lm_head\.weight$", r"q_proj\.weight$"),
+    ),
+    "resized_vocab_lora_embed_tied": CaseSpec(
+        "qwen2",
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]),
+        "vocab resized 256 -> 272 and LoRA on embed_tokens of a tied base: the lm_head follows the embedding",
+        tie=True,
+        resize_vocab=272,
+        changed=(r"embed_tokens\.weight$", r"q_proj\.weight$"),
+    ),
+    "resized_vocab_lora_embed_mts": CaseSpec(
+        "llama",
+        dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], modules_to_save=["lm_head"]),
+        "vocab resized 256 -> 272, LoRA on embed_tokens, lm_head in modules_to_save (untied)",
+        resize_vocab=272,
+        changed=(r"embed_tokens\.weight$", r"^lm_head\.weight$"),
+    ),
+}

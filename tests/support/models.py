@@ -32,6 +32,11 @@ What the oracle computes (PEFT 0.21.2 on CPU: ``PeftModel.from_pretrained`` with
 - ``lora_bias``: ``b' = rnd(b + s * b_B)`` in fp32 (rounding ``s * b_B`` first is 2 ulps off in bf16).
 - trainable tokens: rows replaced (``index_copy``) with the delta cast to W's dtype; modules_to_save and
   trained biases: replaced.
+- Router LoRA (``target_parameters=["gate.weight"]``, a 2-D ParamWrapper): ``W' = rnd(W + rnd((B @ A) * s))``.
+- MoE adapters saved before transformers 5 (``make_legacy_moe_adapter``; PEFT 0.21 converts them on load): per
+  expert ``W' = rnd(W + rnd(s' * blockdiag(B_w1, B_w3) @ cat(A_w1, A_w3)))`` with ``s' = 2 alpha / 2r`` (rsLoRA:
+  ``2 alpha / sqrt(2r)``), ``w2`` alone with ``s``; a single rounding is up to ~14.6k ulps off in bf16 where the sum
+  cancels, and the rsLoRA scale without the doubling ~2e9 ulps in fp32.
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ from tests.support.model_cases import (
     ALL_DTYPES,
     ARCHS,
     CASES,
+    EXTRA_CASES,
     MOE_ARCHS,
     UNSUPPORTED,
     CaseSpec,
@@ -69,6 +75,7 @@ __all__ = [
     "ALL_DTYPES",
     "ARCHS",
     "CASES",
+    "EXTRA_CASES",
     "MOE_ARCHS",
     "UNSUPPORTED",
     "Case",
@@ -81,6 +88,7 @@ __all__ = [
     "load_all_tensors",
     "make_adapter",
     "make_base",
+    "make_legacy_moe_adapter",
     "peft_merge",
     "read_adapter_tensors",
     "shard_map",
@@ -278,6 +286,7 @@ def make_base(
     shards: int = 3,
     tie: bool | None = None,
     seed: int | None = None,
+    layout: str = "checkpoint",
     **config_overrides: Any,
 ) -> Path:
     """Save a tiny random ``arch`` base (see ``ARCHS``) in ``dtype`` to ``out_dir``: ``shards`` safetensors files
@@ -294,12 +303,25 @@ def make_base(
         _randomize_(model, _seed("base", arch) if seed is None else seed)
         model = model.to(dtype).eval()
         out_dir.mkdir(parents=True, exist_ok=True)
-        if shards <= 1:
+        if layout == "runtime":
+            _save_runtime_layout(model, out_dir)
+        elif shards <= 1:
             model.save_pretrained(str(out_dir), max_shard_size="100GB")
         else:
             _save_sharded(model, out_dir, shards, need_straddle=arch in MOE_ARCHS)
     _write_extras(out_dir, arch)
     return out_dir
+
+
+def _save_runtime_layout(model, out_dir: Path) -> None:
+    """One model.safetensors holding the model's own state_dict (transformers 5 runtime names: fused 3-D
+    `mlp.experts.gate_up_proj` / `down_proj`, `mlp.gate.weight`), which transformers loads as it is."""
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    model.config.save_pretrained(str(out_dir))
+    model.generation_config.save_pretrained(str(out_dir))
 
 
 def _save_sharded(model, out_dir: Path, shards: int, *, need_straddle: bool) -> None:
@@ -399,6 +421,74 @@ def make_adapter(
         model = get_peft_model(base, LoraConfig(**lora_kwargs), autocast_adapter_dtype=False)
         _perturb_(model, seed, adapter_dtype if adapter_dtype is not None else dtype)
         model.save_pretrained(str(out_dir), safe_serialization=safe_serialization)
+    return out_dir
+
+
+# v4-era MoE module names: the block holding the experts, the expert parts in fused order (gate, up) then down
+_LEGACY_MOE_NAMES = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def make_legacy_moe_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    arch: str,
+    dtype: torch.dtype,
+    adapter_dtype: torch.dtype | None = None,
+    seed: int = 0,
+    **lora: Any,
+) -> Path:
+    """Write, by hand, a LoRA adapter as PEFT saved MoE adapters before transformers 5 (no PEFT 0.21 can build one
+    on a transformers 5 model, whose experts are fused parameters): one lora_A (r, in) / lora_B (out, r) per expert
+    and targeted part under ``<block>.experts.N.<part>``, the router as a module ``<block>.gate``, and the other
+    targets (attention projections) as usual. Values N(0, 0.1) in ``adapter_dtype`` (default ``dtype``)."""
+    from safetensors.torch import save_file
+
+    block, parts = _LEGACY_MOE_NAMES[arch]
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    experts = cfg.get("num_local_experts") or cfg["num_experts"]
+    hidden = cfg["hidden_size"]
+    inter = cfg.get("moe_intermediate_size") or cfg["intermediate_size"]
+    targets = list(lora["target_modules"])
+    r = lora["r"]
+    shapes = {k: tuple(v.shape) for k, v in load_all_tensors(base_dir).items()}
+    gen = torch.Generator().manual_seed(seed)
+    store = adapter_dtype or dtype
+
+    def pair(prefix: str, in_f: int, out_f: int) -> dict[str, torch.Tensor]:
+        return {
+            f"base_model.model.{prefix}.lora_A.weight": (0.1 * torch.randn(r, in_f, generator=gen)).to(store),
+            f"base_model.model.{prefix}.lora_B.weight": (0.1 * torch.randn(out_f, r, generator=gen)).to(store),
+        }
+
+    tensors: dict[str, torch.Tensor] = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        moe = f"model.layers.{layer}.{block}"
+        for e in range(experts):
+            for part in parts:
+                if part in targets:
+                    down = part == parts[-1]
+                    tensors |= pair(f"{moe}.experts.{e}.{part}", inter if down else hidden, hidden if down else inter)
+        if "gate" in targets:
+            tensors |= pair(f"{moe}.gate", hidden, experts)
+        for t in targets:
+            w = f"model.layers.{layer}.self_attn.{t}.weight"
+            if w in shapes:
+                tensors |= pair(w[: -len(".weight")], shapes[w][1], shapes[w][0])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "peft_version": "0.13.2",
+        "base_model_name_or_path": str(base_dir),
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "init_lora_weights": True,
+        **lora,
+    }
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
 
@@ -508,22 +598,25 @@ def _cached(final: Path, fingerprint: str, build) -> Path:
 def _base_key(spec: CaseSpec, dtype: torch.dtype) -> str:
     tie = ARCHS[spec.arch][1].get("tie_word_embeddings") if spec.tie is None else spec.tie
     shards = "1shard" if spec.shards <= 1 else f"{spec.shards}shards"
-    return f"{spec.arch}{'-tied' if tie else ''}-{shards}-{dtype_tag(dtype)}"
+    layout = "" if spec.base_layout == "checkpoint" else f"-{spec.base_layout}"
+    return f"{spec.arch}{'-tied' if tie else ''}-{shards}{layout}-{dtype_tag(dtype)}"
 
 
 def build_case(name: str, dtype: torch.dtype, root: Path) -> Case:
     """Build (or reuse from ``root``) the base, adapter and PEFT-merged oracle of ``CASES[name]`` in ``dtype``."""
-    spec = CASES[name]
+    spec = CASES[name] if name in CASES else EXTRA_CASES[name]
     if dtype not in spec.dtypes:
         raise ValueError(f"case {name!r} is not defined for {dtype} (only {spec.dtypes})")
     root = Path(root)
     tag = dtype_tag(dtype)
 
-    base_fp = _fingerprint({"arch": ARCHS[spec.arch], "tie": spec.tie, "shards": spec.shards, "dtype": tag})
+    base_fp = _fingerprint(
+        {"arch": ARCHS[spec.arch], "tie": spec.tie, "shards": spec.shards, "dtype": tag, "layout": spec.base_layout}
+    )
     base_dir = _cached(
         root / "bases" / _base_key(spec, dtype),
         base_fp,
-        lambda d: make_base(spec.arch, dtype, d, shards=spec.shards, tie=spec.tie),
+        lambda d: make_base(spec.arch, dtype, d, shards=spec.shards, tie=spec.tie, layout=spec.base_layout),
     )
 
     case_dir = root / "cases" / f"{name}-{tag}"
@@ -535,13 +628,18 @@ def build_case(name: str, dtype: torch.dtype, root: Path) -> Case:
             "safe": spec.safe_serialization,
             "adapter_dtype": repr(spec.adapter_dtype),
             "resize": spec.resize_vocab,
+            "legacy": spec.legacy_experts,
             "name": name,
         }
     )
     adapter_dir = _cached(
         case_dir / "adapter",
         adapter_fp,
-        lambda d: make_adapter(
+        lambda d: make_legacy_moe_adapter(
+            base_dir, d, arch=spec.arch, dtype=dtype, adapter_dtype=spec.adapter_dtype, seed=_seed("adapter", name), **spec.lora
+        )
+        if spec.legacy_experts
+        else make_adapter(
             base_dir,
             d,
             dtype=dtype,

@@ -231,12 +231,12 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     # Output tensors in the base's own order: file by file, by offset; new tensors follow their anchor.
     tensors: dict[str, OutTensor] = {}
     followers: dict[str, list[str]] = {}
-    for name, (_dtype, _shape, anchor) in mapping.new_tensors.items():
-        followers.setdefault(anchor, []).append(name)
+    for name, new in mapping.new_tensors.items():
+        followers.setdefault(new.anchor, []).append(name)
     for fname in weight_names:
         for name in sorted(headers[fname].tensors, key=lambda n: headers[fname].tensors[n].begin):
             slot = slots[name]
-            ops = tuple(op for _, op in sorted(mapping.ops.get(name, []), key=lambda x: x[0]))
+            ops = mapping.ordered(name)
             if ops and slot.dtype not in MERGEABLE_DTYPES and ops[0].needs_base:
                 raise PlanError(
                     f"base tensor {name} is {slot.dtype} (quantized or integer): lorafold folds LoRA into "
@@ -245,9 +245,10 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
             shape = mapping.shapes.get(name, slot.shape)
             tensors[name] = OutTensor(name, out_dtype(slot.dtype), shape, slot, ops, shard=fname)
             for new in followers.get(name, []):
-                dtype, nshape, _ = mapping.new_tensors[new]
-                nops = tuple(op for _, op in sorted(mapping.ops.get(new, []), key=lambda x: x[0]))
-                tensors[new] = OutTensor(new, out_dtype(dtype), nshape, None, nops, shard=fname)
+                spec_new = mapping.new_tensors[new]
+                tensors[new] = OutTensor(
+                    new, out_dtype(spec_new.dtype), spec_new.shape, None, mapping.ordered(new), shard=fname
+                )
 
     shards, write_index = _layout(tensors, headers, weight_names, sharded, options.max_shard_size)
 

@@ -206,6 +206,56 @@ class ExpertDelta(Op):
 
 
 @dataclass(frozen=True)
+class StackedExpertDelta(Op):
+    """Per-expert LoRA modules of an adapter saved before transformers 5 (`experts.N.w1/w3/w2`), folded the way
+    PEFT 0.21 loads them: transformers' WeightConverter turns them into one ParamWrapper on the fused parameter
+    (peft `utils/transformers_weight_conversion.py`: the A's of the fused parts concatenated along the rank, the
+    B's block-diagonal (`PeftConcatenate`), rank r·parts), so
+
+        ΔP[e] = s · blockdiag(B_w1[e], B_w3[e]) @ cat(A_w1[e], A_w3[e]),  cast to P's dtype, then added
+
+    (two roundings, like every ParamWrapper). The factors are built zero-padded exactly as PEFT builds them, so
+    the float32 sums run over the same terms in the same order. `a[e]` / `b[e]`: the keys of expert e's parts, in
+    fused order. The target is the fused (E, d1, d2) tensor (`expert is None`, rows are experts) or one
+    per-expert checkpoint tensor holding rows [row0, row0 + n) of expert `expert`'s slice.
+    """
+
+    a: tuple[tuple[str, ...], ...]
+    b: tuple[tuple[str, ...], ...]
+    scaling: float
+    expert: int | None = None
+    row0: int = 0
+
+    def keys(self):
+        experts = range(len(self.a)) if self.expert is None else (self.expert,)
+        return tuple(k for e in experts for k in (*self.a[e], *self.b[e]))
+
+    def factors(self, ctx: Ctx, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        A = torch.cat([ctx.f32(k) for k in self.a[e]]) if len(self.a[e]) > 1 else ctx.f32(self.a[e][0])
+        B = torch.block_diag(*[ctx.f32(k) for k in self.b[e]]) if len(self.b[e]) > 1 else ctx.f32(self.b[e][0])
+        return B, A
+
+    def apply(self, w, r0, r1, ctx, dtype):
+        if self.expert is None:
+            for i, e in enumerate(range(r0, r1)):
+                _add_rounded_delta(w[i], *self.factors(ctx, e), self.scaling, None, ctx, dtype)
+        else:
+            B, A = self.factors(ctx, self.expert)
+            _add_rounded_delta(w, B, A, self.scaling, slice(self.row0 + r0, self.row0 + r1), ctx, dtype)
+
+
+def _add_rounded_delta(w2, B, A, scaling, rows, ctx: Ctx, dtype) -> None:
+    """w2 += round(s · (B[rows] @ A)): PEFT's ParamWrapper merge for one expert (`delta.to(dtype)` first)."""
+    if rows is not None:
+        B = B[rows]
+    d = ctx.scratch.get("delta", (B.shape[0], A.shape[1]))
+    torch.matmul(B, A, out=d)
+    d.mul_(scaling)
+    ctx.round_to(d, dtype)
+    w2.add_(d)
+
+
+@dataclass(frozen=True)
 class ConvDelta(Op):
     """LoRA on Conv1d/2d/3d weights (PEFT `_ConvNd.get_delta_weight`): 1×1 as a matmul, k×k as a convolution."""
 
