@@ -151,6 +151,7 @@ def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | Non
     request = JobRequest(
         owner=caller.name, door=door, adapter=inp.adapter, adapter_revision=inp.adapter_revision, base=inp.base,
         base_revision=inp.base_revision, target=inp.target, private=inp.private, dtype=inp.dtype,
-        idempotency_key=idempotency_key,
+        idempotency_key=idempotency_key, owner_id=caller.id,
+        namespace_id=caller.identity.namespace_id(inp.target.split("/")[0]),
     )
     return submit(svc.db, svc.box, request, caller.token, svc.enqueue)
