@@ -304,7 +304,19 @@ def test_rules_keep_a_personal_token_not_an_expiring_oauth_one(door, hub, reliab
     with door.db.session() as s:
         cred = s.get(Credential, s.get(Rule, ok.json["id"]).credential_id)
         assert door_box(door).open(cred.token_encrypted) == ALICE and cred.expires_at is None
-    rec.observed("OAuth token alone: 422 token; another user's token: 422; own personal token: 201, stored")
+
+    # the page: a user signed in with an OAuth token gives the personal token in the form (never shown again)
+    from tests.web.conftest import csrf_from, sign_in
+
+    sign_in(door.client, ALICE_OAUTH)
+    page = door.client.get("/rules").get_data(as_text=True)
+    form = {"watch": "acme/*-lora", "base": "alice/base", "dtype": "auto", "csrf_token": csrf_from(page)}
+    refused = door.client.post("/rules", data=form)
+    assert refused.status_code == 422 and 'id="token-error"' in refused.get_data(as_text=True)
+    made = door.client.post("/rules", data={**form, "token": ALICE})
+    assert made.status_code == 201 and ALICE not in made.get_data(as_text=True)
+    rec.observed("OAuth token alone: 422 token (API and page); another user's token: 422; own personal token: "
+                 "201, stored, never echoed")
 
 
 def door_box(door: Door):
@@ -350,8 +362,11 @@ def test_delivery_reasons_do_not_reveal_other_users_targets(door, hub, tmp_path,
     rec.observed(f"a target of bob's: {a.status_code}; an unknown repo: {b.status_code}; no reason names bob's jobs")
 
 
-def test_a_rule_reads_no_repo_its_owner_did_not_name(door, hub, tmp_path):
+def test_a_rule_reads_no_repo_its_owner_did_not_name(door, hub, tmp_path, reliability):
     """Across a whole run, alice's token touches only the watched adapter, the rule's base and the rule's target."""
+    rec = reliability("a pushed adapter config names another user's private repo (bob/secret-project)",
+                      "over the whole job, the owner's token touches only the watched adapter, the rule's base "
+                      "and its target")
     rule = door.rule({"watch": "acme/*-lora", "base": "alice/base", "target": "alice/{name}-merged"}).json
     repo = f"acme/{_name('scan')}"
     sha = door.push(repo, _adapter(tmp_path / "scan", "bob/secret-project"))
@@ -361,6 +376,7 @@ def test_a_rule_reads_no_repo_its_owner_did_not_name(door, hub, tmp_path):
     touched = _repos_touched(hub)
     assert touched <= {repo, "alice/base", job.target_repo}, touched
     assert not any("secret-project" in r.path for r in hub.request_log)
+    rec.observed(f"{len(hub.request_log)} Hub requests, repos touched: {sorted(touched)}")
 
 
 def _repos_touched(hub: HubDouble) -> set[str]:
