@@ -252,24 +252,53 @@ def _parse_time(text: str | None) -> datetime | None:
     return moment.replace(tzinfo=None) - (moment.utcoffset() or timedelta(0))
 
 
-def _mine(caller: Caller):
-    """Rules of this Hub account: by its stable id; rows from before ids were stored, by name (migration 0002)."""
+def _candidates(caller: Caller):
+    """This account's rules by its stable id, and rows from before ids were stored (migration 0002) that carry its
+    name; those are shown only once `_adopt` has proven them the caller's."""
     return or_(Rule.owner_id == caller.id, and_(Rule.owner_id.is_(None), Rule.owner == caller.name))
+
+
+def _adopt(caller: Caller, rules: list[Rule]) -> list[Rule]:
+    """Keep a row without an owner id only when the token it stores still belongs to the caller's Hub id (then the
+    id is recorded): a newcomer who took a renamed user's old name gets none of that user's rules."""
+    out = []
+    for rule in rules:
+        if rule.owner_id is None:
+            if _stored_token_owner(rule) != caller.id:
+                continue
+            with services().db.session() as s:
+                s.get(Rule, rule.id).owner_id = caller.id
+            rule.owner_id = caller.id
+        out.append(rule)
+    return out
+
+
+def _stored_token_owner(rule: Rule) -> str | None:
+    svc = services()
+    with svc.db.session() as s:
+        cred = s.get(Credential, rule.credential_id) if rule.credential_id else None
+        sealed = cred.token_encrypted if cred is not None else None
+    try:
+        identity = identify(svc.box.open(sealed)) if sealed else None
+    except ValueError:
+        return None
+    return identity.id if identity is not None else None
 
 
 def owned(caller: Caller) -> list[Rule]:
     if not caller.id:
         return []
     with services().db.session() as s:
-        return list(s.scalars(select(Rule).where(_mine(caller)).order_by(Rule.created_at.desc(), Rule.id)))
+        rows = list(s.scalars(select(Rule).where(_candidates(caller)).order_by(Rule.created_at.desc(), Rule.id)))
+    return _adopt(caller, rows)
 
 
 def get(caller: Caller, rule_id: str) -> Rule:
     if not RULE_ID_RE.match(rule_id or "") or not caller.id:
         raise NotFound("no such rule")
     with services().db.session() as s:
-        rule = s.scalar(select(Rule).where(Rule.id == rule_id, _mine(caller)))
-    if rule is None:
+        rule = s.scalar(select(Rule).where(Rule.id == rule_id, _candidates(caller)))
+    if rule is None or not _adopt(caller, [rule]):
         raise NotFound("no such rule")
     return rule
 

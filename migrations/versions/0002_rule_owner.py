@@ -4,7 +4,8 @@ Revision ID: 0002
 Revises: 0001
 
 Names stay (display); access is decided on the Hub's stable user/org ids, which survive renames. Rows written
-before this revision keep NULL ids (the Hub cannot be asked from a migration) and are matched by name, as before.
+before this revision keep NULL ids (the Hub cannot be asked from a migration): a rule is given its owner's id when
+the token it keeps still belongs to the caller (web/rules.py); older jobs are matched by name, as before.
 """
 from alembic import op
 import sqlalchemy as sa

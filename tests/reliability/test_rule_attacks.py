@@ -393,11 +393,20 @@ def _repos_touched(hub: HubDouble) -> set[str]:
     return out
 
 
-def test_rule_rows_from_before_ids_are_matched_by_name(door):
+def test_rule_rows_from_before_ids_go_to_whoever_their_stored_token_belongs_to(door):
+    """Rows written before migration 0002 have only a name: the token they keep tells whose they are."""
+    box = door_box(door)
     with door.db.session() as s:
-        s.add(Rule(owner="alice", owner_id=None, watch="acme/*-lora", target="alice/{name}-m", base="alice/base",
-                   secret_encrypted="x"))
+        for token in (ALICE, BOB):  # the second: a rule of a former "alice" whose token is now bob's account
+            cred = Credential(owner="alice", purpose="rule", token_encrypted=box.seal(token))
+            s.add(cred)
+            s.flush()
+            s.add(Rule(owner="alice", owner_id=None, watch="acme/*-lora", target="alice/{name}-m", base="alice/base",
+                       secret_encrypted=box.seal("x"), credential_id=cred.id))
     listed = door.client.get("/api/v1/rules", headers={"Authorization": f"Bearer {ALICE}"}).json["rules"]
     assert len(listed) == 1
     with door.db.session() as s:
-        assert s.scalar(select(Rule.owner_id)) is None
+        ids = {r.id: r.owner_id for r in s.scalars(select(Rule))}
+    assert ids[listed[0]["id"]] is not None and sum(v is None for v in ids.values()) == 1
+    other = next(k for k, v in ids.items() if v is None)
+    assert door.client.get(f"/api/v1/rules/{other}", headers={"Authorization": f"Bearer {ALICE}"}).status_code == 404
