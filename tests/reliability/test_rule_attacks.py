@@ -140,6 +140,7 @@ def _name(prefix: str) -> str:
 # --- the base is the owner's choice ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pushed_config_cannot_make_the_owners_token_read_a_private_base(door, hub, tmp_path, reliability):
     rec = reliability("rule with a fixed base; an org member pushes an adapter (B=0) whose config names the owner's "
                       "private base", "the private base is never read; the merge uses the rule's base")
@@ -208,6 +209,7 @@ def test_output_of_a_private_or_gated_base_is_never_public(door, hub, tmp_path, 
 # --- the target: never someone else's repo, the adapter, or the base ----------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_rule_never_overwrites_a_repo_it_did_not_create(door, hub, tmp_path, reliability):
     rec = reliability("an org member pushes acme/X-lora so that the rule's target acme/X-lora-merged is an existing "
                       "repo lorafold never created", "job fails, the existing repo is untouched; the rule's own repo "

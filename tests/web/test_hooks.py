@@ -153,3 +153,15 @@ def test_run_history_through_the_api(client, rule):
 def test_deleted_rule_stops_accepting(client, rule):
     assert client.delete(f"/api/v1/rules/{rule['id']}", headers=bearer(ALICE)).status_code == 204
     assert deliver(client, rule, push_payload("alice/chat-lora", SHA1)).status_code == 401
+
+
+def test_a_rule_with_an_allow_list_hands_it_to_the_job(client, db, enqueued):
+    """The allow-list travels with the job (JSON on both databases); the job never gets a base of its own."""
+    r = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "bases": ["alice/base", "alice/ad"]},
+                    headers=bearer(ALICE))
+    assert r.status_code == 201 and r.json["bases"] == ["alice/base", "alice/ad"], r.json
+    job_id = deliver(client, r.json, push_payload("alice/chat-lora", SHA1)).json["job"]
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.base_repo is None and job.base_allowed == ["alice/base", "alice/ad"]
+        assert job.owner_id and job.owner_id == s.get(Rule, r.json["id"]).owner_id and job.namespace_id == job.owner_id
