@@ -32,7 +32,7 @@ from worker.locations import is_repo_id
 from worker.redact import register
 
 from .auth import Caller, identify, login_required, session_caller
-from .errors import NotFound, Unprocessable
+from .errors import HubUnavailable, NotFound, Unprocessable
 from .forms import DTYPES, ActionForm, RuleForm
 from .rule_targets import DEFAULT_TARGET, parse_template, render_target, split_watch, target_collision
 from .services import services
@@ -318,26 +318,37 @@ def deliveries(rule_id: str, limit: int = 50) -> list[Delivery]:
                               .order_by(Delivery.id.desc()).limit(limit)))
 
 
-def credential_expiry(rule: Rule) -> datetime | None:
-    if not rule.credential_id:
-        return None
-    with services().db.session() as s:
-        return s.scalar(select(Credential.expires_at).where(Credential.id == rule.credential_id))
-
-
 def credential_warning(rule: Rule, now: datetime | None = None) -> str | None:
-    """A warning when the rule's stored token is gone, has expired or expires within a week (else None)."""
+    """A warning when the rule's stored token is gone, expired, expires within a week, is an expiring sign-in
+    token (rules made before personal tokens were required), or is no longer accepted by the Hub (revoked). The
+    Hub is asked through the whoami cache, so a page of rules costs at most one whoami per rule per TTL."""
     if not rule.credential_id:
         return "this rule has no stored token any more: delete it and create it again"
-    expires = credential_expiry(rule)
-    if expires is None:
-        return None
+    svc = services()
+    with svc.db.session() as s:
+        cred = s.get(Credential, rule.credential_id)
+        sealed, expires = (cred.token_encrypted, cred.expires_at) if cred is not None else (None, None)
+    if sealed is None:
+        return "this rule has no stored token any more: delete it and create it again"
     now = now or utcnow()
-    when = expires.strftime("%Y-%m-%d %H:%M UTC")
-    if expires <= now:
-        return f"the token this rule keeps expired on {when}: its merges fail; create the rule again with a new token"
-    if expires - now <= EXPIRY_WARNING:
-        return f"the token this rule keeps expires on {when}; create the rule again with a new token before then"
+    if expires is not None:
+        when = expires.strftime("%Y-%m-%d %H:%M UTC")
+        if expires <= now:
+            return f"the token this rule keeps expired on {when}: its merges fail; create the rule again with a new token"
+        if expires - now <= EXPIRY_WARNING:
+            return f"the token this rule keeps expires on {when}; create the rule again with a new token before then"
+    try:
+        identity = identify(svc.box.open(sealed))
+    except ValueError:
+        return "the token this rule keeps cannot be decrypted (was LORAFOLD_SECRET_KEY changed?): create the rule again"
+    except HubUnavailable:
+        return None  # cannot tell now; no false alarm
+    if identity is None:
+        return ("the Hugging Face Hub no longer accepts the token this rule keeps (revoked or expired): its merges "
+                "fail; create the rule again with a new token")
+    if identity.token_kind == "oauth":
+        return ("this rule keeps a 'Sign in with Hugging Face' token, which expires after 8 hours: create the rule "
+                "again with a personal access token")
     return None
 
 

@@ -327,8 +327,8 @@ def door_box(door: Door):
     return SecretBox(door.settings.secret_key)
 
 
-def test_rules_warn_before_their_stored_token_expires(door, reliability):
-    rec = reliability("a rule's stored token expires in 3 days / has expired",
+def test_rules_warn_before_their_stored_token_expires(door, hub, reliability):
+    rec = reliability("a rule's stored token expires in 3 days / has expired / was revoked / is an 8 h OAuth token",
                       "a warning on the API's rule and on the rules page")
     rule = door.rule({"watch": "acme/*-lora", "base": "alice/base"}).json
     auth = {"Authorization": f"Bearer {ALICE}"}
@@ -342,7 +342,20 @@ def test_rules_warn_before_their_stored_token_expires(door, reliability):
 
     sign_in(door.client, ALICE)
     assert f'id="credential-warning-{rule["id"]}"' in door.client.get("/rules").get_data(as_text=True)
-    rec.observed(f"API: {warning[:60]}...; page shows it")
+
+    # a token the Hub no longer accepts (revoked), and a rule from before personal tokens kept an OAuth one
+    spare = "hf_alice_spare_0123456789abcdef"
+    hub.add_token("alice", spare)
+    revoked = door.rule({"watch": "acme/*-lora", "base": "alice/base", "token": spare}).json
+    hub.accounts.revoke(spare)
+    gone = door.client.get(f"/api/v1/rules/{revoked['id']}", headers=auth).json["credential_warning"]
+    assert "no longer accepts" in gone, gone
+    with door.db.session() as s:
+        s.get(Credential, s.get(Rule, rule["id"]).credential_id).expires_at = None
+        s.get(Credential, s.get(Rule, rule["id"]).credential_id).token_encrypted = door_box(door).seal(ALICE_OAUTH)
+    oauth = door.client.get(f"/api/v1/rules/{rule['id']}", headers=auth).json["credential_warning"]
+    assert "Sign in with Hugging Face" in oauth, oauth
+    rec.observed(f"API: {warning[:60]}...; page shows it; revoked: {gone[:50]}...; OAuth-kept: {oauth[:40]}...")
 
 
 # --- skipped deliveries reveal nothing of other users --------------------------------------------------------------
