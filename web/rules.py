@@ -206,15 +206,20 @@ def _rule_token(caller: Caller, inp: RuleInput, errors: list[InspectError]) -> t
             errors.append(InspectError("token", "the Hugging Face Hub does not accept this token"))
         elif identity.id != caller.id:
             errors.append(InspectError("token", "this token belongs to another Hugging Face account"))
-        elif identity.token_kind == "oauth":
+        elif _is_oauth(identity, inp.token):
             errors.append(InspectError("token", "this is a sign-in (OAuth) token, which expires after 8 hours; "
                                                 "give a personal access token"))
         return inp.token, identity or caller.identity
-    if caller.identity.token_kind == "oauth":
+    if _is_oauth(caller.identity, caller.token):
         errors.append(InspectError("token", "rules keep a personal access token (hf_..., with write access): "
                                             "'Sign in with Hugging Face' tokens expire after 8 hours; create one "
                                             "at huggingface.co/settings/tokens and give it in the token field"))
     return caller.token, caller.identity
+
+
+def _is_oauth(identity: Identity, token: str) -> bool:
+    """An OAuth access token: whoami says so (`auth.type`), or it has the Hub's `hf_oauth_` prefix."""
+    return identity.token_kind == "oauth" or token.startswith("hf_oauth_")
 
 
 def create(caller: Caller, inp: RuleInput) -> tuple[Rule, str]:
@@ -338,7 +343,8 @@ def credential_warning(rule: Rule, now: datetime | None = None) -> str | None:
         if expires - now <= EXPIRY_WARNING:
             return f"the token this rule keeps expires on {when}; create the rule again with a new token before then"
     try:
-        identity = identify(svc.box.open(sealed))
+        token = svc.box.open(sealed)
+        identity = identify(token)
     except ValueError:
         return "the token this rule keeps cannot be decrypted (was LORAFOLD_SECRET_KEY changed?): create the rule again"
     except HubUnavailable:
@@ -346,7 +352,7 @@ def credential_warning(rule: Rule, now: datetime | None = None) -> str | None:
     if identity is None:
         return ("the Hugging Face Hub no longer accepts the token this rule keeps (revoked or expired): its merges "
                 "fail; create the rule again with a new token")
-    if identity.token_kind == "oauth":
+    if _is_oauth(identity, token):
         return ("this rule keeps a 'Sign in with Hugging Face' token, which expires after 8 hours: create the rule "
                 "again with a personal access token")
     return None
