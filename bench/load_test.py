@@ -157,7 +157,9 @@ def _load(base: str, tokens: dict[str, str], args, database_url: str) -> int:
     names = list(tokens)
     owner = names[0]
     s = requests.Session()
-    rule = s.post(f"{base}/api/v1/rules", json={"watch": f"{owner}/*"}, headers={"Authorization": f"Bearer {tokens[owner]}"}, timeout=30)
+    # a rule names its base, and its target cannot be a watched repo (issue 10 §2)
+    rule_body = {"watch": f"{owner}/adapter-hook-*", "target": "{namespace}/merged-{name}", "base": f"{owner}/base"}
+    rule = s.post(f"{base}/api/v1/rules", json=rule_body, headers={"Authorization": f"Bearer {tokens[owner]}"}, timeout=30)
     rule.raise_for_status()
     rule = rule.json()
 

@@ -42,7 +42,17 @@ class Caller:
 
     @property
     def name(self) -> str:
+        """The Hub user name: for display and Hub URLs; never what access is decided on (see `id`)."""
         return self.identity.name
+
+    @property
+    def id(self) -> str:
+        """The Hub's stable user id (survives renames): what owns rules, jobs and stored tokens."""
+        return self.identity.id
+
+    @property
+    def namespace_ids(self) -> frozenset[str]:
+        return self.identity.namespace_ids
 
     @property
     def namespaces(self) -> frozenset[str]:
@@ -187,7 +197,8 @@ def start_session(token: str, identity: Identity, expires_in: int | None = None)
     expires = now + timedelta(seconds=min(expires_in or lifetime, lifetime))
     with svc.db.session() as s:
         s.execute(delete(Credential).where(Credential.purpose == "session", Credential.expires_at < now))
-        cred = Credential(owner=identity.name, purpose="session", token_encrypted=svc.box.seal(token), expires_at=expires)
+        cred = Credential(owner=identity.name, owner_id=identity.id, purpose="session",
+                          token_encrypted=svc.box.seal(token), expires_at=expires)
         s.add(cred)
         s.flush()
         cred_id = cred.id

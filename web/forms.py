@@ -35,8 +35,10 @@ class RuleForm(FlaskForm):
     target = StringField("Target", validators=[Optional(), Length(max=200)])
     base = StringField("Base model", validators=[Optional(), Length(max=200)])
     base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
+    bases = StringField("Allowed bases", validators=[Optional(), Length(max=4200)])
     private = BooleanField("Private")
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
+    token = PasswordField("Personal access token", validators=[Optional(), Length(max=512)])
 
 
 class ActionForm(FlaskForm):

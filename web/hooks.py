@@ -2,7 +2,8 @@
 
 Order: secret (constant time; 401 when missing, wrong, or the rule unknown: no existence leak) → JSON (400) →
 filters (only `repo.content` on model repos matching the rule's watch pattern, the `refs/heads/main` update with a
-new sha, not a repo lorafold itself publishes to); anything else is answered 200 `{"ignored": true, "reason"}`
+new sha, not a repo this rule publishes to; a rule that names its base; a target that is neither the pushed repo,
+nor a watched repo, nor a base: checked again here with the concrete names); anything else is answered 200 `{"ignored": true, "reason"}`
 because non-2xx answers count toward the Hub suspending the webhook. Then one `submit()` keyed by
 (rule, repo, sha), so the Hub's retries and Replay button never make a second job → 202. Every call that passed
 the secret is recorded as a Delivery (the rule's run history). The Hub is never called here: answers take
@@ -24,7 +25,8 @@ from worker.locations import is_repo_id
 from worker.redact import register
 
 from .errors import BadRequest, Unauthorized
-from .rules import RULE_ID_RE, render_target, split_watch
+from .rule_targets import render_target, split_watch, watches
+from .rules import RULE_ID_RE
 from .services import services
 
 bp = Blueprint("hooks", __name__, url_prefix="/hooks")
@@ -49,20 +51,40 @@ def hub_hook(rule_id: str):
     repo, sha = verdict
     namespace, name = repo.split("/", 1)
     target = render_target(rule.target, namespace, name)
-    if not is_repo_id(target):
-        reason = f"the rule's target template gives {target[:100]!r}, not a repo id"
+    reason = _target_refusal(rule, repo, target)
+    if reason:
         _record(rule, "ignored", reason, repo=repo, sha=sha)
         return jsonify(ignored=True, reason=reason), 200
     svc = services()
     job_request = JobRequest(
-        owner=rule.owner, door="webhook", adapter=repo, adapter_revision=sha, base=rule.base,
-        base_revision=rule.base_revision, target=target, private=rule.private, dtype=rule.dtype, overwrite=True,
-        rule_id=rule.id, credential_id=rule.credential_id, dedupe_key=f"rule:{rule.id}:{repo}:{sha}",
+        owner=rule.owner, owner_id=rule.owner_id, namespace_id=rule.target_namespace_id, door="webhook", adapter=repo,
+        adapter_revision=sha, base=rule.base, base_revision=rule.base_revision if rule.base else None,
+        base_allowed=tuple(rule.bases) if not rule.base and rule.bases else None, target=target,
+        private=rule.private, dtype=rule.dtype, overwrite=True, rule_id=rule.id, credential_id=rule.credential_id,
+        dedupe_key=f"rule:{rule.id}:{repo}:{sha}",
     )
     job, created = submit(svc.db, svc.box, job_request, None, svc.enqueue)
     _record(rule, "queued" if created else "duplicate", None if created else "this push was already received",
             repo=repo, sha=sha, job_id=job.id)
     return jsonify(job=job.id, duplicate=not created), 202
+
+
+def _target_refusal(rule: Rule, repo: str, target: str) -> str | None:
+    """Why this push may not be merged by this rule (it names only the rule's own repos), or None.
+
+    Rules made before bases were required name none; the template checks of web/rules.py are repeated with the
+    concrete names, for rules made before them and because the Hub resolves names case-insensitively."""
+    if not rule.base and not rule.bases:
+        return "this rule names no base (a pushed adapter config never chooses it): create the rule again with a base"
+    if not is_repo_id(target):
+        return f"the rule's target template gives {target[:100]!r}, not a repo id"
+    if target.lower() == repo.lower():
+        return "the rule's target for this push is the pushed repo itself"
+    if watches(rule.watch, target):
+        return f"the rule's target for this push, {target}, is a repo this rule watches"
+    if target.lower() in {b.lower() for b in [rule.base, *(rule.bases or [])] if b}:
+        return f"the rule's target for this push, {target}, is one of the rule's bases"
+    return None
 
 
 def _authenticate(rule_id: str) -> Rule:
@@ -124,14 +146,16 @@ def _filter(rule: Rule, payload: object) -> tuple[str, str] | str:
         return "refs/heads/main was deleted"
     if not isinstance(sha, str) or not SHA_RE.match(sha):
         return "the new sha of refs/heads/main is not a commit id"
-    if _is_our_output(name):
-        return f"{name} is a repo lorafold publishes merges to (its own push)"
+    if _is_our_output(rule, name):
+        return f"{name} is a repo this rule publishes merges to (its own push)"
     return name, sha
 
 
-def _is_our_output(repo: str) -> bool:
+def _is_our_output(rule: Rule, repo: str) -> bool:
+    """Whether this rule published to `repo`. Only this rule's jobs are looked at: the reason is shown to whoever
+    holds the rule's secret, and other users' targets (private repo names among them) are none of their business."""
     with services().db.session() as s:
-        return s.scalar(select(Job.id).where(Job.target_repo == repo).limit(1)) is not None
+        return s.scalar(select(Job.id).where(Job.rule_id == rule.id, Job.target_repo == repo).limit(1)) is not None
 
 
 def _record(rule: Rule, outcome: str, reason: str | None, *, repo: str | None = None, sha: str | None = None,

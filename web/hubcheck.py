@@ -39,23 +39,38 @@ class InspectError(Exception):
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a Hub token belongs to, as the Hub's whoami says: the user name, their orgs and roles, the token role."""
+    """Who a Hub token belongs to, as the Hub's whoami says: the user's stable id and name, their orgs (ids, names,
+    roles), the token's role and kind.
+
+    `id` (and `org_ids`) are the Hub's stable object ids: names can change (renames) and a newcomer can take a
+    freed name, so access to stored rules, jobs and tokens is decided on ids; names are for display and for the
+    Hub's own URLs only.
+    """
 
     name: str
+    id: str = ""
     orgs: Mapping[str, str] = field(default_factory=dict)  # org name -> roleInOrg (admin/write/contributor/read)
+    org_ids: Mapping[str, str] = field(default_factory=dict)  # org name -> the org's stable id
     token_role: str | None = None  # read | write | fineGrained (None when the Hub did not say)
     scoped: Mapping[str, frozenset[str]] = field(default_factory=dict)  # fine-grained: entity -> permissions
+    token_kind: str | None = None  # "access_token" (a personal token) | "oauth" (expires, see web/rules.py)
+    token_expires_at: str | None = None  # ISO time, when the Hub says the token expires
 
     @classmethod
     def from_whoami(cls, info: Mapping) -> Identity:
         name = info.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError("whoami answer without a user name")
-        orgs = {}
+        uid = info.get("id")
+        if not isinstance(uid, str) or not uid:
+            raise ValueError("whoami answer without the user's id")  # never fall back to the name (renames)
+        orgs, org_ids = {}, {}
         for org in info.get("orgs") or []:
-            if isinstance(org, Mapping) and isinstance(org.get("name"), str):
+            if isinstance(org, Mapping) and isinstance(org.get("name"), str) and isinstance(org.get("id"), str):
                 orgs[org["name"]] = str(org.get("roleInOrg") or "read")
-        access = ((info.get("auth") or {}).get("accessToken") or {}) if isinstance(info.get("auth"), Mapping) else {}
+                org_ids[org["name"]] = org["id"]
+        auth = info.get("auth") if isinstance(info.get("auth"), Mapping) else {}
+        access = auth.get("accessToken") or {}
         role = access.get("role") if isinstance(access, Mapping) else None
         scoped: dict[str, frozenset[str]] = {}
         fine = access.get("fineGrained") if isinstance(access, Mapping) else None
@@ -64,12 +79,27 @@ class Identity:
                 entity = (item or {}).get("entity") or {}
                 if isinstance(entity.get("name"), str):
                     scoped[entity["name"]] = frozenset(p for p in item.get("permissions") or [] if isinstance(p, str))
-        return cls(name=name, orgs=orgs, token_role=role if isinstance(role, str) else None, scoped=scoped)
+        kind = auth.get("type")
+        expires = auth.get("expiresAt") or (access.get("expiresAt") if isinstance(access, Mapping) else None)
+        return cls(name=name, id=uid, orgs=orgs, org_ids=org_ids, token_role=role if isinstance(role, str) else None,
+                   scoped=scoped, token_kind=kind if isinstance(kind, str) else None,
+                   token_expires_at=expires if isinstance(expires, str) else None)
 
     @property
     def namespaces(self) -> frozenset[str]:
         """Every namespace whose jobs this caller may see: their own and their orgs'."""
         return frozenset({self.name, *self.orgs})
+
+    @property
+    def namespace_ids(self) -> frozenset[str]:
+        """The stable ids of the same namespaces (what access checks compare)."""
+        return frozenset({i for i in (self.id, *self.org_ids.values()) if i})
+
+    def namespace_id(self, namespace: str) -> str | None:
+        """The stable id of `namespace` when it is this user or one of their orgs, else None."""
+        if namespace == self.name:
+            return self.id or None
+        return self.org_ids.get(namespace)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,11 @@ STATUSES = tuple(s.value for s in JobStatus)
 
 
 def visible(caller: Caller):
-    return or_(Job.owner == caller.name, Job.namespace.in_(sorted(caller.namespaces)))
+    """By the Hub's stable ids (a renamed user keeps their jobs; a newcomer who takes the old name sees none of
+    them); rows from before migration 0002 have no ids and are matched by name, as they always were."""
+    by_id = or_(Job.owner_id == caller.id, Job.namespace_id.in_(sorted(caller.namespace_ids)))
+    legacy = and_(Job.owner_id.is_(None), or_(Job.owner == caller.name, Job.namespace.in_(sorted(caller.namespaces))))
+    return or_(by_id, legacy)
 
 
 def get(caller: Caller, job_id: str) -> Job:

@@ -214,6 +214,7 @@ def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | Non
         base_revision=inp.base_revision, target=inp.target, private=bool(inp.private), dtype=inp.dtype,
         # a pull request never touches main, so it may always land on a repo that has weights
         overwrite=inp.overwrite or inp.create_pr, create_pr=inp.create_pr, idempotency_key=idempotency_key,
+        owner_id=caller.id, namespace_id=caller.identity.namespace_id(inp.target.split("/")[0]),
     )
     return submit(svc.db, svc.box, request, caller.token, svc.enqueue)
 

@@ -167,12 +167,19 @@ SCHEMAS = {
         "required": ["watch"],
         "additionalProperties": False,
         "properties": {
-            "watch": {"type": "string", "maxLength": 200, "description": "owner/name or owner/<glob>, e.g. owner/*"},
-            "target": {"type": "string", "maxLength": 200, "default": "{namespace}/{name}-merged"},
-            "base": _nullable("string", maxLength=200),
+            "watch": {"type": "string", "maxLength": 200, "description": "owner/name or owner/<glob>, e.g. owner/*-lora"},
+            "target": {"type": "string", "maxLength": 200, "default": "{namespace}/{name}-merged",
+                       "description": "must not be able to render to a watched repo or to a base (422 otherwise)"},
+            "base": _nullable("string", maxLength=200, description="the base every push is merged onto; "
+                              "base or bases is required (an adapter's config never chooses the base)"),
             "base_revision": _nullable("string", maxLength=200),
-            "private": {"type": "boolean", "default": False},
+            "bases": {"type": ["array", "null"], "maxItems": 20, "items": {"type": "string", "maxLength": 200},
+                      "description": "instead of base: the bases an adapter's config may name (an allow-list)"},
+            "private": {"type": "boolean", "default": False,
+                        "description": "the output of a private or gated base is private whatever this says"},
             "dtype": {"type": "string", "enum": DTYPES, "default": "auto"},
+            "token": _nullable("string", maxLength=512, description="a personal access token for the rule to keep; "
+                               "required when the caller's token is an OAuth sign-in token (those expire)"),
         },
     },
     "Rule": {
@@ -184,9 +191,12 @@ SCHEMAS = {
             "target": {"type": "string"},
             "base": _nullable("string"),
             "base_revision": _nullable("string"),
+            "bases": {"type": ["array", "null"], "items": {"type": "string"}},
             "private": {"type": "boolean"},
             "dtype": {"type": "string"},
             "enabled": {"type": "boolean"},
+            "credential_warning": _nullable("string", description="set when the stored token has expired or "
+                                            "expires within 7 days"),
             "created_at": {"type": "string", "format": "date-time"},
             "webhook_url": {"type": "string"},
             "secret": {"type": "string", "description": "only in the answer that creates the rule"},

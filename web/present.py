@@ -9,6 +9,7 @@ from flask import url_for
 from worker.jobs import Delivery, Job, JobLog, Rule
 from worker.jobs.models import utcnow
 
+from . import rules
 from .services import services
 
 
@@ -82,11 +83,13 @@ def rule_json(rule: Rule, secret: str | None = None) -> dict:
         "target": rule.target,
         "base": rule.base,
         "base_revision": rule.base_revision,
+        "bases": list(rule.bases) if rule.bases else None,
         "private": bool(rule.private),
         "dtype": rule.dtype,
         "enabled": bool(rule.enabled),
         "created_at": iso(rule.created_at),
         "webhook_url": webhook_url(rule.id),
+        "credential_warning": rules.credential_warning(rule),
     }
     if secret is not None:  # only in the answer that creates the rule
         out["secret"] = secret

@@ -1,36 +1,51 @@
 """Automation rules: "merge every new commit of these adapter repos". Shared by the /rules pages and the API.
 
-A rule keeps its owner's current token (`Credential(purpose="rule")`, encrypted) for the merges it triggers, and
-a generated webhook secret (encrypted; shown once, when the rule is created). Deleting the rule deletes both.
+A rule acts for its owner, with the owner's stored token, on pushes somebody else may make, so everything it
+reads and writes is fixed by the owner when the rule is made (issue 10 §2):
+- the base: one repo (+ revision), or an allow-list (`bases`); a pushed adapter_config.json is only *checked*
+  against the list, never followed, and a private or gated base makes the output private (worker/service/pipeline.py);
+- the target: a template that cannot render to a watched repo nor to a base (web/rule_targets.py proves it for
+  every name the watch pattern admits); the worker writes only to a repo that does not exist yet or carries this
+  rule's marker in its history (worker/hub/sink.py);
+- the token: a personal access token. "Sign in with Hugging Face" tokens expire after 8 hours and their refresh
+  tokens rotate on every use (service-anchors.md (e) 8, Step 0'), so keeping one alive would mean every worker
+  racing to swap the stored refresh token, with the OAuth app's client secret in every worker; the Hub's own
+  automation (webhooks, Spaces, CI) runs on user access tokens instead, which last until revoked. An OAuth caller
+  gives one in `token`; its expiry, when the Hub reports one, is kept and warned about (`credential_warning`).
+Ownership is the Hub's stable user id, never the name (renames). The secret is generated, encrypted, shown once.
 """
 
 from __future__ import annotations
 
 import re
 import secrets
-import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from flask import Blueprint, make_response, redirect, render_template, url_for
-from sqlalchemy import delete, select
+from sqlalchemy import and_, delete, or_, select
 
 from worker.jobs import Credential, Delivery, Rule
+from worker.jobs.models import utcnow
 from worker.locations import is_repo_id
 from worker.redact import register
 
-from .auth import Caller, login_required, session_caller
-from .errors import NotFound, Unprocessable
+from .auth import Caller, identify, login_required, session_caller
+from .errors import HubUnavailable, NotFound, Unprocessable
 from .forms import DTYPES, ActionForm, RuleForm
-from .hubcheck import InspectError, can_write, check_repo_id, check_rev, inspect_repo
+from .hubcheck import Identity, InspectError, can_write, check_repo_id, check_rev, inspect_repo
+from .rule_targets import DEFAULT_TARGET, parse_template, render_target, split_watch, target_collision
 from .services import services
 
 bp = Blueprint("rules", __name__)
 
-DEFAULT_TARGET = "{namespace}/{name}-merged"
-NAMESPACE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-NAME_GLOB_RE = re.compile(r"^[A-Za-z0-9._*?\[\]-]{1,96}$")
-FIELDS = {"watch": str, "target": str, "base": str, "base_revision": str, "private": bool, "dtype": str}
+FIELDS = {"watch": str, "target": str, "base": str, "base_revision": str, "bases": list, "private": bool,
+          "dtype": str, "token": str}
 RULE_ID_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_BASES = 20
+EXPIRY_WARNING = timedelta(days=7)
+
+__all__ = ["DEFAULT_TARGET", "RULE_ID_RE", "RuleInput", "render_target", "split_watch"]
 
 
 @dataclass(frozen=True)
@@ -39,8 +54,10 @@ class RuleInput:
     target: str = DEFAULT_TARGET
     base: str | None = None
     base_revision: str | None = None
+    bases: tuple[str, ...] | None = None
     private: bool = False
     dtype: str = "auto"
+    token: str | None = field(default=None, repr=False)  # a personal access token for the rule (never printed)
 
     @classmethod
     def from_json(cls, body: object) -> RuleInput:
@@ -60,12 +77,18 @@ class RuleInput:
                 raise Unprocessable(f"{key} must be true or false", field=key)
             if kind is str and not isinstance(value, str):
                 raise Unprocessable(f"{key} must be a string", field=key)
-            if kind is str and len(value) > 200:
-                raise Unprocessable(f"{key} is longer than 200 characters", field=key)
+            if kind is str and len(value) > (512 if key == "token" else 200):
+                raise Unprocessable(f"{key} is too long", field=key)
+            if kind is list:
+                if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= 200 for v in value):
+                    raise Unprocessable(f"{key} must be a list of repo ids", field=key)
+                if len(value) > MAX_BASES:
+                    raise Unprocessable(f"{key}: at most {MAX_BASES} bases", field=key)
+                value = tuple(value)
             values[key] = value
         if not values.get("target"):
             values.pop("target", None)
-        for key in ("base", "base_revision"):
+        for key in ("base", "base_revision", "token"):
             if values.get(key) == "":
                 values[key] = None
         return cls(**values)
@@ -75,64 +98,91 @@ class RuleInput:
         def text(name):
             return (getattr(form, name).data or "").strip() or None
 
+        bases = tuple(b for b in re.split(r"[\s,]+", text("bases") or "") if b) or None
         return cls(watch=text("watch") or "", target=text("target") or DEFAULT_TARGET, base=text("base"),
-                   base_revision=text("base_revision"), private=bool(form.private.data), dtype=form.dtype.data or "auto")
+                   base_revision=text("base_revision"), bases=bases, private=bool(form.private.data),
+                   dtype=form.dtype.data or "auto", token=text("token"))
 
 
-def split_watch(watch: str) -> tuple[str, str] | None:
-    namespace, sep, name = watch.partition("/")
-    if not sep or not NAMESPACE_RE.match(namespace) or not NAME_GLOB_RE.match(name):
-        return None
-    if not any(c in name for c in "*?[") and not is_repo_id(watch):
-        return None
-    return namespace, name
+@dataclass(frozen=True)
+class Checked:
+    """A rule that passed every check: the token it will keep and who that token is."""
 
+    token: str
+    identity: Identity
+    target_namespace: str
 
-def render_target(template: str, namespace: str, name: str) -> str:
-    return template.format(namespace=namespace, name=name)
+    def __repr__(self) -> str:  # never the token
+        return f"Checked({self.identity.name!r}, {self.target_namespace!r})"
 
 
 def check(caller: Caller, inp: RuleInput) -> list[InspectError]:
+    return _check(caller, inp)[0]
+
+
+def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked | None]:
     errors: list[InspectError] = []
     parts = split_watch(inp.watch)
     if parts is None:
         errors.append(InspectError("watch", f"{inp.watch[:100]!r}: watch one repo (owner/name) or a pattern of one "
                                             "namespace (owner/*, owner/*-lora)"))
-    target_ns = _check_template(inp.target, parts[0] if parts else "owner", errors)
-    base = None
-    if inp.base:
-        try:
-            base = check_repo_id(inp.base, "base", "base")
-        except InspectError as exc:
-            errors.append(exc)
+    bases = _check_bases(inp, errors)
     try:
         base_rev = check_rev(inp.base_revision, "base_revision", "base revision")
     except InspectError as exc:
         errors.append(exc)
         base_rev = None
+    target_ns = None
+    if parts is not None:
+        target_ns = _check_template(inp, parts[0], bases, errors)
     if inp.dtype not in DTYPES:
         errors.append(InspectError("dtype", f"dtype must be one of {', '.join(DTYPES)}"))
     if errors:
-        return errors
-    if target_ns and not can_write(caller.identity, target_ns):
+        return errors, None
+    token, identity = _rule_token(caller, inp, errors)
+    if errors:
+        return errors, None
+    if target_ns and not can_write(identity, target_ns):
         errors.append(InspectError("target", f"you cannot create repos in '{target_ns}' with this token"))
-    if base:
-        try:
-            inspect_repo(services().hub(caller.token), base, base_rev, field="base", revision_field="base_revision")
+    hub = services().hub(token)
+    for base in bases:
+        try:  # the rule's token must be able to read every base it names (and nothing else is read later)
+            inspect_repo(hub, base, base_rev if inp.base else None, field="base" if inp.base else "bases",
+                         revision_field="base_revision")
         except InspectError as exc:
             errors.append(exc)
-    return errors
+    return errors, (None if errors else Checked(token, identity, target_ns or ""))
 
 
-def _check_template(template: str, namespace: str, errors: list[InspectError]) -> str | None:
+def _check_bases(inp: RuleInput, errors: list[InspectError]) -> tuple[str, ...]:
+    """The bases the owner chose: `base` (one) or `bases` (an allow-list), exactly one of the two."""
+    if inp.base and inp.bases:
+        errors.append(InspectError("bases", "give either base (one base for every push) or bases (an allow-list), "
+                                            "not both"))
+        return ()
+    if not inp.base and not inp.bases:
+        errors.append(InspectError("base", "a rule needs its base: base (one repo) or bases (the repos an adapter's "
+                                           "config may name); a pushed adapter config never chooses it"))
+        return ()
+    if inp.bases and inp.base_revision:
+        errors.append(InspectError("base_revision", "base_revision goes with base, not with bases"))
+    out: list[str] = []
+    for value, name in ((inp.base, "base"),) if inp.base else ((b, "bases") for b in inp.bases or ()):
+        try:
+            repo = check_repo_id(value, name, name)
+        except InspectError as exc:
+            errors.append(exc)
+            continue
+        if repo.lower() not in {b.lower() for b in out}:
+            out.append(repo)
+    return tuple(out)
+
+
+def _check_template(inp: RuleInput, namespace: str, bases: tuple[str, ...], errors: list[InspectError]) -> str | None:
+    template = inp.target
     try:
-        fields = {f for _, f, spec, conv in string.Formatter().parse(template) if f is not None}
-        bad = fields - {"namespace", "name"}
-        if bad or any(spec or conv for _, f, spec, conv in string.Formatter().parse(template) if f is not None):
-            raise ValueError(f"unknown placeholder {{{sorted(bad)[0] if bad else '...'}}}")
-        if "{name}" in template.partition("/")[0]:
-            raise ValueError("the target's namespace may use {namespace} but not {name}")
-        rendered = render_target(template, namespace, "example")
+        parsed = parse_template(template, namespace)
+        rendered = parsed.render("example")
     except (ValueError, IndexError, KeyError) as exc:
         errors.append(InspectError("target", f"target template {template[:100]!r}: {exc}; use e.g. {DEFAULT_TARGET}"))
         return None
@@ -140,38 +190,120 @@ def _check_template(template: str, namespace: str, errors: list[InspectError]) -
         errors.append(InspectError("target", f"target template {template[:100]!r} does not give a repo id "
                                              f"(it gives {rendered[:100]!r}); use e.g. {DEFAULT_TARGET}"))
         return None
-    return rendered.split("/")[0]
+    collision = target_collision(inp.watch, parsed, bases)
+    if collision:
+        errors.append(InspectError("target", f"target template {template[:100]!r}: {collision}"))
+        return None
+    return parsed.namespace
+
+
+def _rule_token(caller: Caller, inp: RuleInput, errors: list[InspectError]) -> tuple[str, Identity]:
+    """The personal access token the rule will keep: `token` when given (it must be the caller's own), else the
+    caller's, unless that is an expiring OAuth sign-in token (see the module's docstring)."""
+    if inp.token:
+        identity = identify(inp.token)
+        if identity is None:
+            errors.append(InspectError("token", "the Hugging Face Hub does not accept this token"))
+        elif identity.id != caller.id:
+            errors.append(InspectError("token", "this token belongs to another Hugging Face account"))
+        elif _is_oauth(identity, inp.token):
+            errors.append(InspectError("token", "this is a sign-in (OAuth) token, which expires after 8 hours; "
+                                                "give a personal access token"))
+        return inp.token, identity or caller.identity
+    if _is_oauth(caller.identity, caller.token):
+        errors.append(InspectError("token", "rules keep a personal access token (hf_..., with write access): "
+                                            "'Sign in with Hugging Face' tokens expire after 8 hours; create one "
+                                            "at huggingface.co/settings/tokens and give it in the token field"))
+    return caller.token, caller.identity
+
+
+def _is_oauth(identity: Identity, token: str) -> bool:
+    """An OAuth access token: whoami says so (`auth.type`), or it has the Hub's `hf_oauth_` prefix."""
+    return identity.token_kind == "oauth" or token.startswith("hf_oauth_")
 
 
 def create(caller: Caller, inp: RuleInput) -> tuple[Rule, str]:
     """Check, store the owner's token and a new secret; returns the rule and the secret (shown once)."""
-    errors = check(caller, inp)
+    errors, checked = _check(caller, inp)
     if errors:
         raise errors[0]
+    assert checked is not None
     svc = services()
     secret = secrets.token_urlsafe(32)
     register(secret)
+    register(checked.token)
+    identity = checked.identity
     with svc.db.session() as s:
-        cred = Credential(owner=caller.name, purpose="rule", token_encrypted=svc.box.seal(caller.token))
+        cred = Credential(owner=identity.name, owner_id=identity.id, purpose="rule",
+                          token_encrypted=svc.box.seal(checked.token), expires_at=_parse_time(identity.token_expires_at))
         s.add(cred)
         s.flush()
-        rule = Rule(owner=caller.name, watch=inp.watch, target=inp.target, base=inp.base, base_revision=inp.base_revision,
-                    private=inp.private, dtype=inp.dtype, secret_encrypted=svc.box.seal(secret), credential_id=cred.id)
+        rule = Rule(owner=caller.name, owner_id=caller.id, watch=inp.watch, target=inp.target,
+                    target_namespace_id=identity.namespace_id(checked.target_namespace), base=inp.base,
+                    base_revision=inp.base_revision if inp.base else None,
+                    bases=list(_check_bases(inp, [])) if inp.bases else None, private=inp.private, dtype=inp.dtype,
+                    secret_encrypted=svc.box.seal(secret), credential_id=cred.id)
         s.add(rule)
     return rule, secret
 
 
+def _parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=None) - (moment.utcoffset() or timedelta(0))
+
+
+def _candidates(caller: Caller):
+    """This account's rules by its stable id, and rows from before ids were stored (migration 0002) that carry its
+    name; those are shown only once `_adopt` has proven them the caller's."""
+    return or_(Rule.owner_id == caller.id, and_(Rule.owner_id.is_(None), Rule.owner == caller.name))
+
+
+def _adopt(caller: Caller, rules: list[Rule]) -> list[Rule]:
+    """Keep a row without an owner id only when the token it stores still belongs to the caller's Hub id (then the
+    id is recorded): a newcomer who took a renamed user's old name gets none of that user's rules."""
+    out = []
+    for rule in rules:
+        if rule.owner_id is None:
+            if _stored_token_owner(rule) != caller.id:
+                continue
+            with services().db.session() as s:
+                s.get(Rule, rule.id).owner_id = caller.id
+            rule.owner_id = caller.id
+        out.append(rule)
+    return out
+
+
+def _stored_token_owner(rule: Rule) -> str | None:
+    svc = services()
+    with svc.db.session() as s:
+        cred = s.get(Credential, rule.credential_id) if rule.credential_id else None
+        sealed = cred.token_encrypted if cred is not None else None
+    try:
+        identity = identify(svc.box.open(sealed)) if sealed else None
+    except ValueError:
+        return None
+    return identity.id if identity is not None else None
+
+
 def owned(caller: Caller) -> list[Rule]:
+    if not caller.id:
+        return []
     with services().db.session() as s:
-        return list(s.scalars(select(Rule).where(Rule.owner == caller.name).order_by(Rule.created_at.desc(), Rule.id)))
+        rows = list(s.scalars(select(Rule).where(_candidates(caller)).order_by(Rule.created_at.desc(), Rule.id)))
+    return _adopt(caller, rows)
 
 
 def get(caller: Caller, rule_id: str) -> Rule:
-    if not RULE_ID_RE.match(rule_id or ""):
+    if not RULE_ID_RE.match(rule_id or "") or not caller.id:
         raise NotFound("no such rule")
     with services().db.session() as s:
-        rule = s.scalar(select(Rule).where(Rule.id == rule_id, Rule.owner == caller.name))
-    if rule is None:
+        rule = s.scalar(select(Rule).where(Rule.id == rule_id, _candidates(caller)))
+    if rule is None or not _adopt(caller, [rule]):
         raise NotFound("no such rule")
     return rule
 
@@ -191,12 +323,47 @@ def deliveries(rule_id: str, limit: int = 50) -> list[Delivery]:
                               .order_by(Delivery.id.desc()).limit(limit)))
 
 
+def credential_warning(rule: Rule, now: datetime | None = None) -> str | None:
+    """A warning when the rule's stored token is gone, expired, expires within a week, is an expiring sign-in
+    token (rules made before personal tokens were required), or is no longer accepted by the Hub (revoked). The
+    Hub is asked through the whoami cache, so a page of rules costs at most one whoami per rule per TTL."""
+    if not rule.credential_id:
+        return "this rule has no stored token any more: delete it and create it again"
+    svc = services()
+    with svc.db.session() as s:
+        cred = s.get(Credential, rule.credential_id)
+        sealed, expires = (cred.token_encrypted, cred.expires_at) if cred is not None else (None, None)
+    if sealed is None:
+        return "this rule has no stored token any more: delete it and create it again"
+    now = now or utcnow()
+    if expires is not None:
+        when = expires.strftime("%Y-%m-%d %H:%M UTC")
+        if expires <= now:
+            return f"the token this rule keeps expired on {when}: its merges fail; create the rule again with a new token"
+        if expires - now <= EXPIRY_WARNING:
+            return f"the token this rule keeps expires on {when}; create the rule again with a new token before then"
+    try:
+        token = svc.box.open(sealed)
+        identity = identify(token)
+    except ValueError:
+        return "the token this rule keeps cannot be decrypted (was LORAFOLD_SECRET_KEY changed?): create the rule again"
+    except HubUnavailable:
+        return None  # cannot tell now; no false alarm
+    if identity is None:
+        return ("the Hugging Face Hub no longer accepts the token this rule keeps (revoked or expired): its merges "
+                "fail; create the rule again with a new token")
+    if _is_oauth(identity, token):
+        return ("this rule keeps a 'Sign in with Hugging Face' token, which expires after 8 hours: create the rule "
+                "again with a personal access token")
+    return None
+
+
 # --- pages --------------------------------------------------------------------------------------------------------
 
 
 def _page(form: RuleForm, created: tuple[Rule, str] | None = None, status: int = 200):
     caller = session_caller()
-    rules = [(rule, deliveries(rule.id, 20)) for rule in owned(caller)]
+    rules = [(rule, deliveries(rule.id, 20), credential_warning(rule)) for rule in owned(caller)]
     response = make_response(render_template("rules.html", form=form, rules=rules, created=created,
                                              action=ActionForm(), default_target=DEFAULT_TARGET), status)
     if created:

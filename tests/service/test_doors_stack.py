@@ -131,7 +131,7 @@ def test_api_cancel_and_retry(live):
 
 
 def test_webhook_pushes_merge_each_new_adapter_commit_once(live, seeded_model, tmp_path):  # noqa: F811
-    rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/adapter"})
+    rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/adapter", "base": "alice/base"})
     assert rule.status_code == 201, rule.text
     rule = rule.json()
     target = "alice/adapter-merged"

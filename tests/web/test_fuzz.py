@@ -34,7 +34,7 @@ mutations = st.fixed_dictionaries({}, optional={
 @pytest.mark.reliability
 def test_webhook_receiver_never_fails(client, reliability):
     rec = reliability("fuzzing the webhook receiver (Hypothesis, 150 payloads, valid secret)", "no 500: 200/202/400, always JSON")
-    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
     url, headers = f"/hooks/hub/{rule['id']}", {"X-Webhook-Secret": rule["secret"]}
 
     @FUZZ

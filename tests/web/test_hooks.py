@@ -7,7 +7,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
-from worker.jobs import Delivery, Job
+from worker.jobs import Delivery, Job, Rule
 
 from .conftest import ALICE, BOB, bearer
 from .seeding import push_payload
@@ -25,7 +25,8 @@ def database_url(request, tmp_path):
 
 @pytest.fixture
 def rule(client):
-    r = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "dtype": "float16", "private": True},
+    r = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base", "dtype": "float16",
+                                                   "private": True},
                     headers=bearer(ALICE))
     assert r.status_code == 201, r.json
     return r.json
@@ -125,14 +126,18 @@ def test_two_pushes_make_two_jobs(client, rule, db, enqueued):
         assert {j.adapter_revision for j in s.scalars(select(Job))} == {SHA1, SHA2}
 
 
-def test_our_own_output_is_ignored(client, db, enqueued):
-    rule = client.post("/api/v1/rules", json={"watch": "alice/*"}, headers=bearer(ALICE)).json
-    job = deliver(client, rule, push_payload("alice/chat", SHA1)).json["job"]
+def test_a_rule_made_before_the_checks_is_held_to_them_per_delivery(client, db, enqueued):
+    """A rule whose template renders to a watched repo (made before 0002, or by hand) is refused per delivery."""
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
     with db.session() as s:
-        assert s.get(Job, job).target_repo == "alice/chat-merged"
-    r = deliver(client, rule, push_payload("alice/chat-merged", SHA2))  # the merged model's own push
-    assert r.status_code == 200 and "lorafold publishes" in r.json["reason"]
-    assert len(enqueued) == 1
+        s.get(Rule, rule["id"]).watch = "alice/*"  # what the creation checks now refuse
+    r = deliver(client, rule, push_payload("alice/chat", SHA1))
+    assert r.status_code == 200 and "is a repo this rule watches" in r.json["reason"], r.json
+    with db.session() as s:
+        s.get(Rule, rule["id"]).base = None  # a rule from before bases were required
+    r = deliver(client, rule, push_payload("alice/chat-lora", SHA1))
+    assert r.status_code == 200 and "names no base" in r.json["reason"], r.json
+    assert enqueued == []
 
 
 def test_run_history_through_the_api(client, rule):
@@ -148,3 +153,15 @@ def test_run_history_through_the_api(client, rule):
 def test_deleted_rule_stops_accepting(client, rule):
     assert client.delete(f"/api/v1/rules/{rule['id']}", headers=bearer(ALICE)).status_code == 204
     assert deliver(client, rule, push_payload("alice/chat-lora", SHA1)).status_code == 401
+
+
+def test_a_rule_with_an_allow_list_hands_it_to_the_job(client, db, enqueued):
+    """The allow-list travels with the job (JSON on both databases); the job never gets a base of its own."""
+    r = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "bases": ["alice/base", "alice/ad"]},
+                    headers=bearer(ALICE))
+    assert r.status_code == 201 and r.json["bases"] == ["alice/base", "alice/ad"], r.json
+    job_id = deliver(client, r.json, push_payload("alice/chat-lora", SHA1)).json["job"]
+    with db.session() as s:
+        job = s.get(Job, job_id)
+        assert job.base_repo is None and job.base_allowed == ["alice/base", "alice/ad"]
+        assert job.owner_id and job.owner_id == s.get(Rule, r.json["id"]).owner_id and job.namespace_id == job.owner_id

@@ -17,7 +17,7 @@ def test_the_hub_doubles_own_delivery(app, hub, db, enqueued, tmp_path):
     try:
         client = app.test_client()
         repo = f"alice/{unique('hooked')}-lora"
-        rule = client.post("/api/v1/rules", json={"watch": repo}, headers=bearer(ALICE)).json
+        rule = client.post("/api/v1/rules", json={"watch": repo, "base": "alice/base"}, headers=bearer(ALICE)).json
         url = rule["webhook_url"].replace("http://localhost", live.url)
         hook = hub.add_webhook("alice", url, [{"type": "model", "name": repo}], secret=rule["secret"])
         before = len(hub.deliveries)

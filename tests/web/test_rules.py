@@ -10,7 +10,8 @@ from .conftest import ALICE, BOB, PUBLIC_URL, bearer, csrf_from, sign_in
 
 
 def test_create_list_get_delete(client, db):
-    r = client.post("/api/v1/rules", json={"watch": "alice/*", "dtype": "bfloat16"}, headers=bearer(ALICE))
+    r = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base", "dtype": "bfloat16"},
+                    headers=bearer(ALICE))
     assert r.status_code == 201, r.json
     rule = r.json
     assert rule["webhook_url"] == f"{PUBLIC_URL}/hooks/hub/{rule['id']}"
@@ -21,6 +22,7 @@ def test_create_list_get_delete(client, db):
         assert rule["secret"] not in row.secret_encrypted
         cred = s.get(Credential, row.credential_id)
         assert cred.purpose == "rule" and cred.owner == "alice" and ALICE not in cred.token_encrypted
+        assert row.owner_id and cred.owner_id == row.owner_id  # the Hub's stable id, not only the name
 
     listed = client.get("/api/v1/rules", headers=bearer(ALICE)).json["rules"]
     assert [x["id"] for x in listed] == [rule["id"]] and "secret" not in listed[0]
@@ -42,19 +44,24 @@ def test_rule_validation(client):
         ({"watch": "alice"}, "watch"),
         ({"watch": "*/*"}, "watch"),
         ({"watch": "alice/../x"}, "watch"),
-        ({"watch": "alice/*", "target": "{namespace}/{name.__class__}"}, "target"),
-        ({"watch": "alice/*", "target": "{0}/{name}"}, "target"),
-        ({"watch": "alice/*", "target": "{name}/{name}"}, "target"),
-        ({"watch": "alice/*", "target": "bob/{name}-merged"}, "target"),  # not writable by alice
-        ({"watch": "bob/*"}, "target"),  # the default target would be bob's namespace
-        ({"watch": "alice/*", "target": "{namespace}"}, "target"),
-        ({"watch": "alice/*", "base": "alice/nope"}, "base"),
-        ({"watch": "alice/*", "dtype": "fp8"}, "dtype"),
-        ({"watch": "alice/*", "when": "always"}, "when"),
+        ({"watch": "alice/*-lora", "target": "{namespace}/{name.__class__}"}, "target"),
+        ({"watch": "alice/*-lora", "target": "{0}/{name}"}, "target"),
+        ({"watch": "alice/*-lora", "target": "{name}/{name}"}, "target"),
+        ({"watch": "alice/*-lora", "target": "bob/{name}-merged"}, "target"),  # not writable by alice
+        ({"watch": "bob/*-lora"}, "target"),  # the default target would be bob's namespace
+        ({"watch": "alice/*-lora", "target": "{namespace}"}, "target"),
+        ({"watch": "alice/*-lora", "base": "alice/nope"}, "base"),
+        ({"watch": "alice/*-lora", "base": None}, "base"),  # a rule names its base
+        ({"watch": "alice/*-lora", "base": None, "bases": ["alice/base", "x"]}, "bases"),
+        ({"watch": "alice/*-lora", "bases": ["alice/base"]}, "bases"),  # base or bases, not both
+        ({"watch": "alice/*-lora", "dtype": "fp8"}, "dtype"),
+        ({"watch": "alice/*-lora", "when": "always"}, "when"),
         ({"watch": 3}, "watch"),
         ({}, "watch"),
     ]
     for body, field in cases:
+        body = {"base": "alice/base", **body} if "watch" in body else body
+        body = {k: v for k, v in body.items() if v is not None}
         r = client.post("/api/v1/rules", json=body, headers=bearer(ALICE))
         assert r.status_code == 422, (body, r.json)
         assert r.json["error"]["field"] == field, (body, r.json)
@@ -67,7 +74,8 @@ def test_rules_page_shows_the_secret_once(client, db):
     sign_in(client)
     page = client.get("/rules").get_data(as_text=True)
     assert "No rules yet" in page
-    r = client.post("/rules", data={"watch": "alice/*-lora", "target": "", "dtype": "auto", "csrf_token": csrf_from(page)})
+    r = client.post("/rules", data={"watch": "alice/*-lora", "target": "", "base": "alice/base", "dtype": "auto",
+                                     "csrf_token": csrf_from(page)})
     assert r.status_code == 201 and r.headers["Cache-Control"] == "no-store"
     html = r.get_data(as_text=True)
     with db.session() as s:

@@ -79,8 +79,8 @@ app = create_app(s, enqueue=lambda job_id: None, hub_factory=lambda t: HubClient
 c = app.test_client()
 h = {{"Authorization": "Bearer {ALICE}"}}
 job = c.post("/api/v1/jobs", json={{"adapter": "alice/ad", "target": "alice/{unique()}"}}, headers=h).get_json()["id"]
-rule = c.post("/api/v1/rules", json={{"watch": "alice/*"}}, headers=h).get_json()
-c.post("/hooks/hub/" + rule["id"], json={push_payload("alice/x", "a" * 40)!r}, headers={{"X-Webhook-Secret": rule["secret"]}})
+rule = c.post("/api/v1/rules", json={{"watch": "alice/*-lora", "base": "alice/base"}}, headers=h).get_json()
+c.post("/hooks/hub/" + rule["id"], json={push_payload("alice/x-lora", "a" * 40)!r}, headers={{"X-Webhook-Secret": rule["secret"]}})
 for path in ("/", "/login", "/healthz", "/api/v1/jobs", "/api/v1/jobs/" + job, "/api/v1/openapi.json"):
     c.get(path, headers=h)
 print(json.dumps(sorted(m for m in ("torch", "transformers", "peft", "worker.engine.execute", "worker.service.pipeline", "worker.service.tasks") if m in sys.modules)))
@@ -139,11 +139,11 @@ def test_no_secret_in_logs_errors_or_listings(client, db, caplog):
     caplog.set_level(logging.DEBUG)
     secrets = [ALICE]
     sign_in(client)
-    rule = client.post("/api/v1/rules", json={"watch": "alice/*"}, headers=bearer(ALICE)).json
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
     secrets.append(rule["secret"])
     bodies = []
     bodies.append(client.get(f"/hooks/hub/{rule['id']}?secret={rule['secret']}").get_data(as_text=True))
-    bodies.append(client.post(f"/hooks/hub/{rule['id']}", json=push_payload("alice/x", "b" * 40),
+    bodies.append(client.post(f"/hooks/hub/{rule['id']}", json=push_payload("alice/x-lora", "b" * 40),
                               headers={"X-Webhook-Secret": rule["secret"]}).get_data(as_text=True))
     bodies.append(client.post(f"/hooks/hub/{rule['id']}", data="{", headers={"X-Webhook-Secret": rule["secret"]})
                   .get_data(as_text=True))

@@ -491,7 +491,8 @@ def test_rules_page_confirms_delete_copies_and_warns_about_localhost(client, db,
 
     sign_in(client)
     page = client.get("/rules").get_data(as_text=True)
-    r = client.post("/rules", data={"watch": "alice/*", "dtype": "auto", "csrf_token": csrf_from(page)})
+    r = client.post("/rules", data={"watch": "alice/*-lora", "base": "alice/base", "dtype": "auto",
+                                     "csrf_token": csrf_from(page)})
     html = r.get_data(as_text=True)
     assert r.status_code in (200, 201), html[:300]
     assert 'data-copy="new-webhook-url"' in html and 'data-copy="new-secret"' in html
@@ -504,7 +505,7 @@ def test_rules_page_confirms_delete_copies_and_warns_about_localhost(client, db,
         s.flush()
         s.add(Delivery(rule_id=rule.id, repo="alice/ad", new_sha="c" * 40, outcome="queued", job_id=job.id))
     html = client.get("/rules").get_data(as_text=True)
-    assert 'data-confirm="Delete the rule alice/*' in html
+    assert 'data-confirm="Delete the rule alice/*-lora' in html
     history = html.split("Run history", 1)[1]
     assert "outcome-queued" in history and 'class="badge status-succeeded"' in history  # followed to its end
     public = make_app(public_url="https://lorafold.example.org").test_client()

@@ -89,13 +89,13 @@ class HubClient:
         return src
 
     def sink(self, repo_id: str, *, private: bool = False, overwrite: bool = False, create_pr: bool = False,
-             merge_id: str | None = None) -> HubSink:
+             merge_id: str | None = None, claim: str | None = None) -> HubSink:
         if not self.token:
             from ..engine.errors import OutputError
 
             raise OutputError(f"{repo_id}: publishing needs a Hub token (--token, HF_TOKEN or `hf auth login`)")
         sink = HubSink(self.api, repo_id, self.token, private=private, overwrite=overwrite, create_pr=create_pr,
-                       merge_id=merge_id, work_root=self.work_root)
+                       merge_id=merge_id, work_root=self.work_root, claim=claim)
         self._opened.append(sink)
         return sink
 

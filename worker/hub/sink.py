@@ -8,6 +8,9 @@
 - One `create_commit` adds shards, index, configs and card, with `parent_commit` set to the head seen at the
   start (a concurrent push fails it with 412 instead of being overwritten) and a marker in the description, so
   a retried commit first checks whether the previous attempt landed ((e) 17–19).
+- A rule's job (`claim` = this rule's marker) writes only to a repo that does not exist yet, is empty, or has a
+  commit carrying that marker in its history: a push to a watched repo must never make the owner's stored token
+  overwrite a repo the rule did not create (issue 10 §2). The marker goes into every commit such a job makes.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ from ..engine.files import is_weight_file
 from .errors import is_transient, status_of, write_error
 
 MARKER = "lorafold-merge-id"
+RULE_MARKER = "lorafold-rule-id"
+_EMPTY_REPO_FILES = frozenset({".gitattributes"})  # what the Hub puts in a new repo
+
+
+def rule_claim(rule_id: str) -> str:
+    """The line a rule's commits carry, and that a repo's history must show before the rule writes to it again."""
+    return f"{RULE_MARKER}: {rule_id}"
 
 
 class HubSink:
@@ -45,6 +55,7 @@ class HubSink:
         merge_id: str | None = None,
         work_root: str | None = None,
         commit_retries: int = 3,
+        claim: str | None = None,
     ):
         self.api = api
         self.repo_id = repo_id
@@ -53,6 +64,7 @@ class HubSink:
         self.overwrite = overwrite
         self.create_pr = create_pr
         self.merge_id = merge_id or uuid.uuid4().hex
+        self.claim = claim
         self.label = repo_id
         self.work_dir = tempdirs.make("lorafold-out-", work_root)
         self.commit_retries = commit_retries
@@ -83,12 +95,14 @@ class HubSink:
                 self.api.create_repo(self.repo_id, private=self.private, token=self.token, exist_ok=False)
                 self._created = True
             except hf.HfHubHTTPError as exc:
-                if status_of(exc) != 409:
+                if status_of(exc) != 409:  # 409: someone created it meanwhile; then it is checked as existing
                     raise write_error(exc, self.repo_id, "create the repository") from None
             except Exception as exc:  # noqa: BLE001
                 raise write_error(exc, self.repo_id, "create the repository") from None
             info = self.api.model_info(self.repo_id, token=self.token)
         files = [s.rfilename for s in (info.siblings or [])]
+        if self.claim and not self._created and not set(files) <= _EMPTY_REPO_FILES:
+            self._check_claim()
         weights = [f for f in files if is_weight_file(f)]
         if weights and not self.overwrite:
             raise OutputError(
@@ -100,6 +114,18 @@ class HubSink:
         self._head = info.sha
         self._existing = files
         self._thread.start()
+
+    def _check_claim(self) -> None:
+        try:
+            commits = self.api.list_repo_commits(self.repo_id, token=self.token)
+        except Exception as exc:  # noqa: BLE001 - without the history, refuse: never write on a guess
+            raise write_error(exc, self.repo_id, "read the target's history") from None
+        if any(self.claim in f"{c.title or ''}\n{c.message or ''}" for c in commits):
+            return
+        raise OutputError(
+            f"{self.repo_id}: exists and was not created by this rule, which writes only to a new repo or one it "
+            "created; delete or rename that repo, or change the rule's target"
+        )
 
     # --- during the merge ---------------------------------------------------------------------------------------
 
@@ -163,6 +189,8 @@ class HubSink:
         operations = self._uploaded + self._ops + deletes
         marker = f"{MARKER}: {self.merge_id}"
         description = f"{description}\n\n{marker}".strip()
+        if self.claim:
+            description = f"{description}\n{self.claim}"
         last: BaseException | None = None
         for attempt in range(1, self.commit_retries + 1):
             try:

@@ -67,7 +67,8 @@ class Credential(Base):
 
     __tablename__ = "credentials"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(String(96), index=True)
+    owner: Mapped[str] = mapped_column(String(96), index=True)  # the Hub user name when stored (display only)
+    owner_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # the Hub's stable user id
     purpose: Mapped[str] = mapped_column(String(16))  # job | rule | session
     token_encrypted: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
@@ -77,8 +78,13 @@ class Credential(Base):
 class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(String(96), index=True)  # the Hub user who asked
+    owner: Mapped[str] = mapped_column(String(96), index=True)  # the Hub user who asked (name: display only)
+    # The Hub's stable ids of the owner and of the target's namespace: access is decided on these, never on names,
+    # because Hub users and orgs can be renamed and a newcomer can then take the old name. NULL only on rows
+    # written before migration 0002.
+    owner_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     namespace: Mapped[str] = mapped_column(String(96), index=True)  # the target's namespace (user or org)
+    namespace_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     door: Mapped[str] = mapped_column(String(16))
     adapter_repo: Mapped[str] = mapped_column(String(200))
     adapter_revision: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -86,6 +92,9 @@ class Job(Base):
     base_repo: Mapped[str | None] = mapped_column(String(200), nullable=True)
     base_revision: Mapped[str | None] = mapped_column(String(200), nullable=True)
     base_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A rule's allow-list of bases (webhook jobs of a rule without one fixed base): the adapter config's base
+    # must be one of these, and the job reads only that one. NULL: base_repo (or, for the form/API, the config).
+    base_allowed: Mapped[list | None] = mapped_column(JSON, nullable=True)
     target_repo: Mapped[str] = mapped_column(String(200), index=True)
     private: Mapped[bool] = mapped_column(Boolean, default=False)
     dtype: Mapped[str] = mapped_column(String(16), default="auto")
@@ -161,11 +170,16 @@ class Rule(Base):
 
     __tablename__ = "rules"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
-    owner: Mapped[str] = mapped_column(String(96), index=True)
+    owner: Mapped[str] = mapped_column(String(96), index=True)  # display only; access goes by owner_id
+    owner_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     watch: Mapped[str] = mapped_column(String(200))  # "owner/name" or "owner/<glob>"
     target: Mapped[str] = mapped_column(String(200))  # template, e.g. "{namespace}/{name}-merged"
+    target_namespace_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The owner's choice of base: one fixed repo (+ revision), or an allow-list (`bases`). A pushed
+    # adapter_config.json never picks a base the owner did not name (issue 10 §2).
     base: Mapped[str | None] = mapped_column(String(200), nullable=True)
     base_revision: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    bases: Mapped[list | None] = mapped_column(JSON, nullable=True)
     private: Mapped[bool] = mapped_column(Boolean, default=False)
     dtype: Mapped[str] = mapped_column(String(16), default="auto")
     secret_encrypted: Mapped[str] = mapped_column(Text)

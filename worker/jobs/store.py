@@ -40,6 +40,7 @@ class RunSpec:
     create_pr: bool
     rule_id: str | None
     attempts: int
+    base_allowed: tuple[str, ...] | None = None  # a rule's allow-list of bases (else base_repo is the base)
 
 
 class JobStore:
@@ -123,7 +124,7 @@ class JobStore:
             spec = RunSpec(
                 job.id, job.door, job.adapter_repo, job.adapter_revision, job.base_repo, job.base_revision,
                 job.target_repo, job.private, job.dtype, job.max_shard_size, job.overwrite, job.create_pr,
-                job.rule_id, job.attempts,
+                job.rule_id, job.attempts, tuple(job.base_allowed) if job.base_allowed else None,
             )
             return spec, token
 

@@ -36,6 +36,10 @@ class JobRequest:
     credential_id: str | None = None  # a rule's stored token; else `token` is stored for this job
     idempotency_key: str | None = None
     dedupe_key: str | None = None
+    # The Hub's stable ids of the owner and of the target's namespace (access is decided on ids: names change).
+    owner_id: str | None = None
+    namespace_id: str | None = None
+    base_allowed: tuple[str, ...] | None = None  # a rule's allow-list of bases (see Job.base_allowed)
 
     def __repr__(self) -> str:  # never print a token by accident (there is none here, but keep it that way)
         return f"JobRequest(owner={self.owner!r}, adapter={self.adapter!r}, target={self.target!r}, door={self.door!r})"
@@ -56,18 +60,22 @@ def submit(
         with db.session() as s:
             cred_id = request.credential_id
             if cred_id is None and token:
-                cred = Credential(owner=request.owner, purpose="job", token_encrypted=box.seal(token))
+                cred = Credential(owner=request.owner, owner_id=request.owner_id, purpose="job",
+                                  token_encrypted=box.seal(token))
                 s.add(cred)
                 s.flush()
                 cred_id = cred.id
             job = Job(
                 owner=request.owner,
+                owner_id=request.owner_id,
                 namespace=request.target.split("/")[0],
+                namespace_id=request.namespace_id,
                 door=request.door,
                 adapter_repo=request.adapter,
                 adapter_revision=request.adapter_revision,
                 base_repo=request.base,
                 base_revision=request.base_revision,
+                base_allowed=list(request.base_allowed) if request.base_allowed else None,
                 target_repo=request.target,
                 private=request.private,
                 dtype=request.dtype,

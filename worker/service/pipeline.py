@@ -3,6 +3,12 @@
 Order: the target is checked for a commit of an earlier attempt of this job (a retried job never commits twice),
 the adapter and base are pinned to commit shas, webhook jobs are checked to really be LoRA adapter pushes, then
 the engine merges from Hub to Hub.
+
+A rule's job runs with the owner's stored token on a push somebody else may have made, so it reads and writes
+only what the owner named (issue 10 §2): the base is the rule's (one fixed repo, or the one entry of its
+allow-list that the adapter config names: the config is checked against the list, never followed), a private or
+gated base (or a private adapter) makes the output private whatever the rule says, the target may be neither the
+adapter nor the base, and the sink writes only to a repo this rule created (`rule_claim`).
 """
 
 from __future__ import annotations
@@ -11,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine import Lineage, MergeOptions, merge
-from ..engine.errors import EngineError, SourceError
+from ..engine.errors import EngineError, OutputError, SourceError
 from ..engine.plan import load_spec
 from ..hub import HubClient
-from ..hub.sink import MARKER
+from ..hub.sink import MARKER, rule_claim
 from ..jobs.store import RunSpec
 from ..locations import check_revision, is_repo_id
 from ..settings import Settings
@@ -24,6 +30,10 @@ class Skipped(EngineError):
     """Nothing to merge (not an adapter push, or an older commit than one already merged)."""
 
     kind = "skipped"
+
+
+class RuleRefused(OutputError):
+    """A rule's job asked for something outside what the rule's owner chose (a base, a target): it fails."""
 
 
 @dataclass
@@ -72,19 +82,24 @@ def run_job(
             if committed_at is not None and is_stale(committed_at):
                 raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} is older than an adapter commit already merged")
         adapter_spec, _ = load_spec(adapter)
-        base_id = spec.base_repo or adapter_spec.base_model_name_or_path
-        if not base_id:
-            raise SourceError(f"{spec.adapter_repo}: adapter_config.json names no base_model_name_or_path; choose the base explicitly")
-        base_id, _, at = base_id.partition("@")
-        if not is_repo_id(base_id):
-            raise SourceError(
-                f"{spec.adapter_repo}: adapter_config.json names base {base_id!r}, which is not a Hub repo id "
-                "(often a local training path); choose the base explicitly"
-            )
-        base = hub.source(base_id, check_revision(spec.base_revision or at or None, "base"))
+        private = spec.private
+        if spec.rule_id is not None:
+            base_id, base_revision = _rule_base(spec, adapter_spec.base_model_name_or_path, reporter)
+        else:
+            base_id, base_revision = _config_base(spec, adapter_spec.base_model_name_or_path)
+        if spec.rule_id is not None:
+            _check_rule_target(spec, base_id)
+        base = hub.source(base_id, check_revision(base_revision, "base"))
         on_resolved(base_repo=base_id, base_sha=base.revision)
         reporter.log("info", f"adapter {spec.adapter_repo}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
-        sink = hub.sink(spec.target_repo, private=spec.private, overwrite=spec.overwrite, create_pr=spec.create_pr, merge_id=spec.job_id)
+        if spec.rule_id is not None:
+            if not private and _must_stay_private(hub, spec.adapter_repo, adapter.revision, base_id, base.revision):
+                private = True
+                on_resolved(private=True)
+                reporter.log("info", "the base is private or gated (or the adapter private): the merge is published "
+                                     "as a private repo")
+        sink = hub.sink(spec.target_repo, private=private, overwrite=spec.overwrite, create_pr=spec.create_pr,
+                        merge_id=spec.job_id, claim=rule_claim(spec.rule_id) if spec.rule_id else None)
         options = MergeOptions(device=settings.device, dtype=spec.dtype, max_shard_size=spec.max_shard_size)
         result = merge(
             base,
@@ -115,6 +130,59 @@ def run_job(
             "timings": {**result.timings, "hub_retries": hub.retries},  # retries: read by web/metrics.py
         },
     )
+
+
+def _config_base(spec: RunSpec, named: str | None) -> tuple[str, str | None]:
+    """Form, API and CLI jobs: the base asked for, else the adapter config's (the caller chose that adapter and
+    gave their own token for this one job)."""
+    base_id = spec.base_repo or named
+    if not base_id:
+        raise SourceError(f"{spec.adapter_repo}: adapter_config.json names no base_model_name_or_path; choose the base explicitly")
+    base_id, _, at = base_id.partition("@")
+    if not is_repo_id(base_id):
+        raise SourceError(
+            f"{spec.adapter_repo}: adapter_config.json names base {base_id!r}, which is not a Hub repo id "
+            "(often a local training path); choose the base explicitly"
+        )
+    return base_id, spec.base_revision or at or None
+
+
+def _rule_base(spec: RunSpec, named: str | None, reporter) -> tuple[str, str | None]:
+    """A rule's job: the rule's base, never one the pushed adapter config picks. The config's name is only compared
+    with the rule's allow-list (no read happens with it); messages name no repo the owner did not choose."""
+    named_id = (named or "").partition("@")[0]
+    if spec.base_repo:
+        if named_id and named_id.lower() != spec.base_repo.lower():
+            reporter.log("warning", f"adapter_config.json names another base; merging onto the rule's base {spec.base_repo}")
+        return spec.base_repo, spec.base_revision
+    for allowed in spec.base_allowed or ():
+        if named_id and named_id.lower() == allowed.lower():
+            return allowed, None  # the rule's spelling, and its main branch: a config's "@revision" is not followed
+    if spec.base_allowed:
+        raise RuleRefused(f"{spec.adapter_repo}@{(spec.adapter_revision or '')[:12]}: the base named in "
+                          "adapter_config.json is not one of this rule's bases; not merged")
+    raise RuleRefused(f"{spec.adapter_repo}: this rule names no base (a pushed adapter config never chooses it); "
+                      "create the rule again with a base")
+
+
+def _check_rule_target(spec: RunSpec, base_id: str) -> None:
+    target = spec.target_repo.lower()
+    if target == spec.adapter_repo.lower() or target == base_id.lower():
+        what = "the pushed adapter" if target == spec.adapter_repo.lower() else "the rule's base"
+        raise RuleRefused(f"{spec.target_repo}: the rule's target for this push is {what}; refusing to write there")
+
+
+def _must_stay_private(hub: HubClient, adapter_repo: str, adapter_sha: str, base_id: str, base_sha: str) -> bool:
+    """Whether the output must be private: the base is private or gated, or the adapter is private. When the Hub
+    cannot tell, private (a wrong guess costs a visibility toggle, the other one a leak)."""
+    for repo, sha, gated_counts in ((base_id, base_sha, True), (adapter_repo, adapter_sha, False)):
+        try:
+            info = hub.api.model_info(repo, revision=sha, token=hub.token, files_metadata=False)
+        except Exception:  # noqa: BLE001
+            return True
+        if info.private or (gated_counts and info.gated not in (None, False, "false")):
+            return True
+    return False
 
 
 def find_marker_commit(hub: HubClient, repo: str, job_id: str) -> str | None:

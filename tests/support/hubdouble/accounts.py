@@ -90,6 +90,24 @@ class Accounts:
             self.tokens[token] = t
             return t
 
+    def rename(self, old: str, new: str) -> Account:
+        """A user or org renamed on the Hub: same stable id (`uid`), tokens and memberships, new name. The old name
+        is free again (a newcomer may take it, with a new id)."""
+        with self.lock:
+            if new in self.accounts:
+                raise ValueError(f"{new} is taken")
+            acct = self.accounts.pop(old)
+            acct.name = new
+            self.accounts[new] = acct
+            for tok in self.tokens.values():
+                if tok.user == old:
+                    tok.user = new
+            if acct.is_org:
+                for other in self.accounts.values():
+                    if old in other.orgs:
+                        other.orgs[new] = other.orgs.pop(old)
+            return acct
+
     def revoke(self, token: str) -> None:
         self.tokens.pop(token, None)
 

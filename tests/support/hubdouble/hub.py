@@ -97,8 +97,21 @@ class HubDouble:
     def add_org(self, name: str):
         return self.accounts.add_org(name)
 
-    def add_token(self, user: str, token: str, role: str = "write"):
-        return self.accounts.add_token(user, token, role=role)
+    def add_token(self, user: str, token: str, role: str = "write", *, kind: str = "access_token",
+                  expires_in: float | None = None):
+        """A token for `user`; kind="oauth" with `expires_in` seconds makes one like "Sign in with HF" gives."""
+        return self.accounts.add_token(user, token, role=role, kind=kind, expires_in=expires_in)
+
+    def rename(self, old: str, new: str):
+        """Rename a user or org as the Hub does: the stable id stays, its repos move to the new namespace."""
+        acct = self.accounts.rename(old, new)
+        for repo in [r for r in self.storage.repos.values() if r.namespace == old]:
+            self.storage.move_repo(repo, f"{new}/{repo.repo_id.split('/', 1)[1]}")
+        for repo in self.storage.repos.values():
+            if old in repo.grants and not acct.is_org:
+                repo.grants.discard(old)
+                repo.grants.add(new)
+        return acct
 
     # ----- repos (server side, no HTTP) ----------------------------------------------------------------------
     def create_repo(self, repo_id: str, private: bool = False, gated=False, *, repo_type: str = "model",
