@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import fnmatch
 import hmac
-import json
 import re
 
 from flask import Blueprint, jsonify, request
@@ -23,7 +22,8 @@ from worker.jobs import Delivery, Job, JobRequest, Rule, submit
 from worker.locations import is_repo_id
 from worker.redact import register
 
-from .errors import BadRequest, Unauthorized
+from .bodies import BodyError, read_json
+from .errors import Unauthorized
 from .rules import RULE_ID_RE, render_target, split_watch
 from .services import services
 
@@ -38,10 +38,10 @@ def hub_hook(rule_id: str):
     """Receive a Hub webhook delivery for a rule."""
     rule = _authenticate(rule_id)
     try:
-        payload = json.loads(request.get_data(cache=False) or b"")
-    except (ValueError, UnicodeDecodeError):
+        payload = read_json()
+    except BodyError:
         _record(rule, "ignored", "malformed JSON payload")
-        raise BadRequest("the body is not valid JSON") from None
+        raise
     verdict = _filter(rule, payload)
     if isinstance(verdict, str):
         _record(rule, "ignored", verdict, repo=_repo_name(payload))
