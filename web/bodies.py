@@ -21,6 +21,7 @@ import json
 import re
 
 from flask import request
+from werkzeug.exceptions import RequestEntityTooLarge
 
 from .errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
@@ -75,8 +76,7 @@ def _check_content_type() -> None:
     mimetype = (request.mimetype or "").lower()
     if not _JSON_TYPE.match(mimetype):
         shown = mimetype[:60] or "none"
-        raise NotJson(f"send the body as JSON with Content-Type: application/json (got {shown})",
-                                   field="Content-Type")
+        raise NotJson(f"send the body as JSON with Content-Type: application/json (got {shown})", field="Content-Type")
     charset = request.mimetype_params.get("charset")
     if charset is not None and charset.lower().replace("_", "-") not in ("utf-8", "utf8"):
         raise NotJson(f"JSON bodies are UTF-8 (charset {charset[:20]!r} was named)", field="Content-Type")
@@ -86,11 +86,22 @@ def _read_capped() -> bytes:
     length = request.content_length
     if length is not None and length > MAX_BYTES:
         raise BodyTooLarge(f"the request body is larger than {MAX_BYTES // 1024} KiB")
-    # Read one byte more than allowed: a chunked body (no Content-Length) that is too long is seen without
-    # buffering all of it. Werkzeug's MAX_CONTENT_LENGTH guards the same stream; this does not rely on it.
-    data = request.stream.read(MAX_BYTES + 1)
-    if len(data) > MAX_BYTES:
+    # Read until the end or one byte past the limit, so a chunked body (no Content-Length) that is too long is seen
+    # without buffering all of it. Werkzeug's own MAX_CONTENT_LENGTH stream stops at the limit and raises only on
+    # the next read (one read of limit+1 bytes returns a silently truncated body), hence the loop.
+    chunks, total = [], 0
+    try:
+        while total <= MAX_BYTES:
+            chunk = request.stream.read(MAX_BYTES + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except RequestEntityTooLarge:
+        total = MAX_BYTES + 1
+    if total > MAX_BYTES:
         raise BodyTooLarge(f"the request body is larger than {MAX_BYTES // 1024} KiB")
+    data = b"".join(chunks)
     return data
 
 

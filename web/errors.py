@@ -40,6 +40,12 @@ class Unauthorized(WebError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(WebError):
+    """The caller may see the resource but not act on it (seeing is already checked: never a way to probe ids)."""
+
+    status, code = 403, "forbidden"
+
+
 class NotFound(WebError):
     status, code = 404, "not_found"
 
