@@ -65,6 +65,7 @@ def create_job():
             if (existing.adapter_repo, existing.target_repo) != (inp.adapter, inp.target):
                 raise Unprocessable("this Idempotency-Key was used for a different request", field="Idempotency-Key")
             return _accepted(existing, replayed=True)
+    jobs.admit(caller.name)  # before asking the Hub anything: a full queue is refused cheaply
     job, created = merge.create(caller, inp, "api", idempotency_key=key)
     return _accepted(job, replayed=not created)
 

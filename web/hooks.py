@@ -22,6 +22,7 @@ from worker.jobs import Delivery, Job, JobRequest, Rule, submit
 from worker.locations import is_repo_id
 from worker.redact import register
 
+from . import jobs
 from .bodies import BodyError, read_json
 from .errors import Unauthorized
 from .rules import RULE_ID_RE, render_target, split_watch
@@ -59,6 +60,7 @@ def hub_hook(rule_id: str):
         base_revision=rule.base_revision, target=target, private=rule.private, dtype=rule.dtype, overwrite=True,
         rule_id=rule.id, credential_id=rule.credential_id, dedupe_key=f"rule:{rule.id}:{repo}:{sha}",
     )
+    jobs.admit(rule.owner, job_request.dedupe_key)  # the owner's queued-jobs cap (429; the Hub retries later)
     job, created = submit(svc.db, svc.box, job_request, None, svc.enqueue)
     _record(rule, "queued" if created else "duplicate", None if created else "this push was already received",
             repo=repo, sha=sha, job_id=job.id)

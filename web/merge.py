@@ -19,6 +19,7 @@ from worker.hub.inspect import (
 )
 from worker.jobs import Job, JobRequest, submit
 
+from . import jobs
 from .auth import Caller
 from .errors import Unprocessable
 from .forms import DTYPES
@@ -148,6 +149,7 @@ def create(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | No
 
 def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
     svc = services()
+    jobs.admit(caller.name)  # the per-owner cap on queued jobs (429), for the form and the API
     request = JobRequest(
         owner=caller.name, door=door, adapter=inp.adapter, adapter_revision=inp.adapter_revision, base=inp.base,
         base_revision=inp.base_revision, target=inp.target, private=inp.private, dtype=inp.dtype,

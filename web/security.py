@@ -119,6 +119,26 @@ def apply_limits(limiter: Limiter, rate_limit: str, *blueprints) -> None:
         shared(bp)
 
 
+def limit_public_doors(limiter: Limiter, settings, hooks_bp, health_bp) -> None:
+    """The doors without a signed-in caller (issue 10 §2: a rule's webhook took 100 deliveries in 2.5 s).
+
+    Webhook: authenticated deliveries count against their rule (the Hub sends from shared addresses, so an
+    address budget would let one busy rule starve all others); calls with a wrong secret count against the
+    caller's address only, so a stranger can neither use up a rule's budget nor guess secrets quickly.
+    /healthz: per address. Everything else is under the shared per-caller budget (`apply_limits`)."""
+    def rule_key() -> str:
+        return "hook:" + str((request.view_args or {}).get("rule_id", ""))[:64]
+
+    def address_key() -> str:
+        return "ip:" + (get_remote_address() or "unknown")
+
+    limiter.limit(settings.hook_rate_limit, key_func=rule_key, scope="hook-rule",
+                  deduct_when=lambda response: response.status_code != 401)(hooks_bp)
+    limiter.limit(settings.public_rate_limit, key_func=address_key, scope="hook-denied",
+                  deduct_when=lambda response: response.status_code == 401)(hooks_bp)
+    limiter.limit(settings.public_rate_limit, key_func=address_key, scope="public")(health_bp)
+
+
 def _redact_logs() -> None:
     """Request logs (ours and werkzeug's access log) pass through the secret scrubber."""
     for name in ("lorafold.web.requests", "lorafold.web", "werkzeug", "gunicorn.access", "gunicorn.error"):
