@@ -122,7 +122,7 @@ def apply_limits(limiter: Limiter, rate_limit: str, *blueprints) -> None:
 def limit_public_doors(limiter: Limiter, settings, hooks_bp, health_bp) -> None:
     """The doors without a signed-in caller (issue 10 §2: a rule's webhook took 100 deliveries in 2.5 s).
 
-    Webhook: authenticated deliveries count against their rule (the Hub sends from shared addresses, so an
+    Webhook: accepted deliveries count against their rule (the Hub sends from shared addresses, so an
     address budget would let one busy rule starve all others); calls with a wrong secret count against the
     caller's address only, so a stranger can neither use up a rule's budget nor guess secrets quickly.
     /healthz: per address. Everything else is under the shared per-caller budget (`apply_limits`)."""
@@ -132,8 +132,10 @@ def limit_public_doors(limiter: Limiter, settings, hooks_bp, health_bp) -> None:
     def address_key() -> str:
         return "ip:" + (get_remote_address() or "unknown")
 
+    # Only answers that passed the secret count for the rule (2xx: queued, duplicate or ignored); a refusal
+    # (401, or 429 from the address budget, or a 413 before authentication) must not spend it.
     limiter.limit(settings.hook_rate_limit, key_func=rule_key, scope="hook-rule",
-                  deduct_when=lambda response: response.status_code != 401)(hooks_bp)
+                  deduct_when=lambda response: 200 <= response.status_code < 300)(hooks_bp)
     limiter.limit(settings.public_rate_limit, key_func=address_key, scope="hook-denied",
                   deduct_when=lambda response: response.status_code == 401)(hooks_bp)
     limiter.limit(settings.public_rate_limit, key_func=address_key, scope="public")(health_bp)
