@@ -14,7 +14,8 @@ grow the list without bound (178 ms per log line at 100k strings; issue 10 §2).
   index of the secrets' pieces (see _Registry). A regex alternation of 4,096 secrets, even shaped as a trie, took
   1.7 s to compile and 90 us per log line (the engine tries every first character in turn).
 The token shapes (hf_..., Bearer ...) are one more compiled pattern. Cost at the bound: see
-tests/web/test_security.py::test_redaction_cost_at_the_bound (about 10-20 us per access-log line here).
+tests/web/test_security.py::test_redaction_is_bounded_and_cheap_at_the_bound (3.5-6 us per access-log
+line at 4,096 secrets on the 2-core CI machine).
 """
 
 from __future__ import annotations
