@@ -67,6 +67,7 @@ def init_app(app: Flask, rate_limit: str, storage: str, cookies_secure: bool) ->
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY,
         MAX_FORM_MEMORY_SIZE=MAX_BODY,
+        MAX_FORM_PARTS=100,  # our forms have at most a dozen fields; Werkzeug answers 413 above this
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=cookies_secure,

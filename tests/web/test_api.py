@@ -368,8 +368,12 @@ def test_webhook_rate_limit_per_rule_and_wrong_secrets_per_address(make_app, rel
     rec.observed(f"wrong secrets {wrong}; deliveries {codes}; another rule 202")
 
 
-def test_webhook_deliveries_respect_the_queued_cap_but_duplicates_pass(make_app):
+@pytest.mark.reliability
+def test_webhook_deliveries_respect_the_queued_cap_but_duplicates_pass(make_app, reliability):
     from .seeding import push_payload
+
+    rec = reliability("a rule's pushes arrive while its owner's queue is full (cap 1)",
+                      "429 with Retry-After (the Hub retries later); a duplicate of a received push still 202")
 
     client = make_app(max_queued_per_owner=1).test_client()
     rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
@@ -380,8 +384,14 @@ def test_webhook_deliveries_respect_the_queued_cap_but_duplicates_pass(make_app)
     assert full.status_code == 429 and full.headers["Retry-After"]
     dup = send("1" * 40)
     assert dup.status_code == 202 and dup.json["duplicate"] is True
+    rec.observed(f"new push {full.status_code} (Retry-After {full.headers['Retry-After']}), duplicate {dup.status_code}")
 
 
-def test_healthz_is_rate_limited_per_address(make_app):
+@pytest.mark.reliability
+def test_healthz_is_rate_limited_per_address(make_app, reliability):
+    rec = reliability("an address polls the unauthenticated /healthz (database and broker checks) in a loop",
+                      "429 above LORAFOLD_PUBLIC_RATE_LIMIT")
     client = make_app(public_rate_limit="3/minute").test_client()
-    assert [client.get("/healthz").status_code for _ in range(4)] == [200, 200, 200, 429]
+    codes = [client.get("/healthz").status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    rec.observed(f"{codes}")
