@@ -284,3 +284,10 @@ def test_retry_runs_with_the_retrying_callers_token_and_for_them(db, box, store)
         assert s.get(Credential, row.credential_id).owner == "erin"
         notes = list(s.scalars(select(JobLog.message).where(JobLog.job_id == job)))
     assert any("was alice's" in n and "erin's token" in n for n in notes)
+
+
+def test_ticket_check_lets_the_process_decide_when_the_database_is_unreachable(box):
+    from worker.jobs import Database, JobStore
+
+    store = JobStore(Database("postgresql+psycopg://postgres@127.0.0.1:1/nothing?connect_timeout=1"), box)
+    assert store.ticket_has_work("0" * 32, max_running=2) is True

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 
 from .crypto import SecretBox
@@ -165,17 +166,22 @@ class JobStore:
     def ticket_has_work(self, ticket: str, max_running: int) -> bool:
         """Whether the message of job `ticket` would run anything, decided before a process is started: ends
         cancelled and superseded queued jobs, and hands a ticket that only capped jobs could use to the reconciler.
+        When the database cannot be asked, the answer is True: the job process, which waits out a database that is
+        restarting, decides (as it did before this check existed), and the message is not lost.
         """
-        with self.db.session() as s:
-            status = s.scalar(select(Job.status).where(Job.id == ticket))
-        if status == JobStatus.running.value:
-            return True  # a redelivery: the process decides whether to take it over
-        self.settle_queued()
-        with self.db.session() as s:
-            if self._fairest(s, max(1, max_running)) is not None:
-                return True
-        self._defer(ticket)
-        return False
+        try:
+            with self.db.session() as s:
+                status = s.scalar(select(Job.status).where(Job.id == ticket))
+            if status == JobStatus.running.value:
+                return True  # a redelivery: the process decides whether to take it over
+            self.settle_queued()
+            with self.db.session() as s:
+                if self._fairest(s, max(1, max_running)) is not None:
+                    return True
+            self._defer(ticket)
+            return False
+        except SQLAlchemyError:
+            return True
 
     def settle_queued(self) -> int:
         """End queued jobs that must never start: cancel requested (→ cancelled), or superseded (→ skipped)."""
