@@ -55,6 +55,7 @@ def create_app(
     csrf.exempt(api.bp)  # Bearer tokens only: a browser cannot be tricked into sending one
     csrf.exempt(hooks.bp)  # authenticated by the rule's secret
     security.apply_limits(limiter, settings.rate_limit, api.bp, auth.bp, rules.bp, ui.bp)
+    security.limit_public_doors(limiter, settings, hooks.bp, health.bp)
     auth.init_oauth(app)
     errors.register(app)
 

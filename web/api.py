@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 from flask import Blueprint, jsonify, request, url_for
 
 from . import jobs, merge, rules
 from .auth import api_caller
-from .errors import BadRequest, Unprocessable
+from .bodies import read_json
+from .errors import Unprocessable
 from .openapi import spec
 from .present import delivery_json, job_json, log_json, rule_json
 from .services import services
@@ -33,13 +33,7 @@ IDEMPOTENCY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
 
 
 def json_body() -> object:
-    data = request.get_data(cache=False)
-    if not data.strip():
-        raise BadRequest("the request body is empty; send a JSON object")
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"the request body is not valid JSON ({type(exc).__name__})") from None
+    return read_json()  # web/bodies.py: size, content type, UTF-8, depth, duplicate keys, numbers (4xx, never 500)
 
 
 def int_arg(name: str, default: int, low: int, high: int) -> int:
@@ -71,6 +65,7 @@ def create_job():
             if (existing.adapter_repo, existing.target_repo) != (inp.adapter, inp.target):
                 raise Unprocessable("this Idempotency-Key was used for a different request", field="Idempotency-Key")
             return _accepted(existing, replayed=True)
+    jobs.admit(caller.name)  # before asking the Hub anything: a full queue is refused cheaply
     job, created = merge.create(caller, inp, "api", idempotency_key=key)
     return _accepted(job, replayed=not created)
 

@@ -41,6 +41,12 @@ class Unauthorized(WebError):
     status, code = 401, "unauthorized"
 
 
+class Forbidden(WebError):
+    """The caller may see the resource but not act on it (seeing is already checked: never a way to probe ids)."""
+
+    status, code = 403, "forbidden"
+
+
 class NotFound(WebError):
     status, code = 404, "not_found"
 
@@ -49,8 +55,25 @@ class Conflict(WebError):
     status, code = 409, "conflict"
 
 
+class PayloadTooLarge(WebError):
+    status, code = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(WebError):
+    status, code = 415, "unsupported_media_type"
+
+
 class Unprocessable(WebError):
     status, code = 422, "invalid"
+
+
+class TooManyRequests(WebError):
+    """A per-owner cap (queued jobs): the caller should wait; Retry-After says roughly how long."""
+
+    status, code = 429, "rate_limited"
+
+    def __init__(self, message: str, retry_after: int, field: str | None = None):
+        super().__init__(message, field, headers={"Retry-After": str(max(1, int(retry_after)))})
 
 
 class HubUnavailable(WebError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fnmatch
 import hmac
-import json
 import re
 
 from flask import Blueprint, jsonify, request
@@ -24,7 +23,9 @@ from worker.jobs import Delivery, Job, JobRequest, Rule, submit
 from worker.locations import is_repo_id
 from worker.redact import register
 
-from .errors import BadRequest, Unauthorized
+from . import jobs
+from .bodies import BodyError, read_json
+from .errors import Unauthorized
 from .rule_targets import render_target, split_watch, watches
 from .rules import RULE_ID_RE
 from .services import services
@@ -40,10 +41,10 @@ def hub_hook(rule_id: str):
     """Receive a Hub webhook delivery for a rule."""
     rule = _authenticate(rule_id)
     try:
-        payload = json.loads(request.get_data(cache=False) or b"")
-    except (ValueError, UnicodeDecodeError):
+        payload = read_json()
+    except BodyError:
         _record(rule, "ignored", "malformed JSON payload")
-        raise BadRequest("the body is not valid JSON") from None
+        raise
     verdict = _filter(rule, payload)
     if isinstance(verdict, str):
         _record(rule, "ignored", verdict, repo=_repo_name(payload))
@@ -63,6 +64,7 @@ def hub_hook(rule_id: str):
         private=rule.private, dtype=rule.dtype, overwrite=True, rule_id=rule.id, credential_id=rule.credential_id,
         dedupe_key=f"rule:{rule.id}:{repo}:{sha}",
     )
+    jobs.admit(rule.owner, job_request.dedupe_key)  # the owner's queued-jobs cap (429; the Hub retries later)
     job, created = submit(svc.db, svc.box, job_request, None, svc.enqueue)
     _record(rule, "queued" if created else "duplicate", None if created else "this push was already received",
             repo=repo, sha=sha, job_id=job.id)

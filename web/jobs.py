@@ -2,6 +2,12 @@
 
 Access rule (everywhere): a caller sees a job when they own it or when its target namespace is theirs or one of
 their orgs'. Anything else is "not found", exactly like an id that does not exist (no existence leak).
+
+Acting on a job is narrower than seeing it (issue 10 §2): cancel is for its owner or a member who may write to
+its target namespace (org role admin/write/contributor, with a token that may write: `can_write`, the rule the
+form uses for targets); a read-role member sees the job but gets 403. A retry runs with the retrying caller's own
+token and on their behalf (they become the job's owner); it is never run with another user's stored token, so
+it needs a caller who may write to the target namespace, owner or not.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from sqlalchemy import and_, or_, select
 from worker.jobs import Job, JobLog, JobSample, JobStatus
 
 from .auth import Caller
-from .errors import Conflict, NotFound, Unprocessable
+from .errors import Conflict, Forbidden, NotFound, TooManyRequests, Unprocessable
+from .hubcheck import can_write
 from .services import services
 
 JOB_ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -101,9 +108,42 @@ def samples(job: Job, *, after: int = 0, limit: int = 2000) -> list[JobSample]:
                               .order_by(JobSample.id).limit(limit)))
 
 
+def admit(owner: str, dedupe_key: str | None = None) -> None:
+    """The per-owner cap on queued jobs, checked by every door before it queues a job for `owner` (429 above it).
+
+    A webhook delivery that is a duplicate of one already received (`dedupe_key`) passes: it queues nothing new
+    and must get its usual answer. The count and the insert are not one transaction, so racing requests can pass
+    the cap by a few; the cap bounds a flood, it is not an exact quota."""
+    svc = services()
+    if dedupe_key is not None:
+        with svc.db.session() as s:
+            if s.scalar(select(Job.id).where(Job.dedupe_key == dedupe_key)) is not None:
+                return
+    cap = svc.settings.max_queued_per_owner
+    waiting = svc.store.queued_count(owner)
+    if waiting >= cap:
+        raise TooManyRequests(f"{owner} already has {waiting} jobs waiting to start (at most {cap}); "
+                              "try again when some have started", retry_after=60)
+
+
+def _is_owner(caller: Caller, job: Job) -> bool:
+    # the Hub's stable id when the row has one (renames); the name only for rows from before ids were stored
+    return job.owner_id == caller.id if job.owner_id else job.owner == caller.name
+
+
+def may_cancel(caller: Caller, job: Job) -> bool:
+    return _is_owner(caller, job) or can_write(caller.identity, job.namespace)
+
+
+def may_retry(caller: Caller, job: Job) -> bool:
+    return can_write(caller.identity, job.namespace)
+
+
 def cancel(caller: Caller, job_id: str) -> Job:
     """queued → cancelled at once; running → the worker stops between tensors. 409 when it already ended."""
     job = get(caller, job_id)
+    if not may_cancel(caller, job):
+        raise Forbidden(f"only the job's owner or members with write access to '{job.namespace}' can cancel it")
     if job.is_terminal:
         raise Conflict(f"the job already ended ({job.status}); nothing to cancel")
     services().store.request_cancel(job.id)
@@ -111,11 +151,15 @@ def cancel(caller: Caller, job_id: str) -> Job:
 
 
 def retry(caller: Caller, job_id: str) -> Job:
-    """failed / cancelled / skipped → queued again, with the caller's current token. 409 otherwise."""
+    """failed / cancelled / skipped → queued again, with the caller's current token, on the caller's behalf."""
     job = get(caller, job_id)
+    if not may_retry(caller, job):
+        raise Forbidden(f"retrying runs the job with your token, which cannot write to '{job.namespace}'; only "
+                        "members with write access to it can retry this job")
     if job.status not in RETRYABLE:
         raise Conflict(f"only failed, cancelled or skipped jobs can be retried (this one is {job.status})")
     svc = services()
+    admit(caller.name)
     if not svc.store.retry(job.id, caller.token, caller.name):
         raise Conflict("the job changed meanwhile; reload and try again")
     svc.enqueue(job.id)

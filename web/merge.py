@@ -17,6 +17,7 @@ from worker.engine.errors import EngineError
 from worker.engine.files import WEIGHT_SUFFIXES
 from worker.jobs import Job, JobRequest, JobStatus, submit
 
+from . import jobs
 from .auth import Caller
 from .errors import Unprocessable
 from .forms import DTYPES
@@ -209,6 +210,7 @@ def create(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | No
 
 def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
     svc = services()
+    jobs.admit(caller.name)  # the per-owner cap on queued jobs (429), for the form and the API
     request = JobRequest(
         owner=caller.name, door=door, adapter=inp.adapter, adapter_revision=inp.adapter_revision, base=inp.base,
         base_revision=inp.base_revision, target=inp.target, private=bool(inp.private), dtype=inp.dtype,

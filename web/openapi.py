@@ -30,12 +30,16 @@ def _error(description: str, headers: dict | None = None) -> dict:
 
 RETRY_AFTER = {"Retry-After": {"description": "Seconds until the rate limit resets", "schema": {"type": "string"}}}
 ERRORS = {
-    "400": _error("Malformed request (the body is not JSON)"),
+    "400": _error("Malformed body: not UTF-8 JSON, nested deeper than 32, duplicate keys, NaN/Infinity, "
+                  "numbers out of range, NUL or lone surrogates in strings"),
     "401": _error("No token, or a token the Hub does not accept"),
+    "403": _error("You can see this job but may not act on it (only its owner or members with write access to its "
+                  "target namespace may)"),
     "404": _error("No such resource, or not yours (never 403: existence is not revealed)"),
     "405": _error("Method not allowed"),
     "409": _error("The resource is not in a state that allows this"),
     "413": _error("Request body too large (64 KiB)"),
+    "415": _error("The body is not sent as JSON (Content-Type: application/json, UTF-8)"),
     "422": _error("Invalid input; `field` names the offending field"),
     "429": _error("Rate limit exceeded", RETRY_AFTER),
     "503": _error("The Hub (to verify the token) is unreachable"),
@@ -266,7 +270,7 @@ def spec(public_url: str) -> dict:
                     "requestBody": body("JobCreate"),
                     "responses": {"202": _json(_ref("JobAccepted"), "Queued (or the job of an earlier request with "
                                                                     "this Idempotency-Key)"),
-                                  **_errors("400", "413", "422", *AUTHED)},
+                                  **_errors("400", "413", "415", "422", *AUTHED)},
                 },
                 "get": {
                     "operationId": "listJobs",
@@ -309,7 +313,7 @@ def spec(public_url: str) -> dict:
                     "security": secured,
                     "parameters": [JOB_ID],
                     "responses": {"202": _json(_ref("Job"), "Cancelled, or cancelling"),
-                                  **_errors("404", "409", "413", *AUTHED)},
+                                  **_errors("403", "404", "409", "413", *AUTHED)},
                 },
             },
             "/api/v1/jobs/{job_id}/retry": {
@@ -318,7 +322,7 @@ def spec(public_url: str) -> dict:
                     "summary": "Queue a failed, cancelled or skipped job again with your current token",
                     "security": secured,
                     "parameters": [JOB_ID],
-                    "responses": {"202": _json(_ref("Job"), "Queued again"), **_errors("404", "409", "413", *AUTHED)},
+                    "responses": {"202": _json(_ref("Job"), "Queued again"), **_errors("403", "404", "409", "413", *AUTHED)},
                 },
             },
             "/api/v1/rules": {
@@ -328,7 +332,7 @@ def spec(public_url: str) -> dict:
                     "security": secured,
                     "requestBody": body("RuleCreate"),
                     "responses": {"201": _json(_ref("Rule"), "The new rule with its secret"),
-                                  **_errors("400", "413", "422", *AUTHED)},
+                                  **_errors("400", "413", "415", "422", *AUTHED)},
                 },
                 "get": {
                     "operationId": "listRules",
@@ -380,7 +384,7 @@ def spec(public_url: str) -> dict:
                         "202": _json({"type": "object", "required": ["job", "duplicate"],
                                       "properties": {"job": {"type": "string"}, "duplicate": {"type": "boolean"}}},
                                      "A merge is queued (or was, for this push)"),
-                        **_errors("400", "401", "413"),
+                        **_errors("400", "401", "413", "415", "429"),
                     },
                 },
             },

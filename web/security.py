@@ -67,6 +67,7 @@ def init_app(app: Flask, rate_limit: str, storage: str, cookies_secure: bool) ->
     app.config.update(
         MAX_CONTENT_LENGTH=MAX_BODY,
         MAX_FORM_MEMORY_SIZE=MAX_BODY,
+        MAX_FORM_PARTS=100,  # our forms have at most a dozen fields; Werkzeug answers 413 above this
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=cookies_secure,
@@ -117,6 +118,28 @@ def apply_limits(limiter: Limiter, rate_limit: str, *blueprints) -> None:
                                   exempt_when=lambda: request.endpoint in UNLIMITED_ENDPOINTS)
     for bp in blueprints:
         shared(bp)
+
+
+def limit_public_doors(limiter: Limiter, settings, hooks_bp, health_bp) -> None:
+    """The doors without a signed-in caller (issue 10 §2: a rule's webhook took 100 deliveries in 2.5 s).
+
+    Webhook: accepted deliveries count against their rule (the Hub sends from shared addresses, so an
+    address budget would let one busy rule starve all others); calls with a wrong secret count against the
+    caller's address only, so a stranger can neither use up a rule's budget nor guess secrets quickly.
+    /healthz: per address. Everything else is under the shared per-caller budget (`apply_limits`)."""
+    def rule_key() -> str:
+        return "hook:" + str((request.view_args or {}).get("rule_id", ""))[:64]
+
+    def address_key() -> str:
+        return "ip:" + (get_remote_address() or "unknown")
+
+    # Only answers that passed the secret count for the rule (2xx: queued, duplicate or ignored); a refusal
+    # (401, or 429 from the address budget, or a 413 before authentication) must not spend it.
+    limiter.limit(settings.hook_rate_limit, key_func=rule_key, scope="hook-rule",
+                  deduct_when=lambda response: 200 <= response.status_code < 300)(hooks_bp)
+    limiter.limit(settings.public_rate_limit, key_func=address_key, scope="hook-denied",
+                  deduct_when=lambda response: response.status_code == 401)(hooks_bp)
+    limiter.limit(settings.public_rate_limit, key_func=address_key, scope="public")(health_bp)
 
 
 def _redact_logs() -> None:

@@ -62,6 +62,10 @@ class Settings:
     rate_limit_storage: str = _setting("LORAFOLD_RATE_LIMIT_STORAGE", "memory://", "Where rate-limit counters live (redis://... in production).")
     secure_cookies: str = _setting("LORAFOLD_SECURE_COOKIES", "auto", "Mark cookies Secure: auto (when PUBLIC_URL is https), 1 or 0.")
     proxy_hops: int = _setting("LORAFOLD_PROXY_HOPS", 0, "Reverse proxies in front of gunicorn whose X-Forwarded-For/-Proto are trusted (deploy/gunicorn.conf.py; compose: 1).")
+    max_queued_per_owner: int = _setting("LORAFOLD_MAX_QUEUED_PER_OWNER", 10, "Jobs one user may have waiting at once; more are refused (429) until some start.")
+    max_running_per_owner: int = _setting("LORAFOLD_MAX_RUNNING_PER_OWNER", 2, "Jobs of one user that run at once; the rest wait while other users' jobs start first.")
+    hook_rate_limit: str = _setting("LORAFOLD_HOOK_RATE_LIMIT", "30/minute", "Webhook deliveries per rule (wrong secrets count per address instead).")
+    public_rate_limit: str = _setting("LORAFOLD_PUBLIC_RATE_LIMIT", "120/minute", "Requests per address on the endpoints without sign-in (/healthz, failed webhook calls).")
     whoami_ttl: int = _setting("LORAFOLD_WHOAMI_TTL", 60, "Seconds a Hub whoami answer is cached (keyed by a hash of the token).")
 
     @classmethod

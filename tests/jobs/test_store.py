@@ -6,7 +6,7 @@ import threading
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from worker.jobs import Credential, Job, JobLog, JobRequest, JobStatus, submit
 from worker.jobs.models import utcnow
@@ -155,3 +155,139 @@ def test_terminal_states_are_final(db, box, store, status):
     assert store.finish(job.id, JobStatus(status), worker="w1")
     assert store.request_cancel(job.id) == status
     assert store.claim(job.id, "w2") == "done"
+
+
+# --- fairness (issue 10 §2): tickets, per-owner caps, cancelled and superseded jobs never start ------------------------
+
+def _queue(db, box, owner, n, **kw):
+    ids = []
+    for _ in range(n):
+        req = JobRequest(owner=owner, door="api", adapter=f"{owner}/ad", target=f"{owner}/out", **kw)
+        ids.append(submit(db, box, req, TOKEN, lambda job_id: None)[0].id)
+    return ids
+
+
+@pytest.mark.reliability
+def test_one_users_fifteen_jobs_do_not_hold_back_anothers(db, box, store, reliability):
+    """The reported case: A queued 15 jobs, then B one. B's job is the next to start, and from then on the two
+    alternate while both wait (fewest running first, then least recently started)."""
+    rec = reliability("user A queues 15 jobs, then user B queues 1; one worker frees up",
+                      "B's job starts next, not after A's 15")
+    a_jobs = _queue(db, box, "alice", 15)
+    assert store.claim_next(a_jobs[0], "w1", max_running=2) == (a_jobs[0], "claimed")  # A's first, alone
+    store.finish(a_jobs[0], JobStatus.succeeded, worker="w1")
+    (b_job,) = _queue(db, box, "bob", 1)
+    ticket = a_jobs[1]  # the next message in the broker is one of A's: it is spent on the fairest job instead
+    picked, state = store.claim_next(ticket, "w1", max_running=2)
+    assert (picked, state) == (b_job, "claimed"), "bob's job must start before alice's 14 others"
+    store.finish(b_job, JobStatus.succeeded, worker="w1")
+    order = []
+    for ticket in a_jobs[1:]:
+        picked, state = store.claim_next(ticket, "w1", max_running=2)
+        assert state == "claimed"
+        order.append(picked)
+        store.finish(picked, JobStatus.succeeded, worker="w1")
+    assert order == a_jobs[1:], "within one owner, first come first served"
+    assert store.claim_next(a_jobs[-1], "w1", max_running=2) == (a_jobs[-1], "done")
+    rec.observed(f"B's job started second (right after A's one running job); A's 14 then in order ({db.url.split(':')[0]})")
+
+
+def test_fewest_running_then_least_recently_started(db, box, store):
+    a = _queue(db, box, "alice", 3)
+    b = _queue(db, box, "bob", 2)
+    c = _queue(db, box, "carol", 1)
+    assert store.claim_next(a[0], "w1", 5)[0] == a[0]  # oldest first when nobody runs anything
+    assert store.claim_next(a[1], "w2", 5)[0] == b[0]  # bob: 0 running
+    assert store.claim_next(a[2], "w3", 5)[0] == c[0]  # carol: 0 running, never started
+    store.finish(a[0], JobStatus.succeeded, worker="w1")
+    # running now: alice 0, bob 1, carol 1: alice has the fewest
+    assert store.claim_next(b[1], "w1", 5)[0] == a[1]
+
+
+def test_running_cap_holds_jobs_back_and_the_ticket_goes_to_the_reconciler(db, box, store):
+    a = _queue(db, box, "alice", 3)
+    assert store.claim_next(a[0], "w1", max_running=1) == (a[0], "claimed")
+    assert store.ticket_has_work(a[1], max_running=1) is False  # no process would be started for it
+    assert store.claim_next(a[1], "w2", max_running=1) == (a[1], "deferred")
+    with db.session() as s:
+        assert s.get(Job, a[1]).enqueued_at is None and s.get(Job, a[1]).status == "queued"
+    assert a[1] in store.stale_queued(utcnow(), requeue_after=600)  # the reconciler sends it again
+    (b,) = _queue(db, box, "bob", 1)
+    assert store.ticket_has_work(a[2], max_running=1) is True
+    assert store.claim_next(a[2], "w2", max_running=1) == (b, "claimed")
+    store.finish(a[0], JobStatus.succeeded, worker="w1")
+    assert store.claim_next(a[1], "w1", max_running=1) == (a[1], "claimed")
+
+
+def test_running_cap_holds_under_concurrent_claims(db, box, store):
+    a = _queue(db, box, "alice", 8)
+    results = []
+    barrier = threading.Barrier(8)
+
+    def claim(i):
+        barrier.wait()
+        results.append(store.claim_next(a[i], f"w{i}", max_running=2))
+
+    threads = [threading.Thread(target=claim, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [job for job, state in results if state == "claimed"]
+    assert len(claimed) == 2 and len(set(claimed)) == 2, results
+    with db.session() as s:
+        assert s.scalar(select(func.count(Job.id)).where(Job.status == "running")) == 2
+
+
+@pytest.mark.reliability
+def test_cancelled_and_superseded_jobs_never_start(db, box, store, reliability):
+    rec = reliability("a queued job is cancelled; a rule's older adapter commit is queued behind a newer one",
+                      "neither is given a process: ended before any start (cancelled / skipped)")
+    (cancelled,) = _queue(db, box, "alice", 1)
+    with db.session() as s:  # the flag was set while a worker was between its check and the update
+        s.execute(update(Job).where(Job.id == cancelled).values(cancel_requested=True))
+    assert store.ticket_has_work(cancelled, max_running=2) is False
+    with db.session() as s:
+        assert s.get(Job, cancelled).status == "cancelled"
+
+    from worker.jobs import Rule
+
+    with db.session() as s:
+        s.add(Rule(id="r" * 32, owner="alice", watch="alice/*", target="{namespace}/{name}-merged",
+                   secret_encrypted=box.seal("s" * 43)))
+    old, new = (submit(db, box, JobRequest(owner="alice", door="webhook", adapter="alice/x-lora", target="alice/m",
+                                           rule_id="r" * 32, dedupe_key=f"rule:r:alice/x-lora:{sha}"),
+                       TOKEN, lambda job_id: None)[0].id for sha in ("a" * 40, "b" * 40))
+    now = utcnow()
+    with db.session() as s:  # both resolved once (e.g. requeued after a worker died): old is older
+        s.execute(update(Job).where(Job.id == old).values(adapter_committed_at=now - timedelta(hours=1)))
+        s.execute(update(Job).where(Job.id == new).values(adapter_committed_at=now))
+    assert store.claim_next(old, "w1", max_running=2) == (new, "claimed")
+    with db.session() as s:
+        row = s.get(Job, old)
+        assert row.status == "skipped" and "superseded" in row.error and row.credential_id is None
+    rec.observed("cancelled → cancelled, older commit → skipped, no claim of either")
+
+
+def test_retry_runs_with_the_retrying_callers_token_and_for_them(db, box, store):
+    (job,) = _queue(db, box, "alice", 1, idempotency_key="k1")
+    store.claim(job, "w1")
+    store.finish(job, JobStatus.failed, worker="w1", error="boom")
+    with pytest.raises(ValueError):
+        store.retry(job, None, owner="erin")
+    assert store.retry(job, "hf_erin_token_0123456789", owner="erin")
+    spec, token = store.run_spec(job)
+    assert token == "hf_erin_token_0123456789"
+    with db.session() as s:
+        row = s.get(Job, job)
+        assert row.owner == "erin" and row.idempotency_key is None
+        assert s.get(Credential, row.credential_id).owner == "erin"
+        notes = list(s.scalars(select(JobLog.message).where(JobLog.job_id == job)))
+    assert any("was alice's" in n and "erin's token" in n for n in notes)
+
+
+def test_ticket_check_lets_the_process_decide_when_the_database_is_unreachable(box):
+    from worker.jobs import Database, JobStore
+
+    store = JobStore(Database("postgresql+psycopg://postgres@127.0.0.1:1/nothing?connect_timeout=1"), box)
+    assert store.ticket_has_work("0" * 32, max_running=2) is True

@@ -80,7 +80,8 @@ def settings_for(tmp_path, hub, database_url):
         values = dict(
             data_dir=str(tmp_path / "var"), database_url=database_url, broker_url=f"sqla+sqlite:///{tmp_path / 'broker.db'}",
             secret_key=SECRET_KEY, hf_endpoint=hub.url, public_url=PUBLIC_URL, rate_limit="10000/minute",
-            whoami_ttl=60,
+            whoami_ttl=60, hook_rate_limit="10000/minute", public_rate_limit="10000/minute",
+            max_queued_per_owner=1000,  # the caps and limits have tests of their own (test_api.py)
         )
         values.update(overrides)
         return Settings(**values).resolved()

@@ -226,3 +226,172 @@ def test_unknown_query_parameters_are_rejected(client):
     r = client.get("/api/v1/jobs?=1", headers=bearer(ALICE))
     assert r.status_code == 422
     assert client.get("/api/v1/jobs?status=failed&limit=5", headers=bearer(ALICE)).status_code == 200
+
+
+# --- who may act on a job (issue 10 §2) ----------------------------------------------------------------------------
+
+WRITER = "hf_acme_writer_web_0123456789ab"
+ORG_READER = "hf_acme_reader_web_0123456789ab"
+
+
+@pytest.fixture
+def acme_members(hub):
+    hub.add_user("acme-writer", token=WRITER, orgs={"acme": "write"})
+    hub.add_user("acme-reader", token=ORG_READER, orgs={"acme": "read"})
+
+
+def _fail(db, job_id):
+    with db.session() as s:
+        s.get(Job, job_id).status = JobStatus.failed.value
+
+
+@pytest.mark.reliability
+def test_read_role_members_cannot_cancel_or_retry(client, db, acme_members, enqueued, reliability):
+    rec = reliability("a read-role member of the target org cancels and retries another member's job",
+                      "403 for both (the job stays visible to them); no state change")
+    job_id = create(client, target=f"acme/{unique()}").json["id"]
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=bearer(ORG_READER)).status_code == 200  # may see it
+    cancel = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=bearer(ORG_READER))
+    assert cancel.status_code == 403 and cancel.json["error"]["code"] == "forbidden", cancel.json
+    _fail(db, job_id)
+    retry = client.post(f"/api/v1/jobs/{job_id}/retry", headers=bearer(ORG_READER))
+    assert retry.status_code == 403 and retry.json["error"]["code"] == "forbidden"
+    with db.session() as s:
+        row = s.get(Job, job_id)
+        assert (row.status, row.owner) == ("failed", "alice")
+    assert enqueued == [job_id]
+    rec.observed(f"cancel {cancel.status_code}, retry {retry.status_code}; job unchanged")
+
+
+@pytest.mark.reliability
+def test_a_writer_may_cancel_and_a_retry_runs_with_the_retriers_token(client, db, box_for_app, acme_members,
+                                                                      enqueued, reliability):
+    rec = reliability("a write-role member retries another member's failed job",
+                      "allowed; the job runs with the retrier's token and for them, never with the owner's token")
+    job_id = create(client, target=f"acme/{unique()}").json["id"]
+    r = client.post(f"/api/v1/jobs/{job_id}/cancel", headers=bearer(WRITER))
+    assert r.status_code == 202 and r.json["status"] == "cancelled"
+    r = client.post(f"/api/v1/jobs/{job_id}/retry", headers=bearer(WRITER))
+    assert r.status_code == 202 and r.json["status"] == "queued"
+    with db.session() as s:
+        row = s.get(Job, job_id)
+        cred = s.get(Credential, row.credential_id)
+        assert row.owner == "acme-writer" and cred.owner == "acme-writer"
+        assert box_for_app.open(cred.token_encrypted) == WRITER
+    assert client.get(f"/api/v1/jobs/{job_id}", headers=bearer(ALICE)).status_code == 200  # still visible to alice
+    assert client.post(f"/api/v1/jobs/{job_id}/cancel", headers=bearer(ALICE)).status_code == 202  # a writer too
+    rec.observed("retry 202; owner acme-writer, stored token = the writer's own")
+
+
+def test_jobs_in_someone_elses_user_namespace_cannot_be_retried_by_others(client, db, acme_members):
+    job_id = create(client).json["id"]  # alice/...: nobody else can write there, and nobody else sees it
+    _fail(db, job_id)
+    assert client.post(f"/api/v1/jobs/{job_id}/retry", headers=bearer(WRITER)).status_code == 404
+
+
+def test_a_rule_job_retried_by_its_owner_uses_their_current_token_not_the_rules(client, db, box_for_app):
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
+    from .seeding import push_payload
+
+    hook = client.post(f"/hooks/hub/{rule['id']}", json=push_payload("alice/r-lora", "c" * 40),
+                       headers={"X-Webhook-Secret": rule["secret"]})
+    job_id = hook.json["job"]
+    with db.session() as s:
+        rule_cred = s.get(Job, job_id).credential_id
+    _fail(db, job_id)
+    assert client.post(f"/api/v1/jobs/{job_id}/retry", headers=bearer(ALICE)).status_code == 202
+    with db.session() as s:
+        row = s.get(Job, job_id)
+        assert row.credential_id != rule_cred and s.get(Credential, row.credential_id).purpose == "job"
+
+
+@pytest.fixture
+def box_for_app():
+    from worker.jobs import SecretBox
+
+    from .conftest import SECRET_KEY
+
+    return SecretBox(SECRET_KEY)
+
+
+# --- per-owner caps and rate limits (issue 10 §2) ------------------------------------------------------------------
+
+@pytest.mark.reliability
+def test_queued_jobs_cap_per_owner(make_app, enqueued, db, reliability):
+    rec = reliability("one user queues more jobs than LORAFOLD_MAX_QUEUED_PER_OWNER (2)",
+                      "the third is refused 429 with Retry-After; other users and idempotent replays unaffected")
+    client = make_app(max_queued_per_owner=2).test_client()
+    headers = {**bearer(ALICE), "Idempotency-Key": "first"}
+    first = client.post("/api/v1/jobs", json={"adapter": "alice/ad", "target": f"alice/{unique()}"}, headers=headers)
+    assert first.status_code == 202
+    assert create(client).status_code == 202
+    third = create(client)
+    assert third.status_code == 429 and third.json["error"]["code"] == "rate_limited"
+    assert "2 jobs waiting" in third.json["error"]["message"] and int(third.headers["Retry-After"]) > 0
+    again = client.post("/api/v1/jobs", json={"adapter": "alice/ad", "target": _target_of(db, first.json["id"])},
+                        headers=headers)
+    assert again.status_code == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert create(client, BOB, target=f"bob/{unique()}").status_code == 202
+    assert len(enqueued) == 3
+    # a retry is a new queued job for the retrier: it counts too
+    with db.session() as s:
+        s.get(Job, first.json["id"]).status = JobStatus.failed.value
+    assert client.post(f"/api/v1/jobs/{first.json['id']}/retry", headers=bearer(ALICE)).status_code == 202
+    rec.observed(f"third job {third.status_code} (Retry-After {third.headers['Retry-After']}); replay 202; bob 202")
+
+
+def _target_of(db, job_id):
+    with db.session() as s:
+        return s.get(Job, job_id).target_repo
+
+
+@pytest.mark.reliability
+def test_webhook_rate_limit_per_rule_and_wrong_secrets_per_address(make_app, reliability):
+    from .seeding import push_payload
+
+    rec = reliability("a rule's webhook URL gets 10 deliveries at once; a stranger floods it with wrong secrets",
+                      "deliveries over LORAFOLD_HOOK_RATE_LIMIT get 429; wrong secrets never use the rule's budget")
+    client = make_app(hook_rate_limit="3/minute", public_rate_limit="5/minute").test_client()
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
+    url = f"/hooks/hub/{rule['id']}"
+    stranger = {"REMOTE_ADDR": "203.0.113.9"}  # the Hub delivers from its own addresses
+    wrong = [client.post(url, json=push_payload("alice/a-lora", "d" * 40), headers={"X-Webhook-Secret": "nope"},
+                         environ_overrides=stranger).status_code for _ in range(7)]
+    assert wrong[:5] == [401] * 5 and wrong[5:] == [429, 429], wrong
+    codes = [client.post(url, json=push_payload("alice/a-lora", f"{i:040x}"), headers={"X-Webhook-Secret": rule["secret"]})
+             .status_code for i in range(5)]
+    assert codes[:3] == [202, 202, 202] and codes[3:] == [429, 429], codes
+    other = client.post("/api/v1/rules", json={"watch": "alice/other-lora"}, headers=bearer(ALICE)).json
+    r = client.post(f"/hooks/hub/{other['id']}", json=push_payload("alice/other-lora", "e" * 40),
+                    headers={"X-Webhook-Secret": other["secret"]})
+    assert r.status_code == 202  # another rule has its own budget
+    rec.observed(f"wrong secrets {wrong}; deliveries {codes}; another rule 202")
+
+
+@pytest.mark.reliability
+def test_webhook_deliveries_respect_the_queued_cap_but_duplicates_pass(make_app, reliability):
+    from .seeding import push_payload
+
+    rec = reliability("a rule's pushes arrive while its owner's queue is full (cap 1)",
+                      "429 with Retry-After (the Hub retries later); a duplicate of a received push still 202")
+
+    client = make_app(max_queued_per_owner=1).test_client()
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
+    send = lambda sha: client.post(f"/hooks/hub/{rule['id']}", json=push_payload("alice/q-lora", sha),  # noqa: E731
+                                   headers={"X-Webhook-Secret": rule["secret"]})
+    assert send("1" * 40).status_code == 202
+    full = send("2" * 40)
+    assert full.status_code == 429 and full.headers["Retry-After"]
+    dup = send("1" * 40)
+    assert dup.status_code == 202 and dup.json["duplicate"] is True
+    rec.observed(f"new push {full.status_code} (Retry-After {full.headers['Retry-After']}), duplicate {dup.status_code}")
+
+
+@pytest.mark.reliability
+def test_healthz_is_rate_limited_per_address(make_app, reliability):
+    rec = reliability("an address polls the unauthenticated /healthz (database and broker checks) in a loop",
+                      "429 above LORAFOLD_PUBLIC_RATE_LIMIT")
+    client = make_app(public_rate_limit="3/minute").test_client()
+    codes = [client.get("/healthz").status_code for _ in range(4)]
+    assert codes == [200, 200, 200, 429]
+    rec.observed(f"{codes}")

@@ -34,13 +34,14 @@ def _start(state: Path, port: int, hub_port: int, log: Path) -> subprocess.Popen
                PYTHONPATH=str(ROOT))
     env.pop("LORAFOLD_DATA_DIR", None)
     out = open(log, "w")  # noqa: SIM115 - the child's console, read by the test
+    # its own process group: whatever happens, the cleanup below reaches the demo's worker and Hub too
     proc = subprocess.Popen([sys.executable, "-m", "tests.support.demo"], cwd=ROOT, env=env, stdout=out,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True)
     out.close()
     deadline = time.monotonic() + 120
     while "Ctrl-C stops the demo" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            _kill_group(proc)
             raise AssertionError(f"the demo did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
     return proc
@@ -56,13 +57,26 @@ def _call(url: str, body: dict | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
 def _stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the demo (a terminal sends it to the whole group)
     try:
         return proc.wait(timeout=40)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        _kill_group(proc)
         raise
+    finally:
+        try:  # nothing of the demo may outlive the test (a stray worker holds pytest's output pipe open)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def test_make_demo_end_to_end_with_a_quiet_console(tmp_path):

@@ -218,3 +218,75 @@ def test_made_up_tokens_share_the_address_budget(make_app):
     client = app.test_client()
     codes = [client.get("/api/v1/jobs", headers={"Authorization": f"Bearer hf_madeup_{i:020d}"}).status_code for i in range(8)]
     assert codes[:5] == [401] * 5 and 429 in codes[5:], codes
+
+
+# --- redaction (issue 10 §2): only tokens the Hub accepted are registered, bounded, cheap ---------------------------
+
+@pytest.mark.reliability
+def test_strangers_cannot_register_strings_with_the_redactor(client, reliability):
+    from worker import redact
+
+    rec = reliability("a stranger sends 30 made-up Bearer values, one of them 'api-v1-jobs-GET' (log blinding)",
+                      "none registered: log lines read normally, the registry does not grow")
+    before = redact.registered_count()
+    blinding = "api-v1-jobs-GET"
+    assert client.get("/api/v1/jobs", headers=bearer(blinding)).status_code == 401
+    for i in range(30):
+        client.get("/api/v1/jobs", headers=bearer(f"made-up-value-{i:06d}"))
+    line = "GET /api/v1/jobs 401 api-v1-jobs-GET"
+    assert redact.scrub(line) == line and not redact.is_registered(blinding)
+    assert not redact.is_registered("made-up-value-000001")
+    grew = redact.registered_count() - before
+    assert grew == 0, grew
+    # a token the Hub accepted is registered (masked even where it does not look like a token)
+    assert client.get("/api/v1/jobs", headers=bearer(ALICE)).status_code == 200
+    assert redact.is_registered(ALICE)
+    rec.observed(f"registry grew by {grew}; '{line}' unchanged by scrub(); the accepted token is registered")
+
+
+def test_401_for_a_missing_token_reads_normally(client):
+    r = client.get("/api/v1/jobs")
+    message = r.json["error"]["message"]
+    assert r.status_code == 401 and "***" not in message and "Bearer" in message, message
+    from worker.redact import scrub
+
+    for text in ("missing Authorization: Bearer <token> header", "(Bearer scheme)", "use the Bearer authentication"):
+        assert scrub(text) == text
+    for text in ("Authorization: Bearer abcdef0123456789XYZ", "bearer hf_abcdefghijklmnop", "Bearer eyJhbGciOi.J9x_y-z"):
+        assert "***" in scrub(text) and "0123456789XYZ" not in scrub(text)
+
+
+@pytest.mark.reliability
+def test_redaction_is_bounded_and_cheap_at_the_bound(reliability):
+    import secrets as pysecrets
+    import timeit
+
+    from worker import redact
+
+    rec = reliability(f"{redact.MAX_SECRETS + 500} secrets registered, then a log line scrubbed",
+                      f"at most {redact.MAX_SECRETS} kept (LRU), every live one masked, microseconds per line")
+    made = [f"hf_{pysecrets.token_hex(17)}" for _ in range(redact.MAX_SECRETS // 2 + 250)]
+    made += [pysecrets.token_urlsafe(32) for _ in range(redact.MAX_SECRETS // 2 + 250)]
+    try:
+        for secret in made:
+            redact.register(secret)
+        assert redact.registered_count() == redact.MAX_SECRETS
+        assert not redact.is_registered(made[0]) and redact.is_registered(made[-1])
+        redact.register(made[600])  # re-registering moves a secret up instead of adding it
+        assert redact.registered_count() == redact.MAX_SECRETS
+        live = made[-3:]
+        text = f"x={live[0]}&y=z{live[1]}glued {live[2]}."
+        masked = redact.scrub(text)
+        assert all(s not in masked for s in live) and masked.count("***") == 3, masked
+        line = ('127.0.0.1 - - [29/Nov/2026 23:40:01] "GET /api/v1/jobs/0123456789abcdef0123456789abcdef/logs'
+                '?after=123 HTTP/1.1" 200 -')
+        per_line = min(timeit.repeat(lambda: redact.scrub(line), number=500, repeat=5)) / 500
+        error = "job failed: " + " ".join(pysecrets.token_hex(20) for _ in range(40))  # 1.6 kB of token-like runs
+        per_error = min(timeit.repeat(lambda: redact.scrub(error), number=100, repeat=5)) / 100
+        assert per_line < 300e-6 and per_error < 2e-3, (per_line, per_error)  # 178 ms per line before (100k strings)
+    finally:
+        for secret in made:
+            redact.forget(secret)
+    rec.observed(f"{redact.MAX_SECRETS} kept; {per_line * 1e6:.1f} us per access-log line, "
+                 f"{per_error * 1e6:.0f} us per 1.6 kB line of token-like text")
+    print(f"redaction cost at the bound: {per_line * 1e6:.1f} us per access-log line, {per_error * 1e6:.0f} us per 1.6 kB")

@@ -56,8 +56,10 @@ class HubClient:
         self.endpoint = endpoint.rstrip("/")
         configure_client()
         self.token: str | bool = token or False  # False: send no token, never an implicit one
-        register(token)
-        self.api = HfApi(endpoint=self.endpoint, token=self.token, library_name="lorafold")
+        # The token is registered with the redactor only once the Hub accepted it (whoami) or once it is used
+        # (`api`, `source`, `sink`): the web builds a client for whatever Bearer string a stranger sends, to ask
+        # whoami, and registering those let strangers blind and grow the redactor (issue 10 §2).
+        self._api = HfApi(endpoint=self.endpoint, token=self.token, library_name="lorafold")
         self.max_download_bytes = max_download_bytes
         self.max_base_bytes = max_base_bytes
         self.work_root = work_root
@@ -74,8 +76,15 @@ class HubClient:
         settings = Settings.from_env(resolve=False)  # the endpoint and work dir only: no ./var, no secret key
         return cls(settings.hf_endpoint, token or get_token(), work_root=settings.work_dir or None)
 
+    @property
+    def api(self) -> HfApi:
+        register(self.token or None)
+        return self._api
+
     def whoami(self) -> dict:
-        return self.api.whoami(token=self.token)
+        info = self._api.whoami(token=self.token)
+        register(self.token or None)  # accepted by the Hub: from now on masked in every string that leaves
+        return info
 
     def source(self, repo_id: str, revision: str | None, stack: ExitStack | None = None, *,
                max_total_bytes: int | None = None) -> HubSource:

@@ -4,6 +4,16 @@ A status only moves from an expected status (`UPDATE ... WHERE id = ? AND status
 task, a late cancel or a second worker can never reopen a finished job or run one twice (STYLE.md rule 11,
 Superset's InternalStatusTransitionCommand). A running attempt holds a lease that its heartbeat renews; another
 worker may take the job over only once the lease has run out.
+
+Fairness (issue 10 §2: one user's 15 queued jobs made another user's job wait 272 s): a queue message is a ticket
+to run ONE job, not a particular one. `claim_next` gives the ticket to the fairest queued job: among owners below
+their running cap, the one with the fewest running jobs, then the one whose last job started longest ago (never
+first), then that owner's oldest job. Every queued job was sent one message, and every message runs at most one
+job, so no job is left without a ticket; when all queued jobs are held back by their owners' running caps, the
+ticket's job is marked for the reconciler to send again (`enqueued_at = NULL`). Claims are serialised on
+PostgreSQL with a transaction advisory lock (the cap is a count across rows, which row locks cannot protect); on
+SQLite a single UPDATE with the count in its WHERE clause is atomic. Jobs that were cancelled while queued, or
+superseded by a newer adapter commit of the same rule and repo, are ended before any process starts.
 """
 
 from __future__ import annotations
@@ -12,7 +22,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, delete, func, or_, select, text, update
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import aliased
 
 from .crypto import SecretBox
 from .db import Database
@@ -20,6 +32,7 @@ from .models import Credential, Job, JobLog, JobSample, JobStatus, utcnow
 
 LEASE_SECONDS = 30
 TERMINAL = tuple(JobStatus.terminal())
+CLAIM_LOCK = 0x6C6F7261  # pg_advisory_xact_lock key of the claim section ("lora")
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,157 @@ class JobStore:
             )
             return spec, token
 
+    # --- fairness: tickets, caps, settling cancelled and superseded jobs -----------------------------------------
+
+    def claim_next(self, ticket: str, worker: str, max_running: int,
+                   lease_seconds: int = LEASE_SECONDS) -> tuple[str, str]:
+        """Spend the queue message of job `ticket` on the fairest queued job. Returns (job id, state) with state
+        "claimed" (run that job), "busy" (`ticket` is running elsewhere), "deferred" (all queued jobs are held back
+        by their owners' running caps; the ticket was handed to the reconciler) or "done" (nothing to run).
+
+        A ticket whose own job is running goes through `claim` unchanged: that is a redelivery after a worker died,
+        and it must take over that very job once its lease runs out."""
+        with self.db.session() as s:
+            status = s.scalar(select(Job.status).where(Job.id == ticket))
+        if status == JobStatus.running.value:
+            return ticket, self.claim(ticket, worker, lease_seconds)
+        self.settle_queued()
+        for _ in range(8):  # another worker may win a candidate between our pick and our update: pick again
+            picked = self._claim_fairest(worker, max(1, max_running), lease_seconds)
+            if picked is None:
+                break
+            if picked:
+                return picked, "claimed"
+        return ticket, self._defer(ticket)
+
+    def ticket_has_work(self, ticket: str, max_running: int) -> bool:
+        """Whether the message of job `ticket` would run anything, decided before a process is started: ends
+        cancelled and superseded queued jobs, and hands a ticket that only capped jobs could use to the reconciler.
+        When the database cannot be asked, the answer is True: the job process, which waits out a database that is
+        restarting, decides (as it did before this check existed), and the message is not lost.
+        """
+        try:
+            with self.db.session() as s:
+                status = s.scalar(select(Job.status).where(Job.id == ticket))
+            if status == JobStatus.running.value:
+                return True  # a redelivery: the process decides whether to take it over
+            self.settle_queued()
+            with self.db.session() as s:
+                if self._fairest(s, max(1, max_running)) is not None:
+                    return True
+            self._defer(ticket)
+            return False
+        except SQLAlchemyError:
+            return True
+
+    def settle_queued(self) -> int:
+        """End queued jobs that must never start: cancel requested (→ cancelled), or superseded (→ skipped)."""
+        ended = 0
+        with self.db.session() as s:
+            cancelled = list(s.scalars(select(Job.id).where(Job.status == JobStatus.queued.value,
+                                                             Job.cancel_requested.is_(True))))
+            superseded = list(s.scalars(select(Job.id).where(Job.status == JobStatus.queued.value,
+                                                              self._superseded())))
+            for job_id in cancelled:
+                ended += self._finish(s, job_id, JobStatus.cancelled, (JobStatus.queued.value,),
+                                      error="cancelled before it started")
+            for job_id in superseded:
+                if self._finish(s, job_id, JobStatus.skipped, (JobStatus.queued.value,),
+                                error="superseded: a newer commit of this adapter was merged or queued by the same rule"):
+                    ended += 1
+                    s.add(JobLog(job_id=job_id, level="info", message="skipped before starting: superseded by a "
+                                                                      "newer adapter commit for the same rule"))
+        return ended
+
+    @staticmethod
+    def _superseded():
+        """A rule's job whose adapter commit is older than one of another job of the same rule and repo that is
+        queued, running or succeeded. Only commit times the worker resolved are compared: the Hub sends webhooks in
+        no guaranteed order, so arrival order must never decide which commit is newer."""
+        other = aliased(Job)
+        return and_(
+            Job.rule_id.is_not(None),
+            Job.adapter_committed_at.is_not(None),
+            select(other.id).where(
+                other.rule_id == Job.rule_id,
+                other.adapter_repo == Job.adapter_repo,
+                other.id != Job.id,
+                other.status.in_([JobStatus.queued.value, JobStatus.running.value, JobStatus.succeeded.value]),
+                other.adapter_committed_at > Job.adapter_committed_at,
+            ).exists(),
+        )
+
+    def _lock_claims(self, s) -> None:
+        if self.db.engine.dialect.name == "postgresql":
+            s.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": CLAIM_LOCK})
+
+    def _fairest(self, s, max_running: int) -> str | None:
+        """The id of the queued job to run next (see the module docstring), or None."""
+        queued = s.execute(
+            select(Job.id, Job.owner).where(Job.status == JobStatus.queued.value, Job.cancel_requested.is_(False))
+            .order_by(Job.created_at, Job.id)
+        ).all()
+        if not queued:
+            return None
+        owners = sorted({owner for _, owner in queued})
+        running = dict(s.execute(select(Job.owner, func.count()).where(
+            Job.status == JobStatus.running.value, Job.owner.in_(owners)).group_by(Job.owner)).all())
+        last = dict(s.execute(select(Job.owner, func.max(Job.started_at)).where(
+            Job.owner.in_(owners), Job.started_at.is_not(None)).group_by(Job.owner)).all())
+        first_job: dict[str, str] = {}
+        for job_id, owner in queued:
+            first_job.setdefault(owner, job_id)
+        eligible = [o for o in first_job if running.get(o, 0) < max_running]
+        if not eligible:
+            return None
+        never = datetime.min
+        order = {owner: i for i, owner in enumerate(first_job)}  # oldest waiting job first, among equals
+        best = min(eligible, key=lambda o: (running.get(o, 0), last.get(o) or never, order[o]))
+        return first_job[best]
+
+    def _claim_fairest(self, worker: str, max_running: int, lease_seconds: int) -> str | None:
+        """Claim the fairest job: its id, "" when another worker won it first, None when nothing is eligible."""
+        now = utcnow()
+        with self.db.session() as s:
+            self._lock_claims(s)
+            job_id = self._fairest(s, max_running)
+            if job_id is None:
+                return None
+            owner = s.scalar(select(Job.owner).where(Job.id == job_id))
+            peer = aliased(Job)
+            under_cap = select(func.count(peer.id)).where(
+                peer.owner == owner, peer.status == JobStatus.running.value).scalar_subquery() < max_running
+            res = s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.status == JobStatus.queued.value, Job.cancel_requested.is_(False),
+                       under_cap)
+                .values(status=JobStatus.running.value, attempts=Job.attempts + 1, worker=worker,
+                        lease_until=now + timedelta(seconds=lease_seconds), started_at=now, progress_at=now,
+                        phase="start", error=None)
+                .execution_options(synchronize_session=False)
+            )
+            return job_id if res.rowcount == 1 else ""
+
+    def _defer(self, ticket: str) -> str:
+        """No job could use this ticket. If queued jobs are held back by caps, one of them (the ticket's own, when
+        it is one of them) is marked for the reconciler to send again, so the ticket is not lost."""
+        with self.db.session() as s:
+            waiting = list(s.scalars(select(Job.id).where(Job.status == JobStatus.queued.value,
+                                                           Job.cancel_requested.is_(False))
+                                     .order_by(Job.created_at, Job.id).limit(1000)))
+            if not waiting:
+                return "done"
+            marked = ticket if ticket in waiting else waiting[0]
+            s.execute(update(Job).where(Job.id == marked, Job.status == JobStatus.queued.value)
+                      .values(enqueued_at=None))
+        return "deferred"
+
+    def queued_count(self, owner: str) -> int:
+        """Jobs of `owner` waiting to start (the doors refuse new ones above the per-owner cap)."""
+        with self.db.session() as s:
+            return s.scalar(select(func.count(Job.id)).where(Job.owner == owner,
+                                                             Job.status == JobStatus.queued.value)) or 0
+
     # --- while running ------------------------------------------------------------------------------------------
 
     def heartbeat(self, job_id: str, worker: str, fields: dict, lease_seconds: int = LEASE_SECONDS) -> bool:
@@ -215,21 +379,26 @@ class JobStore:
             s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running.value).values(cancel_requested=True))
             return s.execute(select(Job.status).where(Job.id == job_id)).scalar()
 
-    def retry(self, job_id: str, token: str | None, owner: str) -> bool:
-        """failed / cancelled / skipped → queued again (same job, next attempt), with a fresh stored token."""
+    def retry(self, job_id: str, token: str, owner: str) -> bool:
+        """failed / cancelled / skipped → queued again (same job, next attempt), with the retrying caller's token.
+
+        The job then runs for `owner` (the caller who asked) with `owner`'s token only: never with the token the job
+        or its rule stored for someone else. When the owner changes, the idempotency key is dropped (it belonged to
+        the previous owner's requests, and keys are unique per owner)."""
+        if not token:
+            raise ValueError("a retry needs the retrying caller's token")
         with self.db.session() as s:
-            cred_id = None
-            if token:
-                cred = Credential(owner=owner, purpose="job", token_encrypted=self.box.seal(token))
-                s.add(cred)
-                s.flush()
-                cred_id = cred.id
+            previous = s.scalar(select(Job.owner).where(Job.id == job_id))
+            cred = Credential(owner=owner, purpose="job", token_encrypted=self.box.seal(token))
+            s.add(cred)
+            s.flush()
             values = dict(
                 status=JobStatus.queued.value, error=None, cancel_requested=False, finished_at=None, worker=None,
                 lease_until=None, phase=None, enqueued_at=utcnow(), tensors_done=0, bytes_done=0,
+                credential_id=cred.id, owner=owner,
             )
-            if cred_id is not None:
-                values["credential_id"] = cred_id
+            if previous is not None and previous != owner:
+                values["idempotency_key"] = None
             res = s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.status.in_([JobStatus.failed.value, JobStatus.cancelled.value, JobStatus.skipped.value]))
@@ -238,7 +407,9 @@ class JobStore:
             if res.rowcount != 1:
                 s.rollback()
                 return False
-            s.add(JobLog(job_id=job_id, level="info", message=f"retry requested by {owner}"))
+            note = f"retry requested by {owner}" if previous in (None, owner) else \
+                f"retry requested by {owner} (the job was {previous}'s); it now runs with {owner}'s token"
+            s.add(JobLog(job_id=job_id, level="info", message=note))
             return True
 
     def stale_running(self, now: datetime, stuck_after: int) -> list[Job]:

@@ -29,7 +29,7 @@ def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -
     """Returns the final status (or "busy"/"done" when another attempt owns the job)."""
     store = JobStore.open(settings)
     worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-    state = store.claim(job_id, worker)
+    job_id, state = store.claim_next(job_id, worker, settings.max_running_per_owner)  # the message is a ticket
     if state == "busy":
         holder = store.holder(job_id)
         if holder and dead_here(holder) and store.take_over(job_id, holder, worker):

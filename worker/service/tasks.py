@@ -9,7 +9,12 @@ from .queue import MERGE_TASK
 
 @shared_task(name=MERGE_TASK, bind=True)
 def merge(self, job_id: str) -> None:
+    from ..jobs import JobStore
+    from ..settings import Settings
     from .job_process import run_in_subprocess
 
+    settings = Settings.from_env()  # cancelled, superseded or nothing to run: no process is started
+    if not JobStore.open(settings).ticket_has_work(str(job_id), settings.max_running_per_owner):
+        return
     redelivered = bool((self.request.delivery_info or {}).get("redelivered"))
     run_in_subprocess(str(job_id), redelivered=redelivered)
