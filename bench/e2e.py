@@ -1,0 +1,89 @@
+"""End to end, as a user runs it: a fresh `python -m worker.cli merge` plus `sync`, against `cp -r` plus `sync`.
+
+    python -m bench.e2e --size 1b [--repeat 2]
+
+Each run starts with the base in the page cache and nothing dirty (`sync` first), and ends when `sync` returns,
+so the write-back of what the merge left dirty counts, as it does for a user. A second fresh process then
+splits one merge into its phases: interpreter start, `import torch`, the engine's import, planning, the
+merge (read, math, write into the page cache), the small files and the rename, and the `sync`.
+Results go to bench/out/results-e2e-<size>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench.merge_bench import ROOT, _warm
+from bench.synth import SHAPES, make_adapter, make_model
+
+PHASES = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+t2 = time.perf_counter()
+r = merge(LocalDirSource(sys.argv[1]), LocalDirSource(sys.argv[2]), LocalDirSink(sys.argv[3]), MergeOptions(device="cpu"))
+t3 = time.perf_counter()
+os.sync()
+t4 = time.perf_counter()
+print(json.dumps({"import_torch": t1 - t0, "import_engine": t2 - t1, "merge_call": t3 - t2, "sync": t4 - t3,
+                  **{k: v for k, v in r.timings.items()}}))
+"""
+
+
+def _timed(cmd: list[str], out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
+    os.sync()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="1b", choices=sorted(SHAPES))
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--work", default=str(ROOT / "bench" / "out"))
+    args = p.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    base = make_model(SHAPES[args.size], work)
+    adapter = make_adapter(SHAPES[args.size], work, base)
+    out = work / "out-e2e"
+    _warm(base)
+    py = sys.executable
+    runs: dict[str, list[float]] = {"python_start": [], "import_torch": [], "cp": [], "lorafold": []}
+    for _ in range(args.repeat):
+        runs["python_start"].append(_timed([py, "-c", "pass"], out))
+        runs["import_torch"].append(_timed([py, "-c", "import torch"], out))
+        runs["cp"].append(_timed(["cp", "-r", str(base), str(out)], out))
+        runs["lorafold"].append(_timed([py, "-m", "worker.cli", "merge", str(adapter), "--base", str(base), "--out", str(out),
+                                        "--device", "cpu", "-q"], out))
+    shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    proc = subprocess.run([py, "-c", PHASES, str(base), str(adapter), str(out)], check=True, capture_output=True,
+                          text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), cwd=ROOT)
+    phases = json.loads(proc.stdout.strip().splitlines()[-1])
+    shutil.rmtree(out, ignore_errors=True)
+    best = {k: min(v) for k, v in runs.items()}
+    summary = {"size": args.size, "runs": runs, "best": best, "ratio_best": best["lorafold"] / best["cp"],
+               "phases": phases, "date": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg()}
+    (work / f"results-e2e-{args.size}.json").write_text(json.dumps(summary, indent=2))
+    for k, v in runs.items():
+        print(f"{k:13s} " + "  ".join(f"{x:6.2f} s" for x in v))
+    print(f"lorafold + sync / cp + sync (best of {args.repeat}): {summary['ratio_best']:.2f}x")
+    print("phases of one fresh merge: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
+
+
+if __name__ == "__main__":
+    main()
