@@ -297,7 +297,7 @@ def stage_parity(args, sanitizer: bool = False) -> dict:
     if sanitizer:
         cases = (cases[:3] + [c for c in cases if any(w in c["name"] for w in ("moe", "dora", "fifo", "tokens"))])[:8]
     work = Path(args.work) / ("sanitizer" if sanitizer else "parity")
-    rows, worst_peft, worst_cpu, failures = {}, 0, 0, []
+    rows, worst_peft, worst_cpu, failures, not_bit_equal = {}, 0, 0, [], []
     small = dict(chunk_bytes=4096, inflight_bytes=64 << 10)
     for case in cases:
         row = {}
@@ -309,15 +309,17 @@ def stage_parity(args, sanitizer: bool = False) -> dict:
                 row[f"{label}_ulps_vs_cpu"] = _compare_dirs(work / "dev", work / "cpu")
                 worst_peft = max(worst_peft, row[f"{label}_ulps_vs_peft"])
                 worst_cpu = max(worst_cpu, row[f"{label}_ulps_vs_cpu"])
-                if row[f"{label}_ulps_vs_peft"] > 1 or row[f"{label}_ulps_vs_cpu"] > 0:
+                if row[f"{label}_ulps_vs_peft"] > 1:  # the bar, as in tests/engine/test_parity.py
                     failures.append(f"{case['name']}/{label}")
+                if row[f"{label}_ulps_vs_cpu"] > 0:  # reductions (DoRA norms) may sum in another order on a GPU
+                    not_bit_equal.append(f"{case['name']}/{label}")
         except Exception as exc:  # noqa: BLE001 - recorded per case; the stage goes on
             row["error"] = f"{type(exc).__name__}: {exc}"[:500]
             failures.append(case["name"])
         rows[case["name"]] = row
     shutil.rmtree(work, ignore_errors=True)
     return {"cases": len(cases), "failures": failures, "max_ulps_vs_peft": worst_peft, "max_ulps_vs_cpu": worst_cpu,
-            "ok": not failures, "rows": rows}
+            "not_bit_equal_to_cpu": not_bit_equal, "ok": not failures, "rows": rows}
 
 
 def stage_sanitizer(args) -> dict:
@@ -467,7 +469,7 @@ def _headline(stage: str, r: dict) -> str:
         "versions": ("gpu", "torch", "cuda_build", "driver", "pynvml", "peft"),
         "micro": ("import_torch_s", "cuda_init_s", "first_cublas_s", "h2d_pinned_GBps", "d2h_pinned_GBps",
                   "sendfile_GBps", "pwrite_GBps", "copy_file_range_GBps"),
-        "parity": ("cases", "max_ulps_vs_peft", "max_ulps_vs_cpu", "failures"),
+        "parity": ("cases", "max_ulps_vs_peft", "max_ulps_vs_cpu", "failures", "not_bit_equal_to_cpu"),
         "sanitizer": ("cases", "max_ulps_vs_peft", "failures"),
         "generate": ("shape", "bytes", "seconds"),
         "runs": ("best", "cuda_over_copy", "cpu_over_copy", "peak_rss_cuda", "peak_vram_nvml_cuda", "targets"),

@@ -133,6 +133,11 @@ class CudaDevice(Device):
         finally:
             self._ready.set()
 
+    def wait_ready(self) -> None:
+        super().wait_ready()
+        if self.index is not None:
+            torch.cuda.set_device(self.index)  # the current device is per thread: the math runs on the caller's
+
     def init_cuda(self) -> torch.device:
         """Initialise CUDA and make this device current, before anything asks about an explicit index (resetting
         the peak statistics of cuda:0 on an uninitialised runtime fails with 'Invalid device argument')."""
@@ -176,6 +181,9 @@ class CudaDevice(Device):
             host.copy_(dev, non_blocking=True)
             event = torch.cuda.Event()
             event.record(self.d2h)
+        # Read on the copy-out stream: a temporary (the numeric flag) freed by the math right after must not be
+        # handed to the next kernel while this copy still reads it.
+        dev.record_stream(self.d2h)
         return _CudaFence(event)
 
     def compute_wait(self, fence: Fence) -> None:

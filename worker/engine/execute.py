@@ -199,7 +199,7 @@ class Executor:
 
     def _run(self, compute: Compute) -> Stats:
         items = plan_items(self.plan, direct_copy=self._copier is not None)
-        shards = ShardWriter(self.plan, self.sink, self.reporter, items)
+        shards = ShardWriter(self.plan, self.sink, self.reporter, items, self.failed)
         shards.start()
         # The byte budget bounds memory; the queues only bound the count.
         read_q: queue.Queue = queue.Queue(maxsize=8)

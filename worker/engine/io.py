@@ -298,6 +298,8 @@ class LocalDirSink:
     overwrite: bool = False
     forbidden: tuple[Path, ...] = ()  # folders the output must not touch (the inputs)
     work_dir: Path = field(init=False)
+    #: the whole output stays on this disk anyway, so shards may be written in any order (all open at once)
+    keeps_every_shard = True
 
     def __post_init__(self) -> None:
         self.dest = Path(self.dest).expanduser().resolve()
