@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -41,14 +42,24 @@ print(json.dumps({"import_torch": t1 - t0, "import_engine": t2 - t1, "merge_call
 """
 
 
-def _timed(cmd: list[str], out: Path, tree: Path = ROOT) -> float:
+CPU: dict[str, list[float]] = {}
+
+
+def _timed(cmd: list[str], out: Path, tree: Path = ROOT, label: str = "") -> float:
+    """Wall seconds to the end of `sync`; the child's CPU seconds (user + system, steadier than wall on a busy
+    machine) go to CPU[label]."""
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     env = dict(os.environ, PYTHONPATH=str(tree))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=tree, stdout=subprocess.DEVNULL)
     os.sync()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    CPU.setdefault(label, []).append(round(cpu, 2))
+    return wall
 
 
 def main() -> None:
@@ -75,12 +86,12 @@ def main() -> None:
         runs["lorafold_before"] = []
     cli = [py, "-m", "worker.cli", "merge", str(adapter), "--base", str(base), "--out", str(out), "--device", "cpu", "-q"]
     for _ in range(args.repeat):
-        runs["python_start"].append(_timed([py, "-c", "pass"], out))
-        runs["import_torch"].append(_timed([py, "-c", "import torch"], out))
-        runs["cp"].append(_timed(["cp", "-r", str(base), str(out)], out))
+        runs["python_start"].append(_timed([py, "-c", "pass"], out, label="python_start"))
+        runs["import_torch"].append(_timed([py, "-c", "import torch"], out, label="import_torch"))
+        runs["cp"].append(_timed(["cp", "-r", str(base), str(out)], out, label="cp"))
         if args.before:
-            runs["lorafold_before"].append(_timed(cli, out, args.before.resolve()))
-        runs["lorafold"].append(_timed(cli, out))
+            runs["lorafold_before"].append(_timed(cli, out, args.before.resolve(), label="lorafold_before"))
+        runs["lorafold"].append(_timed(cli, out, label="lorafold"))
     shutil.rmtree(out, ignore_errors=True)
     os.sync()
     proc = subprocess.run([py, "-c", PHASES, str(base), str(adapter), str(out)], check=True, capture_output=True,
@@ -88,11 +99,11 @@ def main() -> None:
     phases = json.loads(proc.stdout.strip().splitlines()[-1])
     shutil.rmtree(out, ignore_errors=True)
     best = {k: min(v) for k, v in runs.items()}
-    summary = {"size": shape.name, "runs": runs, "best": best, "ratio_best": best["lorafold"] / best["cp"],
+    summary = {"size": shape.name, "runs": runs, "cpu_seconds": CPU, "best": best, "ratio_best": best["lorafold"] / best["cp"],
                "phases": phases, "date": time.strftime("%Y-%m-%d %H:%M"), "load": os.getloadavg()}
     (work / f"results-e2e-{shape.name}.json").write_text(json.dumps(summary, indent=2))
     for k, v in runs.items():
-        print(f"{k:13s} " + "  ".join(f"{x:6.2f} s" for x in v))
+        print(f"{k:15s} " + "  ".join(f"{x:6.2f} s" for x in v) + "   CPU " + "  ".join(f"{x:5.2f}" for x in CPU[k]))
     print(f"lorafold + sync / cp + sync (best of {args.repeat}): {summary['ratio_best']:.2f}x"
           + (f" (before: {best['lorafold_before'] / best['cp']:.2f}x)" if args.before else ""))
     print("phases of one fresh merge: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))

@@ -62,11 +62,11 @@ def llama_bf16(parity_root):  # noqa: F811
     return build_case(name, dtype, parity_root)
 
 
-def _breaks(case, tmp_path, monkeypatch_ctx) -> bool:
+def _breaks(case, tmp_path) -> bool:
     """Whether a merge through the fake with a deliberate ordering bug fails or differs from the oracle."""
     out = tmp_path / "broken"
     try:
-        with monkeypatch_ctx, use_fake_device(seed=7, max_delay=0.003):
+        with use_fake_device(seed=7, max_delay=0.003):
             _merge(case, out)
     except NumericError:
         return True
@@ -80,13 +80,13 @@ def _breaks(case, tmp_path, monkeypatch_ctx) -> bool:
 def test_fake_catches_math_reading_an_upload_before_its_fence(llama_bf16, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(FakeAsyncDevice, "compute_wait", lambda self, fence: None)
-        assert _breaks(llama_bf16, tmp_path, pytest.MonkeyPatch.context())
+        assert _breaks(llama_bf16, tmp_path)
 
 
 def test_fake_catches_a_staging_buffer_recycled_before_its_copy(llama_bf16, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BufferPool, "put_after", lambda self, buf, fence: self.put(buf))
-        assert _breaks(llama_bf16, tmp_path, pytest.MonkeyPatch.context())
+        assert _breaks(llama_bf16, tmp_path)
 
 
 def test_fake_catches_a_device_buffer_overwritten_before_its_download(llama_bf16, tmp_path):
@@ -99,7 +99,33 @@ def test_fake_catches_a_device_buffer_overwritten_before_its_download(llama_bf16
             return real(self, msg)
 
         mp.setattr(compute_mod.Compute, "__call__", no_alternation)
-        assert _breaks(llama_bf16, tmp_path, pytest.MonkeyPatch.context())
+        assert _breaks(llama_bf16, tmp_path)
+
+
+def test_large_staging_buffers_are_exact_and_released():
+    """Whole-tensor items (a DoRA embedding) get a buffer of their own size that leaves with the item, instead of
+    a power-of-two pinned block kept for the process's life."""
+    from worker.engine.device import LARGE_STAGING
+
+    released = []
+
+    class Spy(FakeAsyncDevice):
+        def host_release(self, buf):
+            released.append(buf.numel())
+            super().host_release(buf)
+
+    dev = Spy()
+    try:
+        pool = BufferPool(dev, cap_bytes=1 << 40)
+        big = pool.get(LARGE_STAGING + 12345)
+        assert big.numel() == LARGE_STAGING + 12345
+        pool.put(big)
+        assert released == [LARGE_STAGING + 12345] and pool.kept == 0
+        small = pool.get(3 << 20)
+        pool.put(small)
+        assert pool.kept == 3 << 20 and pool.get(3 << 20) is small
+    finally:
+        dev.close()
 
 
 # --- the host-sync budget of the compute loop ---------------------------------------------------------------------

@@ -58,6 +58,7 @@ class Device:
         self._ready.set()
 
     def wait_ready(self) -> None:
+        """Called by the thread that will run the math, before it starts."""
         self._ready.wait()
 
     # staging memory

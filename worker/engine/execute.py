@@ -213,9 +213,6 @@ class Executor:
             threads.append(threading.Thread(target=self._copy_untouched, args=(copies, shards), name="lorafold-copy", daemon=True))
         for th in threads:
             th.start()
-        compute_thread = getattr(self.dev, "compute_thread", False)
-        if compute_thread is None:
-            self.dev.compute_thread = threading.get_ident()  # the fake counts the host waits made from here
         seen = 0  # copies accounted for: the user's stop is asked once per item, by this thread only
 
         def account_copies(wait: bool) -> None:

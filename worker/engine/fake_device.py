@@ -93,6 +93,10 @@ class FakeAsyncDevice(Device):
     def warm_up(self) -> None:
         self._ready.set()
 
+    def wait_ready(self) -> None:
+        super().wait_ready()
+        self.compute_thread = threading.get_ident()  # host waits made from this thread are counted
+
     def _note_host_wait(self) -> None:
         if threading.get_ident() == self.compute_thread:
             self.host_waits_in_compute += 1
