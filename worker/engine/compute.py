@@ -154,7 +154,7 @@ class Compute:
                 torch.set_num_threads(self.io_threads)
         return self._blocks(t, r0, src, out, out_dtype, shape, whole)
 
-    def _blocks(self, t, r0, src, out, out_dtype, shape, whole) -> torch.Tensor:
+    def _blocks(self, t, r0, src, out, out_dtype, shape, whole) -> torch.Tensor | None:
         rows = shape[0]
         block = rows if (whole or self.discrete) else rows_per_chunk(shape, _CPU_BLOCK_ELEMS)
         convert = t.source is not None and t.source.dtype != t.dtype
@@ -170,7 +170,10 @@ class Compute:
                 op.apply(w, r0 + b0, r0 + b1, self.ctx, out_dtype)
                 if i + 1 < len(t.ops):
                     self.ctx.round_to(w, out_dtype)
-            extremes.append(torch.stack(torch.aminmax(w)))
             out[b0:b1].copy_(w)
-        ext = torch.stack(extremes)  # NaN/Inf propagate into min/max; beyond the boundary rounds to Inf
-        return ((~torch.isfinite(ext)).any() | (ext.abs() >= overflow(out_dtype)).any()).to(torch.int8)
+            # On the rounded block: what did not fit the output dtype is ±Inf there, and NaN stays NaN, so one
+            # min/max pass over the narrower copy (still in cache) catches both.
+            extremes.append(torch.stack(torch.aminmax(out[b0:b1])))
+        if not extremes:  # no rows
+            return None
+        return (~torch.isfinite(torch.stack(extremes))).any().to(torch.int8)
