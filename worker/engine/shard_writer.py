@@ -9,6 +9,7 @@ which may start uploading it) the moment its last item lands, whoever wrote it.
 from __future__ import annotations
 
 import os
+import queue
 import threading
 import time
 from collections import Counter
@@ -35,6 +36,8 @@ class ShardWriter:
         self._finished: set[str] = set()
         self._shard_done = threading.Condition()
         self._shards = {s.name: s for s in plan.shards}
+        # Write-back of finished ranges, started early by a thread of its own, only where the shards stay on disk
+        self._flusher = _Flusher(sink.work_dir) if not self._ordered and _SYNC_FILE_RANGE is not None else None
         self._left_in_shard = Counter(item.t.shard for item in items)
         self._left_in_tensor = Counter(item.t.name for item in items)
         self._fds: dict[str, int] = {}
@@ -93,21 +96,19 @@ class ShardWriter:
         return fd
 
     def write(self, item: Item, view: memoryview) -> None:
-        fd = self.fd(item.t.shard)
-        pwrite_all(fd, view, item.out_offset)
-        start_writeback(fd, item.out_offset, item.out_nbytes)
+        pwrite_all(self.fd(item.t.shard), view, item.out_offset)
         self.done(item)
 
     def copy(self, item: Item, copier: Callable) -> None:
         """An untouched tensor, file to file inside the kernel."""
         assert item.copy is not None
-        fd = self.fd(item.t.shard)
-        copier(item.copy.file, item.copy.offset, item.copy.nbytes, fd, item.out_offset)
-        start_writeback(fd, item.out_offset, item.out_nbytes)
+        copier(item.copy.file, item.copy.offset, item.copy.nbytes, self.fd(item.t.shard), item.out_offset)
         self.done(item)
 
     def done(self, item: Item) -> None:
         name, tensor = item.t.shard, item.t.name
+        if self._flusher is not None:
+            self._flusher.put((name, item.out_offset, item.out_nbytes))
         finished_shard = None
         with self._lock:
             self.bytes_written += item.out_nbytes
@@ -137,6 +138,8 @@ class ShardWriter:
             fds, self._fds = list(self._fds.values()), {}
         for fd in fds:
             os.close(fd)
+        if self._flusher is not None:
+            self._flusher.stop()
 
 
 def _sync_file_range():
@@ -154,15 +157,49 @@ _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2  # start writing the range's dirty pages out; do not wait
 
 
-def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-    """Start writing a finished range to disk now, in the background (Linux `sync_file_range`).
+class _Flusher:
+    """Starts the write-back of each written range (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`) on a thread.
 
-    Without it the kernel writes the merge's output late, all at once (at the dirty-page limit, or when the user's
-    `sync` or the next job waits for it): a merge that only filled the page cache looks finished but still owes
-    seconds of disk time. Started per range, that write-back overlaps the rest of the merge. A no-op elsewhere.
+    Without it the kernel writes the merge's output late and all at once (at the dirty-page limit, or when the
+    user's `sync` or the next job waits for it): a merge that only filled the page cache looks finished but
+    still owes seconds of disk time. Started per range, the write-back overlaps the rest of the merge. The call
+    can block while the disk's queue is full, hence a thread of its own: the writers never wait for it, and
+    what it has not reached when the merge ends is left to the kernel as before.
     """
-    if _SYNC_FILE_RANGE is not None and nbytes > 0:
-        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.fds: dict[str, int] = {}
+        self.thread = threading.Thread(target=self._run, name="lorafold-writeback", daemon=True)
+        self.thread.start()
+
+    def put(self, entry) -> None:
+        self.q.put(entry)
+
+    def _run(self) -> None:
+        try:
+            while (entry := self.q.get()) is not None:
+                name, offset, nbytes = entry
+                fd = self.fds.get(name)
+                if fd is None:
+                    fd = self.fds[name] = os.open(self.folder / name, os.O_RDONLY)
+                if nbytes:
+                    _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+        except OSError:
+            pass  # only an optimisation: the kernel writes the rest as it always does
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+
+    def stop(self) -> None:
+        while True:  # what is not started yet is dropped, not waited for
+            try:
+                self.q.get_nowait()
+            except queue.Empty:
+                break
+        self.q.put(None)
+        self.thread.join()
 
 
 def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
