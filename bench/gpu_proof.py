@@ -165,6 +165,21 @@ def _warm(folder: Path) -> None:
 # --- stages --------------------------------------------------------------------------------------------------------
 
 
+def _fs_type(path: str) -> str:
+    """The file system holding `path` (a tmpfs work folder would make `sync` free and the copy a memcpy)."""
+    best, kind = "", "?"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 2 and real.startswith(parts[1]) and len(parts[1]) > len(best):
+                    best, kind = parts[1], parts[2]
+    except OSError:
+        pass
+    return f"{kind} on {best}"
+
+
 def stage_versions(args) -> dict:
     import platform
 
@@ -172,7 +187,8 @@ def stage_versions(args) -> dict:
 
     info = {"python": platform.python_version(), "torch": torch.__version__, "cuda_build": torch.version.cuda,
             "cuda_available": torch.cuda.is_available(), "cpus": os.cpu_count(),
-            "disk_free_gb": round(shutil.disk_usage(args.work).free / 1e9, 1), "fake": args.fake}
+            "disk_free_gb": round(shutil.disk_usage(args.work).free / 1e9, 1), "work_fs": _fs_type(args.work),
+            "fake": args.fake}
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         info.update(gpu=p.name, capability=f"{p.major}.{p.minor}", vram_gb=round(p.total_memory / 1e9, 1),
@@ -466,7 +482,7 @@ def _headline(stage: str, r: dict) -> str:
     if "skipped" in r:
         return str(r["skipped"])
     keys = {
-        "versions": ("gpu", "torch", "cuda_build", "driver", "pynvml", "peft"),
+        "versions": ("gpu", "torch", "cuda_build", "driver", "pynvml", "peft", "work_fs", "disk_free_gb"),
         "micro": ("import_torch_s", "cuda_init_s", "first_cublas_s", "h2d_pinned_GBps", "d2h_pinned_GBps",
                   "sendfile_GBps", "pwrite_GBps", "copy_file_range_GBps"),
         "parity": ("cases", "max_ulps_vs_peft", "max_ulps_vs_cpu", "failures", "not_bit_equal_to_cpu"),
