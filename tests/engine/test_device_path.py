@@ -10,6 +10,7 @@ run with tiny chunks and budgets (many items per tensor, both device out buffers
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import zlib
@@ -262,3 +263,24 @@ def test_service_modules_import_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+# --- the GPU script, rehearsed --------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_gpu_proof_rehearses_on_cpu(tmp_path):
+    """bench/gpu_proof.py end to end on tiny shapes through the fake (the parity stage needs the pack, built by
+    `--pack`, and is left to `make bench-gpu-rehearsal`): every stage it runs must come back ok."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    stages = ["versions", "generate", "runs", "compare"]
+    cmd = [sys.executable, str(ROOT / "bench" / "gpu_proof.py"), "--size", "tiny", "--fake", "--out", str(out),
+           "--work", str(work), "--budget", "300"] + [a for s in stages for a in ("--only", s)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == stages
+    assert all(s["status"] == "ok" for s in summary["stages"]), summary
+    compare = json.loads((out / "compare.json").read_text())
+    assert compare["merged_tensors"] > 0 and compare["max_ulps_vs_formula"] == 0 and compare["bit_exact_vs_cpu"]
+    assert compare["untouched_not_byte_equal"] == []
