@@ -60,7 +60,13 @@ class ModelSource(Protocol):
 
 @runtime_checkable
 class ModelSink(Protocol):
-    """Where the merged model goes. The engine writes every file into `work_dir` and tells the sink as it goes."""
+    """Where the merged model goes. The engine writes every file into `work_dir` and tells the sink as it goes.
+
+    Optional attribute `keeps_every_shard` (default False): True when every finished shard stays in `work_dir`
+    until `finish` (a local folder). Then shards are written in any order, all at once; otherwise a shard is
+    started only when the ones before it are finished, so a sink that uploads and deletes finished shards holds
+    few on disk.
+    """
 
     label: str
     work_dir: Path
