@@ -46,6 +46,7 @@ class ShardWriter:
         self.bytes_written = 0
         self.tensors_done = 0
         self._last_progress = 0.0
+        self._reporting = threading.Lock()
 
     def start(self) -> None:
         """A shard without tensors is finished before anything else starts."""
@@ -125,13 +126,20 @@ class ShardWriter:
         self.progress(tensor)
 
     def progress(self, current: str, force: bool = False) -> None:
+        """At most every 0.1 s, and one thread at a time: reporters need not be thread-safe."""
         now = time.monotonic()
         with self._lock:
             if not force and now - self._last_progress < 0.1:
                 return
             self._last_progress = now
-            done, written = self.tensors_done, self.bytes_written
-        self.reporter.progress(Progress("merge", done, len(self.plan.tensors), written, self.plan.bytes_total, current))
+        if not self._reporting.acquire(blocking=force):
+            return
+        try:
+            with self._lock:
+                done, written = self.tensors_done, self.bytes_written
+            self.reporter.progress(Progress("merge", done, len(self.plan.tensors), written, self.plan.bytes_total, current))
+        finally:
+            self._reporting.release()
 
     def close(self) -> None:
         with self._lock:
