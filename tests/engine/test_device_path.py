@@ -170,7 +170,7 @@ def test_compute_loop_makes_no_host_syncs(tmp_path, monkeypatch):
               MergeOptions(device="cpu", chunk_bytes=16 << 10, inflight_bytes=256 << 10))
     merged_items = [i for i in items if i.t.ops]
     assert len(merged_items) > 50, "the model must be cut into many items for this test to mean something"
-    assert sum(counter.calls.values()) <= 2, counter.calls  # budget: a couple, none per item
+    assert counter.calls == {}, counter.calls  # the budget for a plain LoRA merge: none at all (was 2 per item)
     assert made[0].host_waits_in_compute == 0
     assert made[0].uploads >= len(merged_items)
 
