@@ -24,7 +24,7 @@ from tests.engine.test_parity import PARAMS, parity_root  # noqa: F401 - the ses
 from tests.support.models import assert_models_match, build_case, load_all_tensors
 from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
 from worker.engine import compute as compute_mod
-from worker.engine.errors import NumericError
+from worker.engine.errors import EngineError
 from worker.engine.fake_device import FakeAsyncDevice, use_fake_device
 from worker.engine.staging import BufferPool
 
@@ -69,7 +69,7 @@ def _breaks(case, tmp_path) -> bool:
     try:
         with use_fake_device(seed=7, max_delay=0.003):
             _merge(case, out)
-    except NumericError:
+    except EngineError:  # NaN read as data, or a numeric flag read before it was written
         return True
     try:
         assert_models_match(out, case.expected_dir, max_ulps=1)
@@ -87,6 +87,14 @@ def test_fake_catches_math_reading_an_upload_before_its_fence(llama_bf16, tmp_pa
 def test_fake_catches_a_staging_buffer_recycled_before_its_copy(llama_bf16, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BufferPool, "put_after", lambda self, buf, fence: self.put(buf))
+        assert _breaks(llama_bf16, tmp_path)
+
+
+def test_fake_catches_a_writer_that_does_not_wait_for_the_download(llama_bf16, tmp_path):
+    from worker.engine import fake_device
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fake_device._Fence, "wait", lambda self: None)
         assert _breaks(llama_bf16, tmp_path)
 
 

@@ -167,9 +167,11 @@ class Executor:
                 done: Computed = got
                 done.fence.wait()
                 if done.flag is not None and int(done.flag) != 0:
-                    t = done.item.t
+                    t, code = done.item.t, int(done.flag)
+                    if code not in NUMERIC_PROBLEMS:  # only an ordering bug reads a flag before its copy landed
+                        raise EngineError(f"internal error: the numeric check of {t.name} was read before it was written")
                     module = t.ops[0].module if t.ops else ""
-                    raise NumericError(NUMERIC_PROBLEMS[int(done.flag)].format(name=t.name, dtype=t.dtype, module=module))
+                    raise NumericError(NUMERIC_PROBLEMS[code].format(name=t.name, dtype=t.dtype, module=module))
                 shards.write(done.item, memoryview(done.data.numpy()))
                 if isinstance(done.recycle, torch.Tensor):
                     self.buffers.put(done.recycle)
