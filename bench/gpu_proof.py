@@ -434,12 +434,13 @@ def stage_compare(args) -> dict:
             A = ad.get_tensor(prefix + ".lora_A.weight").float()
             B = ad.get_tensor(prefix + ".lora_B.weight").float()
             ref = (w.float() + (B @ A) * scale).to(w.dtype)  # PEFT's rounding: one, after the fp32 sum
-            u = ulp_distance(c, ref)
-            worst_formula = max(worst_formula, u)
-            off_formula += int((_bits(c) != _bits(ref)).sum()) if u else 0
-            u2 = ulp_distance(c, p)
-            worst_cpu = max(worst_cpu, u2)
-            off_cpu += int((_bits(c) != _bits(p)).sum()) if u2 else 0
+            for other, kind in ((ref, "formula"), (p, "cpu")):
+                off = int((_bits(c) != _bits(other)).sum())  # cheap; the ulp distance only where bits differ
+                u = ulp_distance(c, other) if off else 0
+                if kind == "formula":
+                    worst_formula, off_formula = max(worst_formula, u), off_formula + off
+                else:
+                    worst_cpu, off_cpu = max(worst_cpu, u), off_cpu + off
             merged += 1
         else:
             untouched += 1
