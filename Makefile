@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.lorafold-installed
 PORT    ?= 5000
 
-.PHONY: install run demo demo-reset worker test test-fast reliability bench bench-gpu lint clean
+.PHONY: install run demo demo-reset worker test test-fast reliability bench bench-gpu bench-gpu-rehearsal bench-e2e lint clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,8 +39,15 @@ bench: $(STAMP)  ## CPU benchmarks (1.1B merge vs raw copy vs PEFT; memory flatn
 	$(BIN)/python -m bench.merge_bench --size 1b
 	$(BIN)/python -m bench.flat_memory
 
-bench-gpu: $(STAMP)  ## the GPU benchmark (8B + 70B-shaped layers, --device cuda); needs a CUDA machine
-	$(BIN)/python -m bench.merge_bench --size 8b --size 70b-layers --device cuda
+bench-gpu:  ## the GPU proof (bench/gpu_proof.py) with this machine's own python3 and torch; installs nothing
+	PYTHONPATH=. $(PY) bench/gpu_proof.py $(GPU_PROOF_ARGS)
+
+bench-gpu-rehearsal: $(STAMP)  ## the same script on CPU: tiny shapes, the async fake device (see bench/README.md)
+	$(BIN)/python -m bench.gpu_proof --pack
+	PYTHONPATH=. $(BIN)/python bench/gpu_proof.py --size tiny --fake
+
+bench-e2e: $(STAMP)  ## the 1.1B merge end to end (fresh process + sync) against cp -r + sync
+	$(BIN)/python -m bench.e2e --size 1b
 
 lint: $(STAMP)
 	$(BIN)/ruff check worker web tests bench

@@ -39,6 +39,8 @@ SHAPES = {
     "1b": Shape("1b", 2048, 5632, 22, 32, 4, 32000, 3),  # TinyLlama-1.1B
     "8b": Shape("8b", 4096, 14336, 32, 32, 8, 128256, 4),  # Llama-3-8B
     "70b-layers": Shape("70b-layers", 8192, 28672, 4, 64, 8, 128256, 4),  # Llama-3-70B, 4 of its 80 layers
+    "tiny": Shape("tiny", 256, 512, 4, 4, 2, 4096, 2),  # rehearsals of the GPU script on CPU
+    "tiny-wide": Shape("tiny-wide", 512, 1024, 2, 8, 2, 4096, 2),
 }
 
 
@@ -70,19 +72,20 @@ def _write_file(path: Path, tensors: list[tuple[str, tuple[int, ...]]], gen: tor
             numel = math.prod(shp)
             for start in range(0, numel, 1 << 26):  # 64M elements at a time
                 n = min(1 << 26, numel - start)
-                chunk = (torch.randn(n, generator=gen) * (1.0 if name.endswith("norm.weight") else 0.02)).to(torch.bfloat16)
-                f.write(chunk.view(torch.uint8).numpy().tobytes())
+                chunk = torch.randn(n, generator=gen, device=gen.device) * (1.0 if name.endswith("norm.weight") else 0.02)
+                f.write(chunk.to(torch.bfloat16).cpu().view(torch.uint8).numpy().tobytes())
     return path.stat().st_size
 
 
-def make_model(shape: Shape, root: Path, seed: int = 0) -> Path:
-    """Write base/ (shards + index + config) and adapter/ under `root`; reuse them when already there."""
-    base = root / f"base-{shape.name}"
+def make_model(shape: Shape, root: Path, seed: int = 0, device: str = "cpu") -> Path:
+    """`device="cuda"` draws the random numbers on the GPU (an 8B model in seconds instead of minutes); the
+    values differ from a CPU-drawn model of the same seed, so the folder name says where they came from."""
+    base = root / (f"base-{shape.name}" if device == "cpu" else f"base-{shape.name}-{device}")
     if (base / "config.json").exists():
         return base
-    tmp = root / f".base-{shape.name}.tmp"
+    tmp = root / f".{base.name}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     tensors = tensor_shapes(shape)
     sizes = [math.prod(shp) * 2 for _, shp in tensors]
     per_shard = sum(sizes) / shape.shards
@@ -114,12 +117,12 @@ def make_model(shape: Shape, root: Path, seed: int = 0) -> Path:
     return base
 
 
-def make_adapter(shape: Shape, root: Path, base: Path, r: int = 16, seed: int = 1) -> Path:
-    adapter = root / f"adapter-{shape.name}-r{r}"
+def make_adapter(shape: Shape, root: Path, base: Path, r: int = 16, seed: int = 1, device: str = "cpu") -> Path:
+    adapter = root / (f"adapter-{shape.name}-r{r}" if device == "cpu" else f"adapter-{shape.name}-r{r}-{device}")
     if (adapter / "adapter_config.json").exists():
         return adapter
     adapter.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     kv = shape.kv_heads * shape.head_dim
     dims = {"q_proj": (shape.hidden, shape.hidden), "k_proj": (kv, shape.hidden), "v_proj": (kv, shape.hidden),
             "o_proj": (shape.hidden, shape.hidden), "gate_proj": (shape.intermediate, shape.hidden),

@@ -53,7 +53,13 @@ class ModelSource(Protocol):
 
 @runtime_checkable
 class ModelSink(Protocol):
-    """Where the merged model goes. The engine writes every file into `work_dir` and tells the sink as it goes."""
+    """Where the merged model goes. The engine writes every file into `work_dir` and tells the sink as it goes.
+
+    Optional attribute `keeps_every_shard` (default False): True when every finished shard stays in `work_dir`
+    until `finish` (a local folder). Then shards are written in any order, all at once; otherwise a shard is
+    started only when the ones before it are finished, so a sink that uploads and deletes finished shards holds
+    few on disk.
+    """
 
     label: str
     work_dir: Path
@@ -175,6 +181,8 @@ class LocalDirSource:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 os.close(fd)
                 raise SourceError(f"{full}: not a regular file; refusing to read it")
+            if hasattr(os, "posix_fadvise"):  # read front to back: let the kernel read ahead generously
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             self._fds[path] = fd
         return fd
 
@@ -289,6 +297,8 @@ class LocalDirSink:
     overwrite: bool = False
     forbidden: tuple[Path, ...] = ()  # folders the output must not touch (the inputs)
     work_dir: Path = field(init=False)
+    #: the whole output stays on this disk anyway, so shards may be written in any order (all open at once)
+    keeps_every_shard = True
 
     def __post_init__(self) -> None:
         self.dest = Path(self.dest).expanduser().resolve()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from dataclasses import dataclass, field
 
 import torch
 
+from . import device as device_mod
 from .card import CARD_HEAD_BYTES, Lineage, build_card
 from .errors import EngineError, SourceError
 from .execute import Executor, select_device
@@ -33,6 +35,7 @@ class MergeResult:
     timings: dict[str, float]
     result: dict
     max_verify_error: float | None = None
+    peak_vram_nvml_bytes: int | None = None  # the driver's count for this process (NVML), when it could tell
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
@@ -59,27 +62,34 @@ def merge(
     reporter = reporter or NullReporter()
     started = time.monotonic()
     timings: dict[str, float] = {}
-    device = select_device(options.device)
+    device = device_mod.open_device(select_device(options.device))
     pin_malloc_threshold()
     try:
-        with MemorySampler(reporter, device) as sampler:
+        with MemorySampler(reporter, device.torch_device) as sampler:
+            if hasattr(device, "on_ready"):
+                device.on_ready.append(sampler.cuda_ready)
+            # CUDA's context, cuBLAS handle and first pinned block take seconds on a fresh process: paid while the
+            # plan reads headers, not one after the other.
+            warm = _WarmUp(device)
             reporter.progress(Progress("plan"))
             sink.prepare()
             plan = plan_merge(base, adapter, options)
             timings["plan"] = time.monotonic() - started
-            reporter.log("info", f"plan: {plan.summary()} on {device}")
+            reporter.log("info", f"plan: {plan.summary()} on {device.torch_device}")
             for note in plan.notes:
                 reporter.log("info", note)
             for skipped in plan.skipped_files:  # one line per file: the job log lists every one (so does the card)
                 reporter.log("warning", _not_copied(skipped))
             t0 = time.monotonic()
             _copy_small_files(plan, sink)
+            warm.join()
+            timings["device_ready"] = time.monotonic() - t0
             stats = Executor(plan, sink, device, reporter).run()
             timings["merge"] = time.monotonic() - t0
             t0 = time.monotonic()
             reporter.progress(Progress("finish", stats.tensors_done, len(plan.tensors), stats.bytes_written, plan.bytes_total))
             _write_index(plan, sink)
-            _write_card(plan, sink, lineage, device)
+            _write_card(plan, sink, lineage, device.torch_device)
             if reporter.should_stop():
                 from .errors import Cancelled
 
@@ -101,12 +111,13 @@ def merge(
         seconds=time.monotonic() - started,
         peak_rss_bytes=max(sampler.peak_rss, peak_rss_bytes()),
         peak_vram_bytes=sampler.peak_vram,
+        peak_vram_nvml_bytes=sampler.peak_vram_nvml,
         bytes_read=stats.bytes_read,
         bytes_written=stats.bytes_written,
         tensors=len(plan.tensors),
         tensors_merged=len(plan.merged),
         shards=len(plan.shards),
-        device=str(device),
+        device=str(device.torch_device),
         timings=timings,
         result=published,
         max_verify_error=stats.max_verify_error,
@@ -116,6 +127,27 @@ def merge(
 
 def _not_copied(skipped: SkippedFile) -> str:
     return f"not copied from the base: {skipped.path!r}: {skipped.reason}"
+
+
+class _WarmUp:
+    """The device's warm-up on a thread; its failure is raised where the merge needs the device."""
+
+    def __init__(self, device):
+        self.error: BaseException | None = None
+        self.device = device
+        self.thread = threading.Thread(target=self._run, name="lorafold-warm-up", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.device.warm_up()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by join()
+            self.error = exc
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _copy_small_files(plan: MergePlan, sink: ModelSink) -> None:

@@ -140,6 +140,26 @@ class AdapterWeights:
             raise NumericError(f"adapter tensor {key!r} contains NaN or Inf; the adapter is broken")
         return value
 
+    def load_staged(self, key: str, alloc) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor read into a buffer from `alloc(nbytes)` (a staging buffer for an upload), bypassing the cache;
+        returns (typed view, buffer). Checked for NaN/Inf here, on the host, by the thread that reads it."""
+        info = self.infos[key]
+        if self._state is not None:
+            value = self._state[key]
+            buf = alloc(value.numel() * value.element_size())
+            typed = interpret(buf, info.dtype, info.shape)
+            typed.copy_(value)
+        else:
+            assert self._header is not None
+            t = self._header.tensors[key]
+            buf = alloc(t.nbytes)
+            offset, length = self._header.absolute(t)
+            self.source.read_into(self.entry.path, offset, as_view(buf, length))
+            typed = interpret(buf, t.dtype, t.shape)
+        if typed.is_floating_point() and not bool(torch.isfinite(typed).all()):
+            raise NumericError(f"adapter tensor {key!r} contains NaN or Inf; the adapter is broken")
+        return typed, buf
+
     def _read(self, key: str) -> torch.Tensor:
         if self._state is not None:
             return self._state[key]
