@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from .errors import AdapterSpecError, FormatError, PlanError, SourceError
 from .io import FileEntry, ModelSource, safe_relpath
 from .mapping import AdapterMapper
+from .quant import present_as_16bit
 from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
 from .spec import CONFIG_NAME, AdapterSpec
 from .tensors import AdapterWeights, read_header
@@ -181,6 +182,7 @@ def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[
 
 def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | None = None) -> MergePlan:
     options = options or MergeOptions()
+    base = present_as_16bit(base)  # a quantized base is read as the 16-bit model it stands for (engine/quant)
     spec, weights_entry = load_spec(adapter)
     adapter_weights = AdapterWeights(adapter, weights_entry)
 
@@ -245,7 +247,7 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
             skipped.append(path)
             continue
         copy_files.append(entry)
-    notes = list(mapping.notes)
+    notes = list(getattr(base, "notes", ())) + list(mapping.notes)
     if skipped:
         notes.append(
             "not copied (weights in another format, which would be unmerged duplicates): " + ", ".join(skipped[:8])
