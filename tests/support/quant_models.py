@@ -163,10 +163,11 @@ def oracle_dequantize(quantized_dir: Path, out_dir: Path, block: tuple[int, int]
             if qs.blocksize > qs.shape[-1]:
                 # bitsandbytes' CPU kernel indexes absmax wrongly when a block is longer than a row (its own round
                 # trip error doubles); its reference implementation, which CUDA also computes, is the oracle here
+                # (called eagerly: bitsandbytes wraps it in torch.compile, which costs ~30 s per shape on CPU)
                 absmax = qs.absmax
                 if qs.nested:
                     absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
-                deq = _dequantize_4bit_compute(everything[weight].view(torch.uint8).reshape(-1), absmax.float(),
+                deq = _dequantize_4bit_compute.__wrapped__(everything[weight].view(torch.uint8).reshape(-1), absmax.float(),
                                                get_4bit_type(qs.quant_type, device="cpu"), qs.blocksize, qs.shape, qs.dtype)
             else:
                 deq = F.dequantize_4bit(everything[weight], qs)

@@ -1,0 +1,215 @@
+"""Merging into quantized bases, proven against the real libraries (tests/support/quant_models.py).
+
+For each scheme the quantized checkpoint Q is built from a tiny random 16-bit base B; the oracle is PEFT's
+merge_and_unload() into D = the dequantization of Q computed by bitsandbytes itself (`dequantize_4bit`,
+`int8_vectorwise_dequant`) or by transformers' FP8 code; lorafold merges the same adapter into Q directly.
+Every tensor must be bit-identical (0 ulps; +0 and -0 count as equal, see worker/engine/quant/bnb.py), the
+output must be a plain 16-bit model (no quantization_config, no side tensors, transformers loads it with no
+missing or unexpected keys), and memory must not depend on the tensor: dequantization runs in sub-blocks that
+the tests shrink to odd sizes so that every block, nibble and scale-row boundary falls inside a chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.models import assert_models_match, load_all_tensors, make_adapter, make_base, peft_merge
+from tests.support.quant_models import oracle_dequantize, quantize_checkpoint
+
+pytestmark = pytest.mark.xdist_group("quant")
+
+# name -> (scheme, quantize_checkpoint kwargs)
+VARIANTS = {
+    "nf4": ("nf4", {}),
+    "nf4-double": ("nf4", dict(nested=True)),
+    "nf4-double-b256": ("nf4", dict(nested=True, blocksize=256)),  # a block longer than a row
+    "fp4": ("fp4", {}),
+    "fp4-double-b32": ("fp4", dict(nested=True, blocksize=32)),
+    "int8": ("int8", {}),
+    "fp8-128": ("fp8", dict(fp8_block=(128, 128))),  # hidden 64 < 128: one short block
+    "fp8-32": ("fp8", dict(fp8_block=(32, 32))),  # whole blocks only
+    "fp8-48-bf16-scales-apart": ("fp8", dict(fp8_block=(48, 48), scale_dtype=torch.bfloat16, scales_apart=True)),
+    "fp8-per-tensor": ("fp8", dict(fp8_block=None)),
+}
+TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-dense")
+    base = make_base("llama", torch.bfloat16, root / "base", shards=2)
+    adapter = make_adapter(base, root / "adapter", dtype=torch.bfloat16, r=4, lora_alpha=8, target_modules=TARGETS)
+    return root, base, adapter
+
+
+def _variant(dense, name: str, dtype: torch.dtype = torch.bfloat16):
+    root, base, adapter = dense
+    tag = f"{name}-{str(dtype).split('.')[-1]}"
+    if not (root / f"expected-{tag}").exists():
+        scheme, kwargs = VARIANTS[name]
+        q = root / f"q-{name}"
+        if not q.exists():
+            quantize_checkpoint(base, q, scheme, **kwargs)
+        d = root / f"d-{name}"
+        if not d.exists():
+            oracle_dequantize(q, d)
+        peft_merge(d, adapter, root / f"expected-{tag}", dtype=dtype)
+    return root / f"q-{name}", adapter, root / f"expected-{tag}"
+
+
+def _engine_merge(base: Path, adapter: Path, out: Path, **options) -> None:
+    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+
+    merge(LocalDirSource(base), LocalDirSource(adapter), LocalDirSink(out), MergeOptions(device="cpu", **options))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_merge_into_quantized_base_matches_peft_on_the_dequantized_base(dense, name, tmp_path, monkeypatch):
+    import worker.engine.quant.source as qsource
+
+    quantized, adapter, expected = _variant(dense, name)
+    out = tmp_path / "out"
+    _engine_merge(quantized, adapter, out)
+    assert_models_match(out, expected, max_ulps=0)
+    # Again with odd sub-blocks and tiny row chunks: block, nibble and scale-row boundaries inside every chunk.
+    monkeypatch.setattr(qsource, "_SUB_BLOCK", 77)
+    _engine_merge(quantized, adapter, tmp_path / "out-chunked", chunk_bytes=4 * 200, inflight_bytes=4096)
+    assert_models_match(tmp_path / "out-chunked", expected, max_ulps=0)
+
+
+def test_dtype_converts_after_dequantizing(dense, tmp_path):
+    """--dtype float16 on a bf16 4-bit base: dequantized into bf16 (the quant state's dtype), then converted, as
+    loading the dequantized model with dtype=float16 does."""
+    quantized, adapter, expected = _variant(dense, "nf4-double", torch.float16)
+    _engine_merge(quantized, adapter, tmp_path / "out", dtype="float16")
+    assert_models_match(tmp_path / "out", expected, max_ulps=0)
+
+
+@pytest.mark.parametrize("name", ["nf4-double", "fp8-48-bf16-scales-apart"])
+def test_output_is_a_plain_16bit_model(dense, name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    quantized, adapter, _ = _variant(dense, name)
+    out = tmp_path / "out"
+    _engine_merge(quantized, adapter, out)
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    base_names = set(load_all_tensors(dense[1]))
+    assert set(load_all_tensors(out)) == base_names  # no absmax / quant_state / SCB / scale_inv left
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == base_names
+    assert {p.name for p in out.glob("*.safetensors")} == set(index["weight_map"].values())
+    model, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_untouched_quantized_tensors_are_dequantized_not_copied(dense, tmp_path):
+    """The executor copies untouched tensors file to file when the source can; a quantized base must not let it
+    copy packed bytes: every tensor of the output, merged or not, equals the dequantized base's."""
+    root, base, adapter = dense
+    quantized, _, _ = _variant(dense, "nf4-double")
+    lone = make_adapter(base, root / "adapter-q-only", dtype=torch.bfloat16, r=2, lora_alpha=4, target_modules=["q_proj"], seed=3)
+    expected = peft_merge(root / "d-nf4-double", lone, tmp_path / "expected", dtype=torch.bfloat16)
+    _engine_merge(quantized, lone, tmp_path / "out")
+    assert_models_match(tmp_path / "out", expected, max_ulps=0)
+
+
+# --- the format transformers itself writes -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["nf4-double", "fp4", "int8"])
+def test_checkpoint_saved_by_transformers(dense, kind, tmp_path):
+    """A base loaded with BitsAndBytesConfig and saved by transformers' save_pretrained; the oracle is PEFT's
+    merge into transformers' own `model.dequantize()` of that checkpoint (bitsandbytes kernels underneath)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    _, base, adapter = dense
+    if kind == "int8":
+        qc = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind[:3], bnb_4bit_use_double_quant="double" in kind)
+    q = tmp_path / "q"
+    model = AutoModelForCausalLM.from_pretrained(str(base), quantization_config=qc, dtype=torch.bfloat16, device_map="cpu")
+    model.save_pretrained(str(q))
+    _copy_extras(base, q)
+    reloaded = AutoModelForCausalLM.from_pretrained(str(q), device_map="cpu")
+    reloaded = reloaded.dequantize(dtype=torch.bfloat16) if kind == "int8" else reloaded.dequantize()
+    from safetensors.torch import save_file
+
+    d = tmp_path / "d"  # save_pretrained of a dequantized bnb model raises in transformers 5.23: write the tensors
+    d.mkdir()
+    state = {k: v.contiguous() for k, v in reloaded.state_dict().items() if k in set(load_all_tensors(base))}
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((q / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (d / "config.json").write_text(json.dumps(config))
+    assert {k: v.dtype for k, v in state.items()} == {k: v.dtype for k, v in load_all_tensors(base).items()}
+    expected = peft_merge(d, adapter, tmp_path / "expected", dtype=torch.bfloat16)
+    _engine_merge(q, adapter, tmp_path / "out")
+    assert_models_match(tmp_path / "out", expected, max_ulps=0)
+
+
+def _copy_extras(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        if p.is_file() and not (dst / p.name).exists() and p.suffix != ".safetensors" and not p.name.endswith(".index.json"):
+            shutil.copy(p, dst / p.name)
+
+
+# --- MoE -----------------------------------------------------------------------------------------------------
+
+MOE_LORA = dict(r=4, lora_alpha=6, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+
+
+@pytest.fixture(scope="module")
+def moe(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-moe")
+    base = make_base("qwen3_moe", torch.bfloat16, root / "base", shards=3)
+    adapter = make_adapter(base, root / "adapter", dtype=torch.bfloat16, **MOE_LORA)
+    return root, base, adapter
+
+
+@pytest.mark.parametrize("scheme,kwargs", [("fp8", dict(fp8_block=(32, 48))), ("nf4", dict(nested=True))], ids=["fp8", "nf4"])
+def test_moe_per_expert_quantized(moe, scheme, kwargs, tmp_path):
+    """target_parameters LoRA (fused runtime experts) into per-expert quantized tensors on disk."""
+    root, base, adapter = moe
+    q = quantize_checkpoint(base, tmp_path / "q", scheme, **kwargs)
+    d = oracle_dequantize(q, tmp_path / "d")
+    expected = peft_merge(d, adapter, tmp_path / "expected", dtype=torch.bfloat16)
+    _engine_merge(q, adapter, tmp_path / "out", chunk_bytes=4 * 1000)
+    assert_models_match(tmp_path / "out", expected, max_ulps=0)
+
+
+def test_moe_fused_3d_fp8_experts(moe, tmp_path):
+    """Fused (E, out, in) expert parameters stored in FP8 with (E, rows/bn, cols/bk) scales (the layout of
+    transformers' FP8 expert modules), merged one expert stack chunk at a time."""
+    from safetensors.torch import load_file, save_file
+
+    root, base, adapter = moe
+    fused = tmp_path / "fused"
+    shutil.copytree(base, fused)
+    tensors = {}
+    for p in sorted(fused.glob("*.safetensors")):
+        tensors.update(load_file(str(p)))
+        p.unlink()
+    (fused / "model.safetensors.index.json").unlink()
+    config = json.loads((fused / "config.json").read_text())
+    experts = 1 + max(int(k.split(".experts.")[1].split(".")[0]) for k in tensors if ".experts." in k)
+    for layer in range(config["num_hidden_layers"]):
+        pre = f"model.layers.{layer}.mlp.experts"
+        gate = [tensors.pop(f"{pre}.{e}.gate_proj.weight") for e in range(experts)]
+        up = [tensors.pop(f"{pre}.{e}.up_proj.weight") for e in range(experts)]
+        down = [tensors.pop(f"{pre}.{e}.down_proj.weight") for e in range(experts)]
+        tensors[f"{pre}.gate_up_proj"] = torch.stack([torch.cat([g, u]) for g, u in zip(gate, up, strict=True)])
+        tensors[f"{pre}.down_proj"] = torch.stack(down)
+    save_file(tensors, str(fused / "model.safetensors"), metadata={"format": "pt"})
+    q = quantize_checkpoint(fused, tmp_path / "q", "fp8", fp8_block=(32, 48), only=r"experts\.(gate_up|down)_proj$")
+    d = oracle_dequantize(q, tmp_path / "d")
+    expected = peft_merge(d, adapter, tmp_path / "expected", dtype=torch.bfloat16)
+    _engine_merge(q, adapter, tmp_path / "out", chunk_bytes=4 * 1000)
+    assert_models_match(tmp_path / "out", expected, max_ulps=0)
