@@ -213,3 +213,61 @@ def test_moe_fused_3d_fp8_experts(moe, tmp_path):
     expected = peft_merge(d, adapter, tmp_path / "expected", dtype=torch.bfloat16)
     _engine_merge(q, adapter, tmp_path / "out", chunk_bytes=4 * 1000)
     assert_models_match(tmp_path / "out", expected, max_ulps=0)
+
+
+# --- --keep-quantization (FP8) -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fp8-32", "fp8-48-bf16-scales-apart"])
+def test_keep_quantization_writes_fp8_back(dense, name, tmp_path):
+    """Untouched FP8 tensors come back bit for bit; merged ones are re-quantized with the base's block scheme and
+    scale dtype (for whole blocks and float32 scales: exactly transformers' Fp8Quantize of PEFT's merged weight);
+    config.json keeps quantization_config; transformers loads the result; the worst round-trip error is reported."""
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine.quant import keep_quantization
+
+    quantized, adapter, expected = _variant(dense, name)
+    out = tmp_path / "out"
+    source, sink = keep_quantization(LocalDirSink(out), LocalDirSource(quantized))
+    merge(source, LocalDirSource(adapter), sink, MergeOptions(device="cpu"))
+    got, base, want = load_all_tensors(out), load_all_tensors(quantized), load_all_tensors(expected)
+    assert {k: (v.dtype, v.shape) for k, v in got.items()} == {k: (v.dtype, v.shape) for k, v in base.items()}
+    changed = {k for k in want if not torch.equal(want[k], load_all_tensors(dense[0] / f"d-{name}")[k])}
+    assert changed and len(sink.errors) == len(changed)
+    block = tuple(json.loads((quantized / "config.json").read_text())["quantization_config"]["weight_block_size"])
+    quantizer = Fp8Quantize(SimpleNamespace(quantization_config=SimpleNamespace(weight_block_size=list(block), scale_fmt=None)))
+    changed_scales = {k.replace(".weight", ".weight_scale_inv") for k in changed}
+    for k in changed:
+        assert 0 < sink.errors[k] < 0.06, (k, sink.errors[k])
+        if name == "fp8-32":
+            ref = quantizer._quantize_one(k, want[k])
+            assert torch.equal(got[k].view(torch.uint8), ref[k].view(torch.uint8)), k
+            scale = k.replace(".weight", ".weight_scale_inv")
+            assert torch.equal(got[scale], ref[scale]), scale
+    for k in set(got) - changed - changed_scales:
+        assert torch.equal(got[k].view(torch.uint8), base[k].view(torch.uint8)), k
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got)
+    assert "worst round-trip error" in (out / "README.md").read_text()
+    if name == "fp8-32":  # transformers' own loader divides the scale grid evenly, so only whole blocks load there
+        _, info = AutoModelForCausalLM.from_pretrained(str(out), output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_keep_quantization_refuses_bitsandbytes(dense, tmp_path):
+    from worker.engine import LocalDirSink, LocalDirSource
+    from worker.engine.errors import PlanError
+    from worker.engine.quant import keep_quantization
+
+    quantized, _, _ = _variant(dense, "nf4")
+    with pytest.raises(PlanError, match="FP8 block-scaled"):
+        keep_quantization(LocalDirSink(tmp_path / "out"), LocalDirSource(quantized))
+    with pytest.raises(PlanError, match="not quantized"):
+        keep_quantization(LocalDirSink(tmp_path / "out"), LocalDirSource(dense[1]))

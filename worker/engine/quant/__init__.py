@@ -14,7 +14,7 @@ from ..safetensors_format import FileHeader
 from .scheme import QuantScheme, detect, quantization_config
 from .source import Piece, QuantizedSource
 
-__all__ = ["QuantScheme", "QuantizedSource", "present_as_16bit", "quantization_config"]
+__all__ = ["QuantScheme", "QuantizedSource", "describe", "keep_quantization", "present_as_16bit", "quantization_config"]
 
 _MODEL_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
@@ -83,3 +83,14 @@ def describe(source: ModelSource) -> str | None:
 
 
 
+
+
+def keep_quantization(sink, base: ModelSource):
+    """`--keep-quantization`: (the base read as 16-bit, a sink that writes FP8 back); PlanError when the base is not
+    an FP8 block-scaled checkpoint."""
+    from .keep import KeepQuantizationSink
+
+    source = present_as_16bit(base)
+    if not isinstance(source, QuantizedSource):
+        raise PlanError(f"--keep-quantization: {base.label} is not quantized; there is no quantization to keep")
+    return source, KeepQuantizationSink(sink, source)

@@ -111,6 +111,7 @@ class QuantizedSource:
         self.parallel_reads = int(getattr(inner, "parallel_reads", 1))
         self.virtuals = virtuals
         self.notes = notes
+        self.quantization_config = config.get("quantization_config")  # for --keep-quantization
         self._cache: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
