@@ -14,6 +14,7 @@ from ..engine import Lineage, MergeOptions, merge
 from ..engine.errors import EngineError, SourceError
 from ..engine.plan import load_spec
 from ..hub import HubClient
+from ..hub.original import choose_base
 from ..hub.sink import MARKER
 from ..jobs.store import RunSpec
 from ..locations import check_revision, is_repo_id
@@ -81,7 +82,14 @@ def run_job(
                 f"{spec.adapter_repo}: adapter_config.json names base {base_id!r}, which is not a Hub repo id "
                 "(often a local training path); choose the base explicitly"
             )
-        base = hub.source(base_id, check_revision(spec.base_revision or at or None, "base"))
+        base_revision = check_revision(spec.base_revision or at or None, "base")
+        choice = None
+        if not spec.base_repo:  # a QLoRA adapter naming a 4-bit repo: merge into its 16-bit original (hub/original.py)
+            choice = choose_base(hub, base_id, base_revision)
+            base_id, base_revision = choice.repo_id, choice.revision
+            if choice.note:
+                reporter.log("info", choice.note)
+        base = hub.source(base_id, base_revision)
         on_resolved(base_repo=base_id, base_sha=base.revision)
         reporter.log("info", f"adapter {spec.adapter_repo}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
         sink = hub.sink(spec.target_repo, private=spec.private, overwrite=spec.overwrite, create_pr=spec.create_pr, merge_id=spec.job_id)
@@ -92,7 +100,9 @@ def run_job(
             sink,
             options,
             reporter,
-            lineage=Lineage(base_id, base.revision, spec.adapter_repo, adapter.revision, True, True),
+            lineage=Lineage(base_id, base.revision, spec.adapter_repo, adapter.revision, True, True,
+                            quantized_base=choice.quantized if choice else None,
+                            quantized_base_revision=choice.quantized_revision if choice else None),
             commit_message=f"Merge {spec.adapter_repo}@{adapter.revision[:7]} into {base_id}",
             commit_description=f"Merged by lorafold job {spec.job_id}: adapter {spec.adapter_repo}@{adapter.revision}, "
             f"base {base_id}@{base.revision}.",
