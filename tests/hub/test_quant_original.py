@@ -144,3 +144,44 @@ def test_card_candidates():
     assert card_base_models("no front matter") == []
     got = original_candidates("---\nbase_model: x/y-bnb-4bit\n---\n", {"_name_or_path": "x/y", "text_config": {"name_or_path": "/local/path"}}, "x/y-bnb-4bit")
     assert got == [("x/y", "config.json _name_or_path")]
+
+
+class _Reporter:
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def set_phase(self, phase):
+        pass
+
+    def progress(self, p):
+        pass
+
+    def log(self, level, message):
+        self.lines.append(message)
+
+    def memory(self, rss, vram):
+        pass
+
+    def should_stop(self):
+        return False
+
+
+def test_job_resolves_the_original_too(hub, qlora, tmp_path):
+    """The service path (worker/service/pipeline.py run_job) resolves the original the same way."""
+    from worker.jobs.store import RunSpec
+    from worker.service.pipeline import run_job
+    from worker.settings import Settings
+
+    _seed(hub, {"alice/base": qlora["base"], "alice/base-bnb-4bit": qlora["quantized"], "alice/adapter": qlora["adapter"]})
+    spec = RunSpec(job_id="job-q1", door="api", adapter_repo="alice/adapter", adapter_revision=None, base_repo=None,
+                   base_revision=None, target_repo="alice/merged-job", private=False, dtype="auto", max_shard_size=None,
+                   overwrite=False, create_pr=False, rule_id=None, attempts=1)
+    reporter = _Reporter()
+    resolved: dict = {}
+    outcome = run_job(spec, ALICE, Settings.from_env(device="cpu"), reporter, on_resolved=lambda **kw: resolved.update(kw))
+    assert resolved["base_repo"] == "alice/base"
+    assert any("16-bit original alice/base" in line for line in reporter.lines), reporter.lines
+    local = Path(snapshot_download("alice/merged-job", endpoint=hub.url, token=ALICE, local_dir=tmp_path / "dl"))
+    assert outcome.commit
+    assert_models_match(local, qlora["expected_original"], max_ulps=0)
+    assert 'quantized_base: "alice/base-bnb-4bit"' in (local / "README.md").read_text()
