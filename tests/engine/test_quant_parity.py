@@ -35,6 +35,7 @@ VARIANTS = {
     "fp8-32": ("fp8", dict(fp8_block=(32, 32))),  # whole blocks only
     "fp8-48-bf16-scales-apart": ("fp8", dict(fp8_block=(48, 48), scale_dtype=torch.bfloat16, scales_apart=True)),
     "fp8-per-tensor": ("fp8", dict(fp8_block=None)),
+    "fp8-ue8m0": ("fp8", dict(fp8_block=(32, 48), scale_dtype=torch.float8_e8m0fnu)),  # power-of-two scales
 }
 TARGETS = ["q_proj", "v_proj", "o_proj", "gate_proj", "down_proj"]
 
@@ -88,6 +89,18 @@ def test_dtype_converts_after_dequantizing(dense, tmp_path):
     quantized, adapter, expected = _variant(dense, "nf4-double", torch.float16)
     _engine_merge(quantized, adapter, tmp_path / "out", dtype="float16")
     assert_models_match(tmp_path / "out", expected, max_ulps=0)
+
+
+@pytest.mark.parametrize("scheme,kwargs", [("int8", {}), ("fp8", dict(fp8_block=(48, 48))), ("nf4", dict(nested=True))])
+def test_float16_model(scheme, kwargs, tmp_path):
+    """A float16 model: LLM.int8 and FP8 dequantize into the config's dtype, 4-bit into its quant state's."""
+    base = make_base("llama", torch.float16, tmp_path / "base", shards=1)
+    adapter = make_adapter(base, tmp_path / "adapter", dtype=torch.float16, r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"])
+    q = quantize_checkpoint(base, tmp_path / "q", scheme, **kwargs)
+    expected = peft_merge(oracle_dequantize(q, tmp_path / "d"), adapter, tmp_path / "expected", dtype=torch.float16)
+    _engine_merge(q, adapter, tmp_path / "out")
+    assert_models_match(tmp_path / "out", expected, max_ulps=0)
+    assert all(t.dtype == torch.float16 for t in load_all_tensors(tmp_path / "out").values())
 
 
 @pytest.mark.parametrize("name", ["nf4-double", "fp8-48-bf16-scales-apart"])
