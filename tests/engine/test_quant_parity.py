@@ -187,10 +187,20 @@ def moe(tmp_path_factory):
     return root, base, adapter
 
 
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    root = tmp_path_factory.mktemp("quant-mixtral")
+    base = make_base("mixtral", torch.bfloat16, root / "base", shards=3)
+    adapter = make_adapter(base, root / "adapter", dtype=torch.bfloat16, **{**MOE_LORA, "target_modules": []})
+    return root, base, adapter
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 @pytest.mark.parametrize("scheme,kwargs", [("fp8", dict(fp8_block=(32, 48))), ("nf4", dict(nested=True))], ids=["fp8", "nf4"])
-def test_moe_per_expert_quantized(moe, scheme, kwargs, tmp_path):
-    """target_parameters LoRA (fused runtime experts) into per-expert quantized tensors on disk."""
-    root, base, adapter = moe
+def test_moe_per_expert_quantized(request, arch, scheme, kwargs, tmp_path):
+    """target_parameters LoRA (fused runtime experts) into per-expert quantized tensors on disk (Qwen3-MoE
+    experts.N.gate_proj, Mixtral block_sparse_moe.experts.N.w1/w3/w2, experts straddling shards)."""
+    root, base, adapter = request.getfixturevalue("moe" if arch == "qwen3_moe" else "mixtral")
     q = quantize_checkpoint(base, tmp_path / "q", scheme, **kwargs)
     d = oracle_dequantize(q, tmp_path / "d")
     expected = peft_merge(d, adapter, tmp_path / "expected", dtype=torch.bfloat16)
@@ -284,3 +294,36 @@ def test_keep_quantization_refuses_bitsandbytes(dense, tmp_path):
         keep_quantization(LocalDirSink(tmp_path / "out"), LocalDirSource(quantized))
     with pytest.raises(PlanError, match="not quantized"):
         keep_quantization(LocalDirSink(tmp_path / "out"), LocalDirSource(dense[1]))
+
+
+def test_deepseek_v3_shaped_fp8(tmp_path):
+    """A DeepSeek-V3-shaped model (MLA attention with low-rank q/kv projections whose sizes are not multiples of
+    the block, shared + routed experts stored per expert, a dense first layer), every linear in FP8 blocks of
+    [16, 32]; LoRA on attention and on the routed experts' fused parameters."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(
+        "deepseek_v3", vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_rope_head_dim=8,
+        qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1, max_position_embeddings=128,
+    )
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)
+    base = tmp_path / "base"
+    model.to(torch.bfloat16)
+    for name, buf in model.named_buffers():  # float32 in the real checkpoints (and kept so by transformers)
+        if name.endswith("e_score_correction_bias"):
+            buf.data = buf.data.float()
+    model.save_pretrained(str(base))
+    adapter = make_adapter(
+        base, tmp_path / "adapter", dtype=torch.bfloat16, r=4, lora_alpha=8,
+        target_modules=["q_b_proj", "kv_a_proj_with_mqa", "o_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )
+    q = quantize_checkpoint(base, tmp_path / "q", "fp8", fp8_block=(16, 32), only=r"proj(_with_mqa)?\.weight$")
+    expected = peft_merge(oracle_dequantize(q, tmp_path / "d"), adapter, tmp_path / "expected", dtype=torch.bfloat16)
+    _engine_merge(q, adapter, tmp_path / "out", chunk_bytes=4 * 700)
+    assert_models_match(tmp_path / "out", expected, max_ulps=0)
