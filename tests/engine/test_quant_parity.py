@@ -327,3 +327,20 @@ def test_deepseek_v3_shaped_fp8(tmp_path):
     expected = peft_merge(oracle_dequantize(q, tmp_path / "d"), adapter, tmp_path / "expected", dtype=torch.bfloat16)
     _engine_merge(q, adapter, tmp_path / "out", chunk_bytes=4 * 700)
     assert_models_match(tmp_path / "out", expected, max_ulps=0)
+
+
+def test_cli_keep_quantization(dense, tmp_path, capsys):
+    from worker.cli import main
+
+    quantized, adapter, _ = _variant(dense, "fp8-32")
+    rc = main(["merge", str(adapter), "--base", str(quantized), "--out", str(tmp_path / "out"), "--device", "cpu", "--keep-quantization"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "re-quantized" in out and "worst round-trip error" in out
+    nf4, _, _ = _variant(dense, "nf4")
+    rc = main(["merge", str(adapter), "--base", str(nf4), "--out", str(tmp_path / "out2"), "--device", "cpu", "--keep-quantization"])
+    out, err = capsys.readouterr()
+    assert rc == 1 and err.count("\n") == 1 and "FP8 block-scaled" in err
+    assert not (tmp_path / "out2").exists()
+    rc = main(["merge", str(adapter), "--base", str(nf4), "--out", str(tmp_path / "out3"), "--from-quantized", "bogus"])
+    assert rc == 2

@@ -10,9 +10,10 @@ Dequantization is transformers' (integrations/finegrained_fp8.py, `Fp8Dequantize
 blocks, `_dequantize_fp8_weight` for the short last block): `(q.float() * scale.float())` per element in float32,
 then one rounding to the model's dtype.
 
-Re-quantization (`--keep-quantization`) is transformers' `Fp8Quantize._quantize_one` with the same block scheme
-and the scale format of the input: per block `scale_inv = amax / 448` (ue8m0: rounded up to a power of two),
-`q = clamp(w * (1 / scale_inv... ))` as there; see `quantize_rows`.
+Re-quantization (`--keep-quantization`) is transformers' `Fp8Quantize._quantize_one` with the base's block scheme
+and scale dtype: per block `scale = 448 / amax`, `scale_inv = 1 / scale` (ue8m0: rounded up to a power of two,
+bf16/fp16: rounded to that dtype, and `scale` re-derived from the stored value so dequantization multiplies by
+exactly what was divided by), `q = clamp(w * scale, ±448)` in float8; see `quantize`.
 """
 
 from __future__ import annotations
