@@ -136,13 +136,15 @@ def test_untouched_quantized_tensors_are_dequantized_not_copied(dense, tmp_path)
 # --- the format transformers itself writes -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["nf4-double", "fp4", "int8"])
-def test_checkpoint_saved_by_transformers(dense, kind, tmp_path):
+@pytest.mark.parametrize("kind", ["nf4-double", "fp4", "int8", "moe-nf4-double"])
+def test_checkpoint_saved_by_transformers(request, kind, tmp_path):
     """A base loaded with BitsAndBytesConfig and saved by transformers' save_pretrained; the oracle is PEFT's
-    merge into transformers' own `model.dequantize()` of that checkpoint (bitsandbytes kernels underneath)."""
+    merge into transformers' own `model.dequantize()` of that checkpoint (bitsandbytes kernels underneath).
+    transformers 5 quantizes the attention of Qwen3-MoE but leaves its fused experts in 16 bits."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    _, base, adapter = dense
+    _, base, adapter = request.getfixturevalue("moe" if kind.startswith("moe") else "dense")
+    kind = kind.removeprefix("moe-")
     if kind == "int8":
         qc = BitsAndBytesConfig(load_in_8bit=True)
     else:
@@ -157,7 +159,9 @@ def test_checkpoint_saved_by_transformers(dense, kind, tmp_path):
 
     d = tmp_path / "d"  # save_pretrained of a dequantized bnb model raises in transformers 5.23: write the tensors
     d.mkdir()
-    state = {k: v.contiguous() for k, v in reloaded.state_dict().items() if k in set(load_all_tensors(base))}
+    runtime, stored = reloaded.state_dict(), load_all_tensors(q)
+    # dequantized linears from transformers; what it keeps unquantized (fused MoE experts) as stored on disk
+    state = {k: (runtime[k] if k in runtime else stored[k]).contiguous() for k in load_all_tensors(base)}
     save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((q / "config.json").read_text())
     config.pop("quantization_config", None)
