@@ -29,6 +29,7 @@ VARIANTS = {
     "nf4-double": ("nf4", dict(nested=True)),
     "nf4-double-b256": ("nf4", dict(nested=True, blocksize=256)),  # a block longer than a row
     "fp4": ("fp4", {}),
+    "nf4-storage-bf16": ("nf4", dict(quant_storage=torch.bfloat16)),  # bnb_4bit_quant_storage: packed bytes seen as bf16
     "fp4-double-b32": ("fp4", dict(nested=True, blocksize=32)),
     "int8": ("int8", {}),
     "fp8-128": ("fp8", dict(fp8_block=(128, 128))),  # hidden 64 < 128: one short block

@@ -58,6 +58,7 @@ def quantize_checkpoint(
     scale_dtype: torch.dtype = torch.float32,
     scales_apart: bool = False,
     only: str | None = None,
+    quant_storage: torch.dtype = torch.uint8,
 ) -> Path:
     """`scheme`: nf4 | fp4 | int8 | fp8. `only`: regex limiting which weights are quantized."""
     import bitsandbytes.functional as F
@@ -77,7 +78,7 @@ def quantize_checkpoint(
                 out[name] = w
                 continue
             if scheme in ("nf4", "fp4"):
-                q, qs = F.quantize_4bit(w, blocksize=blocksize, quant_type=scheme, compress_statistics=nested)
+                q, qs = F.quantize_4bit(w, blocksize=blocksize, quant_type=scheme, compress_statistics=nested, quant_storage=quant_storage)
                 out[name] = q
                 for k, v in qs.as_dict(packed=True).items():
                     out[f"{name}.{k}"] = v
