@@ -185,3 +185,20 @@ def test_job_resolves_the_original_too(hub, qlora, tmp_path):
     assert outcome.commit
     assert_models_match(local, qlora["expected_original"], max_ulps=0)
     assert 'quantized_base: "alice/base-bnb-4bit"' in (local / "README.md").read_text()
+
+
+def test_gated_original_fails_with_advice_instead_of_silently_dequantizing(hub, qlora, capsys):
+    _seed(hub, {"alice/base": qlora["base"], "alice/base-bnb-4bit": qlora["quantized"]})
+    hub.set_gated("alice/base")
+    carol = "hf_carol_0123456789abcdef"
+    hub.add_user("carol", token=carol)
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("carol/adapter", token=carol)
+    api.upload_folder(repo_id="carol/adapter", folder_path=str(qlora["adapter"]), token=carol)
+    capsys.readouterr()
+    rc = main(["merge", "carol/adapter", "--push-to", "carol/merged", "--token", carol, "-q"])
+    err = capsys.readouterr().err
+    assert rc == 1 and err.count("\n") == 1, err
+    assert "alice/base" in err and "gated" in err and "--from-quantized dequantize" in err
+    rc = main(["merge", "carol/adapter", "--push-to", "carol/merged", "--token", carol, "-q", "--from-quantized", "dequantize"])
+    assert rc == 0, capsys.readouterr().err

@@ -8,7 +8,9 @@ reason, merge-anchors.md b.9), so by default lorafold looks for it:
 1. the quantized repo's model card `base_model` (YAML front matter, a string or a list),
 2. its config.json's name fields (`_name_or_path`, `name_or_path`, as transformers writes them),
 
-and takes the first candidate that exists and is readable. That candidate must be a plain 16-bit checkpoint
+and takes the first candidate that exists (one that exists but cannot be read — gated, no access, the Hub
+unreachable — fails the job with the advice, rather than silently merging into the 4-bit weights). It must be a
+plain 16-bit checkpoint
 whose tensors fit the quantized one (same names; every 4-bit weight's packed size and every other tensor's shape
 match), or the job fails with one line naming the first difference — checked from headers alone, before any
 weight is read. When no candidate exists, or `--from-quantized dequantize` is given, the quantized repo itself is
@@ -58,21 +60,27 @@ def choose_base(hub, repo_id: str, revision: str | None, *, from_quantized: str 
         candidates = original_candidates(_text_file(quantized, "README.md"), config, repo_id)
         tried = []
         for name, where in candidates:
+            original = None
             try:
                 original = hub.source(name, None)
-            except SourceError as exc:
-                tried.append(f"{name} ({where}): {exc}")
-                continue
-            try:
                 check_fits(original, quantized)
-                return BaseChoice(
-                    name, original.revision, quantized=repo_id, quantized_revision=quantized.revision,
-                    note=f"base {repo_id} is bitsandbytes-quantized; merging into its 16-bit original {name}@"
-                    f"{(original.revision or '')[:12]} (named by its {where}; --from-quantized dequantize merges into "
-                    "the dequantized 4-bit weights instead)",
-                )
+            except SourceError as exc:
+                if not _absent(exc):  # it exists but cannot be read now: the user decides, not a silent fallback
+                    raise SourceError(
+                        f"{repo_id} names {name} as its 16-bit original ({where}), which cannot be read: {exc}; "
+                        "fix that, or pass --from-quantized dequantize to merge into the 4-bit weights"
+                    ) from None
+                tried.append(f"{name} ({where}): not found")
+                continue
             finally:
-                original.close()
+                if original is not None:
+                    original.close()
+            return BaseChoice(
+                name, original.revision, quantized=repo_id, quantized_revision=quantized.revision,
+                note=f"base {repo_id} is bitsandbytes-quantized; merging into its 16-bit original {name}@"
+                f"{(original.revision or '')[:12]} (named by its {where}; --from-quantized dequantize merges into "
+                "the dequantized 4-bit weights instead)",
+            )
         why = "; ".join(tried) if tried else "its model card names no base_model and its config no original"
         return BaseChoice(repo_id, quantized.revision, note=f"base {repo_id} is bitsandbytes-quantized and no 16-bit original was found ({why}); dequantizing it as bitsandbytes does")
     finally:
@@ -166,6 +174,15 @@ def _tensors(source: ModelSource) -> dict[str, tuple[str, tuple[int, ...], int]]
         for name, info in read_header(source, files[fname]).tensors.items():
             out[name] = (info.dtype, info.shape, info.nbytes)
     return out
+
+
+def _absent(exc: SourceError) -> bool:
+    """Whether opening a candidate failed because no such repo is visible (as opposed to gated, rate limited,
+    unreachable...). The source maps the client's exception to a line `from None`; its context keeps the type."""
+    from huggingface_hub import errors as hf
+
+    cause = exc.__context__
+    return isinstance(cause, hf.RepositoryNotFoundError) and not isinstance(cause, hf.GatedRepoError)
 
 
 def _is_bitsandbytes(config: dict) -> bool:
