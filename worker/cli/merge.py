@@ -107,7 +107,9 @@ def run_merge_command(args) -> int:
 
             choice = choose_base(hub, base_ref.repo_id, base_ref.revision, from_quantized=args.from_quantized)
             base_ref = Ref(choice.repo_id, repo_id=choice.repo_id, revision=choice.revision)
-        base = open_source(base_ref, hub, stack)
+            if choice.source is not None:
+                stack.callback(choice.source.close)
+        base = choice.source if choice is not None and choice.source is not None else open_source(base_ref, hub, stack)
         if args.push_to:
             sink = hub.sink(args.push_to, private=args.private, overwrite=args.overwrite, create_pr=args.create_pr)
         else:

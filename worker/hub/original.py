@@ -24,7 +24,7 @@ import json
 import math
 import re
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..engine.errors import EngineError, PlanError, SourceError
 from ..engine.io import ModelSource
@@ -44,6 +44,8 @@ class BaseChoice:
     quantized: str | None = None  # the bitsandbytes repo the adapter named, when lorafold merges into its original
     quantized_revision: str | None = None
     note: str | None = None  # one line for the log
+    # the repo already opened (pinned) when the choice is the repo the adapter named: the caller owns and closes it
+    source: ModelSource | None = field(default=None, compare=False, repr=False)
 
 
 def choose_base(hub, repo_id: str, revision: str | None, *, from_quantized: str = "original") -> BaseChoice:
@@ -51,12 +53,16 @@ def choose_base(hub, repo_id: str, revision: str | None, *, from_quantized: str 
     if from_quantized not in FROM_QUANTIZED:
         raise PlanError(f"--from-quantized must be original or dequantize, got {from_quantized!r}")
     quantized = hub.source(repo_id, revision)
+    keep = False
     try:
         config = _json_file(quantized, "config.json")
         if not _is_bitsandbytes(config):
-            return BaseChoice(repo_id, quantized.revision)
+            keep = True
+            return BaseChoice(repo_id, quantized.revision, source=quantized)
         if from_quantized == "dequantize":
-            return BaseChoice(repo_id, quantized.revision, note=f"base {repo_id} is bitsandbytes-quantized; dequantizing it (--from-quantized dequantize)")
+            keep = True
+            return BaseChoice(repo_id, quantized.revision, source=quantized,
+                              note=f"base {repo_id} is bitsandbytes-quantized; dequantizing it (--from-quantized dequantize)")
         candidates = original_candidates(_text_file(quantized, "README.md"), config, repo_id)
         tried = []
         for name, where in candidates:
@@ -82,9 +88,12 @@ def choose_base(hub, repo_id: str, revision: str | None, *, from_quantized: str 
                 "the dequantized 4-bit weights instead)",
             )
         why = "; ".join(tried) if tried else "its model card names no base_model and its config no original"
-        return BaseChoice(repo_id, quantized.revision, note=f"base {repo_id} is bitsandbytes-quantized and no 16-bit original was found ({why}); dequantizing it as bitsandbytes does")
+        keep = True
+        return BaseChoice(repo_id, quantized.revision, source=quantized,
+                          note=f"base {repo_id} is bitsandbytes-quantized and no 16-bit original was found ({why}); dequantizing it as bitsandbytes does")
     finally:
-        quantized.close()
+        if not keep:
+            quantized.close()
 
 
 def original_candidates(card: str | None, config: dict, repo_id: str) -> list[tuple[str, str]]:

@@ -89,7 +89,7 @@ def run_job(
             base_id, base_revision = choice.repo_id, choice.revision
             if choice.note:
                 reporter.log("info", choice.note)
-        base = hub.source(base_id, base_revision)
+        base = choice.source if choice is not None and choice.source is not None else hub.source(base_id, base_revision)
         on_resolved(base_repo=base_id, base_sha=base.revision)
         reporter.log("info", f"adapter {spec.adapter_repo}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
         sink = hub.sink(spec.target_repo, private=spec.private, overwrite=spec.overwrite, create_pr=spec.create_pr, merge_id=spec.job_id)
