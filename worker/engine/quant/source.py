@@ -32,7 +32,7 @@ import torch
 from ..errors import FormatError, SourceError
 from ..io import FileEntry, ModelSource
 from ..safetensors_format import DTYPES, FileHeader, build_header
-from .scheme import QuantScheme
+from .scheme import QuantScheme, quantization_config
 
 INDEX_NAME = "model.safetensors.index.json"
 _SUB_BLOCK = 1 << 20  # elements dequantized at once (~25 MB of temporaries for 4-bit; see bnb.py)
@@ -111,7 +111,7 @@ class QuantizedSource:
         self.parallel_reads = int(getattr(inner, "parallel_reads", 1))
         self.virtuals = virtuals
         self.notes = notes
-        self.quantization_config = config.get("quantization_config")  # for --keep-quantization
+        self.quantization_config = quantization_config(config)  # for --keep-quantization
         self._cache: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
