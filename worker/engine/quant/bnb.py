@@ -128,8 +128,9 @@ def build_4bit(tensors: dict[str, Piece], inner: ModelSource, label: str) -> tup
             raise PlanError(f"{label}: {state_name} is not a bitsandbytes quant state (expected a small uint8 tensor)")
         weights[weight] = (state_name, qt)
     names = list(weights)
-    raw_states = read_small_many(inner, [states[weights[w][0]] for w in names])
-    qmaps = read_small_many(inner, [_side(tensors, w, ".quant_map", label) for w in names])
+    side = [p for name, p in tensors.items() if name.endswith(_SIDE_4BIT) or _STATE in name]
+    raw_states = read_small_many(inner, [states[weights[w][0]] for w in names], side)
+    qmaps = read_small_many(inner, [_side(tensors, w, ".quant_map", label) for w in names], side)
     virtuals: dict[str, Virtual] = {}
     hidden: set[str] = set()
     kinds: dict[str, int] = {}

@@ -263,18 +263,63 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def read_small_many(inner: ModelSource, pieces: list[Piece]) -> list[bytes]:
-    """Plan-time reads of small metadata tensors (bitsandbytes quant states, quant maps), in parallel on a
-    network source: one ranged request each."""
+def read_small_many(
+    inner: ModelSource, pieces: list[Piece], side: list[Piece] = (), gap: int = 64 << 10, span: int = 16 << 20
+) -> list[bytes]:
+    """Plan-time reads of small metadata tensors (bitsandbytes quant states and maps), returned in order.
 
-    def one(p: Piece) -> bytes:
-        buf = bytearray(p.nbytes)
-        if p.nbytes:
-            inner.read_into(p.file, p.offset, memoryview(buf))
-        return bytes(buf)
+    Two wanted pieces are read in one request when the bytes between them (at most `gap`) belong to other
+    quantization side tensors (`side`), never to weight data: transformers writes a shard's float32 side tensors
+    back to back, so all its quant maps come in one ranged GET. The rest run in parallel on a network source."""
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for p in [*pieces, *side]:
+        covered.setdefault(p.file, []).append((p.offset, p.offset + p.nbytes))
+    runs: dict[str, list[tuple[int, int]]] = {}
+    for fname, spans in covered.items():  # maximal runs of back-to-back side tensors
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        runs[fname] = merged
+
+    def run_of(p: Piece) -> int:
+        return bisect.bisect_right([r[0] for r in runs[p.file]], p.offset) - 1
+
+    order = sorted(range(len(pieces)), key=lambda i: (pieces[i].file, pieces[i].offset))
+    groups: list[list[int]] = []
+    for i in order:
+        p = pieces[i]
+        if groups:
+            head = pieces[groups[-1][0]]
+            end = max(pieces[j].offset + pieces[j].nbytes for j in groups[-1])
+            if (
+                p.file == head.file
+                and run_of(p) == run_of(head)
+                and p.offset - end <= gap
+                and p.offset + p.nbytes - head.offset <= span
+            ):
+                groups[-1].append(i)
+                continue
+        groups.append([i])
+
+    def one(group: list[int]) -> list[tuple[int, bytes]]:
+        start = pieces[group[0]].offset
+        end = max(pieces[j].offset + pieces[j].nbytes for j in group)
+        buf = bytearray(end - start)
+        if buf:
+            inner.read_into(pieces[group[0]].file, start, memoryview(buf))
+        return [(j, bytes(buf[pieces[j].offset - start : pieces[j].offset - start + pieces[j].nbytes])) for j in group]
 
     workers = max(1, int(getattr(inner, "parallel_reads", 1)))
-    if workers == 1 or len(pieces) < 2:
-        return [one(p) for p in pieces]
-    with ThreadPoolExecutor(workers, thread_name_prefix="lorafold-quant-meta") as pool:
-        return list(pool.map(one, pieces))
+    if workers == 1 or len(groups) < 2:
+        results = [one(g) for g in groups]
+    else:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lorafold-quant-meta") as pool:
+            results = list(pool.map(one, groups))
+    out: list[bytes] = [b""] * len(pieces)
+    for result in results:
+        for j, data in result:
+            out[j] = data
+    return out
