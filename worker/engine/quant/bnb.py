@@ -83,6 +83,15 @@ class Bnb4(Virtual):
         scale = absmax.repeat_interleave(bs)[e0 - k0 * bs : e0 - k0 * bs + n]
         return (vals * scale).to(_torch(self.dtype))
 
+    def needs(self, e0: int, e1: int) -> list[tuple[Piece, int, int]]:
+        k0, k1 = e0 // self.blocksize, (e1 - 1) // self.blocksize + 1
+        out = [(self.weight, e0 // 2, (e1 + 1) // 2 - e0 // 2)]
+        if self.nested is None:
+            return out + [(self.absmax, 4 * k0, 4 * (k1 - k0))]
+        nbs = self.nested[2]
+        j0, j1 = k0 // nbs, (k1 - 1) // nbs + 1
+        return out + [(self.absmax, k0, k1 - k0), (self.nested[0], 4 * j0, 4 * (j1 - j0))]
+
     def _absmax(self, src: QuantizedSource, k0: int, k1: int) -> torch.Tensor:
         if self.nested is None:
             return src.read(self.absmax, 4 * k0, 4 * (k1 - k0)).view(torch.float32)
@@ -101,6 +110,10 @@ class Int8(Virtual):
         self.weight, self.scb = weight, scb
         self.unit = shape[1]
         self.kind = "bnb-int8"
+
+    def needs(self, e0: int, e1: int) -> list[tuple[Piece, int, int]]:
+        r0, r1 = e0 // self.shape[1], e1 // self.shape[1]
+        return [(self.weight, r0 * self.shape[1], (r1 - r0) * self.shape[1]), (self.scb, 4 * r0, 4 * (r1 - r0))]
 
     def values(self, src: QuantizedSource, e0: int, e1: int) -> torch.Tensor:
         cols = self.shape[1]

@@ -44,6 +44,16 @@ class Fp8(Virtual):
         self.unit = self.cols
         self.kind = "fp8"
 
+    def _scale_rows(self, g0: int, g1: int) -> tuple[int, int]:
+        R, bn = self.rows, self.block[0]
+        return (g0 // R) * self.srows + (g0 % R) // bn, ((g1 - 1) // R) * self.srows + ((g1 - 1) % R) // bn + 1
+
+    def needs(self, e0: int, e1: int) -> list[tuple[Piece, int, int]]:
+        g0, g1 = e0 // self.cols, e1 // self.cols
+        s0, s1 = self._scale_rows(g0, g1)
+        isz = self.scale.nbytes // max(1, self.scale.numel)
+        return [(self.weight, g0 * self.cols, (g1 - g0) * self.cols), (self.scale, s0 * self.scols * isz, (s1 - s0) * self.scols * isz)]
+
     def values(self, src: QuantizedSource, e0: int, e1: int) -> torch.Tensor:
         C, R, bn, bk = self.cols, self.rows, self.block[0], self.block[1]
         g0, g1 = e0 // C, e1 // C  # rows of the tensor seen as (L * rows, cols)

@@ -80,6 +80,10 @@ class Virtual:
     def values(self, src: QuantizedSource, e0: int, e1: int) -> torch.Tensor:
         raise NotImplementedError
 
+    def needs(self, e0: int, e1: int) -> list[tuple[Piece, int, int]]:
+        """The byte ranges (piece, offset, length) of the real tensors that `values(e0, e1)` reads."""
+        raise NotImplementedError
+
 
 @dataclass
 class _VFile:
@@ -115,6 +119,7 @@ class QuantizedSource:
         self._cache: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
         self._cache_bytes = 0
         self._lock = threading.Lock()
+        self._window = threading.local()  # the raw bytes of the range a reader thread is dequantizing
         self._files: dict[str, _VFile] = {}
         weight_map: dict[str, str] = {}
         for fname in weight_names:
@@ -201,13 +206,23 @@ class QuantizedSource:
         e0 = (b0 // isz) // u * u
         e1 = min(v.numel, _ceil(_ceil(b1, isz), u) * u)
         step = max(u, _SUB_BLOCK // u * u)
-        for s0 in range(e0, e1, step):
-            s1 = min(e1, s0 + step)
-            vals = v.values(self, s0, s1)
-            raw = vals.contiguous().view(torch.uint8).numpy()
-            lo, hi = max(b0, s0 * isz), min(b1, s1 * isz)
-            if lo < hi:
-                dst[lo - b0 : hi - b0] = memoryview(raw)[lo - s0 * isz : hi - s0 * isz]
+        # One read per real tensor for the whole range (a ranged GET each on the Hub, not one per sub-block); the
+        # raw bytes are a fraction of the dequantized ones, so this costs less memory than the output chunk.
+        window = {}
+        for piece, offset, nbytes in v.needs(e0, e1):
+            if piece.nbytes > _SMALL and nbytes > 0:
+                window[piece.name] = (offset, self.read(piece, offset, nbytes))
+        self._window.pieces = window
+        try:
+            for s0 in range(e0, e1, step):
+                s1 = min(e1, s0 + step)
+                vals = v.values(self, s0, s1)
+                raw = vals.contiguous().view(torch.uint8).numpy()
+                lo, hi = max(b0, s0 * isz), min(b1, s1 * isz)
+                if lo < hi:
+                    dst[lo - b0 : hi - b0] = memoryview(raw)[lo - s0 * isz : hi - s0 * isz]
+        finally:
+            self._window.pieces = None
 
     def fetch(self, path: str, dest: Path) -> None:
         small = self._small_files.get(path)
@@ -235,6 +250,11 @@ class QuantizedSource:
             raise FormatError(f"{self.label}: read of {piece.name} bytes {offset}-{offset + nbytes} is outside its {piece.nbytes} bytes")
         if piece.nbytes <= _SMALL:
             return self.whole(piece)[offset : offset + nbytes]
+        window = getattr(self._window, "pieces", None)
+        if window and piece.name in window:
+            start, data = window[piece.name]
+            if start <= offset and offset + nbytes <= start + data.numel():
+                return data[offset - start : offset - start + nbytes]
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             self.inner.read_into(piece.file, piece.offset + offset, memoryview(buf.numpy()))
