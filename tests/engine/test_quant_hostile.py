@@ -14,7 +14,7 @@ import torch
 from tests.support.models import make_adapter, make_base
 from tests.support.quant_models import quantize_checkpoint
 
-pytestmark = pytest.mark.xdist_group("quant")
+pytestmark = pytest.mark.xdist_group("quant-hostile")
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 

@@ -21,7 +21,7 @@ import torch
 from tests.support.models import assert_models_match, load_all_tensors, make_adapter, make_base, peft_merge
 from tests.support.quant_models import oracle_dequantize, quantize_checkpoint
 
-pytestmark = pytest.mark.xdist_group("quant")
+pytestmark = pytest.mark.xdist_group("quant-parity")
 
 # name -> (scheme, quantize_checkpoint kwargs)
 VARIANTS = {

@@ -18,7 +18,7 @@ from tests.support.models import assert_models_match, make_adapter, make_base, p
 from tests.support.quant_models import oracle_dequantize, quantize_checkpoint
 from worker.cli import main
 
-pytestmark = pytest.mark.xdist_group("quant")
+pytestmark = pytest.mark.xdist_group("quant-hub")
 
 
 @pytest.fixture(scope="module")
