@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--private", action="store_true", help="create the --push-to repo as private")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder / commit on a --push-to repo with weights")
     m.add_argument("--create-pr", action="store_true", help="with --push-to and --overwrite: open a pull request instead of committing to main")
+    m.add_argument("--from-quantized", choices=["original", "dequantize"], default="original",
+                   help="when the adapter's base is a bitsandbytes repo: merge into its 16-bit original (default) or into its dequantized weights")
+    m.add_argument("--keep-quantization", action="store_true",
+                   help="FP8 block-scaled base: write the merged model back in FP8 with the base's block scheme")
     m.add_argument("--verify", action="store_true", help="probe every merged tensor with a random vector and report the worst error")
     m.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the huggingface_hub login)")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no notes")

@@ -100,23 +100,42 @@ def run_merge_command(args) -> int:
                 hub = HubClient.from_user(token)
         else:
             base_ref = parse_ref(base_text, args.base_revision, "base")
-        base = open_source(base_ref, hub, stack)
+        choice = None
+        if args.base is None and base_ref.is_hub:  # a QLoRA adapter naming a 4-bit repo: find its 16-bit original
+            from ..hub.original import choose_base
+            from ..locations import Ref
+
+            choice = choose_base(hub, base_ref.repo_id, base_ref.revision, from_quantized=args.from_quantized)
+            base_ref = Ref(choice.repo_id, repo_id=choice.repo_id, revision=choice.revision)
+            if choice.source is not None:
+                stack.callback(choice.source.close)
+        base = choice.source if choice is not None and choice.source is not None else open_source(base_ref, hub, stack)
         if args.push_to:
             sink = hub.sink(args.push_to, private=args.private, overwrite=args.overwrite, create_pr=args.create_pr)
         else:
             forbidden = tuple(p for p in (adapter_ref.path, base_ref.path) if p is not None)
             sink = LocalDirSink(args.out, overwrite=args.overwrite, forbidden=forbidden)
+        if args.keep_quantization:
+            from ..engine.quant import keep_quantization
+
+            base, sink = keep_quantization(sink, base)
         lineage = Lineage(
             base_ref.repo_id or str(base_ref.path), base.revision, adapter_ref.repo_id or str(adapter_ref.path),
             adapter.revision, base_ref.is_hub, adapter_ref.is_hub,
+            quantized_base=choice.quantized if choice else None,
+            quantized_base_revision=choice.quantized_revision if choice else None,
         )
         reporter = TerminalReporter(args.quiet, args.verbose)
+        if choice is not None and choice.note:
+            reporter.log("info", choice.note)
         try:
             result = merge(base, adapter, sink, options, reporter, lineage=lineage)
         finally:
             reporter.close()
     dest = result.result.get("url", "")
     verify = f" Worst --verify relative error: {result.max_verify_error:.3g}." if result.max_verify_error is not None else ""
+    if args.keep_quantization:
+        verify += " " + sink.summary()
     print(
         f"Merged {lineage.adapter} into {lineage.base} -> {dest} in {result.seconds:.1f} s on {result.device}: "
         f"{result.tensors} tensors ({result.tensors_merged} changed) in {result.shards} shard(s); "

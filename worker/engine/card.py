@@ -29,6 +29,9 @@ class Lineage:
     adapter_revision: str | None
     base_is_hub: bool
     adapter_is_hub: bool
+    # the bitsandbytes repo the adapter named, when lorafold merged into its 16-bit original (worker/hub/original.py)
+    quantized_base: str | None = None
+    quantized_base_revision: str | None = None
 
 
 def front_matter(text: str) -> dict[str, str]:
@@ -76,6 +79,10 @@ def build_card(lineage: Lineage, settings: dict, adapter_summary: dict, base_car
     lines.append(f"  base: {_yaml_str(lineage.base)}")
     if lineage.base_revision:
         lines.append(f"  base_revision: {_yaml_str(lineage.base_revision)}")
+    if lineage.quantized_base:
+        lines.append(f"  quantized_base: {_yaml_str(lineage.quantized_base)}")
+        if lineage.quantized_base_revision:
+            lines.append(f"  quantized_base_revision: {_yaml_str(lineage.quantized_base_revision)}")
     lines.append("---")
 
     def ref(name: str, rev: str | None, hub: bool) -> str:
@@ -90,6 +97,15 @@ def build_card(lineage: Lineage, settings: dict, adapter_summary: dict, base_car
         f"folded into its base model {ref(lineage.base, lineage.base_revision, lineage.base_is_hub)}: a standalone "
         "model that loads with `transformers` (or vLLM, llama.cpp conversion...) without PEFT.",
         "",
+    ]
+    if lineage.quantized_base:
+        body += [
+            f"The adapter names the quantized model {ref(lineage.quantized_base, lineage.quantized_base_revision, True)} "
+            "as its base; lorafold merged it into that model's 16-bit original named above, not into the "
+            "dequantized quantized weights.",
+            "",
+        ]
+    body += [
         f"It was merged by [lorafold]({LORAFOLD_URL}) {version}, which streams the base tensor by tensor, computes "
         "`W' = W + ΔW` in float32 and rounds once to the base dtype, reproducing PEFT's `merge_and_unload()`.",
         "",

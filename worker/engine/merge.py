@@ -17,6 +17,7 @@ from .files import SkippedFile
 from .io import ModelSink, ModelSource, NullReporter, Progress, Reporter
 from .memory import MemorySampler, peak_rss_bytes, pin_malloc_threshold
 from .plan import INDEX_NAME, MergeOptions, MergePlan, plan_merge
+from .quant import describe as describe_quantized
 
 VERSION = "0.1.0"
 
@@ -208,6 +209,8 @@ def _write_card(plan: MergePlan, sink: ModelSink, lineage: Lineage | None, devic
         "shards": "base layout" if plan.options.max_shard_size is None else f"max {plan.options.max_shard_size} bytes",
         "tensors changed": len(plan.merged),
     }
+    if (quantized := describe_quantized(plan.base)) is not None:  # a quantized base, dequantized (engine/quant)
+        settings["base quantization"] = quantized
     text = build_card(lineage, settings, plan.spec.summary(), base_card, VERSION, skipped=plan.skipped_files)
     path = sink.work_dir / "README.md"
     path.write_text(text)

@@ -14,6 +14,7 @@ from .errors import AdapterSpecError, FormatError, PlanError, SourceError
 from .files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SkippedFile, check_name, not_copied_reason
 from .io import FileEntry, ModelSource
 from .mapping import AdapterMapper
+from .quant import present_as_16bit
 from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
 from .spec import CONFIG_NAME, AdapterSpec
 from .tensors import AdapterWeights, read_header
@@ -199,6 +200,7 @@ def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[
 
 def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | None = None) -> MergePlan:
     options = options or MergeOptions()
+    base = present_as_16bit(base)  # a quantized base is read as the 16-bit model it stands for (engine/quant)
     spec, weights_entry = load_spec(adapter)
     adapter_weights = AdapterWeights(adapter, weights_entry)
 
@@ -256,7 +258,7 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     if override:
         config_patch["dtype"] = options.dtype
     copy_files, skipped = files_to_copy(files, set(weight_names) | {INDEX_NAME}, options.max_copy_bytes)
-    notes = list(mapping.notes)  # the skipped files are told apart, as warnings (merge.py)
+    notes = list(getattr(base, "notes", ())) + list(mapping.notes)  # the skipped files are told apart, as warnings (merge.py)
     return MergePlan(
         spec=spec,
         options=options,

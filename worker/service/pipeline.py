@@ -20,6 +20,7 @@ from ..engine import Lineage, MergeOptions, merge
 from ..engine.errors import EngineError, OutputError, SourceError
 from ..engine.plan import load_spec
 from ..hub import HubClient
+from ..hub.original import choose_base
 from ..hub.sink import MARKER, rule_claim
 from ..jobs.store import RunSpec
 from ..locations import check_revision, is_repo_id
@@ -89,7 +90,16 @@ def run_job(
             base_id, base_revision = _config_base(spec, adapter_spec.base_model_name_or_path)
         if spec.rule_id is not None:
             _check_rule_target(spec, base_id)
-        base = hub.source(base_id, check_revision(base_revision, "base"))
+        base_revision = check_revision(base_revision, "base")
+        choice = None
+        if spec.rule_id is None and not spec.base_repo:
+            # A QLoRA adapter naming a 4-bit repo: merge into its 16-bit original (hub/original.py). Never for a
+            # rule's job: its token reads only the base the owner named (a quantized one is dequantized instead).
+            choice = choose_base(hub, base_id, base_revision)
+            base_id, base_revision = choice.repo_id, choice.revision
+            if choice.note:
+                reporter.log("info", choice.note)
+        base = choice.source if choice is not None and choice.source is not None else hub.source(base_id, base_revision)
         on_resolved(base_repo=base_id, base_sha=base.revision)
         reporter.log("info", f"adapter {spec.adapter_repo}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
         if spec.rule_id is not None:
@@ -107,7 +117,9 @@ def run_job(
             sink,
             options,
             reporter,
-            lineage=Lineage(base_id, base.revision, spec.adapter_repo, adapter.revision, True, True),
+            lineage=Lineage(base_id, base.revision, spec.adapter_repo, adapter.revision, True, True,
+                            quantized_base=choice.quantized if choice else None,
+                            quantized_base_revision=choice.quantized_revision if choice else None),
             commit_message=f"Merge {spec.adapter_repo}@{adapter.revision[:7]} into {base_id}",
             commit_description=f"Merged by lorafold job {spec.job_id}: adapter {spec.adapter_repo}@{adapter.revision}, "
             f"base {base_id}@{base.revision}.",
