@@ -290,7 +290,7 @@ def test_jobs_in_someone_elses_user_namespace_cannot_be_retried_by_others(client
 
 
 def test_a_rule_job_retried_by_its_owner_uses_their_current_token_not_the_rules(client, db, box_for_app):
-    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
     from .seeding import push_payload
 
     hook = client.post(f"/hooks/hub/{rule['id']}", json=push_payload("alice/r-lora", "c" * 40),
@@ -352,7 +352,7 @@ def test_webhook_rate_limit_per_rule_and_wrong_secrets_per_address(make_app, rel
     rec = reliability("a rule's webhook URL gets 10 deliveries at once; a stranger floods it with wrong secrets",
                       "deliveries over LORAFOLD_HOOK_RATE_LIMIT get 429; wrong secrets never use the rule's budget")
     client = make_app(hook_rate_limit="3/minute", public_rate_limit="5/minute").test_client()
-    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
     url = f"/hooks/hub/{rule['id']}"
     stranger = {"REMOTE_ADDR": "203.0.113.9"}  # the Hub delivers from its own addresses
     wrong = [client.post(url, json=push_payload("alice/a-lora", "d" * 40), headers={"X-Webhook-Secret": "nope"},
@@ -361,7 +361,7 @@ def test_webhook_rate_limit_per_rule_and_wrong_secrets_per_address(make_app, rel
     codes = [client.post(url, json=push_payload("alice/a-lora", f"{i:040x}"), headers={"X-Webhook-Secret": rule["secret"]})
              .status_code for i in range(5)]
     assert codes[:3] == [202, 202, 202] and codes[3:] == [429, 429], codes
-    other = client.post("/api/v1/rules", json={"watch": "alice/other-lora"}, headers=bearer(ALICE)).json
+    other = client.post("/api/v1/rules", json={"watch": "alice/other-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
     r = client.post(f"/hooks/hub/{other['id']}", json=push_payload("alice/other-lora", "e" * 40),
                     headers={"X-Webhook-Secret": other["secret"]})
     assert r.status_code == 202  # another rule has its own budget
@@ -376,7 +376,7 @@ def test_webhook_deliveries_respect_the_queued_cap_but_duplicates_pass(make_app,
                       "429 with Retry-After (the Hub retries later); a duplicate of a received push still 202")
 
     client = make_app(max_queued_per_owner=1).test_client()
-    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
     send = lambda sha: client.post(f"/hooks/hub/{rule['id']}", json=push_payload("alice/q-lora", sha),  # noqa: E731
                                    headers={"X-Webhook-Secret": rule["secret"]})
     assert send("1" * 40).status_code == 202

@@ -136,7 +136,7 @@ PATHOLOGICAL = {
 
 @pytest.fixture
 def door_urls(client):
-    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora"}, headers=bearer(ALICE)).json
+    rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
     hook = f"/hooks/hub/{rule['id']}"
     return {
         "/api/v1/jobs": ("/api/v1/jobs", bearer(ALICE)),
