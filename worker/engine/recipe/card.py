@@ -25,6 +25,7 @@ class CardInput:
     revision: str | None  # the commit sha read (Hub), None for a folder
     is_hub: bool
     role: str  # "base", "model" or "adapter"
+    parameters: str = ""  # the input's own recipe parameters (JSON), shown next to it
 
 
 def _pinned(text: str, pins: dict[str, str]) -> str:
@@ -75,18 +76,20 @@ def build_recipe_card(recipe: Recipe, inputs: Sequence[CardInput], seed: int | N
         "",
         "# Merged model",
         "",
-        f"This model was made by [lorafold]({LORAFOLD_URL}) {version} with the `{recipe.method}` method. Every input "
+        f"This model was made by [lorafold]({LORAFOLD_URL}) {version} with the `{recipe.method}` method "
+        "(lorafold computes it exactly as written here; mergekit rounds to the recipe's dtype at each step). Every input "
         "was streamed tensor by tensor (LoRA adapters folded on the fly), combined in float32 and rounded once to "
         "the output dtype.",
         "",
         "## Inputs",
         "",
-        "| role | input | revision |",
-        "|---|---|---|",
+        "| role | input | revision | parameters |",
+        "|---|---|---|---|",
     ]
     for i in inputs:
         rev = _code(i.revision) if i.revision else "local folder"
-        body.append(f"| {i.role} | {_code(i.text)} | {rev} |")
+        params = _code(i.parameters) if i.parameters else ""
+        body.append(f"| {i.role} | {_code(i.text)} | {rev} | {params} |")
     body += ["", "## Method and parameters", "", "| setting | value |", "|---|---|", f"| merge_method | {_code(recipe.method)} |"]
     for key, value in recipe.parameters.items():
         body.append(f"| {_code(key)} | {_code(json.dumps(value))} |")
