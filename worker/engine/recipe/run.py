@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .. import __getattr__ as _engine_export
 from ..errors import Cancelled, EngineError
 from ..execute import Executor, select_device
 from ..io import ModelSink, ModelSource, NullReporter, Progress, Reporter
@@ -22,6 +23,11 @@ from .card import CardInput, build_recipe_card
 from .planner import OpenedRef, plan_adapter_sum, plan_recipe
 from .recipe import Recipe, recipe_for_adapters
 from .source import InputModel
+
+# Loading the submodule `worker.engine.merge` binds the package attribute `merge` to the module, but the package
+# exports the function of that name (worker/engine/__init__.py): bind it back, or `from worker.engine import merge`
+# imported after this module would get the module.
+_engine_export("merge")
 
 #: DARE's default seed (`--seed`): the same recipe and seed give the same bytes
 DEFAULT_SEED = 0
