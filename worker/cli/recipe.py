@@ -39,7 +39,7 @@ def dispatch(args) -> int | None:
                 raise UsageError(f"{flag} cannot be used with --recipe (write ID@REVISION in the recipe)")
         return run_recipe_command(args, seed)
     if not adapters:
-        raise UsageError("missing ADAPTER (or --recipe RECIPE.yaml)")
+        raise UsageError("the following arguments are required: adapter (or --recipe RECIPE.yaml)")
     parsed = [parse_weighted_adapter(a) for a in adapters]
     if seed is not None:
         raise UsageError("--seed is for recipes with a DARE method (--recipe)")
