@@ -22,11 +22,16 @@ import torch
 _SLERP_CHUNK = 1024 * 1024
 
 
-def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool) -> torch.Tensor:
-    """Σ w_i x_i, divided by Σ w_i when normalize (the sum first, then one division, as mergekit does)."""
+def linear(xs: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ w_i x_i, divided by Σ w_i when normalize (the sum first, then one division, as mergekit does).
+
+    mergekit starts from zeros and adds x_i·w_i one by one; 0 + round(x_0·w_0) is round(x_0·w_0), so the first
+    term is a plain product here (one pass fewer). `out` may be the caller's float32 buffer."""
     w = torch.tensor(list(weights), dtype=torch.float32, device=xs[0].device)
-    result = torch.zeros_like(xs[0])
-    for x, c in zip(xs, w.unbind(0), strict=True):
+    cs = w.unbind(0)
+    result = torch.mul(xs[0], cs[0], out=out) if out is not None else xs[0] * cs[0]
+    for x, c in zip(xs[1:], cs[1:], strict=True):
         result.addcmul_(x, c)
     if normalize:
         result.div_(w.sum())

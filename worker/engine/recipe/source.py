@@ -13,6 +13,7 @@ output chunk.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,16 @@ class InputModel:
         self.plan = plan  # plan_merge(source, adapter) for model+adapter inputs
         self.adapter = adapter
         self._ctx: Ctx | None = None
+        self._bufs: dict[str, torch.Tensor] = {}
         self.bytes_read = 0
+
+    def _buffer(self, key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reused CPU buffer of at least n elements: the hot loop allocates nothing (fresh large allocations
+        cost page faults on every chunk, more than the arithmetic)."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[key] = torch.empty(max(n, 1), dtype=dtype)
+        return buf[:n]
 
     def ops(self, name: str) -> tuple[Op, ...]:
         return self.plan.tensors[name].ops if self.plan is not None else ()
@@ -53,18 +63,38 @@ class InputModel:
         return self._ctx
 
     def rows(self, name: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
-        """Rows [r0, r1) of tensor `name` in float32 on `device`, the adapter folded in (float32, unrounded)."""
+        """Rows [r0, r1) of tensor `name` in float32 on `device`, the adapter folded in (float32, unrounded).
+
+        On the CPU the result lives in this input's reused buffer: valid until the next call. (Converting to float32
+        first is faster than letting the arithmetic read bf16: torch's mixed-dtype kernels are not vectorised.)"""
         slot = self.slots[name]
         n_rows = slot.shape[0] if slot.shape else 1
         row_bytes = slot.nbytes // max(1, n_rows)
         nbytes = (r1 - r0) * row_bytes
-        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
-        if nbytes:
-            self.source.read_into(slot.file, slot.offset + r0 * row_bytes, as_view(buf, nbytes))
-            self.bytes_read += nbytes
         shape = (r1 - r0, *slot.shape[1:]) if slot.shape else (1,)
-        x = interpret(buf, slot.dtype, shape).to(device=device, dtype=torch.float32, copy=True)
+        mapper = getattr(self.source, "map_range", None)
+        handle = None
+        if mapper is not None and nbytes and device.type == "cpu":
+            # a local file: converted straight from the page cache (no copy into a read buffer first)
+            view, handle = mapper(slot.file, slot.offset + r0 * row_bytes, nbytes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a copy-on-write mapping: torch never writes into it
+                raw = torch.frombuffer(view, dtype=torch.uint8)
+        else:
+            raw = self._buffer("raw", max(nbytes, 1), torch.uint8)
+            if nbytes:
+                self.source.read_into(slot.file, slot.offset + r0 * row_bytes, as_view(raw, nbytes))
+        self.bytes_read += nbytes
+        src = interpret(raw, slot.dtype, shape)
         ops = self.ops(name)
+        if device.type == "cpu":
+            x = self._buffer("f32", src.numel(), torch.float32).view(shape)
+            x.copy_(src)
+        else:
+            x = src.to(device=device, dtype=torch.float32)
+        if handle is not None:
+            del src, raw
+            self.source.release_range(handle)  # drop the pages from this process: RSS stays one chunk per input
         if ops:
             ctx = self.ctx(device)
             ctx.keep_only({k for op in ops for k in op.keys()})
@@ -114,11 +144,13 @@ class Combine(Op):
 
     def apply(self, w, r0, r1, ctx, dtype):
         device = w.device
-        xs = [inp.rows(self.name, r0, r1, device) for inp in self.inputs]
         a = self.args
         if a.method == "linear":
-            out = methods.linear(xs, a.weights, a.normalize)
-        elif a.method == "slerp":
+            xs = [inp.rows(self.name, r0, r1, device) for inp in self.inputs]
+            methods.linear(xs, a.weights, a.normalize, out=w.view(xs[0].shape))
+            return
+        xs = [inp.rows(self.name, r0, r1, device) for inp in self.inputs]
+        if a.method == "slerp":
             out = methods.slerp(a.t, xs[0], xs[1])
         else:
             base, others = xs[0], xs[1:]
