@@ -109,9 +109,17 @@ def run_recipe_command(args, seed: int | None) -> int:
 
             hub = HubClient.from_user(args.token or None)
         refs, cards, local = {}, [], []
+        sources: dict = {}  # one source per location: a base that is also `base+adapter` is read once
+
+        def opened(ref):
+            key = (ref.repo_id, ref.revision, str(ref.path))
+            if key not in sources:
+                sources[key] = open_source(ref, hub, stack)
+            return sources[key]
+
         for inp, model, adapter in resolved:
-            msrc = open_source(model, hub, stack)
-            asrc = open_source(adapter, hub, stack) if adapter is not None else None
+            msrc = opened(model)
+            asrc = opened(adapter) if adapter is not None else None
             refs[inp.ref.text] = OpenedRef(inp.ref.text, msrc, asrc)
             role = "base" if inp.is_base else "model"
             params = json.dumps(inp.parameters, sort_keys=True) if inp.parameters else ""
@@ -119,6 +127,7 @@ def run_recipe_command(args, seed: int | None) -> int:
             if adapter is not None:
                 cards.append(CardInput(adapter.repo_id or adapter.text, asrc.revision, adapter.is_hub, "adapter"))
             local += [r.path for r in (model, adapter) if r is not None and r.path is not None]
+        cards.sort(key=lambda c: c.role != "base")  # the base first in the card (and in its base_model list)
         sink = _sink(args, hub, local)
         reporter = TerminalReporter(args.quiet, args.verbose)
         try:

@@ -74,10 +74,13 @@ def _scan(source: ModelSource, what: str) -> tuple[_Layout, dict[str, BaseSlot]]
     return _Layout(files, weight_names, sharded, headers, config), slots
 
 
-def open_input(ref: OpenedRef, options: MergeOptions) -> tuple[InputModel, _Layout]:
-    layout, slots = _scan(ref.model, ref.text.partition("+")[0])
+def open_input(ref: OpenedRef, options: MergeOptions, shared: dict | None = None) -> tuple[InputModel, _Layout]:
+    scans = shared.setdefault("scans", {}) if shared is not None else {}
+    if id(ref.model) not in scans:  # a model shared by two inputs has its headers read once
+        scans[id(ref.model)] = _scan(ref.model, ref.text.partition("+")[0])
+    layout, slots = scans[id(ref.model)]
     if ref.adapter is None:
-        return InputModel(ref.text, ref.model, slots), layout
+        return InputModel(ref.text, ref.model, slots, shared=shared), layout
     plan = plan_merge(ref.model, ref.adapter, MergeOptions(max_copy_bytes=options.max_copy_bytes))
     for name, t in plan.tensors.items():
         if t.source is None or t.shape != t.source.shape:
@@ -85,7 +88,7 @@ def open_input(ref: OpenedRef, options: MergeOptions) -> tuple[InputModel, _Layo
                 f"recipe input {ref.text}: the adapter adds or resizes tensor {name} (a resized vocabulary or an untied "
                 "head); fold it alone first, then merge the result"
             )
-    return InputModel(ref.text, ref.model, slots, plan, ref.adapter), layout
+    return InputModel(ref.text, ref.model, slots, plan, ref.adapter, shared=shared), layout
 
 
 def _names(names: Sequence[str]) -> str:
@@ -159,8 +162,9 @@ def plan_recipe(recipe: Recipe, refs: dict[str, OpenedRef], options: MergeOption
         order.sort(key=lambda i: not i.is_base)
     opened: list[InputModel] = []
     layouts = {}
+    shared: dict = {}
     for inp in order:
-        model, layout = open_input(refs[inp.ref.text], options)
+        model, layout = open_input(refs[inp.ref.text], options, shared)
         opened.append(model)
         layouts[inp.ref.text] = layout
     check_same_tensors(opened)

@@ -53,7 +53,7 @@ def merge_recipe(
     def card(plan: MergePlan) -> str:
         return build_recipe_card(recipe, card_inputs, seed, _base_card_head(plan.base), VERSION, plan.skipped_files)
 
-    sources = [s for r in refs.values() for s in (r.model, r.adapter) if s is not None]
+    sources = list({id(s): s for r in refs.values() for s in (r.model, r.adapter) if s is not None}.values())
     message = commit_message or f"Merge {len(recipe.inputs)} models ({recipe.method}) with lorafold"
     return _run(planner, card, sink, options, reporter, sources, message)
 

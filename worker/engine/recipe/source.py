@@ -32,9 +32,12 @@ class InputModel:
     """One input of a recipe: tensor slots of a model, plus the folding plan of its adapter when it has one."""
 
     def __init__(self, label: str, source: ModelSource, slots: dict[str, BaseSlot], plan: MergePlan | None = None,
-                 adapter: ModelSource | None = None):
+                 adapter: ModelSource | None = None, shared: dict | None = None):
         self.label = label
         self.source = source
+        # inputs reading the same source (the base, and the base with an adapter folded in) share the chunk last
+        # read from it: a Hub base is fetched once, not once per input
+        self._shared = shared if shared is not None else {}
         self.slots = slots
         self.plan = plan  # plan_merge(source, adapter) for model+adapter inputs
         self.adapter = adapter
@@ -81,9 +84,16 @@ class InputModel:
                 warnings.simplefilter("ignore")  # a copy-on-write mapping: torch never writes into it
                 raw = torch.frombuffer(view, dtype=torch.uint8)
         else:
-            raw = self._buffer("raw", max(nbytes, 1), torch.uint8)
-            if nbytes:
-                self.source.read_into(slot.file, slot.offset + r0 * row_bytes, as_view(raw, nbytes))
+            key = (slot.file, slot.offset + r0 * row_bytes, nbytes)
+            hit = self._shared.get(id(self.source))
+            if hit is not None and hit[0] == key:
+                raw = hit[1]  # read by another input of this chunk (valid until that input's next read)
+                nbytes = 0
+            else:
+                raw = self._buffer("raw", max(key[2], 1), torch.uint8)
+                if key[2]:
+                    self.source.read_into(slot.file, key[1], as_view(raw, key[2]))
+                self._shared[id(self.source)] = (key, raw)
         self.bytes_read += nbytes
         src = interpret(raw, slot.dtype, shape)
         ops = self.ops(name)
