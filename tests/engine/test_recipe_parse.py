@@ -90,6 +90,10 @@ def test_out_dtype_wins_over_dtype():
         ("merge_method: linear\nmodels: []\n", "models must be a non-empty list"),
         ("merge_method: linear\nmodels: [a]\nparameters: {weight: [{filter: mlp, value: 1, other: 2}]}\n", "a condition has keys filter and value"),
         ("!!python/object/apply:os.system [echo]\n", "not valid YAML"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: [{value: [{value: 1}]}]}\n", "weight must be a number"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: [1, {value: 1}]}\n", "mixes conditions and plain values"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: [[1, 2]]}\n", "weight must be a number"),
+        ("merge_method: linear\nmodels: [a]\nparameters: {weight: [" + ", ".join(["1"] * 300) + "]}\n", "a gradient has 1 to 256 values"),
     ],
 )
 def test_bad_recipes_fail_with_one_line(text, message):
@@ -98,6 +102,20 @@ def test_bad_recipes_fail_with_one_line(text, message):
     assert message in str(err.value)
     assert "\n" not in str(err.value)
     assert isinstance(err.value, EngineError)
+
+
+def test_yaml_aliases_cannot_blow_up():
+    """Aliases repeat a value without copying it; what the card later writes out (JSON) is still bounded, because
+    conditions cannot nest and lists are at most 256 long."""
+    import json
+
+    gradient = "[" + ", ".join(["0.5"] * 256) + "]"
+    conds = ", ".join([f"{{value: &g {gradient}}}"] + ["{value: *g}"] * 255)
+    r = parse_recipe(f"merge_method: linear\nmodels: [a]\nparameters:\n  weight: [{conds}]\n")
+    assert len(json.dumps(r.parameters)) < 2_000_000
+    deeper = "merge_method: linear\nmodels: [a]\nparameters:\n  weight: [{value: &c [{value: 1}]}, {value: *c}]\n"
+    with pytest.raises(RecipeError, match="must be a number"):
+        parse_recipe(deeper)
 
 
 def test_huge_or_binary_recipes():

@@ -50,6 +50,7 @@ _MODEL_KEYS = {"model", "parameters"}
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 MAX_RECIPE_BYTES = 1 << 20
 MAX_INPUTS = 64
+MAX_LIST = 256  # values in a gradient, conditions in a parameter
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
 
@@ -146,23 +147,33 @@ def _check_setting(value: object, name: str, where: str) -> None:
             return
         raise RecipeError(f"recipe: {where}: {name} must be a number, a list of numbers or a list of filters, got {v!r}")
 
+    def gradient(v):
+        if isinstance(v, list):
+            if not v or len(v) > MAX_LIST:
+                raise RecipeError(f"recipe: {where}: {name}: a gradient has 1 to {MAX_LIST} values, got {len(v)}")
+            for x in v:
+                scalar(x)
+        else:
+            scalar(v)
+
     if isinstance(value, dict):
         value = [value]
-    if isinstance(value, list):
-        if not value:
-            raise RecipeError(f"recipe: {where}: {name} is an empty list")
+    if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+        # mergekit's forms: a condition's value is a number or a gradient, never further conditions (so a
+        # recipe's size bounds the work, whatever YAML aliases it repeats)
+        if len(value) > MAX_LIST:
+            raise RecipeError(f"recipe: {where}: {name}: at most {MAX_LIST} conditions")
         for v in value:
-            if isinstance(v, dict):
-                extra = set(v) - {"filter", "value"}
-                if extra or "value" not in v:
-                    raise RecipeError(f"recipe: {where}: {name}: a condition has keys filter and value, got {sorted(v)}")
-                if v.get("filter") is not None and not isinstance(v["filter"], str):
-                    raise RecipeError(f"recipe: {where}: {name}: filter must be a string")
-                _check_setting(v["value"], name, where)
-            else:
-                scalar(v)
+            if not isinstance(v, dict):
+                raise RecipeError(f"recipe: {where}: {name}: mixes conditions and plain values")
+            extra = set(v) - {"filter", "value"}
+            if extra or "value" not in v:
+                raise RecipeError(f"recipe: {where}: {name}: a condition has keys filter and value, got {sorted(map(str, v))}")
+            if v.get("filter") is not None and not isinstance(v["filter"], str):
+                raise RecipeError(f"recipe: {where}: {name}: filter must be a string")
+            gradient(v["value"])
         return
-    scalar(value)
+    gradient(value)
 
 
 def resolve(setting: object, tensor: str, t: float, name: str = "parameter"):
