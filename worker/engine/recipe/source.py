@@ -212,8 +212,8 @@ class AdapterSum(Op):
             ops = inp.ops(self.name)
             actx = inp.ctx(w.device)
             actx.keep_only({k for op in ops for k in op.keys()})
-            if d is None:
-                d = torch.empty_like(w)
+            if d is None:  # the executor's reused scratch: no allocation per chunk
+                d = ctx.scratch.get("adapter-sum", tuple(w.shape))
             d.zero_()
             for op in ops:
                 op.apply(d, r0, r1, actx, torch.float32)
