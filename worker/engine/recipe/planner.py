@@ -245,7 +245,7 @@ def plan_adapter_sum(base: ModelSource, adapters: Sequence[tuple[str, ModelSourc
     tensors: dict[str, OutTensor] = {}
     for name, t in plans[0].tensors.items():
         parts = tuple((w, m) for w, m in inputs if m.plan.tensors[name].ops)
-        dtype = _out_dtype(options, None, t.source.dtype) if t.source.dtype in MERGEABLE_DTYPES else t.source.dtype
+        dtype = _out_dtype(options, None, t.source.dtype) if t.source.dtype in ("F32", "F16", "BF16") else t.source.dtype
         if parts:
             whole = not all(m.chunkable(name) for _, m in parts)
             ops = (AdapterSum(f"sum of {len(parts)} adapters", name, parts, whole),)
