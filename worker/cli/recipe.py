@@ -125,7 +125,7 @@ def run_recipe_command(args, seed: int | None) -> int:
             params = json.dumps(inp.parameters, sort_keys=True) if inp.parameters else ""
             cards.append(CardInput(model.repo_id or model.text, msrc.revision, model.is_hub, role, params))
             if adapter is not None:
-                cards.append(CardInput(adapter.repo_id or adapter.text, asrc.revision, adapter.is_hub, "adapter"))
+                cards.append(CardInput(adapter.repo_id or adapter.text, asrc.revision, adapter.is_hub, "adapter folded into the model above"))
             local += [r.path for r in (model, adapter) if r is not None and r.path is not None]
         cards.sort(key=lambda c: c.role != "base")  # the base first in the card (and in its base_model list)
         sink = _sink(args, hub, local)

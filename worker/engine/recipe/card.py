@@ -76,10 +76,10 @@ def build_recipe_card(recipe: Recipe, inputs: Sequence[CardInput], seed: int | N
         "",
         "# Merged model",
         "",
-        f"This model was made by [lorafold]({LORAFOLD_URL}) {version} with the `{recipe.method}` method "
-        "(lorafold computes it exactly as written here; mergekit rounds to the recipe's dtype at each step). Every input "
-        "was streamed tensor by tensor (LoRA adapters folded on the fly), combined in float32 and rounded once to "
-        "the output dtype.",
+        f"This model was made by [lorafold]({LORAFOLD_URL}) {version} with the `{recipe.method}` method. Every input "
+        "was streamed tensor by tensor (LoRA adapters folded on the fly, in float32), combined in float32 and rounded "
+        "once to the output dtype. mergekit run on the recipe below with `dtype: float32` (and `out_dtype`) computes "
+        "the same; with a 16-bit `dtype` it rounds at every step of task arithmetic, TIES and DARE.",
         "",
         "## Inputs",
         "",
