@@ -22,7 +22,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lorafold", description="Fold a LoRA adapter into its base model, streaming, and publish it.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     m = sub.add_parser("merge", help="merge an adapter into its base (local folders or Hub repos)")
-    m.add_argument("adapter", help="adapter folder or Hub id owner/name[@revision]")
+    m.add_argument("adapter", nargs="*", help="adapter folder or Hub id owner/name[@revision]; several as ADAPTER:WEIGHT "
+                   "fold W + sum of weight x delta (worker/cli/recipe.py)")
+    m.add_argument("--recipe", help="a mergekit YAML recipe (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp)")
+    m.add_argument("--seed", type=int, help="random seed of DARE methods in --recipe (default 0)")
     m.add_argument("--base", help="base model folder or Hub id (default: the adapter config's base_model_name_or_path)")
     out = m.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="write the merged model into this folder")

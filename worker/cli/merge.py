@@ -61,6 +61,11 @@ def _fmt_bytes(n: int) -> str:
 
 
 def run_merge_command(args) -> int:
+    from .recipe import dispatch
+
+    code = dispatch(args)  # a recipe or several adapters; else args.adapter is the one adapter
+    if code is not None:
+        return code
     token = args.token or None
     options = MergeOptions(
         device=args.device,

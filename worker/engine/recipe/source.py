@@ -1,0 +1,222 @@
+"""Reading recipe inputs row chunk by row chunk, LoRAs folded on the fly, and the two plan operations built on them.
+
+An input is a model (safetensors headers → where each tensor's bytes lie) and, for `model+adapter`, the engine's
+own plan of that adapter on that model (plan.plan_merge: the same mapping, variants and checks as a plain merge).
+`rows()` reads rows [r0, r1) of one tensor and returns them in float32 with the adapter's ops applied in float32
+and never rounded: the folded input is W + ΔW exactly as float32 holds it, not a bf16 model written out first.
+
+The executor sees one op per output tensor (`Combine` for a recipe, `AdapterSum` for the multi-adapter shorthand),
+so the executor, sinks, Hub upload and progress stay as they are; memory holds one chunk per input plus the
+output chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from ..io import ModelSource
+from ..plan import BaseSlot, MergePlan
+from ..tensors import as_view, interpret
+from ..variants import BiasDelta, ConvDelta, Ctx, ExpertDelta, LoraDelta, Op
+from . import methods
+
+#: ops whose effect is W + Δ with Δ independent of W: the only ones a weighted sum of adapters can scale
+ADDITIVE_OPS = (LoraDelta, ExpertDelta, ConvDelta, BiasDelta)
+
+
+class InputModel:
+    """One input of a recipe: tensor slots of a model, plus the folding plan of its adapter when it has one."""
+
+    def __init__(self, label: str, source: ModelSource, slots: dict[str, BaseSlot], plan: MergePlan | None = None,
+                 adapter: ModelSource | None = None, shared: dict | None = None):
+        self.label = label
+        self.source = source
+        # inputs reading the same source (the base, and the base with an adapter folded in) share the chunk last
+        # read from it: a Hub base is fetched once, not once per input
+        self._shared = shared if shared is not None else {}
+        self.slots = slots
+        self.plan = plan  # plan_merge(source, adapter) for model+adapter inputs
+        self.adapter = adapter
+        self._ctx: Ctx | None = None
+        self._bufs: dict[str, torch.Tensor] = {}
+        self.bytes_read = 0
+
+    def _buffer(self, key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """A reused CPU buffer of at least n elements: the hot loop allocates nothing (fresh large allocations
+        cost page faults on every chunk, more than the arithmetic)."""
+        buf = self._bufs.get(key)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[key] = torch.empty(max(n, 1), dtype=dtype)
+        return buf[:n]
+
+    def ops(self, name: str) -> tuple[Op, ...]:
+        return self.plan.tensors[name].ops if self.plan is not None else ()
+
+    def chunkable(self, name: str) -> bool:
+        return all(op.chunkable for op in self.ops(name))
+
+    def ctx(self, device: torch.device) -> Ctx:
+        if self._ctx is None or self._ctx.device != device:
+            assert self.plan is not None
+            self._ctx = Ctx(self.plan.adapter_weights, device)
+        return self._ctx
+
+    def rows(self, name: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
+        """Rows [r0, r1) of tensor `name` in float32 on `device`, the adapter folded in (float32, unrounded).
+
+        On the CPU the result lives in this input's reused buffer: valid until the next call. (Converting to float32
+        first is faster than letting the arithmetic read bf16: torch's mixed-dtype kernels are not vectorised.)"""
+        slot = self.slots[name]
+        n_rows = slot.shape[0] if slot.shape else 1
+        row_bytes = slot.nbytes // max(1, n_rows)
+        nbytes = (r1 - r0) * row_bytes
+        shape = (r1 - r0, *slot.shape[1:]) if slot.shape else (1,)
+        mapper = getattr(self.source, "map_range", None)
+        handle = None
+        if mapper is not None and nbytes and device.type == "cpu":
+            # a local file: converted straight from the page cache (no copy into a read buffer first)
+            view, handle = mapper(slot.file, slot.offset + r0 * row_bytes, nbytes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a copy-on-write mapping: torch never writes into it
+                raw = torch.frombuffer(view, dtype=torch.uint8)
+        else:
+            key = (slot.file, slot.offset + r0 * row_bytes, nbytes)
+            hit = self._shared.get(id(self.source))
+            if hit is not None and hit[0] == key:
+                raw = hit[1]  # read by another input of this chunk (valid until that input's next read)
+                nbytes = 0
+            else:
+                raw = self._buffer("raw", max(key[2], 1), torch.uint8)
+                if key[2]:
+                    self.source.read_into(slot.file, key[1], as_view(raw, key[2]))
+                self._shared[id(self.source)] = (key, raw)
+        self.bytes_read += nbytes
+        src = interpret(raw, slot.dtype, shape)
+        ops = self.ops(name)
+        if device.type == "cpu":
+            x = self._buffer("f32", src.numel(), torch.float32).view(shape)
+            x.copy_(src)
+        else:
+            x = src.to(device=device, dtype=torch.float32)
+        if handle is not None:
+            del src, raw
+            self.source.release_range(handle)  # drop the pages from this process: RSS stays one chunk per input
+        if ops:
+            ctx = self.ctx(device)
+            ctx.keep_only({k for op in ops for k in op.keys()})
+            for op in ops:  # float32 target dtype: ops that round ΔW to the weight's dtype do not round here
+                op.apply(x, r0, r1, ctx, torch.float32)
+        return x
+
+    def close(self) -> None:
+        self.source.close()
+        if self.adapter is not None:
+            self.adapter.close()
+
+
+@dataclass(frozen=True)
+class MethodArgs:
+    """A method's parameters resolved for one tensor (gradients and filters already evaluated)."""
+
+    method: str
+    weights: tuple[float, ...] = ()
+    densities: tuple[float, ...] = ()
+    normalize: bool = False
+    rescale: bool = False
+    lam: float = 1.0
+    t: float = 0.0
+    seed: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Combine(Op):
+    """A recipe's output tensor: rows of every input (base first for the methods that have one) combined in float32.
+
+    `inputs[0]` is the base for task arithmetic, TIES, DARE and SLERP; for linear every input is an addend.
+    """
+
+    name: str
+    inputs: tuple[InputModel, ...]
+    args: MethodArgs
+    whole: bool  # the method or a folded op needs the whole tensor
+    needs_base = False
+
+    @property
+    def chunkable(self):  # type: ignore[override]
+        return not self.whole
+
+    def keys(self):
+        return ()
+
+    def apply(self, w, r0, r1, ctx, dtype):
+        device = w.device
+        a = self.args
+        if a.method == "linear":
+            xs = [inp.rows(self.name, r0, r1, device) for inp in self.inputs]
+            methods.linear(xs, a.weights, a.normalize, out=w.view(xs[0].shape))
+            return
+        xs = [inp.rows(self.name, r0, r1, device) for inp in self.inputs]
+        if a.method == "slerp":
+            out = methods.slerp(a.t, xs[0], xs[1])
+        else:
+            base, others = xs[0], xs[1:]
+            masks = []
+            for i, (x, density) in enumerate(zip(others, a.densities, strict=True)):
+                if a.method == "ties":
+                    masks.append(methods.magnitude_mask(x - base, density))
+                elif a.method.startswith("dare"):
+                    m = methods.random_mask(tuple(x.shape), density, _generator(a.seed, self.name, i))
+                    masks.append(None if m is None else m.to(device))
+                else:
+                    masks.append(None)
+            out = methods.task_arithmetic(
+                base, others, a.weights, masks, consensus=a.method.endswith("ties"), normalize=a.normalize,
+                rescale=a.rescale, lam=a.lam,
+            )
+        w.copy_(out.reshape(w.shape))
+
+
+def _generator(seed: int, tensor: str, index: int) -> torch.Generator:
+    """DARE's random stream for one input of one tensor: from the seed, the tensor name and the input's place,
+    so a merge is reproducible and independent of the order tensors are processed in."""
+    digest = hashlib.sha256(f"{seed}\0{tensor}\0{index}".encode()).digest()
+    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterSum(Op):
+    """W' = W + Σ_k w_k · Δ_k in float32, rounded once by the executor: several adapters folded into one base.
+
+    Each Δ_k is its adapter's own additive ops (LoRA with its scaling, rank/alpha pattern, rsLoRA; lora_bias; conv;
+    MoE experts) applied to zeros, so every adapter keeps its variant; none is rounded before the sum.
+    """
+
+    name: str
+    parts: tuple[tuple[float, InputModel], ...]
+    whole: bool
+
+    @property
+    def chunkable(self):  # type: ignore[override]
+        return not self.whole
+
+    def keys(self):
+        return ()
+
+    def apply(self, w, r0, r1, ctx, dtype):
+        d = None
+        for weight, inp in self.parts:
+            ops = inp.ops(self.name)
+            actx = inp.ctx(w.device)
+            actx.keep_only({k for op in ops for k in op.keys()})
+            if d is None:  # the executor's reused scratch: no allocation per chunk
+                d = ctx.scratch.get("adapter-sum", tuple(w.shape))
+            d.zero_()
+            for op in ops:
+                op.apply(d, r0, r1, actx, torch.float32)
+            if weight != 1.0:
+                d.mul_(weight)
+            w.add_(d)
