@@ -18,10 +18,37 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+MERGE_EXAMPLES = """\
+examples:
+  # a local adapter into the base its adapter_config.json names, written to a folder
+  lorafold merge ./my-lora --out ./merged
+  # Hub to Hub: adapter at a tag, explicit base, published as one commit to a new private repo
+  lorafold merge alice/chat-lora@v2 --base meta-llama/Llama-3.1-8B --push-to alice/chat-merged --private
+  # re-publish a retrained adapter as a pull request on an existing repo (main is left alone)
+  lorafold merge alice/chat-lora --push-to alice/chat-merged --create-pr
+  # float16 output in 2 GB shards, on the CPU, checking every merged tensor
+  lorafold merge ./my-lora --out ./merged --dtype float16 --max-shard-size 2GB --device cpu --verify
+
+exit codes: 0 merged (or: published files identical, nothing committed), 1 error, 2 usage error, 130 interrupted
+"""
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError, version as dist_version
+
+        return dist_version("lorafold")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lorafold", description="Fold a LoRA adapter into its base model, streaming, and publish it.")
+    p.add_argument("--version", action="version", version=f"lorafold {version()}")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    m = sub.add_parser("merge", help="merge an adapter into its base (local folders or Hub repos)")
+    m = sub.add_parser("merge", help="merge an adapter into its base (local folders or Hub repos)",
+                       description="Merge a PEFT LoRA adapter into its base model, tensor by tensor.",
+                       epilog=MERGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("adapter", help="adapter folder or Hub id owner/name[@revision]")
     m.add_argument("--base", help="base model folder or Hub id (default: the adapter config's base_model_name_or_path)")
     out = m.add_mutually_exclusive_group(required=True)
@@ -34,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base-revision", help="base revision when BASE is a Hub id")
     m.add_argument("--private", action="store_true", help="create the --push-to repo as private")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder / commit on a --push-to repo with weights")
-    m.add_argument("--create-pr", action="store_true", help="with --push-to and --overwrite: open a pull request instead of committing to main")
+    m.add_argument("--create-pr", action="store_true",
+                   help="with --push-to: open a pull request instead of committing to main (also on a repo that has weights)")
     m.add_argument("--verify", action="store_true", help="probe every merged tensor with a random vector and report the worst error")
     m.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the huggingface_hub login)")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no notes")

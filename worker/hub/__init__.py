@@ -57,7 +57,8 @@ class HubClient:
 
         from ..settings import Settings
 
-        settings = Settings.from_env()
+        # A CLI merge stores no tokens: no secret key, so none is generated into ./var of the current folder.
+        settings = Settings.from_env(secret_key="unused-by-the-cli")
         return cls(settings.hf_endpoint, token or get_token(), work_root=settings.work_dir or None)
 
     def whoami(self) -> dict:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import and_, delete, or_, select, update
 
 from .crypto import SecretBox
 from .db import Database
-from .models import Credential, Job, JobLog, JobSample, JobStatus, utcnow
+from .models import Credential, Job, JobLog, JobSample, JobStatus, Rule, utcnow
 
 LEASE_SECONDS = 30
 TERMINAL = tuple(JobStatus.terminal())
@@ -75,7 +75,7 @@ class JobStore:
                     lease_until=now + timedelta(seconds=lease_seconds),
                     started_at=now,
                     progress_at=now,
-                    phase="start",
+                    phase="starting",
                     error=None,
                 )
             )
@@ -98,9 +98,36 @@ class JobStore:
                 .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == dead_worker,
                        Job.cancel_requested.is_(False))
                 .values(attempts=Job.attempts + 1, worker=worker, lease_until=now + timedelta(seconds=lease_seconds),
-                        started_at=now, progress_at=now, phase="start")
+                        started_at=now, progress_at=now, phase="starting")
             )
             return res.rowcount == 1
+
+    def hand_over(self, job_id: str, picked_at: float) -> bool:
+        """A worker took the job's message: may a process be given the job? queued → phase "starting" (with the
+        queue wait recorded); a job that was cancelled, finished or deleted meanwhile never starts a process
+        (queued + cancel requested ends as cancelled here). A running job (a redelivery) may go on: the process's
+        claim decides whether it takes it over."""
+        picked = datetime.fromtimestamp(picked_at, timezone.utc).replace(tzinfo=None)
+        with self.db.session() as s:
+            row = s.execute(
+                select(Job.status, Job.cancel_requested, Job.enqueued_at, Job.created_at).where(Job.id == job_id)
+            ).first()
+            if row is None or row.status in TERMINAL:
+                return False
+            if row.cancel_requested:
+                if row.status == JobStatus.queued.value:
+                    self._finish(s, job_id, JobStatus.cancelled, (JobStatus.queued.value,), error="cancelled before it started")
+                return False
+            if row.status == JobStatus.queued.value:
+                since = row.enqueued_at or row.created_at
+                wait = round(max(0.0, (picked - since).total_seconds()), 3) if since else None
+                res = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.queued.value, Job.cancel_requested.is_(False))
+                    .values(phase="starting", queue_wait_seconds=wait, startup_seconds=None)
+                )
+                return res.rowcount == 1
+            return True
 
     def holder(self, job_id: str) -> str | None:
         with self.db.session() as s:
@@ -141,6 +168,28 @@ class JobStore:
             if res.rowcount != 1:
                 return True  # someone else owns it now (or it ended): stop
             return bool(s.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar())
+
+    def register_commit_and_check_stale(self, job_id: str, rule_id: str | None, adapter_repo: str,
+                                        committed_at: datetime) -> bool:
+        """Record this webhook job's adapter commit date and say whether a newer commit of the same repo (same rule)
+        is already merged or being merged. One transaction, serialised per rule by a row lock (PostgreSQL) or the
+        database write lock (SQLite, whose first statement here is a write): of two deliveries racing, the second
+        to get here always sees the first, so the older one cannot pass unseen. Called at resolve time and again
+        right before the commit."""
+        with self.db.session() as s:
+            if rule_id is not None and s.get_bind().dialect.name == "postgresql":
+                s.execute(select(Rule.id).where(Rule.id == rule_id).with_for_update())
+            s.execute(update(Job).where(Job.id == job_id).values(adapter_committed_at=committed_at))
+            newer = s.scalar(
+                select(Job.id).where(
+                    Job.rule_id.is_(None) if rule_id is None else Job.rule_id == rule_id,
+                    Job.adapter_repo == adapter_repo,
+                    Job.id != job_id,
+                    Job.status.in_([JobStatus.succeeded.value, JobStatus.running.value]),
+                    Job.adapter_committed_at > committed_at,
+                ).limit(1)
+            )
+            return newer is not None
 
     def append_logs(self, job_id: str, lines: Iterable[tuple[datetime, str, str]]) -> None:
         rows = [{"job_id": job_id, "at": at, "level": level, "message": msg[:4000]} for at, level, msg in lines]

@@ -18,6 +18,7 @@ from ..hub.sink import MARKER
 from ..jobs.store import RunSpec
 from ..locations import check_revision, is_repo_id
 from ..settings import Settings
+from .watched_sink import WatchedSink
 
 
 class Skipped(EngineError):
@@ -62,6 +63,7 @@ def run_job(
     reporter.set_phase("resolve")
     adapter = hub.source(spec.adapter_repo, check_revision(spec.adapter_revision, "adapter"),
                          max_total_bytes=settings.max_adapter_bytes)
+    committed_at = None
     try:
         on_resolved(adapter_sha=adapter.revision)
         files = {f.path for f in adapter.files()}
@@ -84,7 +86,11 @@ def run_job(
         base = hub.source(base_id, check_revision(spec.base_revision or at or None, "base"))
         on_resolved(base_repo=base_id, base_sha=base.revision)
         reporter.log("info", f"adapter {spec.adapter_repo}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
-        sink = hub.sink(spec.target_repo, private=spec.private, overwrite=spec.overwrite, create_pr=spec.create_pr, merge_id=spec.job_id)
+        sink = WatchedSink(
+            hub.sink(spec.target_repo, private=spec.private, overwrite=spec.overwrite, create_pr=spec.create_pr, merge_id=spec.job_id),
+            reporter,
+            before_commit=_recheck_stale(spec, adapter, committed_at, is_stale),
+        )
         options = MergeOptions(device=settings.device, dtype=spec.dtype, max_shard_size=spec.max_shard_size)
         result = merge(
             base,
@@ -115,6 +121,17 @@ def run_job(
             "timings": result.timings,
         },
     )
+
+
+def _recheck_stale(spec: RunSpec, adapter, committed_at, is_stale) -> Callable[[], None] | None:
+    if committed_at is None:
+        return None
+
+    def check() -> None:
+        if is_stale(committed_at):
+            raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} is older than an adapter commit merged meanwhile")
+
+    return check
 
 
 def find_marker_commit(hub: HubClient, repo: str, job_id: str) -> str | None:
