@@ -35,7 +35,8 @@ exit codes: 0 merged (or: published files identical, nothing committed), 1 error
 
 def version() -> str:
     try:
-        from importlib.metadata import PackageNotFoundError, version as dist_version
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
 
         return dist_version("lorafold")
     except PackageNotFoundError:  # running from a checkout that was never installed
