@@ -34,7 +34,7 @@ class Stack:
     def __init__(self, database_url: str, broker_url: str, tmp: Path, seeded, **env):
         self.hub = HubDouble().start()
         self.hub.add_user("alice", token=ALICE)
-        seed(self.hub, seeded)
+        self._unseeded = seeded  # seeded in start_worker, while the worker boots (both take seconds)
         migrate.upgrade(database_url)
         self.work = tmp / "work"
         self.work.mkdir(exist_ok=True)
@@ -66,6 +66,13 @@ class Stack:
         # A session of its own: close() can end the worker, its pool children and their job processes together.
         self.worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=self.env, cwd=ROOT,
                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.seed()
+
+    def seed(self) -> None:
+        """Upload the model and the adapter to the Hub double (once)."""
+        if self._unseeded is not None:
+            seed(self.hub, self._unseeded)
+            self._unseeded = None
 
     def stop_worker(self) -> None:
         if self.worker is None:
