@@ -25,7 +25,7 @@ from tests.support.models import assert_models_match
 from tests.support.stack import Stack, module_stack
 from worker.jobs import JobLog, JobSample
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("worker")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-jobs")]
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from tests.support.stack import module_stack
 from tests.web.conftest import LiveServer, csrf_from, sign_in
 from web import create_app
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("worker")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-doors")]
 
 
 class _Lazy:

@@ -23,14 +23,15 @@ from .reporting import JobReporter
 log = logging.getLogger("lorafold.runner")
 
 
-_stores: dict[str, JobStore] = {}
+_stores: dict[tuple[str, str], JobStore] = {}
 
 
 def open_store(settings: Settings) -> JobStore:
     """The process's JobStore (a warm spare opens it before its job arrives)."""
-    store = _stores.get(settings.database_url)
+    key = (settings.database_url, settings.secret_key)
+    store = _stores.get(key)
     if store is None:
-        store = _stores[settings.database_url] = JobStore.open(settings)
+        store = _stores[key] = JobStore.open(settings)
     return store
 
 
