@@ -43,9 +43,17 @@ def version() -> str:
         return "unknown (not installed)"
 
 
+class _Version(argparse.Action):
+    """`--version`, looked up only when asked for (reading the package metadata costs ~0.1 s on every start)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"lorafold {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lorafold", description="Fold a LoRA adapter into its base model, streaming, and publish it.")
-    p.add_argument("--version", action="version", version=f"lorafold {version()}")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     m = sub.add_parser("merge", help="merge an adapter into its base (local folders or Hub repos)",
                        description="Merge a PEFT LoRA adapter into its base model, tensor by tensor.",
