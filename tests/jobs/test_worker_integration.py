@@ -180,3 +180,21 @@ def test_each_job_takes_the_warm_spare_once_and_shows_starting(stack):
         assert first.message.startswith("attempt 1 on ")
         pids.append(pid)
     assert pids[0] != pids[1]
+
+
+def test_an_idle_spare_dies_with_its_pool_child_and_the_slot_gets_a_new_one(stack):
+    """PR_SET_PDEATHSIG: a spare never outlives the Celery pool child that would hand it a job; the replacement
+    child (billiard restarts it) starts its own spare, which runs the next job."""
+    spare = _one_spare(stack)
+    parent = int(Path(f"/proc/{spare}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert parent != stack.worker.pid, "the spare's parent is the pool child, not the Celery main process"
+    os.kill(parent, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(spare) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(spare)
+    fresh = _one_spare(stack)
+    assert fresh != spare
+    job = stack.wait(stack.submit("alice/after-child-died"))
+    assert job.status == "succeeded", job.error
+    assert int(job.worker.split(":")[1]) == fresh
