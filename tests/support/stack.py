@@ -50,7 +50,7 @@ class Stack:
             LORAFOLD_SECRET_KEY=SECRET,
             LORAFOLD_DATA_DIR=str(tmp / "var"),
             LORAFOLD_WORK_DIR=str(self.work),
-            LORAFOLD_RECONCILE_EVERY="2",
+            LORAFOLD_RECONCILE_EVERY="1",  # the reconciler acts within a second (stuck, lost, dead jobs)
             TMPDIR=str(self.work),
         )
         self.env.update({k: str(v) for k, v in env.items()})
@@ -102,7 +102,7 @@ class Stack:
             job = self.job(job_id)
             if predicate(job):
                 return job
-            time.sleep(0.2)
+            time.sleep(0.1)
         tail = self.log_path.read_text()[-4000:]
         raise AssertionError(f"job {job_id} stuck in {job.status} ({job.phase}, {job.tensors_done}/{job.tensors_total})\n{tail}")
 
