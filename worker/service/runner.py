@@ -60,9 +60,9 @@ def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False, p
 
     spec, token = store.run_spec(job_id)
     reporter = JobReporter(store, job_id, worker)
-    reporter.log("info", f"attempt {spec.attempts} on {worker.rsplit(':', 1)[0]}")
-    if picked_at is not None:  # written with that first line, which the reporter flushes at once
+    if picked_at is not None:  # written together with the first line, which the reporter flushes at once
         reporter.note(startup_seconds=round(max(0.0, time.time() - picked_at), 3))
+    reporter.log("info", f"attempt {spec.attempts} on {worker.rsplit(':', 1)[0]}")
 
     def on_resolved(**fields):
         store.set_fields(job_id, **fields)
