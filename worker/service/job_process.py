@@ -9,7 +9,9 @@ Why a spare: a fresh Python that imports torch, the engine and the Hub client ta
 2-core machine) before it writes the job's first log line, which a user watched as "queued · 0%". So each pool
 child starts the next job's process *before* the job arrives (`start_spare`, right after fork and right after each
 hand-over): it imports everything, initialises CUDA where the worker merges on CUDA, opens the database engine,
-then blocks on its stdin. The task writes one line (the job id, whether the message was redelivered, when it was
+says so on a pipe, then blocks on its stdin. The next spare is started once the process that took the job is warm
+(at once, for a spare that was ready): two interpreters importing torch side by side on a busy machine made the
+job's own start twice as slow. The task writes one line (the job id, whether the message was redelivered, when it was
 picked up) and closes the pipe; the spare runs that one job and exits. A spare is never given a second job, so
 every job still starts from a clean process and returns its VRAM when it exits. The exec'd interpreter shares no
 memory with the pool child (no fork of a CUDA process anywhere).
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -34,6 +37,7 @@ log = logging.getLogger("lorafold.job")
 MAX_RESTARTS = 2
 SPARE_FLAG = "--spare"
 _PARENT_ENV = "LORAFOLD_JOB_PARENT"
+_READY_ENV = "LORAFOLD_JOB_READY_FD"
 
 _spare: subprocess.Popen | None = None  # this pool child's warm spare (one per worker slot)
 _store = None
@@ -47,8 +51,33 @@ class Stopped(BaseException):
 
 
 def _spawn() -> subprocess.Popen:
-    env = dict(os.environ, **{_PARENT_ENV: str(os.getpid())})
-    return subprocess.Popen([sys.executable, "-m", "worker.service.job_process", SPARE_FLAG], stdin=subprocess.PIPE, env=env)
+    ready_r, ready_w = os.pipe()
+    env = dict(os.environ, **{_PARENT_ENV: str(os.getpid()), _READY_ENV: str(ready_w)})
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "worker.service.job_process", SPARE_FLAG], stdin=subprocess.PIPE,
+                                env=env, pass_fds=(ready_w,))
+    except BaseException:
+        os.close(ready_r)
+        raise
+    finally:
+        os.close(ready_w)
+    proc.ready_fd = ready_r  # readable (a byte, or EOF when it exits) once the process is warm
+    return proc
+
+
+def _close_ready(proc: subprocess.Popen) -> None:
+    fd = getattr(proc, "ready_fd", None)
+    if fd is not None:
+        proc.ready_fd = None
+        os.close(fd)
+
+
+def _wait_warm(proc: subprocess.Popen) -> None:
+    """Until `proc` has finished warming up (or exited)."""
+    fd = getattr(proc, "ready_fd", None)
+    while fd is not None and proc.poll() is None:
+        if select.select([fd], [], [], 0.5)[0]:
+            break
 
 
 def start_spare() -> None:
@@ -65,18 +94,21 @@ def stop_spare() -> None:
     """The pool child is going away: its idle spare goes with it (it would also see EOF and its death signal)."""
     global _spare
     proc, _spare = _spare, None
-    if proc is not None and proc.poll() is None:
-        proc.kill()
-        proc.wait()
+    if proc is not None:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        _close_ready(proc)
 
 
 def _take_spare() -> subprocess.Popen:
-    """This slot's spare (cold-started here when there is none or it died), and a new spare for the next job."""
+    """This slot's spare (cold-started here when there is none or it died)."""
     global _spare
     proc, _spare = _spare, None
     if proc is None or proc.poll() is not None:
+        if proc is not None:
+            _close_ready(proc)
         proc = _spawn()
-    start_spare()
     return proc
 
 
@@ -91,6 +123,7 @@ def _hand(job_id: str, redelivered: bool, picked_at: float) -> subprocess.Popen:
         except (BrokenPipeError, OSError):  # the spare died between the check and the write: the next one
             proc.kill()
             proc.wait()
+            _close_ready(proc)
     raise RuntimeError("could not start a job process")
 
 
@@ -114,6 +147,8 @@ def run_in_subprocess(job_id: str, *, redelivered: bool = False) -> int:
     for restart in range(MAX_RESTARTS + 1):
         proc = _hand(job_id, redelivered or restart > 0, picked_at)
         try:
+            _wait_warm(proc)
+            start_spare()  # the next job's process warms up while this one runs
             code = proc.wait()
         except BaseException:  # SoftTimeLimitExceeded, shutdown: stop the job cleanly, then let Celery see it
             proc.send_signal(signal.SIGTERM)
@@ -123,6 +158,8 @@ def run_in_subprocess(job_id: str, *, redelivered: bool = False) -> int:
                 proc.kill()
                 proc.wait()
             raise
+        finally:
+            _close_ready(proc)
         if code >= 0:
             return code
         log.warning("job=%s process killed by signal %d; starting attempt again", job_id, -code)
@@ -157,6 +194,13 @@ def _warm_up(settings) -> None:
     if settings.device != "cpu" and torch.cuda.is_available():
         torch.cuda.init()
     open_store(settings)
+    fd = os.environ.pop(_READY_ENV, "")
+    if fd.isdigit():
+        try:
+            os.write(int(fd), b"1")
+            os.close(int(fd))
+        except OSError:
+            pass
 
 
 def main(argv: list[str]) -> int:
