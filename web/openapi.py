@@ -132,6 +132,8 @@ SCHEMAS = {
                     "bytes_read": _nullable("integer"),
                     "bytes_written": _nullable("integer"),
                     "seconds": _nullable("number"),
+                    "queue_wait_seconds": _nullable("number"),
+                    "startup_seconds": _nullable("number"),
                 },
             },
             "result": {

@@ -61,6 +61,8 @@ def job_json(job: Job) -> dict:
             "bytes_read": job.bytes_read,
             "bytes_written": job.bytes_written,
             "seconds": job.seconds,
+            "queue_wait_seconds": job.queue_wait_seconds,
+            "startup_seconds": job.startup_seconds,
         },
         "result": {"repo": job.result_repo, "commit": job.result_commit, "url": job.result_url},
         "error": job.error,

@@ -2,7 +2,10 @@
 
 A job submitted like the doors submit it is merged by the worker from Hub to Hub, equal to PEFT; a cancel stops
 it mid-merge with nothing committed; a worker child killed with SIGKILL mid-merge is replaced and the job still
-finishes, with two attempts, exactly one commit and no temporary files left behind.
+finishes, with two attempts, exactly one commit and no temporary files left behind; each job is taken by the
+slot's warm spare process, which shows the phase "starting" and is never given a second job.
+
+One stack serves the whole module (tests/support/stack.py): each test has its own target repos and jobs.
 """
 
 from __future__ import annotations
@@ -19,18 +22,22 @@ from huggingface_hub import snapshot_download
 from tests.support.hubdouble import Fault, HubDouble
 from tests.support.hubseed import ALICE, merged_commits, seeded_model  # noqa: F401
 from tests.support.models import assert_models_match
-from tests.support.stack import Stack
-from worker.jobs import JobSample
+from tests.support.stack import Stack, module_stack
+from worker.jobs import JobLog, JobSample
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("worker")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-jobs")]
+
+
+@pytest.fixture(scope="module")
+def shared_stack(tmp_path_factory, seeded_model):  # noqa: F811
+    with module_stack(tmp_path_factory, seeded_model) as stack:
+        yield stack
 
 
 @pytest.fixture
-def stack(postgres_url, redis_url, tmp_path, seeded_model):  # noqa: F811
-    stack = Stack(postgres_url, redis_url, tmp_path, seeded_model)
-    stack.start_worker()
-    yield stack
-    stack.close()
+def stack(shared_stack: Stack):
+    yield shared_stack
+    shared_stack.hub.faults.clear()
 
 
 def test_worker_merges_from_hub_to_hub_with_stats(stack, seeded_model, tmp_path):  # noqa: F811
@@ -89,3 +96,105 @@ def test_sigkilled_worker_child_is_replaced_and_the_job_commits_once(stack, seed
     leftovers = [p.name for p in stack.work.iterdir() if p.name.startswith("lorafold-")]
     assert leftovers == [], f"orphaned temporary folders: {leftovers}"
     rec.observed(f"killed at {killed_at}; {job.status}, {len(commits)} commit, {job.attempts} attempts, 0 temp folders")
+
+
+PHASE_TRAIL = """
+CREATE TABLE IF NOT EXISTS phase_trail (id serial PRIMARY KEY, job_id text, status text, phase text);
+CREATE OR REPLACE FUNCTION record_phase() RETURNS trigger AS $$
+BEGIN
+  IF NEW.phase IS DISTINCT FROM OLD.phase OR NEW.status IS DISTINCT FROM OLD.status THEN
+    INSERT INTO phase_trail (job_id, status, phase) VALUES (NEW.id, NEW.status, NEW.phase);
+  END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+DROP TRIGGER IF EXISTS phase_trail ON jobs;
+CREATE TRIGGER phase_trail AFTER UPDATE ON jobs FOR EACH ROW EXECUTE FUNCTION record_phase();
+"""
+ORDER = ["starting", "resolve", "plan", "merge", "finish", "commit", "done"]
+
+
+def _spares(stack: Stack) -> list[int]:
+    """Idle warm spares under this stack's worker: `python -m worker.service.job_process --spare` processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            pgid = os.getpgid(int(entry))
+        except OSError:
+            continue
+        if b"worker.service.job_process" in cmd and b"--spare" in cmd and pgid == stack.worker.pid:
+            found.append(int(entry))
+    return found
+
+
+def _one_spare(stack: Stack, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spares = _spares(stack)
+        if len(spares) == 1:
+            return spares[0]
+        time.sleep(0.1)
+    raise AssertionError(f"expected one idle spare, found {_spares(stack)}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")  # a zombie has exited (its parent reaps it a moment later)
+
+
+def test_each_job_takes_the_warm_spare_once_and_shows_starting(stack):
+    """The phase trail (recorded by a PostgreSQL trigger on every change of the row) and the process ids: the job
+    is handed over as "starting" while still queued, runs in the spare that was waiting before it was submitted,
+    that process exits after its one job, and the next job gets another, new spare."""
+    with stack.db.engine.begin() as conn:
+        conn.exec_driver_sql(PHASE_TRAIL)
+    pids = []
+    for n in range(2):
+        spare = _one_spare(stack)
+        job_id = stack.submit(f"alice/warm-{n}")
+        job = stack.wait(job_id)
+        assert job.status == "succeeded", job.error
+        pid = int(job.worker.split(":")[1])
+        assert pid == spare, "the job ran in the spare that was waiting for it"
+        deadline = time.monotonic() + 10
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the job's process exits after its one job (never reused)"
+        with stack.db.engine.connect() as conn:
+            trail = [tuple(r) for r in conn.exec_driver_sql(
+                "SELECT status, phase FROM phase_trail WHERE job_id = %s ORDER BY id", (job_id,))]
+        assert trail[0] == ("queued", "starting"), trail  # handed over, before the process claims it
+        assert trail[1] == ("running", "starting"), trail  # claimed by the process
+        assert ("running", "commit") in trail and trail[-1] == ("succeeded", "done"), trail
+        ranks = [ORDER.index(phase) for _, phase in trail]
+        assert ranks == sorted(ranks), trail
+        assert job.queue_wait_seconds is not None and job.queue_wait_seconds >= 0
+        assert job.startup_seconds is not None and job.startup_seconds >= 0
+        with stack.db.session() as s:
+            first = s.query(JobLog).filter_by(job_id=job_id).order_by(JobLog.id).first()
+        assert first.message.startswith("attempt 1 on ")
+        pids.append(pid)
+    assert pids[0] != pids[1]
+
+
+def test_an_idle_spare_dies_with_its_pool_child_and_the_slot_gets_a_new_one(stack):
+    """PR_SET_PDEATHSIG: a spare never outlives the Celery pool child that would hand it a job; the replacement
+    child (billiard restarts it) starts its own spare, which runs the next job."""
+    spare = _one_spare(stack)
+    parent = int(Path(f"/proc/{spare}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    assert parent != stack.worker.pid, "the spare's parent is the pool child, not the Celery main process"
+    os.kill(parent, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(spare) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(spare)
+    fresh = _one_spare(stack)
+    assert fresh != spare
+    job = stack.wait(stack.submit("alice/after-child-died"))
+    assert job.status == "succeeded", job.error
+    assert int(job.worker.split(":")[1]) == fresh

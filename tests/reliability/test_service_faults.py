@@ -18,7 +18,7 @@ from tests.support.hubdouble import Fault
 from tests.support.hubseed import ALICE, merged_commits, seeded_model  # noqa: F401
 from tests.support.stack import Stack
 
-pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.xdist_group("worker")]
+pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.xdist_group("stack-faults")]
 
 
 def _slow(stack: Stack, delay: float = 0.2) -> Fault:

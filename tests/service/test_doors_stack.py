@@ -1,5 +1,5 @@
 """The three doors on the real stack: the web app served over HTTP, a Celery worker process, Redis, PostgreSQL
-and the Hub double (which also delivers the Hub's webhooks on real commits).
+and the Hub double (which also delivers the Hub's webhooks on real commits). One stack serves the module.
 
 - the form (Flask test client) queues a merge that the worker publishes, equal to PEFT's merge;
 - the JSON API: create, idempotency, list, poll to success, logs, cancel, retry, auth failures, isolation;
@@ -21,11 +21,11 @@ from huggingface_hub import HfApi, snapshot_download
 from tests.support.hubdouble import Fault
 from tests.support.hubseed import ALICE, BOB, merged_commits, seeded_model  # noqa: F401
 from tests.support.models import assert_models_match
-from tests.support.stack import Stack
+from tests.support.stack import module_stack
 from tests.web.conftest import LiveServer, csrf_from, sign_in
 from web import create_app
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("worker")]
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-doors")]
 
 
 class _Lazy:
@@ -37,22 +37,29 @@ class _Lazy:
         return self.app(environ, start_response)
 
 
-@pytest.fixture
-def live(postgres_url, redis_url, tmp_path, seeded_model):  # noqa: F811
-    stack = Stack(postgres_url, redis_url, tmp_path, seeded_model)
-    stack.hub.add_user("bob", token=BOB)
-    stack.start_worker()
-    lazy = _Lazy()
-    server = LiveServer(lazy)
-    from dataclasses import replace
+@pytest.fixture(scope="module")
+def shared_live(tmp_path_factory, seeded_model):  # noqa: F811
+    """One stack and web server for the module (each test has its own targets; the webhook test runs last)."""
+    with module_stack(tmp_path_factory, seeded_model) as stack:
+        stack.hub.add_user("bob", token=BOB)
+        lazy = _Lazy()
+        server = LiveServer(lazy)
+        from dataclasses import replace
 
-    settings = replace(stack.settings, public_url=server.url, rate_limit="100000/minute")
-    lazy.app = create_app(settings)
-    stack.web = server.url
-    stack.app = lazy.app
-    yield stack
-    server.stop()
-    stack.close()
+        settings = replace(stack.settings, public_url=server.url, rate_limit="100000/minute")
+        lazy.app = create_app(settings)
+        stack.web = server.url
+        stack.app = lazy.app
+        try:
+            yield stack
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def live(shared_live):
+    yield shared_live
+    shared_live.hub.faults.clear()
 
 
 def _api(live, method, path, token=ALICE, **kw):

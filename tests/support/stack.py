@@ -1,5 +1,12 @@
 """The service's back half for real, for integration and fault tests: a Hub double seeded with a model and an
-adapter, a migrated database, a broker, and a `lorafold worker` process (Celery, prefork) pointed at them."""
+adapter, a migrated database, a broker, and a `lorafold worker` process (Celery, prefork) pointed at them.
+
+Starting one costs seconds (Hub double + seeding uploads, migrations, the Celery worker, its warm job process), so
+test modules whose tests do not change the stack's settings share one per module (`module_stack`), each test using
+its own target repos and jobs; Hub faults are cleared after every test. `close()` kills the worker's whole process
+group at once: a test's end needs no graceful Celery shutdown (tests that stop the worker on purpose use
+`stop_worker`, which is graceful).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.support.hubdouble import HubDouble
@@ -25,7 +34,7 @@ class Stack:
     def __init__(self, database_url: str, broker_url: str, tmp: Path, seeded, **env):
         self.hub = HubDouble().start()
         self.hub.add_user("alice", token=ALICE)
-        seed(self.hub, seeded)
+        self._unseeded = seeded  # seeded in start_worker, while the worker boots (both take seconds)
         migrate.upgrade(database_url)
         self.work = tmp / "work"
         self.work.mkdir(exist_ok=True)
@@ -36,10 +45,12 @@ class Stack:
             CELERY_BROKER_URL=broker_url,
             HF_ENDPOINT=self.hub.url,
             HF_HUB_DISABLE_XET="1",
+            HF_HOME=str(tmp / "hf_home"),  # its own (a module-scoped stack outlives each test's isolated home)
+            HF_HUB_CACHE=str(tmp / "hf_home" / "hub"),
             LORAFOLD_SECRET_KEY=SECRET,
             LORAFOLD_DATA_DIR=str(tmp / "var"),
             LORAFOLD_WORK_DIR=str(self.work),
-            LORAFOLD_RECONCILE_EVERY="2",
+            LORAFOLD_RECONCILE_EVERY="1",  # the reconciler acts within a second (stuck, lost, dead jobs)
             TMPDIR=str(self.work),
         )
         self.env.update({k: str(v) for k, v in env.items()})
@@ -52,8 +63,16 @@ class Stack:
         self._log = open(self.log_path, "a")
 
     def start_worker(self) -> None:
+        # A session of its own: close() can end the worker, its pool children and their job processes together.
         self.worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=self.env, cwd=ROOT,
-                                       stdout=self._log, stderr=subprocess.STDOUT)
+                                       stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.seed()
+
+    def seed(self) -> None:
+        """Upload the model and the adapter to the Hub double (once)."""
+        if self._unseeded is not None:
+            seed(self.hub, self._unseeded)
+            self._unseeded = None
 
     def stop_worker(self) -> None:
         if self.worker is None:
@@ -83,11 +102,78 @@ class Stack:
             job = self.job(job_id)
             if predicate(job):
                 return job
-            time.sleep(0.2)
+            time.sleep(0.1)
         tail = self.log_path.read_text()[-4000:]
         raise AssertionError(f"job {job_id} stuck in {job.status} ({job.phase}, {job.tensors_done}/{job.tensors_total})\n{tail}")
 
+    def kill_worker(self) -> None:
+        if self.worker is None:
+            return
+        try:
+            os.killpg(self.worker.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.worker.wait()
+        self.worker = None
+
     def close(self) -> None:
-        self.stop_worker()
+        self.kill_worker()
         self._log.close()
         self.hub.stop()
+
+
+@contextmanager
+def postgres_database():
+    """A fresh PostgreSQL database (the module-scoped twin of conftest's `postgres_url`)."""
+    import psycopg
+
+    from tests.conftest import PG_HOST, need_service
+
+    need_service("PostgreSQL", PG_HOST)
+    host, port = PG_HOST.rsplit(":", 1)
+    name = f"lorafold_test_{uuid.uuid4().hex[:12]}"
+    admin = f"host={host} port={port} user=postgres dbname=postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@{host}:{port}/{name}"
+    finally:
+        from worker.jobs.db import _engines
+
+        for url in [u for u in _engines if u.endswith("/" + name)]:
+            _engines.pop(url).dispose()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextmanager
+def redis_database():
+    """This test process's Redis database (the module-scoped twin of conftest's `redis_url`, same number)."""
+    import redis
+
+    from tests.conftest import REDIS_HOST, need_service
+
+    need_service("Redis", REDIS_HOST)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    base = int(os.environ.get("LORAFOLD_TEST_REDIS_DB", "1"))
+    index = (base + (int(worker[2:]) if worker[2:].isdigit() else 0)) % 16
+    url = f"redis://{REDIS_HOST}/{index}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    try:
+        yield url
+    finally:
+        client.flushdb()
+        client.close()
+
+
+@contextmanager
+def module_stack(tmp_path_factory, seeded, **env):
+    """A started Stack on a database and Redis of its own, for every test of one module."""
+    with postgres_database() as database_url, redis_database() as broker_url:
+        stack = Stack(database_url, broker_url, tmp_path_factory.mktemp("stack"), seeded, **env)
+        try:
+            stack.start_worker()
+            yield stack
+        finally:
+            stack.close()

@@ -35,7 +35,8 @@ def test_create_get_list(client, enqueued, db):
     assert job["adapter"] == "alice/ad" and job["dtype"] == "bfloat16" and job["private"] is True
     assert job["door"] == "api" and job["progress"] == {"done": 0, "total": 0, "bytes_done": 0, "bytes_total": 0,
                                                         "eta_seconds": None}
-    assert set(job["stats"]) == {"peak_rss_bytes", "peak_vram_bytes", "bytes_read", "bytes_written", "seconds"}
+    assert set(job["stats"]) == {"peak_rss_bytes", "peak_vram_bytes", "bytes_read", "bytes_written", "seconds",
+                                 "queue_wait_seconds", "startup_seconds"}
     assert job["result"] == {"repo": None, "commit": None, "url": None} and job["error"] is None
 
     with db.session() as s:  # the token is stored for the job, encrypted

@@ -18,10 +18,52 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+MERGE_EXAMPLES = """\
+examples:
+  # a local adapter into the base its adapter_config.json names, written to a folder
+  lorafold merge ./my-lora --out ./merged
+  # Hub to Hub: adapter at a tag, explicit base, published as one commit to a new private repo
+  lorafold merge alice/chat-lora@v2 --base meta-llama/Llama-3.1-8B --push-to alice/chat-merged --private
+  # re-publish a retrained adapter as a pull request on an existing repo (main is left alone)
+  lorafold merge alice/chat-lora --push-to alice/chat-merged --create-pr
+  # float16 output in 2 GB shards, on the CPU, checking every merged tensor
+  lorafold merge ./my-lora --out ./merged --dtype float16 --max-shard-size 2GB --device cpu --verify
+  # two adapters into one base, weighted: W + 0.7 dW1 + 0.3 dW2 in float32, rounded once
+  lorafold merge alice/chat-lora:0.7 alice/domain-lora:0.3 --base meta-llama/Llama-3.1-8B --out ./merged
+  # a mergekit recipe (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp)
+  lorafold merge --recipe recipe.yaml --push-to alice/my-merge
+  # a QLoRA adapter trained on a 4-bit repo: merged into the dequantized 4-bit weights instead of the original
+  lorafold merge alice/qlora --out ./merged --from-quantized dequantize
+
+exit codes: 0 merged (or: published files identical, nothing committed), 1 error, 2 usage error, 130 interrupted
+"""
+
+
+def version() -> str:
+    try:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        return dist_version("lorafold")
+    except PackageNotFoundError:  # running from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+class _Version(argparse.Action):
+    """`--version`, looked up only when asked for (reading the package metadata costs ~0.1 s on every start)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"lorafold {version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="lorafold", description="Fold a LoRA adapter into its base model, streaming, and publish it.")
+    p.add_argument("--version", action=_Version, nargs=0, help="show the version and exit")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    m = sub.add_parser("merge", help="merge an adapter into its base (local folders or Hub repos)")
+    m = sub.add_parser("merge", help="merge an adapter into its base (local folders or Hub repos)",
+                       description="Merge a PEFT LoRA adapter into its base model, tensor by tensor.",
+                       epilog=MERGE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     m.add_argument("adapter", nargs="*", help="adapter folder or Hub id owner/name[@revision]; several as ADAPTER:WEIGHT "
                    "fold W + sum of weight x delta (worker/cli/recipe.py)")
     m.add_argument("--recipe", help="a mergekit YAML recipe (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp)")
@@ -37,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--base-revision", help="base revision when BASE is a Hub id")
     m.add_argument("--private", action="store_true", help="create the --push-to repo as private")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder / commit on a --push-to repo with weights")
-    m.add_argument("--create-pr", action="store_true", help="with --push-to and --overwrite: open a pull request instead of committing to main")
+    m.add_argument("--create-pr", action="store_true",
+                   help="with --push-to: open a pull request instead of committing to main (also on a repo that has weights)")
     m.add_argument("--from-quantized", choices=["original", "dequantize"], default="original",
                    help="when the adapter's base is a bitsandbytes repo: merge into its 16-bit original (default) or into its dequantized weights")
     m.add_argument("--keep-quantization", action="store_true",

@@ -1,17 +1,37 @@
-"""`lorafold merge`: resolve the locations, run the engine with a terminal reporter, print the summary."""
+"""`lorafold merge`: check everything that can be checked cheaply, then resolve the locations, run the engine with
+a terminal reporter and print the summary.
+
+Order matters for the user's wait: the arguments, the local paths and the adapter config are checked before torch
+is imported (seconds on a cold or loaded machine), so a typo fails in a fraction of a second (bench/startup_latency.py).
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from contextlib import ExitStack
+from dataclasses import dataclass
 
-from ..engine import LocalDirSink, LocalDirSource, MergeOptions, Progress, merge
-from ..engine.card import Lineage
-from ..engine.errors import SourceError
-from ..engine.plan import load_spec
-from ..locations import parse_ref
+from ..engine.errors import AdapterSpecError, FormatError, SourceError
+from ..engine.io import LocalDirSource, Progress
+from ..engine.spec import CONFIG_NAME, AdapterSpec
+from ..locations import Ref, is_repo_id, parse_ref
 from .args import EXIT_OK, UsageError, parse_size
+
+EXIT_NOTHING_CHANGED = 0  # a re-publish of identical weights is not an error (see README "Publishing")
+_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+_MAX_CONFIG_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class Checked:
+    """What `check_merge_args` established without torch or the network."""
+
+    adapter: Ref
+    base: Ref | None  # None: from the adapter config (read later for a Hub adapter)
+    max_shard_size: int | None
+    adapter_spec: AdapterSpec | None  # read here when the adapter is a local folder
 
 
 class TerminalReporter:
@@ -60,73 +80,109 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def run_merge_command(args) -> int:
-    from .recipe import dispatch
-
-    code = dispatch(args)  # a recipe or several adapters; else args.adapter is the one adapter
-    if code is not None:
-        return code
-    token = args.token or None
-    options = MergeOptions(
-        device=args.device,
-        dtype=args.dtype,
-        max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
-        verify=args.verify,
-    )
+def check_merge_args(args) -> Checked:
+    """Every check that needs neither torch nor the network: flags, local paths, a local adapter's config."""
+    max_shard_size = parse_size(args.max_shard_size) if args.max_shard_size else None
     if args.create_pr and not args.push_to:
         raise UsageError("--create-pr needs --push-to")
     if args.out is not None and not args.out.strip():
         raise UsageError("--out is empty (an unset variable?); name the output folder")
     if args.push_to is not None and not args.push_to.strip():
         raise UsageError("--push-to is empty; name the target repo as OWNER/NAME")
-    if args.push_to is not None:
-        from ..locations import is_repo_id
+    if args.push_to is not None and not is_repo_id(args.push_to):
+        raise UsageError(f"--push-to {args.push_to!r} is not a Hub repo id (OWNER/NAME)")
+    adapter = parse_ref(args.adapter, args.revision, "adapter")
+    spec = read_local_adapter_spec(adapter.path) if adapter.path is not None else None
+    base_text = args.base if args.base is not None else (spec.base_model_name_or_path if spec is not None else None)
+    if spec is not None and args.base is None and not base_text:
+        raise SourceError("no --base given and adapter_config.json names no base_model_name_or_path")
+    where = "base" if args.base is not None else "base (from adapter_config.json)"
+    base = parse_ref(base_text, args.base_revision, where) if base_text else None
+    return Checked(adapter, base, max_shard_size, spec)
 
-        if not is_repo_id(args.push_to):
-            raise UsageError(f"--push-to {args.push_to!r} is not a Hub repo id (OWNER/NAME)")
-    adapter_ref = parse_ref(args.adapter, args.revision, "adapter")
+
+def read_local_adapter_spec(folder) -> AdapterSpec:
+    """The adapter config of a local folder, checked like the engine checks it (worker/engine/plan.load_spec),
+    without importing torch."""
+    label = str(folder)
+    names = {p.name for p in os.scandir(folder) if p.is_file()}
+    if CONFIG_NAME not in names:
+        if "config.json" in names:
+            raise AdapterSpecError(f"{label}: has config.json but no adapter_config.json: this is a model, not a PEFT adapter")
+        raise AdapterSpecError(f"{label}: no adapter_config.json: not a PEFT adapter")
+    path = os.path.join(folder, CONFIG_NAME)
+    if os.path.getsize(path) > _MAX_CONFIG_BYTES:
+        raise FormatError(f"{CONFIG_NAME}: too large for an adapter config")
+    try:
+        with open(path, "rb") as f:
+            cfg = json.loads(f.read().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise FormatError(f"{label}/{CONFIG_NAME}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise FormatError(f"{label}/{CONFIG_NAME}: JSON nested too deeply") from None
+    spec = AdapterSpec.from_config(cfg, f"{label}/{CONFIG_NAME}")
+    if not names & set(_ADAPTER_WEIGHTS):
+        raise AdapterSpecError(f"{label}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
+    return spec
+
+
+def _hub(token):
+    from ..hub import HubClient
+
+    return HubClient.from_user(token)
+
+
+def run_merge_command(args) -> int:
+    from .recipe import dispatch
+
+    code = dispatch(args)  # a recipe or several adapters; else args.adapter is the one adapter
+    if code is not None:
+        return code
+    checked = check_merge_args(args)
+    token = args.token or None
     with ExitStack() as stack:
         hub = None
-        if adapter_ref.is_hub or args.push_to or (args.base and not os.path.isdir(os.path.expanduser(args.base))):
-            from ..hub import HubClient
+        if checked.adapter.is_hub or args.push_to or (checked.base is not None and checked.base.is_hub):
+            hub = _hub(token)
+        adapter = open_source(checked.adapter, hub, stack)
+        base_ref = checked.base
+        if base_ref is None:  # a Hub adapter: its config names the base
+            from ..engine.plan import load_spec
 
-            hub = HubClient.from_user(token)
-        adapter = open_source(adapter_ref, hub, stack)
-        base_text = args.base
-        if base_text is None:
             spec, _ = load_spec(adapter)
-            base_text = spec.base_model_name_or_path
-            if not base_text:
+            if not spec.base_model_name_or_path:
                 raise SourceError("no --base given and adapter_config.json names no base_model_name_or_path")
-            base_ref = parse_ref(base_text, args.base_revision, "base (from adapter_config.json)")
+            base_ref = parse_ref(spec.base_model_name_or_path, args.base_revision, "base (from adapter_config.json)")
             if base_ref.is_hub and hub is None:
-                from ..hub import HubClient
-
-                hub = HubClient.from_user(token)
-        else:
-            base_ref = parse_ref(base_text, args.base_revision, "base")
+                hub = _hub(token)
         choice = None
         if args.base is None and base_ref.is_hub:  # a QLoRA adapter naming a 4-bit repo: find its 16-bit original
             from ..hub.original import choose_base
-            from ..locations import Ref
 
             choice = choose_base(hub, base_ref.repo_id, base_ref.revision, from_quantized=args.from_quantized)
             base_ref = Ref(choice.repo_id, repo_id=choice.repo_id, revision=choice.revision)
             if choice.source is not None:
                 stack.callback(choice.source.close)
         base = choice.source if choice is not None and choice.source is not None else open_source(base_ref, hub, stack)
+        # Only now the engine (and torch): everything above failed fast if it was going to.
+        from ..engine import LocalDirSink, MergeOptions, merge
+        from ..engine.card import Lineage
+
+        options = MergeOptions(device=args.device, dtype=args.dtype, max_shard_size=checked.max_shard_size, verify=args.verify)
         if args.push_to:
-            sink = hub.sink(args.push_to, private=args.private, overwrite=args.overwrite, create_pr=args.create_pr)
+            # A pull request proposes the weights and leaves main alone: it needs no --overwrite.
+            sink = hub.sink(args.push_to, private=args.private, overwrite=args.overwrite or args.create_pr,
+                            create_pr=args.create_pr)
         else:
-            forbidden = tuple(p for p in (adapter_ref.path, base_ref.path) if p is not None)
+            forbidden = tuple(p for p in (checked.adapter.path, base_ref.path) if p is not None)
             sink = LocalDirSink(args.out, overwrite=args.overwrite, forbidden=forbidden)
         if args.keep_quantization:
             from ..engine.quant import keep_quantization
 
             base, sink = keep_quantization(sink, base)
         lineage = Lineage(
-            base_ref.repo_id or str(base_ref.path), base.revision, adapter_ref.repo_id or str(adapter_ref.path),
-            adapter.revision, base_ref.is_hub, adapter_ref.is_hub,
+            base_ref.repo_id or str(base_ref.path), base.revision, checked.adapter.repo_id or str(checked.adapter.path),
+            adapter.revision, base_ref.is_hub, checked.adapter.is_hub,
             quantized_base=choice.quantized if choice else None,
             quantized_base_revision=choice.quantized_revision if choice else None,
         )
@@ -137,12 +193,19 @@ def run_merge_command(args) -> int:
             result = merge(base, adapter, sink, options, reporter, lineage=lineage)
         finally:
             reporter.close()
-    dest = result.result.get("url", "")
+    published = result.result
+    if args.push_to and published.get("commit") and published.get("commit") == getattr(sink, "_head", None):
+        # huggingface_hub drops files identical to the target's and then skips the empty commit (and the PR).
+        print(f"Merged {lineage.adapter} into {lineage.base}, but nothing changed: {args.push_to} already has exactly "
+              f"these files, so no commit was made and no pull request was opened.")
+        return EXIT_NOTHING_CHANGED
+    dest = published.get("pr_url") or published.get("url", "")
+    what = "opened a pull request" if published.get("pr_url") else "->"
     verify = f" Worst --verify relative error: {result.max_verify_error:.3g}." if result.max_verify_error is not None else ""
     if args.keep_quantization:
         verify += " " + sink.summary()
     print(
-        f"Merged {lineage.adapter} into {lineage.base} -> {dest} in {result.seconds:.1f} s on {result.device}: "
+        f"Merged {lineage.adapter} into {lineage.base} {what} {dest} in {result.seconds:.1f} s on {result.device}: "
         f"{result.tensors} tensors ({result.tensors_merged} changed) in {result.shards} shard(s); "
         f"read {_fmt_bytes(result.bytes_read)}, wrote {_fmt_bytes(result.bytes_written)}; "
         f"peak RSS {_fmt_bytes(result.peak_rss_bytes)}, peak VRAM {_fmt_bytes(result.peak_vram_bytes)}.{verify}"

@@ -12,9 +12,6 @@ import os
 from contextlib import ExitStack
 from pathlib import Path
 
-from ..engine import LocalDirSink, MergeOptions
-from ..engine.recipe.card import CardInput
-from ..engine.recipe.planner import OpenedRef
 from ..engine.recipe.recipe import (
     MAX_RECIPE_BYTES,
     RecipeError,
@@ -22,7 +19,6 @@ from ..engine.recipe.recipe import (
     parse_weighted_adapter,
     split_model_ref,
 )
-from ..engine.recipe.run import DEFAULT_SEED, merge_adapters, merge_recipe
 from ..locations import is_repo_id, parse_ref
 from .args import EXIT_OK, UsageError, parse_size
 
@@ -51,7 +47,7 @@ def dispatch(args) -> int | None:
     return run_sum_command(args, [(a, 1.0 if w is None else w) for a, w in parsed])
 
 
-def _options(args) -> MergeOptions:
+def _options(args):
     if args.create_pr and not args.push_to:
         raise UsageError("--create-pr needs --push-to")
     if args.verify:
@@ -60,6 +56,8 @@ def _options(args) -> MergeOptions:
         raise UsageError("--out is empty (an unset variable?); name the output folder")
     if args.push_to is not None and not is_repo_id(args.push_to.strip()):
         raise UsageError(f"--push-to {args.push_to!r} is not a Hub repo id (OWNER/NAME)")
+    from ..engine import MergeOptions
+
     return MergeOptions(
         device=args.device, dtype=args.dtype,
         max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
@@ -67,6 +65,8 @@ def _options(args) -> MergeOptions:
 
 
 def _sink(args, hub, local_inputs):
+    from ..engine import LocalDirSink
+
     if args.push_to:
         return hub.sink(args.push_to, private=args.private, overwrite=args.overwrite, create_pr=args.create_pr)
     return LocalDirSink(args.out, overwrite=args.overwrite, forbidden=tuple(local_inputs))
@@ -90,6 +90,10 @@ def _ref(text: str, what: str):
 
 
 def run_recipe_command(args, seed: int | None) -> int:
+    # torch and the engine only now: `lorafold merge` checks its plain arguments without them (issue 11)
+    from ..engine.recipe.card import CardInput
+    from ..engine.recipe.planner import OpenedRef
+    from ..engine.recipe.run import DEFAULT_SEED, merge_recipe
     from .merge import TerminalReporter, _fmt_bytes, open_source
 
     options = _options(args)
@@ -145,6 +149,8 @@ def run_recipe_command(args, seed: int | None) -> int:
 
 def run_sum_command(args, adapters: list[tuple[str, float]]) -> int:
     from ..engine.plan import load_spec
+    from ..engine.recipe.card import CardInput
+    from ..engine.recipe.run import merge_adapters
     from .merge import TerminalReporter, _fmt_bytes, open_source
 
     options = _options(args)

@@ -50,8 +50,16 @@ def run_worker(queues: str = "gpu", concurrency: int = 1) -> int:
     @signals.worker_process_init.connect
     def _after_fork(**_kw):
         from ..jobs.db import dispose_all
+        from ..service.job_process import start_spare
 
         dispose_all()
+        start_spare()  # this slot's first job finds a warm process (worker/service/job_process.py)
+
+    @signals.worker_process_shutdown.connect
+    def _before_exit(**_kw):
+        from ..service.job_process import stop_spare
+
+        stop_spare()
 
     app.worker_main(
         ["worker", "-Q", queues, "-c", str(concurrency), "--pool=prefork", "-l", "INFO", "-n", f"lorafold-{os.getpid()}@%h",

@@ -126,6 +126,8 @@ class Job(Base):
     bytes_written: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     timings: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    queue_wait_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # enqueued → a worker took it
+    startup_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # worker took it → first log line
 
     result_repo: Mapped[str | None] = mapped_column(String(200), nullable=True)
     result_commit: Mapped[str | None] = mapped_column(String(64), nullable=True)

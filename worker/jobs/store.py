@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
@@ -28,7 +28,7 @@ from sqlalchemy.orm import aliased
 
 from .crypto import SecretBox
 from .db import Database
-from .models import Credential, Job, JobLog, JobSample, JobStatus, utcnow
+from .models import Credential, Job, JobLog, JobSample, JobStatus, Rule, utcnow
 
 LEASE_SECONDS = 30
 TERMINAL = tuple(JobStatus.terminal())
@@ -89,7 +89,7 @@ class JobStore:
                     lease_until=now + timedelta(seconds=lease_seconds),
                     started_at=now,
                     progress_at=now,
-                    phase="start",
+                    phase="starting",
                     error=None,
                 )
             )
@@ -112,9 +112,39 @@ class JobStore:
                 .where(Job.id == job_id, Job.status == JobStatus.running.value, Job.worker == dead_worker,
                        Job.cancel_requested.is_(False))
                 .values(attempts=Job.attempts + 1, worker=worker, lease_until=now + timedelta(seconds=lease_seconds),
-                        started_at=now, progress_at=now, phase="start")
+                        started_at=now, progress_at=now, phase="starting")
             )
             return res.rowcount == 1
+
+    def hand_over(self, job_id: str, picked_at: float, max_running: int | None = None) -> bool:
+        """A worker took the job's message: may a process be given the job? queued → phase "starting" (with the
+        queue wait recorded); a job that was cancelled, finished or deleted meanwhile never starts a process
+        (queued + cancel requested ends as cancelled here). A running job (a redelivery) may go on: the process's
+        claim decides whether it takes it over.
+
+        A message is a ticket (claim_next runs the fairest queued job, not always its own), so a message whose own
+        job already ran on another ticket, or ended, still carries that other job's turn: with `max_running` given,
+        it is handed over whenever some queued job may start (dropping it would strand that job until the
+        reconciler re-sends it)."""
+        picked = datetime.fromtimestamp(picked_at, timezone.utc).replace(tzinfo=None)
+        with self.db.session() as s:
+            row = s.execute(
+                select(Job.status, Job.cancel_requested, Job.enqueued_at, Job.created_at).where(Job.id == job_id)
+            ).first()
+            if row is not None and row.cancel_requested and row.status == JobStatus.queued.value:
+                self._finish(s, job_id, JobStatus.cancelled, (JobStatus.queued.value,), error="cancelled before it started")
+            if row is None or row.status in TERMINAL or row.cancel_requested:
+                return max_running is not None and self._fairest(s, max(1, max_running)) is not None
+            if row.status == JobStatus.queued.value:
+                since = row.enqueued_at or row.created_at
+                wait = round(max(0.0, (picked - since).total_seconds()), 3) if since else None
+                res = s.execute(
+                    update(Job)
+                    .where(Job.id == job_id, Job.status == JobStatus.queued.value, Job.cancel_requested.is_(False))
+                    .values(phase="starting", queue_wait_seconds=wait, startup_seconds=None)
+                )
+                return res.rowcount == 1
+            return True
 
     def holder(self, job_id: str) -> str | None:
         with self.db.session() as s:
@@ -306,6 +336,28 @@ class JobStore:
             if res.rowcount != 1:
                 return True  # someone else owns it now (or it ended): stop
             return bool(s.execute(select(Job.cancel_requested).where(Job.id == job_id)).scalar())
+
+    def register_commit_and_check_stale(self, job_id: str, rule_id: str | None, adapter_repo: str,
+                                        committed_at: datetime) -> bool:
+        """Record this webhook job's adapter commit date and say whether a newer commit of the same repo (same rule)
+        is already merged or being merged. One transaction, serialised per rule by a row lock (PostgreSQL) or the
+        database write lock (SQLite, whose first statement here is a write): of two deliveries racing, the second
+        to get here always sees the first, so the older one cannot pass unseen. Called at resolve time and again
+        right before the commit."""
+        with self.db.session() as s:
+            if rule_id is not None and s.get_bind().dialect.name == "postgresql":
+                s.execute(select(Rule.id).where(Rule.id == rule_id).with_for_update())
+            s.execute(update(Job).where(Job.id == job_id).values(adapter_committed_at=committed_at))
+            newer = s.scalar(
+                select(Job.id).where(
+                    Job.rule_id.is_(None) if rule_id is None else Job.rule_id == rule_id,
+                    Job.adapter_repo == adapter_repo,
+                    Job.id != job_id,
+                    Job.status.in_([JobStatus.succeeded.value, JobStatus.running.value]),
+                    Job.adapter_committed_at > committed_at,
+                ).limit(1)
+            )
+            return newer is not None
 
     def append_logs(self, job_id: str, lines: Iterable[tuple[datetime, str, str]]) -> None:
         rows = [{"job_id": job_id, "at": at, "level": level, "message": msg[:4000]} for at, level, msg in lines]

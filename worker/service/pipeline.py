@@ -25,6 +25,7 @@ from ..hub.sink import MARKER, rule_claim
 from ..jobs.store import RunSpec
 from ..locations import check_revision, is_repo_id
 from ..settings import Settings
+from .watched_sink import WatchedSink
 
 
 class Skipped(EngineError):
@@ -73,6 +74,7 @@ def run_job(
     reporter.set_phase("resolve")
     adapter = hub.source(spec.adapter_repo, check_revision(spec.adapter_revision, "adapter"),
                          max_total_bytes=settings.max_adapter_bytes)
+    committed_at = None
     try:
         on_resolved(adapter_sha=adapter.revision)
         files = {f.path for f in adapter.files()}
@@ -108,8 +110,12 @@ def run_job(
                 on_resolved(private=True)
                 reporter.log("info", "the base is private or gated (or the adapter private): the merge is published "
                                      "as a private repo")
-        sink = hub.sink(spec.target_repo, private=private, overwrite=spec.overwrite, create_pr=spec.create_pr,
-                        merge_id=spec.job_id, claim=rule_claim(spec.rule_id) if spec.rule_id else None)
+        sink = WatchedSink(
+            hub.sink(spec.target_repo, private=private, overwrite=spec.overwrite, create_pr=spec.create_pr,
+                     merge_id=spec.job_id, claim=rule_claim(spec.rule_id) if spec.rule_id else None),
+            reporter,
+            before_commit=_recheck_stale(spec, adapter, committed_at, is_stale),
+        )
         options = MergeOptions(device=settings.device, dtype=spec.dtype, max_shard_size=spec.max_shard_size)
         result = merge(
             base,
@@ -195,6 +201,17 @@ def _must_stay_private(hub: HubClient, adapter_repo: str, adapter_sha: str, base
         if info.private or (gated_counts and info.gated not in (None, False, "false")):
             return True
     return False
+
+
+def _recheck_stale(spec: RunSpec, adapter, committed_at, is_stale) -> Callable[[], None] | None:
+    if committed_at is None:
+        return None
+
+    def check() -> None:
+        if is_stale(committed_at):
+            raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} is older than an adapter commit merged meanwhile")
+
+    return check
 
 
 def find_marker_commit(hub: HubClient, repo: str, job_id: str) -> str | None:

@@ -2,7 +2,7 @@
 
 Traps handled (service-anchors.md (e) 24–28): the broker's visibility timeout is far above the hard time limit
 (or a long merge is started twice); acks_late + reject_on_worker_lost re-deliver a job whose worker died;
-prefetch 1; every job in a fresh process (worker/job_process.py: VRAM goes back to the driver after each job,
+prefetch 1; every job in a fresh process, pre-started as a warm spare (worker/service/job_process.py: VRAM goes back to the driver after each job,
 CUDA never meets fork, and no pool-child recycling, which races in billiard); no result backend (the job row is
 the truth); cancellation goes through the database, never revoke(terminate=True).
 """

@@ -12,11 +12,9 @@ import socket
 import time
 import uuid
 
-from sqlalchemy import select
-
 from ..engine.errors import Cancelled
 from ..errors import describe
-from ..jobs import Job, JobStatus, JobStore
+from ..jobs import JobStatus, JobStore
 from ..jobs.store import LEASE_SECONDS
 from ..settings import Settings
 from .reconcile import dead_here
@@ -25,9 +23,24 @@ from .reporting import JobReporter
 log = logging.getLogger("lorafold.runner")
 
 
-def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -> str:
-    """Returns the final status (or "busy"/"done" when another attempt owns the job)."""
-    store = JobStore.open(settings)
+_stores: dict[tuple[str, str], JobStore] = {}
+
+
+def open_store(settings: Settings) -> JobStore:
+    """The process's JobStore (a warm spare opens it before its job arrives)."""
+    key = (settings.database_url, settings.secret_key)
+    store = _stores.get(key)
+    if store is None:
+        store = _stores[key] = JobStore.open(settings)
+    return store
+
+
+def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False, picked_at: float | None = None) -> str:
+    """Returns the final status (or "busy"/"done" when another attempt owns the job).
+
+    `picked_at` (epoch seconds) is when the Celery task took the job: the job's `startup_seconds` runs from there
+    to its first log line."""
+    store = open_store(settings)
     worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
     job_id, state = store.claim_next(job_id, worker, settings.max_running_per_owner)  # the message is a ticket
     if state == "busy":
@@ -47,23 +60,16 @@ def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False) -
 
     spec, token = store.run_spec(job_id)
     reporter = JobReporter(store, job_id, worker)
+    if picked_at is not None:  # written together with the first line, which the reporter flushes at once
+        reporter.note(startup_seconds=round(max(0.0, time.time() - picked_at), 3))
     reporter.log("info", f"attempt {spec.attempts} on {worker.rsplit(':', 1)[0]}")
 
     def on_resolved(**fields):
         store.set_fields(job_id, **fields)
 
     def is_stale(committed_at) -> bool:
-        with store.db.session() as s:
-            newer = s.scalar(
-                select(Job.id).where(
-                    Job.rule_id == spec.rule_id,
-                    Job.adapter_repo == spec.adapter_repo,
-                    Job.id != job_id,
-                    Job.status.in_([JobStatus.succeeded.value, JobStatus.running.value]),
-                    Job.adapter_committed_at > committed_at,
-                )
-            )
-        return newer is not None
+        # Atomic in JobStore: of two deliveries racing for one repo, the second to check sees the first.
+        return store.register_commit_and_check_stale(job_id, spec.rule_id, spec.adapter_repo, committed_at)
 
     status, fields = JobStatus.failed, {}
     try:

@@ -1,4 +1,4 @@
-"""The Celery task: a thin adapter with a stable name. It runs the job in a fresh process (worker/job_process.py)."""
+"""The Celery task: a thin adapter with a stable name. It hands the job to a fresh, warm process (job_process.py)."""
 
 from __future__ import annotations
 

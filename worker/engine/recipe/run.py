@@ -13,11 +13,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import __getattr__ as _engine_export
+from .. import device as device_mod
 from ..errors import Cancelled, EngineError
 from ..execute import Executor, select_device
 from ..io import ModelSink, ModelSource, NullReporter, Progress, Reporter
 from ..memory import MemorySampler, peak_rss_bytes, pin_malloc_threshold
-from ..merge import VERSION, MergeResult, _base_card_head, _copy_small_files, _not_copied, _write_index
+from ..merge import VERSION, MergeResult, _base_card_head, _copy_small_files, _not_copied, _WarmUp, _write_index
 from ..plan import MergeOptions, MergePlan
 from .card import CardInput, build_recipe_card
 from .planner import OpenedRef, plan_adapter_sum, plan_recipe
@@ -88,22 +89,26 @@ def _run(planner: Callable[[], tuple[MergePlan, list[InputModel]]], card: Callab
     reporter = reporter or NullReporter()
     started = time.monotonic()
     timings: dict[str, float] = {}
-    device = select_device(options.device)
+    device = device_mod.open_device(select_device(options.device))  # as merge.merge() does (warm-up, exact fp32)
     pin_malloc_threshold()
     inputs: list[InputModel] = []
     try:
-        with MemorySampler(reporter, device) as sampler:
+        with MemorySampler(reporter, device.torch_device) as sampler:
+            if hasattr(device, "on_ready"):
+                device.on_ready.append(sampler.cuda_ready)
+            warm = _WarmUp(device)
             reporter.progress(Progress("plan"))
             sink.prepare()
             plan, inputs = planner()
             timings["plan"] = time.monotonic() - started
-            reporter.log("info", f"plan: {plan.summary()} on {device}")
+            reporter.log("info", f"plan: {plan.summary()} on {device.torch_device}")
             for note in plan.notes:
                 reporter.log("info", note)
             for skipped in plan.skipped_files:
                 reporter.log("warning", _not_copied(skipped))
             t0 = time.monotonic()
             _copy_small_files(plan, sink)
+            warm.join()
             stats = Executor(plan, sink, device, reporter).run()
             timings["merge"] = time.monotonic() - t0
             t0 = time.monotonic()
@@ -133,7 +138,7 @@ def _run(planner: Callable[[], tuple[MergePlan, list[InputModel]]], card: Callab
         tensors=len(plan.tensors),
         tensors_merged=len(plan.merged),
         shards=len(plan.shards),
-        device=str(device),
+        device=str(device.torch_device),
         timings=timings,
         result=published,
         notes=plan.notes + [_not_copied(f) for f in plan.skipped_files],
