@@ -5,6 +5,7 @@ original and an original that does not fit behave as documented (worker/hub/orig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -161,6 +162,10 @@ class _Reporter:
 
     def memory(self, rss, vram):
         pass
+
+    @contextlib.contextmanager
+    def working(self, phase=None):  # the job reporter's heartbeat around uploads (worker/service/reporting.py)
+        yield
 
     def should_stop(self):
         return False

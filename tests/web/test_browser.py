@@ -223,7 +223,8 @@ def test_sign_in_merge_and_watch_it_finish(stack):
             page.screenshot(path=str(OUT / "browser-job-failed.png"), full_page=True)
 
             page.goto(live.url + "/rules")
-            page.fill("#watch", "maria/*")
+            page.fill("#watch", "maria/*-lora")
+            page.fill("#base", "maria/tiny-llama")  # a rule names its base: a pushed adapter config never chooses it
             page.get_by_role("button", name="Create rule").click()
             expect(page.locator("#new-secret")).to_be_visible()
             assert page.is_visible("button[data-copy='new-secret']")

@@ -297,7 +297,7 @@ class JobStore:
                        under_cap)
                 .values(status=JobStatus.running.value, attempts=Job.attempts + 1, worker=worker,
                         lease_until=now + timedelta(seconds=lease_seconds), started_at=now, progress_at=now,
-                        phase="start", error=None)
+                        phase="starting", error=None)
                 .execution_options(synchronize_session=False)
             )
             return job_id if res.rowcount == 1 else ""
