@@ -19,7 +19,6 @@ from worker.jobs import Job, JobRequest, JobStatus, submit
 
 from . import jobs
 from .auth import Caller
-from .errors import Unprocessable
 from .forms import DTYPES
 from .hubcheck import (
     AdapterInfo,
@@ -31,11 +30,10 @@ from .hubcheck import (
     inspect_repo,
 )
 from .preflight import Preflight, check_fit
+from .schemas import JobCreate, parse
 from .services import services
 
-FIELDS = {"adapter": str, "adapter_revision": str, "base": str, "base_revision": str, "target": str,
-          "private": bool, "dtype": str, "overwrite": bool, "create_pr": bool}
-MAX_STRING = 200
+FIELDS = tuple(JobCreate.model_fields)  # the order check() reports problems in: the form's and the body's
 
 
 @dataclass(frozen=True)
@@ -52,32 +50,8 @@ class MergeInput:
 
     @classmethod
     def from_json(cls, body: object) -> MergeInput:
-        """Strict: an object with known fields of the right types (422 naming the field otherwise)."""
-        if not isinstance(body, dict):
-            raise Unprocessable("the request body must be a JSON object")
-        for key in body:
-            if key not in FIELDS:
-                raise Unprocessable(f"unknown field {str(key)[:60]!r}", field=str(key)[:60])
-        for key in ("adapter", "target"):
-            if key not in body:
-                raise Unprocessable(f"{key} is required", field=key)
-        values: dict = {}
-        for key, kind in FIELDS.items():
-            value = body.get(key)
-            if value is None and key not in ("adapter", "target"):
-                continue
-            if kind is bool:
-                if not isinstance(value, bool):
-                    raise Unprocessable(f"{key} must be true or false", field=key)
-            elif not isinstance(value, str):
-                raise Unprocessable(f"{key} must be a string", field=key)
-            elif len(value) > MAX_STRING:
-                raise Unprocessable(f"{key} is longer than {MAX_STRING} characters", field=key)
-            values[key] = value
-        for key in ("adapter_revision", "base", "base_revision"):
-            if values.get(key) == "":
-                values[key] = None
-        return cls(**values)
+        """Strict: web/schemas.py JobCreate (the model openapi.py publishes); 422 naming the field otherwise."""
+        return cls(**parse(JobCreate, body).model_dump())
 
     @classmethod
     def from_form(cls, form) -> MergeInput:
@@ -157,7 +131,7 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
     preflight = None
     if info is not None and base_info is not None:
         preflight = attempt(_preflight, hub, adapter, info, base_id, base_info.sha, inp.dtype)
-    errors.sort(key=lambda e: list(FIELDS).index(e.field) if e.field in FIELDS else 99)
+    errors.sort(key=lambda e: FIELDS.index(e.field) if e.field in FIELDS else 99)
     return errors, Checked(inp, info, base_id, base_info.sha if base_info else None,
                            bool(base_info and base_info.private), preflight)
 

@@ -1,7 +1,16 @@
 """The OpenAPI 3.1 description of the JSON API, the webhook receiver and /healthz (served at
-/api/v1/openapi.json; tests/web/test_schemathesis.py fuzzes the app against it)."""
+/api/v1/openapi.json; tests/web/test_schemathesis.py fuzzes the app against it).
+
+The request bodies and the main answers (job, rule, error) are web/schemas.py's pydantic models, rendered here as
+JSON Schema: the same objects validate the requests, so this document cannot drift from what the API accepts.
+Paths, parameters, security and status codes are stated here.
+"""
 
 from __future__ import annotations
+
+from pydantic import BaseModel
+
+from .schemas import REQUESTS, RESPONSES
 
 REPO_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$"
 ID = r"^[0-9a-f]{32}$"
@@ -26,6 +35,23 @@ def _json(schema: dict, description: str, headers: dict | None = None) -> dict:
 
 def _error(description: str, headers: dict | None = None) -> dict:
     return _json(_ref("Error"), description, headers)
+
+
+def _from_models() -> dict:
+    """Component schemas from the models: requests as validated, answers as serialized. Nested models come out of
+    pydantic as `$defs`; they become components of their own, referred to by `#/components/schemas/<Model>`."""
+    out: dict = {}
+
+    def add(model: type[BaseModel], mode: str) -> None:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}", mode=mode)
+        out.update(schema.pop("$defs", {}))
+        out[model.__name__] = schema
+
+    for model in REQUESTS:
+        add(model, "validation")
+    for model in RESPONSES:
+        add(model, "serialization")
+    return out
 
 
 RETRY_AFTER = {"Retry-After": {"description": "Seconds until the rate limit resets", "schema": {"type": "string"}}}
@@ -55,100 +81,7 @@ JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "
 RULE_ID = {"name": "rule_id", "in": "path", "required": True, "schema": {"type": "string"}}
 
 SCHEMAS = {
-    "Error": {
-        "type": "object",
-        "required": ["error"],
-        "additionalProperties": False,
-        "properties": {"error": {
-            "type": "object",
-            "required": ["code", "message"],
-            "additionalProperties": False,
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}},
-        }},
-    },
-    "JobCreate": {
-        "type": "object",
-        "required": ["adapter", "target"],
-        "additionalProperties": False,
-        "properties": {
-            "adapter": {"type": "string", "maxLength": 200, "description": "adapter repo id, owner/name"},
-            "adapter_revision": _nullable("string", maxLength=200, description="branch, tag or commit"),
-            "base": _nullable("string", maxLength=200, description="base repo id (default: from the adapter config)"),
-            "base_revision": _nullable("string", maxLength=200),
-            "target": {"type": "string", "maxLength": 200, "description": "repo to publish the merge to"},
-            "private": {"type": "boolean", "default": False},
-            "dtype": {"type": "string", "enum": DTYPES, "default": "auto"},
-        },
-    },
-    "JobAccepted": {
-        "type": "object",
-        "required": ["id", "status", "url"],
-        "properties": {
-            "id": {"type": "string", "pattern": ID},
-            "status": {"type": "string", "enum": STATUSES},
-            "url": {"type": "string", "description": "this job in the API"},
-            "html_url": {"type": "string", "description": "this job's page"},
-        },
-    },
-    "Job": {
-        "type": "object",
-        "required": ["id", "status", "progress", "stats", "result", "error", "created_at", "started_at", "finished_at",
-                     "adapter", "target", "door", "attempts", "phase"],
-        "properties": {
-            "id": {"type": "string", "pattern": ID},
-            "status": {"type": "string", "enum": STATUSES},
-            "phase": _nullable("string"),
-            "door": {"type": "string", "enum": ["form", "api", "webhook", "cli"]},
-            "owner": {"type": "string"},
-            "attempts": {"type": "integer", "minimum": 0},
-            "cancel_requested": {"type": "boolean"},
-            "adapter": {"type": "string"},
-            "adapter_revision": _nullable("string"),
-            "adapter_sha": _nullable("string"),
-            "base": _nullable("string"),
-            "base_revision": _nullable("string"),
-            "base_sha": _nullable("string"),
-            "target": {"type": "string"},
-            "private": {"type": "boolean"},
-            "dtype": {"type": "string"},
-            "rule_id": _nullable("string"),
-            "progress": {
-                "type": "object",
-                "required": ["done", "total", "bytes_done", "bytes_total"],
-                "properties": {
-                    "done": {"type": "integer", "description": "tensors written"},
-                    "total": {"type": "integer"},
-                    "bytes_done": {"type": "integer"},
-                    "bytes_total": {"type": "integer"},
-                    "eta_seconds": _nullable("number"),
-                },
-            },
-            "stats": {
-                "type": "object",
-                "required": ["peak_rss_bytes", "peak_vram_bytes", "bytes_read", "bytes_written", "seconds"],
-                "properties": {
-                    "peak_rss_bytes": _nullable("integer"),
-                    "peak_vram_bytes": _nullable("integer"),
-                    "bytes_read": _nullable("integer"),
-                    "bytes_written": _nullable("integer"),
-                    "seconds": _nullable("number"),
-                    "queue_wait_seconds": _nullable("number"),
-                    "startup_seconds": _nullable("number"),
-                },
-            },
-            "result": {
-                "type": "object",
-                "required": ["repo", "commit", "url"],
-                "properties": {"repo": _nullable("string"), "commit": _nullable("string"), "url": _nullable("string")},
-            },
-            "error": _nullable("string"),
-            "created_at": {"type": "string", "format": "date-time"},
-            "started_at": _nullable("string", format="date-time"),
-            "finished_at": _nullable("string", format="date-time"),
-            "url": {"type": "string"},
-            "html_url": {"type": "string"},
-        },
-    },
+    **_from_models(),
     "JobList": {
         "type": "object",
         "required": ["jobs", "next"],
@@ -167,60 +100,6 @@ SCHEMAS = {
         "properties": {"logs": {"type": "array", "items": _ref("LogLine")},
                        "next": _nullable("integer", description="pass as `after` for the next page (null: no more now)"),
                        "last_id": {"type": "integer", "description": "pass as `after` to tail"}},
-    },
-    "RuleCreate": {
-        "type": "object",
-        "required": ["watch"],
-        "additionalProperties": False,
-        "properties": {
-            "watch": {"type": "string", "maxLength": 200, "description": "owner/name or owner/<glob>, e.g. owner/*-lora"},
-            "target": {"type": "string", "maxLength": 200, "default": "{namespace}/{name}-merged",
-                       "description": "must not be able to render to a watched repo or to a base (422 otherwise)"},
-            "base": _nullable("string", maxLength=200, description="the base every push is merged onto; "
-                              "base or bases is required (an adapter's config never chooses the base)"),
-            "base_revision": _nullable("string", maxLength=200),
-            "bases": {"type": ["array", "null"], "maxItems": 20, "items": {"type": "string", "maxLength": 200},
-                      "description": "instead of base: the bases an adapter's config may name (an allow-list)"},
-            "private": {"type": "boolean", "default": False,
-                        "description": "the output of a private or gated base is private whatever this says"},
-            "dtype": {"type": "string", "enum": DTYPES, "default": "auto"},
-            "token": _nullable("string", maxLength=512, description="a personal access token for the rule to keep; "
-                               "required when the caller's token is an OAuth sign-in token (those expire)"),
-        },
-    },
-    "Rule": {
-        "type": "object",
-        "required": ["id", "watch", "target", "webhook_url", "private", "dtype"],
-        "properties": {
-            "id": {"type": "string", "pattern": ID},
-            "watch": {"type": "string"},
-            "target": {"type": "string"},
-            "base": _nullable("string"),
-            "base_revision": _nullable("string"),
-            "bases": {"type": ["array", "null"], "items": {"type": "string"}},
-            "private": {"type": "boolean"},
-            "dtype": {"type": "string"},
-            "enabled": {"type": "boolean"},
-            "credential_warning": _nullable("string", description="set when the stored token has expired or "
-                                            "expires within 7 days"),
-            "created_at": {"type": "string", "format": "date-time"},
-            "webhook_url": {"type": "string"},
-            "secret": {"type": "string", "description": "only in the answer that creates the rule"},
-            "deliveries": {"type": "array", "items": _ref("Delivery")},
-        },
-    },
-    "Delivery": {
-        "type": "object",
-        "required": ["id", "received_at", "outcome"],
-        "properties": {
-            "id": {"type": "integer"},
-            "received_at": {"type": "string", "format": "date-time"},
-            "repo": _nullable("string"),
-            "new_sha": _nullable("string"),
-            "outcome": {"type": "string", "enum": ["queued", "duplicate", "ignored"]},
-            "reason": _nullable("string"),
-            "job_id": _nullable("string"),
-        },
     },
     "HubWebhook": {
         "type": "object",

@@ -10,6 +10,7 @@ from .errors import Unprocessable
 from .forms import ActionForm, MergeForm
 from .hubcheck import InspectError, check_repo_id, check_rev, inspect_adapter
 from .present import job_json, job_times, log_json, merge_again_url, retry_advice, state_text
+from .schemas import MAX_STRING
 from .services import services
 
 bp = Blueprint("ui", __name__)
@@ -116,7 +117,7 @@ def merge_preview():
     """The whole check of a would-be request (every field error, shapes included) and, when it passes, the
     preview: size, tensors changed, time estimate, jobs ahead, the model card. Nothing is queued."""
     caller = session_caller()
-    args = {k: request.args.get(k, "").strip()[: merge.MAX_STRING] for k in
+    args = {k: request.args.get(k, "").strip()[:MAX_STRING] for k in
             ("adapter", "adapter_revision", "base", "base_revision", "target", "dtype")}
     flags = {k: request.args.get(k) in ("1", "true", "on") for k in ("overwrite", "create_pr")}
     private = request.args.get("private")

@@ -7,6 +7,7 @@ import json
 import pytest
 from sqlalchemy import select
 
+from web import schemas
 from worker.jobs import Credential, Job, JobLog, JobStatus
 
 from .conftest import ALICE, BOB, CAROL, READER, bearer, unique
@@ -38,6 +39,9 @@ def test_create_get_list(client, enqueued, db):
     assert set(job["stats"]) == {"peak_rss_bytes", "peak_vram_bytes", "bytes_read", "bytes_written", "seconds",
                                  "queue_wait_seconds", "startup_seconds"}
     assert job["result"] == {"repo": None, "commit": None, "url": None} and job["error"] is None
+    # the answers have the shapes openapi.json publishes (web/schemas.py, the models it is rendered from)
+    schemas.JobAccepted.model_validate(body)
+    schemas.Job.model_validate(job)
 
     with db.session() as s:  # the token is stored for the job, encrypted
         row = s.get(Job, body["id"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
+from web import schemas
 from worker.jobs import Credential, Delivery, Rule
 
 from .conftest import ALICE, BOB, PUBLIC_URL, bearer, csrf_from, sign_in
@@ -16,6 +17,7 @@ def test_create_list_get_delete(client, db):
     rule = r.json
     assert rule["webhook_url"] == f"{PUBLIC_URL}/hooks/hub/{rule['id']}"
     assert rule["target"] == "{namespace}/{name}-merged" and len(rule["secret"]) >= 40
+    schemas.Rule.model_validate(rule)  # the shape openapi.json publishes
     assert r.headers["Cache-Control"] == "no-store"
     with db.session() as s:
         row = s.get(Rule, rule["id"])
@@ -27,6 +29,7 @@ def test_create_list_get_delete(client, db):
     listed = client.get("/api/v1/rules", headers=bearer(ALICE)).json["rules"]
     assert [x["id"] for x in listed] == [rule["id"]] and "secret" not in listed[0]
     one = client.get(f"/api/v1/rules/{rule['id']}", headers=bearer(ALICE)).json
+    schemas.Rule.model_validate(one)
     assert one["deliveries"] == [] and "secret" not in one
     assert client.get("/api/v1/rules", headers=bearer(BOB)).json["rules"] == []
     assert client.get(f"/api/v1/rules/{rule['id']}", headers=bearer(BOB)).status_code == 404

@@ -1,0 +1,284 @@
+"""The JSON API's request and response shapes, stated once: pydantic validates the request bodies with these models
+and web/openapi.py takes its component schemas from them, so the published document and the validation cannot
+drift apart (issue 11, layout item 6).
+
+The bodies are decoded first by web/bodies.py `read_json()` (size, depth, duplicate keys, NaN, NUL...); the models
+then check the shape: strict (a boolean is a JSON boolean, a string a string, no coercion) and closed (an unknown
+field is a 422 naming it, so a typo is never silently ignored). `parse()` turns pydantic's errors into the
+service's one-line error JSON `{"error": {"code": "invalid", "message", "field"}}` (web/errors.py).
+
+The patterns here are coarse gates (what JSON Schema can state and any OpenAPI client can check); the exact rules
+(no `--` or `..` in a repo id, the Hub's own answer) stay in web/hubcheck.py and worker/locations.py, which give the
+precise message. Fields that may be null say so (`anyOf` with `null`), because the service accepts null there:
+a schema stricter than the service would make schemathesis' negative mode (tests/web/test_schemathesis.py) fail.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import Unprocessable
+from .rule_targets import DEFAULT_TARGET
+
+MAX_STRING = 200
+MAX_TOKEN = 512
+MAX_BASES = 20
+# owner/name, each part 1-96 characters of the Hub's alphabet (worker/locations.py REPO_ID_RE is the exact rule)
+REPO_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
+REVISION = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}"  # a branch, tag or commit sha (worker/locations.py REVISION_RE)
+ID = r"^[0-9a-f]{32}$"
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
+
+
+def _or_empty(pattern: str) -> str:
+    """An optional text field also takes "" (the same as absent: what an emptied form field sends)."""
+    return f"^(?:{pattern})?$"
+
+
+RepoId = Annotated[str, Field(max_length=MAX_STRING, pattern=f"^{REPO_ID}$")]
+OptionalRepoId = Annotated[str, Field(max_length=MAX_STRING, pattern=_or_empty(REPO_ID))]
+OptionalRevision = Annotated[str, Field(max_length=MAX_STRING, pattern=_or_empty(REVISION))]
+
+# the message of a pattern mismatch, per field: the same words as hubcheck's exact checks
+_PATTERN_MESSAGES = {
+    "adapter": "adapter: {value!r} is not a Hub repo id (owner/name)",
+    "target": "target: {value!r} is not a Hub repo id (owner/name)",
+    "base": "base: {value!r} is not a Hub repo id (owner/name)",
+    "bases": "bases: {value!r} is not a Hub repo id (owner/name)",
+    "adapter_revision": "adapter revision: {value!r} is not a valid revision (branch, tag or commit sha)",
+    "base_revision": "base revision: {value!r} is not a valid revision (branch, tag or commit sha)",
+}
+
+_REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
+class _Request(BaseModel):
+    model_config = _REQUEST
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _empty_is_absent(cls, value, info):
+        """"" in an optional text field means "not given" (the form's empty field, and the API's since v1)."""
+        if value == "" and info.field_name in cls.empty_is_none:
+            return None
+        return value
+
+    empty_is_none: ClassVar[frozenset[str]] = frozenset()
+
+
+class JobCreate(_Request):
+    """POST /api/v1/jobs: merge `adapter` into its base and publish the result to `target`."""
+
+    adapter: RepoId = Field(description="adapter repo id, owner/name")
+    adapter_revision: OptionalRevision | None = Field(None, description="branch, tag or commit (default: main)")
+    base: OptionalRepoId | None = Field(None, description="base repo id (default: the one the adapter config names)")
+    base_revision: OptionalRevision | None = None
+    target: RepoId = Field(description="repo to publish the merge to")
+    private: bool | None = Field(None, description="null or absent: private when the adapter or the base is")
+    dtype: Dtype = "auto"
+    overwrite: bool = Field(False, description="commit on top of a target that already has weights")
+    create_pr: bool = Field(False, description="open a pull request on the target instead of committing to main")
+
+    empty_is_none: ClassVar[frozenset[str]] = frozenset({"adapter_revision", "base", "base_revision"})
+
+
+class RuleCreate(_Request):
+    """POST /api/v1/rules: merge every new commit of the watched adapter repos onto the base(s) chosen here."""
+
+    watch: str = Field(max_length=MAX_STRING, description="owner/name or owner/<glob>, e.g. owner/*-lora")
+    target: str = Field(DEFAULT_TARGET, max_length=MAX_STRING,
+                        description="must not be able to render to a watched repo or to a base (422 otherwise)")
+    base: OptionalRepoId | None = Field(None, description="the base every push is merged onto; base or bases is "
+                                                          "required (an adapter's config never chooses the base)")
+    base_revision: OptionalRevision | None = None
+    bases: list[RepoId] | None = Field(None, max_length=MAX_BASES, description="instead of base: the bases an "
+                                                                               "adapter's config may name (an allow-list)")
+    private: bool = Field(False, description="the output of a private or gated base is private whatever this says")
+    dtype: Dtype = "auto"
+    token: str | None = Field(None, max_length=MAX_TOKEN, repr=False,
+                              description="a personal access token for the rule to keep; required when the "
+                                          "caller's token is an OAuth sign-in token (those expire)")
+
+    empty_is_none: ClassVar[frozenset[str]] = frozenset({"base", "base_revision", "token"})
+
+    @field_validator("target", mode="after")
+    @classmethod
+    def _default_target(cls, value: str) -> str:
+        return value or DEFAULT_TARGET
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def parse(model: type[Model], body: object) -> Model:
+    """`body` (already decoded by read_json) as `model`, or a 422 with one message naming one field."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise _first_error(model, exc) from None
+
+
+def _first_error(model: type[BaseModel], exc: ValidationError) -> Unprocessable:
+    """The one error to report: unknown fields first, then missing ones, then the rest in field order (as the
+    hand-written validators did: the first thing to fix first)."""
+    order = list(model.model_fields)
+    rank = {"extra_forbidden": 0, "missing": 1}
+
+    def key(err):
+        name = err["loc"][0] if err["loc"] else ""
+        return rank.get(err["type"], 2), order.index(name) if name in order else len(order)
+
+    err = sorted(exc.errors(include_url=False), key=key)[0]
+    return _unprocessable(err)
+
+
+def _unprocessable(err: dict) -> Unprocessable:
+    loc, kind, value, ctx = err["loc"], err["type"], err.get("input"), err.get("ctx") or {}
+    if not loc:  # the body itself: not an object
+        return Unprocessable("the request body must be a JSON object")
+    name = str(loc[0])[:60]
+    if kind == "extra_forbidden":
+        return Unprocessable(f"unknown field {name!r}", field=name)
+    if kind == "missing":
+        return Unprocessable(f"{name} is required", field=name)
+    if kind == "bool_type":
+        return Unprocessable(f"{name} must be true or false", field=name)
+    if kind == "string_type":
+        return Unprocessable(f"{name} must be a string", field=name)
+    if kind == "string_too_long":
+        return Unprocessable(f"{name} is longer than {ctx.get('max_length')} characters", field=name)
+    if kind == "string_pattern_mismatch" and name in _PATTERN_MESSAGES:
+        return Unprocessable(_PATTERN_MESSAGES[name].format(value=str(value)[:100]), field=name)
+    if kind == "literal_error":
+        return Unprocessable(f"{name} must be one of {ctx.get('expected', '').replace(chr(39), '')}", field=name)
+    if kind == "list_type":
+        return Unprocessable(f"{name} must be a list of repo ids", field=name)
+    if kind == "too_long":
+        return Unprocessable(f"{name}: at most {ctx.get('max_length')} items", field=name)
+    return Unprocessable(f"{name}: {err['msg']}", field=name)
+
+
+# --- response shapes (documentation only: web/present.py builds them; the schemathesis test checks the match) ---
+
+
+def _not_null(schema: dict) -> None:
+    """A field that may be left out of an answer but is never null in it: `{"type": X}`, not `anyOf [X, null]`."""
+    kinds = [k for k in schema.pop("anyOf", []) if k.get("type") != "null"]
+    if len(kinds) == 1:
+        schema.update(kinds[0])
+    schema.pop("default", None)
+
+
+def absent(**kwargs):
+    """An optional field of a response: may be missing, never null."""
+    return Field(None, json_schema_extra=_not_null, **kwargs)
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str
+    message: str
+    field: str | None = absent()
+
+
+class Error(BaseModel):
+    """Every error of the API: one line, and the field it is about when there is one."""
+
+    model_config = ConfigDict(extra="forbid")
+    error: ErrorDetail
+
+
+class JobAccepted(BaseModel):
+    id: str = Field(pattern=ID)
+    status: Status
+    url: str = Field(description="this job in the API")
+    html_url: str | None = absent(description="this job's page")
+
+
+class JobProgress(BaseModel):
+    done: int = Field(description="tensors written")
+    total: int
+    bytes_done: int
+    bytes_total: int
+    eta_seconds: float | None = None
+
+
+class JobStats(BaseModel):
+    peak_rss_bytes: int | None
+    peak_vram_bytes: int | None
+    bytes_read: int | None
+    bytes_written: int | None
+    seconds: float | None
+    queue_wait_seconds: float | None = None
+    startup_seconds: float | None = None
+
+
+class JobResult(BaseModel):
+    repo: str | None
+    commit: str | None
+    url: str | None
+
+
+class Job(BaseModel):
+    id: str = Field(pattern=ID)
+    status: Status
+    phase: str | None
+    door: Literal["form", "api", "webhook", "cli"]
+    owner: str | None = absent()
+    attempts: int = Field(ge=0)
+    cancel_requested: bool | None = absent()
+    adapter: str
+    adapter_revision: str | None = None
+    adapter_sha: str | None = None
+    base: str | None = None
+    base_revision: str | None = None
+    base_sha: str | None = None
+    target: str
+    private: bool | None = absent()
+    dtype: str | None = absent()
+    rule_id: str | None = None
+    progress: JobProgress
+    stats: JobStats
+    result: JobResult
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    url: str | None = absent()
+    html_url: str | None = absent()
+
+
+class Delivery(BaseModel):
+    id: int
+    received_at: datetime
+    repo: str | None = None
+    new_sha: str | None = None
+    outcome: Literal["queued", "duplicate", "ignored"]
+    reason: str | None = None
+    job_id: str | None = None
+
+
+class Rule(BaseModel):
+    id: str = Field(pattern=ID)
+    watch: str
+    target: str
+    base: str | None = None
+    base_revision: str | None = None
+    bases: list[str] | None = None
+    private: bool
+    dtype: str
+    enabled: bool | None = absent()
+    credential_warning: str | None = Field(None, description="set when the stored token has expired or expires "
+                                                             "within 7 days")
+    created_at: datetime | None = absent()
+    webhook_url: str
+    secret: str | None = absent(description="only in the answer that creates the rule")
+    deliveries: list[Delivery] | None = absent()
+
+
+REQUESTS = (JobCreate, RuleCreate)
+RESPONSES = (Error, JobAccepted, Job, Rule)
