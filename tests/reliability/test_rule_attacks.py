@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from sqlalchemy import select
 
-from tests.support.hubdouble import HubDouble
+from hubdouble import HubDouble
 from web import create_app
 from worker.hub import HubClient
 from worker.jobs import Credential, Database, Job, JobRequest, Rule, submit

@@ -14,7 +14,7 @@ import pytest
 from huggingface_hub import HfApi
 
 from tests.conftest import need_service
-from tests.support.hubdouble import Fault
+from hubdouble import Fault
 from tests.support.hubseed import ALICE, merged_commits, seeded_model  # noqa: F401
 from tests.support.stack import Stack
 

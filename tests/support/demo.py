@@ -126,7 +126,7 @@ def _run(data: Path) -> int:
     import huggingface_hub.constants as constants
 
     constants.HF_HUB_DISABLE_XET = True
-    from tests.support.hubdouble import HubDouble
+    from hubdouble import HubDouble
 
     data.mkdir(parents=True, exist_ok=True)
     hub = HubDouble(storage_dir=str(data / "hub"), port=hub_port).start()

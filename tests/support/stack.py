@@ -19,7 +19,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.hubdouble import HubDouble
+from hubdouble import HubDouble
 from tests.support.hubseed import ALICE, seed
 from worker import migrate
 from worker.jobs import Database, Job, JobRequest, JobStore, SecretBox, submit

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hubdouble import HubDouble
+from hubdouble import HubDouble
 from web import create_app
 from worker.hub import HubClient
 from worker.jobs import Database

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hubdouble import HubDouble
+from hubdouble import HubDouble
 from web import create_app
 from worker import migrate
 from worker.settings import Settings
