@@ -13,8 +13,8 @@ import psycopg
 import pytest
 from huggingface_hub import HfApi
 
-from tests.conftest import need_service
 from hubdouble import Fault
+from tests.conftest import need_service
 from tests.support.hubseed import ALICE, merged_commits, seeded_model  # noqa: F401
 from tests.support.stack import Stack
 
