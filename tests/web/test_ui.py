@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from worker.jobs import Credential, Job, JobLog, JobSample, JobStatus
 
-from .conftest import ALICE, BOB, bearer, csrf_from, sign_in, unique
+from .helpers import ALICE, BOB, bearer, csrf_from, sign_in, unique
 
 
 def merge_data(client, **fields) -> dict:
