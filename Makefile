@@ -50,7 +50,7 @@ bench-e2e: $(STAMP)  ## the 1.1B merge end to end (fresh process + sync) against
 	$(BIN)/python -m bench.e2e --size 1b
 
 lint: $(STAMP)
-	$(BIN)/ruff check worker web tests bench
+	$(BIN)/ruff check worker web tests bench hubdouble
 
 clean:
 	rm -rf $(VENV) var test-output bench/out

@@ -61,7 +61,7 @@ def main() -> None:
     storage = Path(tempfile.mkdtemp(prefix="lorafold-hubbench-"))
     port = _free_port()
     env = dict(os.environ, HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(ROOT))
-    double = subprocess.Popen([sys.executable, "-m", "tests.support.hubdouble", "--port", str(port), "--storage",
+    double = subprocess.Popen([sys.executable, "-m", "hubdouble", "--port", str(port), "--storage",
                                str(storage), "--user", f"alice:{TOKEN}"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
         _wait(port)

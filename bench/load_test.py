@@ -91,7 +91,7 @@ def main() -> int:
     procs = []
     try:
         users = [f"--user={u}:{t}" for u, t in tokens.items()]
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.support.hubdouble", "--port", str(hub_port), *users],
+        procs.append(subprocess.Popen([sys.executable, "-m", "hubdouble", "--port", str(hub_port), *users],
                                       env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         subprocess.run([sys.executable, "-m", "worker.cli", "db", "upgrade"], env=env, cwd=ROOT, check=True, capture_output=True)
         procs.append(subprocess.Popen(

@@ -8,7 +8,6 @@ LORAFOLD_REQUIRE_SERVICES=1 (set by .ci/run), which turns the skip into a failur
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
@@ -24,26 +23,7 @@ import huggingface_hub.constants as hf_constants  # noqa: E402
 hf_constants.HF_HUB_DISABLE_XET = True
 hf_constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
 
-PG_HOST = os.environ.get("LORAFOLD_TEST_PG", "127.0.0.1:5432")
-REDIS_HOST = os.environ.get("LORAFOLD_TEST_REDIS", "127.0.0.1:6379")
-
-
-def _reachable(hostport: str) -> bool:
-    host, port = hostport.rsplit(":", 1)
-    try:
-        with socket.create_connection((host, int(port)), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def need_service(name: str, hostport: str) -> None:
-    if _reachable(hostport):
-        return
-    message = f"{name} is not reachable at {hostport}"
-    if os.environ.get("LORAFOLD_REQUIRE_SERVICES"):
-        pytest.fail(f"{message}, and LORAFOLD_REQUIRE_SERVICES=1 forbids skipping", pytrace=False)
-    pytest.skip(f"SKIPPED LOUDLY: {message}; start it (see README) to run this test")
+from tests.support.services import PG_HOST, REDIS_HOST, need_service  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.conftest import ADAPTER_PREFIX, LAYER0_Q, HostileCase, read_raw, snapshot, write_raw
+from tests.engine.hostile_helpers import ADAPTER_PREFIX, LAYER0_Q, HostileCase, read_raw, snapshot, write_raw
 from worker.cli import main
 
 LORA_A = f"{ADAPTER_PREFIX}.lora_A.weight"

@@ -93,7 +93,7 @@ def test_resized_embedding_without_the_untied_head_is_refused_at_plan_time(parit
     # the plan must fail from headers alone: make every base weight byte unreadable garbage first
     base = tmp_path / "base"
     shutil.copytree(case.base_dir, base)
-    from tests.engine.conftest import read_raw, write_raw
+    from tests.engine.hostile_helpers import read_raw, write_raw
 
     for shard in base.glob("*.safetensors"):
         header, data = read_raw(shard)

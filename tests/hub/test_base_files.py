@@ -69,7 +69,7 @@ def test_a_hub_file_name_with_a_control_character_is_one_line_naming_repo_and_fi
 
 
 def test_a_server_ignoring_ranges_for_the_readme_falls_back_to_a_download(hub, seeded_model, capsys):
-    from tests.support.hubdouble.faults import Fault
+    from hubdouble.faults import Fault
 
     seed(hub, seeded_model)
     readme = b"---\nlicense: mit\n---\n" + b"x" * (2 * CARD_HEAD_BYTES)

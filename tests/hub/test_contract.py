@@ -43,7 +43,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import build_hf_headers
 from safetensors.numpy import save as st_save
 
-from tests.support.hubdouble import Fault, HubDouble
+from hubdouble import Fault, HubDouble
 
 ALICE, BOB, READER = "hf_alice", "hf_bob", "hf_reader_ro"
 N_FLOATS = 3_000_000  # 12 MB of float32: above the 10 MiB LFS threshold

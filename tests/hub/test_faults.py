@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import HfApi, snapshot_download
 
-from tests.support.hubdouble import Fault
+from hubdouble import Fault
 from tests.support.hubseed import ALICE, merged_commits, seed
 from tests.support.models import assert_models_match
 from worker.cli import main

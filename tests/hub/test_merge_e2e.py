@@ -92,7 +92,7 @@ def test_hub_to_hub_merge_matches_peft_streams_and_commits_once(hub, seeded_mode
 
 
 def test_cdn_redirects_are_followed_without_leaking_the_token(hub, seeded_model, tmp_path, capsys, monkeypatch):
-    from tests.support.hubdouble import HubDouble
+    from hubdouble import HubDouble
 
     cdn = HubDouble(cdn=True).start()
     try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from huggingface_hub import HfApi
 
-from tests.support.hubdouble import Fault, HubDouble
+from hubdouble import Fault, HubDouble
 from worker.engine.errors import EngineError
 from worker.hub.sink import HubSink, rule_claim
 

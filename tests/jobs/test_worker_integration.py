@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import snapshot_download
 
-from tests.support.hubdouble import Fault, HubDouble
+from hubdouble import Fault, HubDouble
 from tests.support.hubseed import ALICE, merged_commits, seeded_model  # noqa: F401
 from tests.support.models import assert_models_match
 from tests.support.stack import Stack, module_stack

@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from sqlalchemy import select
 
-from tests.support.hubdouble import HubDouble
+from hubdouble import HubDouble
 from web import create_app
 from worker.hub import HubClient
 from worker.jobs import Credential, Database, Job, JobRequest, Rule, submit
@@ -308,7 +308,7 @@ def test_rules_keep_a_personal_token_not_an_expiring_oauth_one(door, hub, reliab
         assert door_box(door).open(cred.token_encrypted) == ALICE and cred.expires_at is None
 
     # the page: a user signed in with an OAuth token gives the personal token in the form (never shown again)
-    from tests.web.conftest import csrf_from, sign_in
+    from tests.web.helpers import csrf_from, sign_in
 
     sign_in(door.client, ALICE_OAUTH)
     page = door.client.get("/rules").get_data(as_text=True)
@@ -338,7 +338,7 @@ def test_rules_warn_before_their_stored_token_expires(door, hub, reliability):
             s.get(Credential, s.get(Rule, rule["id"]).credential_id).expires_at = utcnow() + delta
         warning = door.client.get(f"/api/v1/rules/{rule['id']}", headers=auth).json["credential_warning"]
         assert warning and word in warning, warning
-    from tests.web.conftest import sign_in
+    from tests.web.helpers import sign_in
 
     sign_in(door.client, ALICE)
     assert f'id="credential-warning-{rule["id"]}"' in door.client.get("/rules").get_data(as_text=True)

@@ -20,7 +20,7 @@ from sqlalchemy import inspect, text
 
 from tests.support.hubseed import ALICE, seeded_model  # noqa: F401
 from tests.support.stack import SECRET, Stack
-from tests.web.conftest import LiveServer
+from tests.web.helpers import LiveServer
 from web import create_app
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.xdist_group("worker")]

@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from huggingface_hub import HfApi
 
-from tests.conftest import need_service
-from tests.support.hubdouble import Fault
+from hubdouble import Fault
 from tests.support.hubseed import ALICE, merged_commits, seeded_model  # noqa: F401
+from tests.support.services import need_service
 from tests.support.stack import Stack
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.xdist_group("stack-faults")]

@@ -18,11 +18,11 @@ import pytest
 import requests
 from huggingface_hub import HfApi, snapshot_download
 
-from tests.support.hubdouble import Fault
+from hubdouble import Fault
 from tests.support.hubseed import ALICE, BOB, merged_commits, seeded_model  # noqa: F401
 from tests.support.models import assert_models_match
 from tests.support.stack import module_stack
-from tests.web.conftest import LiveServer, csrf_from, sign_in
+from tests.web.helpers import LiveServer, csrf_from, sign_in
 from web import create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-doors")]

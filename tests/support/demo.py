@@ -78,9 +78,10 @@ def quiet() -> None:
         warnings.filterwarnings(action, message=message or "", category=category, module=module)
     # the worker process is a child: the same filters, by environment (the standard -W syntax)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.DEBUG if os.environ.get("LORAFOLD_DEBUG") else logging.WARNING)
+    from worker.logging_setup import configure
+
+    configure(fmt="%(asctime)s %(message)s", datefmt="%H:%M:%S", quiet=QUIET_LOGGERS,
+              quiet_level=logging.DEBUG if os.environ.get("LORAFOLD_DEBUG") else logging.WARNING)
     requests = logging.getLogger("lorafold.web.requests")
     requests.addFilter(_DropPolls())
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
@@ -126,7 +127,7 @@ def _run(data: Path) -> int:
     import huggingface_hub.constants as constants
 
     constants.HF_HUB_DISABLE_XET = True
-    from tests.support.hubdouble import HubDouble
+    from hubdouble import HubDouble
 
     data.mkdir(parents=True, exist_ok=True)
     hub = HubDouble(storage_dir=str(data / "hub"), port=hub_port).start()

@@ -12,7 +12,7 @@ import pytest
 import torch
 from huggingface_hub import HfApi
 
-from tests.support.hubdouble import HubDouble
+from hubdouble import HubDouble
 from tests.support.models import make_adapter, make_base, peft_merge
 
 ALICE = "hf_alice_0123456789abcdef"

@@ -19,7 +19,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.support.hubdouble import HubDouble
+from hubdouble import HubDouble
 from tests.support.hubseed import ALICE, seed
 from worker import migrate
 from worker.jobs import Database, Job, JobRequest, JobStore, SecretBox, submit
@@ -127,7 +127,7 @@ def postgres_database():
     """A fresh PostgreSQL database (the module-scoped twin of conftest's `postgres_url`)."""
     import psycopg
 
-    from tests.conftest import PG_HOST, need_service
+    from tests.support.services import PG_HOST, need_service
 
     need_service("PostgreSQL", PG_HOST)
     host, port = PG_HOST.rsplit(":", 1)
@@ -151,7 +151,7 @@ def redis_database():
     """This test process's Redis database (the module-scoped twin of conftest's `redis_url`, same number)."""
     import redis
 
-    from tests.conftest import REDIS_HOST, need_service
+    from tests.support.services import REDIS_HOST, need_service
 
     need_service("Redis", REDIS_HOST)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")

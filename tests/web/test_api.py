@@ -10,7 +10,7 @@ from sqlalchemy import select
 from web import schemas
 from worker.jobs import Credential, Job, JobLog, JobStatus
 
-from .conftest import ALICE, BOB, CAROL, READER, bearer, unique
+from .helpers import ALICE, BOB, CAROL, READER, bearer, unique
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -314,7 +314,7 @@ def test_a_rule_job_retried_by_its_owner_uses_their_current_token_not_the_rules(
 def box_for_app():
     from worker.jobs import SecretBox
 
-    from .conftest import SECRET_KEY
+    from .helpers import SECRET_KEY
 
     return SecretBox(SECRET_KEY)
 

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.hubdouble import HubDouble
+from hubdouble import HubDouble
 from web import create_app
 from worker import migrate
 from worker.settings import Settings
 
-from .conftest import LiveServer, unique
+from .helpers import LiveServer, unique
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow, pytest.mark.xdist_group("worker")]
 

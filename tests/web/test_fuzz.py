@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import ALICE, bearer, csrf_from, sign_in
+from .helpers import ALICE, bearer, csrf_from, sign_in
 from .seeding import push_payload
 
 FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,

@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from worker.jobs import Delivery, Job, Rule
 
-from .conftest import ALICE, BOB, bearer
+from .helpers import ALICE, BOB, bearer
 from .seeding import push_payload
 
 SHA1 = "575db8b7a51b6f85eb06eee540738584589f131c"

@@ -6,7 +6,7 @@ from sqlalchemy import select
 
 from worker.jobs import Job
 
-from .conftest import ALICE, LiveServer, bearer, unique
+from .helpers import ALICE, LiveServer, bearer, unique
 from .seeding import write_adapter
 
 

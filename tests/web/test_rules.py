@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from web import schemas
 from worker.jobs import Credential, Delivery, Rule
 
-from .conftest import ALICE, BOB, PUBLIC_URL, bearer, csrf_from, sign_in
+from .helpers import ALICE, BOB, PUBLIC_URL, bearer, csrf_from, sign_in
 
 
 def test_create_list_get_delete(client, db):

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
-from .conftest import ALICE, bearer
+from .helpers import ALICE, bearer
 
 MAX_EXAMPLES = 20
 

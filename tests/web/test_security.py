@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from worker.jobs import Credential, Rule
 
-from .conftest import ALICE, PUBLIC_URL, bearer, csrf_from, sign_in, unique
+from .helpers import ALICE, PUBLIC_URL, bearer, csrf_from, sign_in, unique
 from .seeding import push_payload
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -173,7 +173,7 @@ def test_open_redirects_are_refused(client):
 
 
 def test_hub_unreachable_is_503_not_500(make_app):
-    from .conftest import free_port
+    from .helpers import free_port
 
     client = make_app(hub_url=f"http://127.0.0.1:{free_port()}").test_client()
     r = client.get("/api/v1/jobs", headers=bearer(ALICE))

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 
 from worker.jobs import Credential, Job, JobLog, JobSample, JobStatus
 
-from .conftest import ALICE, BOB, bearer, csrf_from, sign_in, unique
+from .helpers import ALICE, BOB, bearer, csrf_from, sign_in, unique
 
 
 def merge_data(client, **fields) -> dict:
@@ -584,7 +584,7 @@ def test_the_hub_double_has_pages_for_repos_commits_and_tokens(hub):
 
 def test_hub_retries_are_counted_per_client(hub):
     """What /metrics' lorafold_hub_retries_total sums: the retries a job's HubClient made (pipeline → timings)."""
-    from tests.support.hubdouble import Fault
+    from hubdouble import Fault
     from worker.hub import HubClient
 
     client = HubClient(hub.url, ALICE)

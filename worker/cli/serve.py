@@ -15,10 +15,9 @@ log = logging.getLogger("lorafold.service")
 
 
 def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..redact import install_log_filter
+    from ..logging_setup import configure
 
-    install_log_filter()
+    configure()
 
 
 def db_command(action: str) -> int:

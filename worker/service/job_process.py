@@ -207,10 +207,9 @@ def _warm_up(settings) -> None:
 
 def main(argv: list[str]) -> int:
     _die_with_parent()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from ..redact import install_log_filter
+    from ..logging_setup import configure
 
-    install_log_filter()
+    configure()
 
     def stop(signum, frame):
         raise Stopped()

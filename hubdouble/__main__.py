@@ -1,6 +1,6 @@
 """Run the Hub double standalone until Ctrl-C:
 
-    python -m tests.support.hubdouble --port 8765 [--storage DIR] [--user alice:hf_alice[:acme=write,...]] [--cdn]
+    python -m hubdouble --port 8765 [--storage DIR] [--user alice:hf_alice[:acme=write,...]] [--cdn]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def parse_user(spec: str) -> tuple[str, str | None, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tests.support.hubdouble", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m hubdouble", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8765)

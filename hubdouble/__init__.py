@@ -4,7 +4,7 @@ The real ``huggingface_hub`` client talks to it over HTTP on 127.0.0.1 (pass ``e
 ``HF_ENDPOINT``) with ``HF_HUB_DISABLE_XET=1``: the double speaks git-LFS, never Xet. The protocol it implements
 is the one written down in /work/shared/research/hub-test-server.md.
 
-    from tests.support.hubdouble import HubDouble, Fault
+    from hubdouble import HubDouble, Fault
     with HubDouble() as hub:
         hub.add_user("alice", token="hf_alice", orgs={"acme": "write"})
         hub.create_repo("alice/base")
