@@ -18,6 +18,7 @@ import pytest
 from sqlalchemy import select, update
 
 from worker import migrate
+from worker.engine.io import Published
 from worker.jobs import Database, Job, JobRequest, JobStatus, JobStore, SecretBox, submit
 from worker.jobs.models import Rule, utcnow
 from worker.service.reporting import JobReporter
@@ -165,7 +166,7 @@ class _SlowSink:
     def finish(self, message, description):
         time.sleep(self.seconds)
         self.committed.append(message)
-        return {"repo": "alice/x", "commit": "c" * 40, "url": "u"}
+        return Published(url="u", repo="alice/x", commit="c" * 40)
 
 
 class _Idle:

@@ -28,7 +28,9 @@ from huggingface_hub import errors as hf
 from .. import tempdirs
 from ..engine.errors import OutputError
 from ..engine.files import is_weight_file
+from ..engine.io import Published
 from .errors import is_transient, status_of, write_error
+from .history import find_marked_commit
 
 MARKER = "lorafold-merge-id"
 RULE_MARKER = "lorafold-rule-id"
@@ -175,7 +177,7 @@ class HubSink:
 
     # --- the end ------------------------------------------------------------------------------------------------
 
-    def finish(self, message: str, description: str) -> dict:
+    def finish(self, message: str, description: str) -> Published:
         while not self._idle.wait(0.2):
             pass
         self._raise_upload_error()
@@ -219,20 +221,14 @@ class HubSink:
         raise write_error(last, self.repo_id, "commit the merged model") from None
 
     def _find_landed(self, marker: str) -> str | None:
-        try:
-            for commit in self.api.list_repo_commits(self.repo_id, token=self.token)[:20]:
-                if marker in (commit.message or "") or marker in (commit.title or ""):
-                    return commit.commit_id
-        except Exception:  # noqa: BLE001 - best effort; the caller reports the original error
-            return None
-        return None
+        return find_marked_commit(self.api, self.token, self.repo_id, marker)  # None: the caller reports its error
 
-    def _result(self, commit: str, pr_url: str | None) -> dict:
+    def _result(self, commit: str, pr_url: str | None) -> Published:
         url = f"{self.api.endpoint.rstrip('/')}/{self.repo_id}"
-        out = {"repo": self.repo_id, "commit": commit, "url": url}
-        if pr_url:
-            out["pr_url"] = pr_url
-        return out
+        # The head seen before the merge is returned when huggingface_hub dropped every file as identical and
+        # skipped the (empty) commit and PR.
+        return Published(url=url, repo=self.repo_id, commit=commit, pr_url=pr_url or None,
+                         unchanged=bool(commit) and commit == self._head)
 
     def _cleanup(self) -> None:
         self._closed = True

@@ -80,7 +80,7 @@ def run_job(
         files = {f.path for f in adapter.files()}
         if spec.door == "webhook":
             _check_adapter_push(hub, adapter, files, spec)
-            committed_at = _commit_date(hub, adapter)
+            committed_at = hub.commit_date(adapter.repo_id, adapter.revision)
             on_resolved(adapter_committed_at=committed_at)
             if committed_at is not None and is_stale(committed_at):
                 raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} is older than an adapter commit already merged")
@@ -134,9 +134,9 @@ def run_job(
         adapter.close()
     published = result.result
     return Outcome(
-        published.get("repo", spec.target_repo),
-        published.get("commit", ""),
-        published.get("pr_url") or published.get("url", ""),
+        published.repo or spec.target_repo,
+        published.commit or "",
+        published.link,
         adapter.revision,
         base.revision,
         {
@@ -195,10 +195,10 @@ def _must_stay_private(hub: HubClient, adapter_repo: str, adapter_sha: str, base
     cannot tell, private (a wrong guess costs a visibility toggle, the other one a leak)."""
     for repo, sha, gated_counts in ((base_id, base_sha, True), (adapter_repo, adapter_sha, False)):
         try:
-            info = hub.api.model_info(repo, revision=sha, token=hub.token, files_metadata=False)
+            meta = hub.repo_meta(repo, sha)
         except Exception:  # noqa: BLE001
             return True
-        if info.private or (gated_counts and info.gated not in (None, False, "false")):
+        if meta.private or (gated_counts and meta.gated):
             return True
     return False
 
@@ -216,19 +216,7 @@ def _recheck_stale(spec: RunSpec, adapter, committed_at, is_stale) -> Callable[[
 
 def find_marker_commit(hub: HubClient, repo: str, job_id: str) -> str | None:
     """The commit an earlier attempt of this job made on the target, if any (the marker is in its description)."""
-    from huggingface_hub import errors as hf
-
-    marker = f"{MARKER}: {job_id}"
-    try:
-        commits = hub.api.list_repo_commits(repo, token=hub.token)
-    except hf.RepositoryNotFoundError:
-        return None
-    except Exception:  # noqa: BLE001 - the sink checks the target again before writing
-        return None
-    for c in commits[:50]:
-        if marker in (c.message or ""):
-            return c.commit_id
-    return None
+    return hub.find_marked_commit(repo, f"{MARKER}: {job_id}")  # None too when unreadable: the sink checks again
 
 
 def _check_adapter_push(hub: HubClient, adapter, files: set[str], spec: RunSpec) -> None:
@@ -236,25 +224,11 @@ def _check_adapter_push(hub: HubClient, adapter, files: set[str], spec: RunSpec)
         raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} has no adapter_config.json: not a LoRA adapter")
     if not files & {"adapter_model.safetensors", "adapter_model.bin"}:
         raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} has adapter_config.json but no adapter weights")
-    try:
-        infos = hub.api.get_paths_info(
-            spec.adapter_repo,
-            ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"],
-            revision=adapter.revision,
-            expand=True,
-            token=hub.token,
-        )
-    except Exception:  # noqa: BLE001 - without the details, merge rather than skip
+    touched = hub.last_commits(spec.adapter_repo, ["adapter_config.json", "adapter_model.safetensors",
+                                                   "adapter_model.bin"], adapter.revision)
+    if touched is None:  # without the details, merge rather than skip
         return
-    touched = [getattr(getattr(i, "last_commit", None), "oid", None) for i in infos]
     if touched and all(t is not None for t in touched) and adapter.revision not in touched:
         raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} did not change the adapter (e.g. a README-only commit)")
 
 
-def _commit_date(hub: HubClient, adapter):
-    try:
-        for c in hub.api.list_repo_commits(adapter.repo_id, revision=adapter.revision, token=hub.token)[:1]:
-            return c.created_at.replace(tzinfo=None) if c.created_at else None
-    except Exception:  # noqa: BLE001
-        return None
-    return None
