@@ -18,7 +18,15 @@ from ..errors import Cancelled, EngineError
 from ..execute import Executor, select_device
 from ..io import ModelSink, ModelSource, NullReporter, Progress, Reporter
 from ..memory import MemorySampler, peak_rss_bytes, pin_malloc_threshold
-from ..merge import VERSION, MergeResult, _base_card_head, _copy_small_files, _not_copied, _WarmUp, _write_index
+from ..merge import (
+    VERSION,
+    MergeResult,
+    _base_card_head,
+    _copy_small_files,
+    _not_copied,
+    _WarmUp,
+    _write_index,
+)
 from ..plan import MergeOptions, MergePlan
 from .card import CardInput, build_recipe_card
 from .planner import OpenedRef, plan_adapter_sum, plan_recipe
