@@ -61,3 +61,28 @@ def test_product_code_needs_no_test_only_or_unused_package():
     core = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in project["dependencies"]}
     assert not core & test_only, core & test_only
     assert any(d.startswith("numpy") for d in project["optional-dependencies"]["worker"])  # Tensor.numpy()
+
+
+def test_only_worker_hub_talks_to_huggingface_hub():
+    """huggingface_hub is imported only in worker/hub (issue 11 layout 4): the pipeline, the CLI and the web ask
+    HubClient's typed methods, so retries, token handling and error lines live in one place. Tests, benchmarks and
+    the Hub double (tests/support) are clients of the real library on purpose and are not checked."""
+    hub_dir = ROOT / "worker" / "hub"
+    for path in [*(ROOT / "worker").rglob("*.py"), *(ROOT / "web").rglob("*.py")]:
+        if hub_dir in path.parents:
+            continue
+        bad = [m for m in _imports(path) if m.split(".")[0] == "huggingface_hub"]
+        assert not bad, f"{path.relative_to(ROOT)} imports {bad}: call a HubClient method (worker/hub) instead"
+
+
+def test_nothing_outside_worker_hub_reaches_for_the_raw_hub_api():
+    """`HubClient.api` (the HfApi object) stays inside worker/hub: outside it, `.api.` would be huggingface_hub
+    called by another name."""
+    hub_dir = ROOT / "worker" / "hub"
+    for path in [*(ROOT / "worker").rglob("*.py"), *(ROOT / "web").rglob("*.py")]:
+        if hub_dir in path.parents:
+            continue
+        tree = ast.parse(path.read_text())
+        bad = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr == "api"
+               and isinstance(n.value, ast.Name) and n.value.id in ("hub", "client", "self")]
+        assert not bad, f"{path.relative_to(ROOT)} lines {bad} use HubClient.api; add a HubClient method instead"

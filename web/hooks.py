@@ -19,7 +19,7 @@ import re
 from flask import Blueprint, jsonify, request
 from sqlalchemy import select
 
-from worker.jobs import Delivery, Job, JobRequest, Rule, submit
+from worker.jobs import Delivery, Job, JobRequest, MergeRequest, Rule, submit
 from worker.locations import is_repo_id
 from worker.redact import register
 
@@ -57,12 +57,14 @@ def hub_hook(rule_id: str):
         _record(rule, "ignored", reason, repo=repo, sha=sha)
         return jsonify(ignored=True, reason=reason), 200
     svc = services()
-    job_request = JobRequest(
-        owner=rule.owner, owner_id=rule.owner_id, namespace_id=rule.target_namespace_id, door="webhook", adapter=repo,
-        adapter_revision=sha, base=rule.base, base_revision=rule.base_revision if rule.base else None,
+    merge = MergeRequest(
+        adapter=repo, adapter_revision=sha, base=rule.base, base_revision=rule.base_revision if rule.base else None,
         base_allowed=tuple(rule.bases) if not rule.base and rule.bases else None, target=target,
-        private=rule.private, dtype=rule.dtype, overwrite=True, rule_id=rule.id, credential_id=rule.credential_id,
-        dedupe_key=f"rule:{rule.id}:{repo}:{sha}",
+        private=rule.private, dtype=rule.dtype, overwrite=True, rule_id=rule.id,
+    )
+    job_request = JobRequest(
+        owner=rule.owner, owner_id=rule.owner_id, namespace_id=rule.target_namespace_id, door="webhook", merge=merge,
+        credential_id=rule.credential_id, dedupe_key=f"rule:{rule.id}:{repo}:{sha}",
     )
     jobs.admit(rule.owner, job_request.dedupe_key)  # the owner's queued-jobs cap (429; the Hub retries later)
     job, created = submit(svc.db, svc.box, job_request, None, svc.enqueue)

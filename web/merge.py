@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from worker.engine.card import Lineage, build_card
 from worker.engine.errors import EngineError
 from worker.engine.files import WEIGHT_SUFFIXES
-from worker.jobs import Job, JobRequest, JobStatus, submit
+from worker.jobs import Job, JobRequest, JobStatus, MergeRequest, submit
 
 from . import jobs
 from .auth import Caller
@@ -185,12 +185,15 @@ def create(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | No
 def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
     svc = services()
     jobs.admit(caller.name)  # the per-owner cap on queued jobs (429), for the form and the API
-    request = JobRequest(
-        owner=caller.name, door=door, adapter=inp.adapter, adapter_revision=inp.adapter_revision, base=inp.base,
-        base_revision=inp.base_revision, target=inp.target, private=bool(inp.private), dtype=inp.dtype,
+    merge = MergeRequest(
+        adapter=inp.adapter, adapter_revision=inp.adapter_revision, base=inp.base, base_revision=inp.base_revision,
+        target=inp.target, private=bool(inp.private), dtype=inp.dtype,
         # a pull request never touches main, so it may always land on a repo that has weights
-        overwrite=inp.overwrite or inp.create_pr, create_pr=inp.create_pr, idempotency_key=idempotency_key,
-        owner_id=caller.id, namespace_id=caller.identity.namespace_id(inp.target.split("/")[0]),
+        overwrite=inp.overwrite or inp.create_pr, create_pr=inp.create_pr,
+    )
+    request = JobRequest(
+        owner=caller.name, door=door, merge=merge, idempotency_key=idempotency_key, owner_id=caller.id,
+        namespace_id=caller.identity.namespace_id(merge.namespace),
     )
     return submit(svc.db, svc.box, request, caller.token, svc.enqueue)
 

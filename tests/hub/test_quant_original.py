@@ -173,14 +173,13 @@ class _Reporter:
 
 def test_job_resolves_the_original_too(hub, qlora, tmp_path):
     """The service path (worker/service/pipeline.py run_job) resolves the original the same way."""
-    from worker.jobs.store import RunSpec
+    from worker.jobs import Attempt, MergeRequest
     from worker.service.pipeline import run_job
     from worker.settings import Settings
 
     _seed(hub, {"alice/base": qlora["base"], "alice/base-bnb-4bit": qlora["quantized"], "alice/adapter": qlora["adapter"]})
-    spec = RunSpec(job_id="job-q1", door="api", adapter_repo="alice/adapter", adapter_revision=None, base_repo=None,
-                   base_revision=None, target_repo="alice/merged-job", private=False, dtype="auto", max_shard_size=None,
-                   overwrite=False, create_pr=False, rule_id=None, attempts=1)
+    spec = Attempt(job_id="job-q1", door="api", attempts=1,
+                   request=MergeRequest(adapter="alice/adapter", target="alice/merged-job"))
     reporter = _Reporter()
     resolved: dict = {}
     outcome = run_job(spec, ALICE, Settings.from_env(device="cpu"), reporter, on_resolved=lambda **kw: resolved.update(kw))

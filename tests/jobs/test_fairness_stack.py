@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.hubseed import ALICE, seeded_model  # noqa: F401
 from tests.support.stack import SECRET, Stack
-from worker.jobs import JobRequest, SecretBox, submit
+from worker.jobs import JobRequest, MergeRequest, SecretBox, submit
 from worker.service.queue import enqueue_merge
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("worker")]
@@ -26,7 +26,8 @@ def test_another_users_job_starts_after_at_most_one_of_fifteen(postgres_url, red
     stack = Stack(postgres_url, redis_url, tmp_path, seeded_model)
     try:
         def queue(owner: str, i: int) -> str:
-            request = JobRequest(owner=owner, door="api", adapter="alice/no-such-adapter", target=f"{owner}/out-{i}")
+            request = JobRequest(owner=owner, door="api",
+                                 merge=MergeRequest(adapter="alice/no-such-adapter", target=f"{owner}/out-{i}"))
             job, _ = submit(stack.db, SecretBox(SECRET), request, ALICE,
                             lambda job_id: enqueue_merge(stack.celery, job_id))
             return job.id

@@ -8,14 +8,14 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from worker.jobs import Credential, Job, JobLog, JobRequest, JobStatus, submit
+from worker.jobs import Credential, Job, JobLog, JobRequest, JobStatus, MergeRequest, submit
 from worker.jobs.models import utcnow
 
 TOKEN = "hf_user_token_abcdef123456"
 
 
 def _submit(db, box, enqueued, **kw):
-    req = JobRequest(owner="alice", door="api", adapter="alice/ad", target="alice/out", **kw)
+    req = JobRequest(owner="alice", door="api", merge=MergeRequest(adapter="alice/ad", target="alice/out"), **kw)
     return submit(db, box, req, TOKEN, enqueued.append)
 
 
@@ -102,7 +102,7 @@ def test_the_token_is_deleted_when_the_job_ends_and_retry_stores_a_new_one(db, b
         assert s.scalar(select(Credential)) is None
     assert store.retry(job.id, "hf_fresh_token_99999999", owner="alice")
     assert not store.retry(job.id, TOKEN, owner="alice"), "only failed/cancelled/skipped jobs can be retried"
-    spec, token = store.run_spec(job.id)
+    attempt, token = store.attempt(job.id)
     assert token == "hf_fresh_token_99999999"
     with db.session() as s:
         row = s.get(Job, job.id)
@@ -162,7 +162,7 @@ def test_terminal_states_are_final(db, box, store, status):
 def _queue(db, box, owner, n, **kw):
     ids = []
     for _ in range(n):
-        req = JobRequest(owner=owner, door="api", adapter=f"{owner}/ad", target=f"{owner}/out", **kw)
+        req = JobRequest(owner=owner, door="api", merge=MergeRequest(adapter=f"{owner}/ad", target=f"{owner}/out"), **kw)
         ids.append(submit(db, box, req, TOKEN, lambda job_id: None)[0].id)
     return ids
 
@@ -255,8 +255,9 @@ def test_cancelled_and_superseded_jobs_never_start(db, box, store, reliability):
     with db.session() as s:
         s.add(Rule(id="r" * 32, owner="alice", watch="alice/*", target="{namespace}/{name}-merged",
                    secret_encrypted=box.seal("s" * 43)))
-    old, new = (submit(db, box, JobRequest(owner="alice", door="webhook", adapter="alice/x-lora", target="alice/m",
-                                           rule_id="r" * 32, dedupe_key=f"rule:r:alice/x-lora:{sha}"),
+    old, new = (submit(db, box, JobRequest(
+        owner="alice", door="webhook", merge=MergeRequest(adapter="alice/x-lora", target="alice/m", rule_id="r" * 32),
+        dedupe_key=f"rule:r:alice/x-lora:{sha}"),
                        TOKEN, lambda job_id: None)[0].id for sha in ("a" * 40, "b" * 40))
     now = utcnow()
     with db.session() as s:  # both resolved once (e.g. requeued after a worker died): old is older
@@ -276,7 +277,7 @@ def test_retry_runs_with_the_retrying_callers_token_and_for_them(db, box, store)
     with pytest.raises(ValueError):
         store.retry(job, None, owner="erin")
     assert store.retry(job, "hf_erin_token_0123456789", owner="erin")
-    spec, token = store.run_spec(job)
+    attempt, token = store.attempt(job)
     assert token == "hf_erin_token_0123456789"
     with db.session() as s:
         row = s.get(Job, job)

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from hubdouble import HubDouble
 from web import create_app
 from worker.hub import HubClient
-from worker.jobs import Credential, Database, Job, JobRequest, Rule, submit
+from worker.jobs import Credential, Database, Job, JobRequest, MergeRequest, Rule, submit
 from worker.jobs.models import utcnow
 from worker.service.runner import execute_job
 from worker.settings import Settings
@@ -161,8 +161,10 @@ def test_pushed_config_cannot_make_the_owners_token_read_a_private_base(door, hu
     with door.db.session() as s:
         cred_id = s.get(Rule, rule["id"]).credential_id
     legacy, _ = submit(door.db, door_box(door), JobRequest(
-        owner="alice", door="webhook", adapter=repo, adapter_revision=sha, target=f"alice/{_name('legacy')}",
-        overwrite=True, rule_id=rule["id"], credential_id=cred_id), None, lambda job_id: None)
+        owner="alice", door="webhook", merge=MergeRequest(adapter=repo, adapter_revision=sha,
+                                                          target=f"alice/{_name('legacy')}", overwrite=True,
+                                                          rule_id=rule["id"]),
+        credential_id=cred_id), None, lambda job_id: None)
     hub.clear_log()
     old = door.run(legacy.id)
     assert old.status == "failed" and "names no base" in old.error and _reads_of(hub, "alice/private-base") == []

@@ -18,7 +18,8 @@ import pytest
 from sqlalchemy import select, update
 
 from worker import migrate
-from worker.jobs import Database, Job, JobRequest, JobStatus, JobStore, SecretBox, submit
+from worker.engine.io import Published
+from worker.jobs import Database, Job, JobRequest, JobStatus, JobStore, MergeRequest, SecretBox, submit
 from worker.jobs.models import Rule, utcnow
 from worker.service.reporting import JobReporter
 from worker.service.watched_sink import WatchedSink
@@ -47,7 +48,8 @@ def pg_store(postgres_url) -> JobStore:
 
 
 def _job(store: JobStore, target: str, **kw) -> str:
-    req = JobRequest(owner="alice", door=kw.pop("door", "api"), adapter=kw.pop("adapter", "alice/ad"), target=target, **kw)
+    merge = MergeRequest(adapter=kw.pop("adapter", "alice/ad"), target=target, rule_id=kw.pop("rule_id", None))
+    req = JobRequest(owner="alice", door=kw.pop("door", "api"), merge=merge, **kw)
     job, _ = submit(store.db, store.box, req, "hf_token_for_tests_0000", lambda job_id: None)
     return job.id
 
@@ -165,7 +167,7 @@ class _SlowSink:
     def finish(self, message, description):
         time.sleep(self.seconds)
         self.committed.append(message)
-        return {"repo": "alice/x", "commit": "c" * 40, "url": "u"}
+        return Published(url="u", repo="alice/x", commit="c" * 40)
 
 
 class _Idle:

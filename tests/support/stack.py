@@ -22,7 +22,7 @@ from pathlib import Path
 from hubdouble import HubDouble
 from tests.support.hubseed import ALICE, seed
 from worker import migrate
-from worker.jobs import Database, Job, JobRequest, JobStore, SecretBox, submit
+from worker.jobs import Database, Job, JobRequest, JobStore, MergeRequest, SecretBox, submit
 from worker.service.queue import enqueue_merge, make_celery
 from worker.settings import Settings
 
@@ -86,7 +86,7 @@ class Stack:
         self.worker = None
 
     def submit(self, target: str, *, token: str = ALICE, adapter: str = "alice/adapter") -> str:
-        request = JobRequest(owner="alice", door="api", adapter=adapter, target=target)
+        request = JobRequest(owner="alice", door="api", merge=MergeRequest(adapter=adapter, target=target))
         job, _ = submit(self.db, SecretBox(SECRET), request, token, lambda job_id: enqueue_merge(self.celery, job_id))
         return job.id
 

@@ -194,13 +194,13 @@ def run_merge_command(args) -> int:
         finally:
             reporter.close()
     published = result.result
-    if args.push_to and published.get("commit") and published.get("commit") == getattr(sink, "_head", None):
+    if args.push_to and published.unchanged:
         # huggingface_hub drops files identical to the target's and then skips the empty commit (and the PR).
         print(f"Merged {lineage.adapter} into {lineage.base}, but nothing changed: {args.push_to} already has exactly "
               f"these files, so no commit was made and no pull request was opened.")
         return EXIT_NOTHING_CHANGED
-    dest = published.get("pr_url") or published.get("url", "")
-    what = "opened a pull request" if published.get("pr_url") else "->"
+    dest = published.link
+    what = "opened a pull request" if published.pr_url else "->"
     verify = f" Worst --verify relative error: {result.max_verify_error:.3g}." if result.max_verify_error is not None else ""
     if args.keep_quantization:
         verify += " " + sink.summary()

@@ -140,7 +140,7 @@ def run_recipe_command(args, seed: int | None) -> int:
         finally:
             reporter.close()
     print(
-        f"Merged {len(recipe.inputs)} inputs ({recipe.method}) -> {result.result.get('url', '')} in {result.seconds:.1f} s "
+        f"Merged {len(recipe.inputs)} inputs ({recipe.method}) -> {result.result.url} in {result.seconds:.1f} s "
         f"on {result.device}: {result.tensors} tensors in {result.shards} shard(s); read {_fmt_bytes(result.bytes_read)}, "
         f"wrote {_fmt_bytes(result.bytes_written)}; peak RSS {_fmt_bytes(result.peak_rss_bytes)}."
     )
@@ -190,7 +190,7 @@ def run_sum_command(args, adapters: list[tuple[str, float]]) -> int:
         finally:
             reporter.close()
     print(
-        f"Folded {len(adapters)} adapters into {base_ref.repo_id or base_ref.text} -> {result.result.get('url', '')} in "
+        f"Folded {len(adapters)} adapters into {base_ref.repo_id or base_ref.text} -> {result.result.url} in "
         f"{result.seconds:.1f} s on {result.device}: {result.tensors} tensors ({result.tensors_merged} changed); read "
         f"{_fmt_bytes(result.bytes_read)}, wrote {_fmt_bytes(result.bytes_written)}; peak RSS {_fmt_bytes(result.peak_rss_bytes)}."
     )

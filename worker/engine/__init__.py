@@ -32,6 +32,7 @@ _EXPORTS = {
     "ModelSource": ".io",
     "NullReporter": ".io",
     "Progress": ".io",
+    "Published": ".io",
     "Reporter": ".io",
     "VERSION": ".merge",
     "MergeResult": ".merge",

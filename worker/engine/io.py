@@ -51,6 +51,25 @@ class ModelSource(Protocol):
     def close(self) -> None: ...
 
 
+@dataclass(frozen=True)
+class Published:
+    """Where a sink's `finish` put the merged model: what every caller (CLI summary, job row, recipe, card) reads.
+
+    `url` is the repo page (Hub) or folder path (local); `pr_url` is set when the result is a pull request (then
+    it is what a person should open: `link`). `unchanged` is True when the Hub made no commit because the target
+    already held exactly these files (huggingface_hub drops identical files and skips an empty commit)."""
+
+    url: str
+    repo: str | None = None
+    commit: str | None = None
+    pr_url: str | None = None
+    unchanged: bool = False
+
+    @property
+    def link(self) -> str:
+        return self.pr_url or self.url
+
+
 @runtime_checkable
 class ModelSink(Protocol):
     """Where the merged model goes. The engine writes every file into `work_dir` and tells the sink as it goes.
@@ -73,8 +92,8 @@ class ModelSink(Protocol):
     def file_written(self, name: str, path: Path) -> None:
         """A finished small file (config, tokenizer, card...) lies at `path`."""
 
-    def finish(self, message: str, description: str) -> dict:
-        """Make the result visible at once (rename / one commit). Returns {"url", "commit"?, ...}."""
+    def finish(self, message: str, description: str) -> Published:
+        """Make the result visible at once (rename / one commit) and say where it is."""
 
     def abort(self) -> None:
         """Remove everything written; called on any failure or cancel. Must be safe to call twice."""
@@ -330,7 +349,7 @@ class LocalDirSink:
     def file_written(self, name: str, path: Path) -> None:
         pass
 
-    def finish(self, message: str, description: str) -> dict:
+    def finish(self, message: str, description: str) -> Published:
         old = None
         if self.dest.exists():
             old = self.dest.parent / f".{self.dest.name}.lorafold-old-{uuid.uuid4().hex[:8]}"
@@ -338,7 +357,7 @@ class LocalDirSink:
         os.rename(self.work_dir, self.dest)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        return {"url": str(self.dest)}
+        return Published(url=str(self.dest))
 
     def abort(self) -> None:
         shutil.rmtree(self.work_dir, ignore_errors=True)

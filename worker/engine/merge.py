@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -14,7 +14,7 @@ from .card import CARD_HEAD_BYTES, Lineage, build_card
 from .errors import EngineError, SourceError
 from .execute import Executor, select_device
 from .files import SkippedFile
-from .io import ModelSink, ModelSource, NullReporter, Progress, Reporter
+from .io import ModelSink, ModelSource, NullReporter, Progress, Published, Reporter
 from .memory import MemorySampler, peak_rss_bytes, pin_malloc_threshold
 from .plan import INDEX_NAME, MergeOptions, MergePlan, plan_merge
 from .quant import describe as describe_quantized
@@ -34,13 +34,13 @@ class MergeResult:
     shards: int
     device: str
     timings: dict[str, float]
-    result: dict
+    result: Published  # where the sink put it
     max_verify_error: float | None = None
     peak_vram_nvml_bytes: int | None = None  # the driver's count for this process (NVML), when it could tell
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
+        return asdict(self)
 
 
 def merge(

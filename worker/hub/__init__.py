@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
+from datetime import datetime
 
 from huggingface_hub import HfApi, constants
 
 from ..redact import register
+from . import history
 from .errors import RevisionMissing, read_error, write_error
 from .sink import HubSink
 from .source import HubSource
@@ -120,7 +122,20 @@ class HubClient:
         except Exception as exc:  # noqa: BLE001 - mapped to one line
             raise read_error(exc, repo_id, revision) from None
         files = tuple(s.rfilename for s in (info.siblings or []))
-        return RepoMeta(repo_id, info.sha or "", files, bool(info.private), bool(info.gated))
+        # `gated` is False or "auto"/"manual" (older servers: the string "false")
+        return RepoMeta(repo_id, info.sha or "", files, bool(info.private), info.gated not in (None, False, "false"))
+
+    def find_marked_commit(self, repo_id: str, marker: str) -> str | None:
+        """The recent commit of `repo_id` carrying `marker` (hub/history.py), or None."""
+        return history.find_marked_commit(self.api, self.token, repo_id, marker)
+
+    def commit_date(self, repo_id: str, revision: str) -> datetime | None:
+        """When `revision` was committed (naive UTC); None when the Hub cannot tell."""
+        return history.commit_date(self.api, self.token, repo_id, revision)
+
+    def last_commits(self, repo_id: str, paths: list[str], revision: str) -> tuple[str | None, ...] | None:
+        """The commit that last changed each existing one of `paths` at `revision`; None when the Hub cannot say."""
+        return history.last_commits(self.api, self.token, repo_id, paths, revision)
 
     def list_adapters(self, author: str, limit: int = 100) -> list[str]:
         """Ids of `author`'s PEFT adapter repos (the Hub tags repos with an adapter_config.json `peft`), newest

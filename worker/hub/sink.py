@@ -18,7 +18,6 @@ from __future__ import annotations
 import queue
 import shutil
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -28,7 +27,10 @@ from huggingface_hub import errors as hf
 from .. import tempdirs
 from ..engine.errors import OutputError
 from ..engine.files import is_weight_file
-from .errors import is_transient, status_of, write_error
+from ..engine.io import Published
+from .errors import status_of, write_error
+from .history import find_marked_commit
+from .retry import with_retries
 
 MARKER = "lorafold-merge-id"
 RULE_MARKER = "lorafold-rule-id"
@@ -164,18 +166,17 @@ class HubSink:
             raise exc if isinstance(exc, OutputError) else write_error(exc, self.repo_id, "upload a shard")
 
     def _retry(self, fn, action: str, attempts: int = 4):
-        for attempt in range(1, attempts + 1):
-            try:
-                return fn()
-            except Exception as exc:  # noqa: BLE001
-                if attempt == attempts or not is_transient(exc):
-                    raise write_error(exc, self.repo_id, action) from None
-                self.retries_made += 1
-                time.sleep(min(8.0, 0.5 * 2**attempt))
+        try:
+            return with_retries(fn, retries=attempts - 1, first_wait=1.0, on_retry=self._count_retry)
+        except Exception as exc:  # noqa: BLE001
+            raise write_error(exc, self.repo_id, action) from None
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self.retries_made += 1
 
     # --- the end ------------------------------------------------------------------------------------------------
 
-    def finish(self, message: str, description: str) -> dict:
+    def finish(self, message: str, description: str) -> Published:
         while not self._idle.wait(0.2):
             pass
         self._raise_upload_error()
@@ -191,48 +192,37 @@ class HubSink:
         description = f"{description}\n\n{marker}".strip()
         if self.claim:
             description = f"{description}\n{self.claim}"
-        last: BaseException | None = None
-        for attempt in range(1, self.commit_retries + 1):
-            try:
-                info = self.api.create_commit(
-                    self.repo_id,
-                    operations=operations,
-                    commit_message=message,
-                    commit_description=description,
-                    token=self.token,
-                    create_pr=self.create_pr,
-                    parent_commit=None if self.create_pr else self._head,
-                )
-                self._cleanup()
-                return self._result(info.oid, getattr(info, "pr_url", None))
-            except Exception as exc:  # noqa: BLE001
-                last = exc
-                landed = self._find_landed(marker)  # a timeout or 5xx can hide a commit that landed
-                if landed:
-                    self._cleanup()
-                    return self._result(landed, None)
-                if not is_transient(exc) or attempt == self.commit_retries:
-                    break
-                self.retries_made += 1
-                time.sleep(min(8.0, 1.0 * 2**attempt))
-        assert last is not None
-        raise write_error(last, self.repo_id, "commit the merged model") from None
 
-    def _find_landed(self, marker: str) -> str | None:
+        def commit() -> Published:
+            info = self.api.create_commit(
+                self.repo_id,
+                operations=operations,
+                commit_message=message,
+                commit_description=description,
+                token=self.token,
+                create_pr=self.create_pr,
+                parent_commit=None if self.create_pr else self._head,
+            )
+            return self._result(info.oid, getattr(info, "pr_url", None))
+
+        def landed(exc: BaseException) -> Published | None:  # a timeout or 5xx can hide a commit that landed
+            sha = find_marked_commit(self.api, self.token, self.repo_id, marker)
+            return self._result(sha, None) if sha else None
+
         try:
-            for commit in self.api.list_repo_commits(self.repo_id, token=self.token)[:20]:
-                if marker in (commit.message or "") or marker in (commit.title or ""):
-                    return commit.commit_id
-        except Exception:  # noqa: BLE001 - best effort; the caller reports the original error
-            return None
-        return None
+            published = with_retries(commit, retries=self.commit_retries - 1, first_wait=2.0,
+                                     on_retry=self._count_retry, landed=landed)
+        except Exception as exc:  # noqa: BLE001
+            raise write_error(exc, self.repo_id, "commit the merged model") from None
+        self._cleanup()
+        return published
 
-    def _result(self, commit: str, pr_url: str | None) -> dict:
+    def _result(self, commit: str, pr_url: str | None) -> Published:
         url = f"{self.api.endpoint.rstrip('/')}/{self.repo_id}"
-        out = {"repo": self.repo_id, "commit": commit, "url": url}
-        if pr_url:
-            out["pr_url"] = pr_url
-        return out
+        # The head seen before the merge is returned when huggingface_hub dropped every file as identical and
+        # skipped the (empty) commit and PR.
+        return Published(url=url, repo=self.repo_id, commit=commit, pr_url=pr_url or None,
+                         unchanged=bool(commit) and commit == self._head)
 
     def _cleanup(self) -> None:
         self._closed = True

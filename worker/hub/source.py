@@ -11,11 +11,9 @@ taken as the wanted bytes.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 from huggingface_hub import HfApi, hf_hub_download, hf_hub_url
@@ -26,7 +24,8 @@ from .. import tempdirs
 from ..engine.errors import SourceError
 from ..engine.files import check_name as safe_relpath
 from ..engine.io import FileEntry
-from .errors import TRANSIENT_EXC, TRANSIENT_STATUS, read_error, status_of
+from .errors import TRANSIENT_EXC, is_transient, read_error
+from .retry import with_retries
 
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
@@ -103,22 +102,24 @@ class HubSource:
             raise SourceError(f"{self.repo_id}/{path}: read past the end of the file ({offset + len(view)} > {size})")
         url = hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
         done = 0
-        attempt = 0
-        while done < len(view):
-            start, end = offset + done, offset + len(view) - 1
-            try:
-                done += self._get_range(url, path, start, end, view[done:])
-            except Exception as exc:  # noqa: BLE001
-                transient = isinstance(exc, TRANSIENT_EXC) or status_of(exc) in TRANSIENT_STATUS or isinstance(exc, _ShortRead)
-                if not transient or attempt >= self.retries:
-                    if isinstance(exc, SourceError):
-                        raise
-                    if isinstance(exc, _ShortRead):
-                        raise SourceError(f"{self.repo_id}/{path}: the Hub kept closing the connection early") from None
-                    raise read_error(exc, self.repo_id, self.revision, path) from None
-                attempt += 1
-                self.retries_made += 1
-                time.sleep(_backoff(attempt, exc))
+
+        def read_rest() -> None:  # a retry resumes after the bytes already received
+            nonlocal done
+            while done < len(view):
+                done += self._get_range(url, path, offset + done, offset + len(view) - 1, view[done:])
+
+        try:
+            with_retries(read_rest, retries=self.retries, on_retry=self._count_retry,
+                         transient=lambda exc: is_transient(exc) or isinstance(exc, _ShortRead))
+        except SourceError:
+            raise
+        except _ShortRead:
+            raise SourceError(f"{self.repo_id}/{path}: the Hub kept closing the connection early") from None
+        except Exception as exc:  # noqa: BLE001 - mapped to one line
+            raise read_error(exc, self.repo_id, self.revision, path) from None
+
+    def _count_retry(self, exc: BaseException) -> None:
+        self.retries_made += 1
 
     def _get_range(self, url: str, path: str, start: int, end: int, out: memoryview) -> int:
         """One ranged GET into `out`; returns the bytes received (fewer when the body was cut short)."""
@@ -197,13 +198,3 @@ class HubSource:
 
 class _ShortRead(Exception):
     """The connection closed before any byte of the range arrived."""
-
-
-def _backoff(attempt: int, exc: BaseException) -> float:
-    retry_after = getattr(getattr(exc, "response", None), "headers", {}).get("Retry-After") if hasattr(exc, "response") else None
-    if retry_after:
-        try:
-            return min(30.0, float(retry_after))
-        except ValueError:
-            pass
-    return min(8.0, 0.5 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)

@@ -6,10 +6,12 @@ SQLAlchemy only: importing this package pulls in neither torch nor the engine no
 from .crypto import SecretBox, fingerprint
 from .db import Database
 from .models import Credential, Delivery, Job, JobLog, JobSample, JobStatus, Rule
-from .store import JobStore, RunSpec
+from .request import Attempt, MergeRequest
+from .store import JobStore
 from .submit import JobRequest, submit
 
 __all__ = [
+    "Attempt",
     "Credential",
     "Database",
     "Delivery",
@@ -19,8 +21,8 @@ __all__ = [
     "JobSample",
     "JobStatus",
     "JobStore",
+    "MergeRequest",
     "Rule",
-    "RunSpec",
     "SecretBox",
     "fingerprint",
     "submit",

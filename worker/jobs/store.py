@@ -19,7 +19,6 @@ superseded by a newer adapter commit of the same rule and repo, are ended before
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import and_, delete, func, or_, select, text, update
@@ -29,31 +28,11 @@ from sqlalchemy.orm import aliased
 from .crypto import SecretBox
 from .db import Database
 from .models import Credential, Job, JobLog, JobSample, JobStatus, Rule, utcnow
+from .request import Attempt, MergeRequest
 
 LEASE_SECONDS = 30
 TERMINAL = tuple(JobStatus.terminal())
 CLAIM_LOCK = 0x6C6F7261  # pg_advisory_xact_lock key of the claim section ("lora")
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What a worker needs to run a job (the token is decrypted only here, in the worker)."""
-
-    job_id: str
-    door: str
-    adapter_repo: str
-    adapter_revision: str | None
-    base_repo: str | None
-    base_revision: str | None
-    target_repo: str
-    private: bool
-    dtype: str
-    max_shard_size: int | None
-    overwrite: bool
-    create_pr: bool
-    rule_id: str | None
-    attempts: int
-    base_allowed: tuple[str, ...] | None = None  # a rule's allow-list of bases (else base_repo is the base)
 
 
 class JobStore:
@@ -157,19 +136,22 @@ class JobStore:
                 return 0.0
             return max(0.0, (job.lease_until - utcnow()).total_seconds())
 
-    def run_spec(self, job_id: str) -> tuple[RunSpec, str | None]:
+    def attempt(self, job_id: str) -> tuple[Attempt, str | None]:
+        """The claimed job as its runner needs it: the stored request with this attempt's context, and the token
+        (decrypted only here, in the worker)."""
         with self.db.session() as s:
             job = s.get(Job, job_id)
             token = None
             if job.credential_id:
                 cred = s.get(Credential, job.credential_id)
                 token = self.box.open(cred.token_encrypted) if cred else None
-            spec = RunSpec(
-                job.id, job.door, job.adapter_repo, job.adapter_revision, job.base_repo, job.base_revision,
-                job.target_repo, job.private, job.dtype, job.max_shard_size, job.overwrite, job.create_pr,
-                job.rule_id, job.attempts, tuple(job.base_allowed) if job.base_allowed else None,
+            request = MergeRequest(
+                adapter=job.adapter_repo, target=job.target_repo, adapter_revision=job.adapter_revision,
+                base=job.base_repo, base_revision=job.base_revision, private=job.private, dtype=job.dtype,
+                max_shard_size=job.max_shard_size, overwrite=job.overwrite, create_pr=job.create_pr,
+                rule_id=job.rule_id, base_allowed=tuple(job.base_allowed) if job.base_allowed else None,
             )
-            return spec, token
+            return Attempt(job_id=job.id, door=job.door, attempts=job.attempts, request=request), token
 
     # --- fairness: tickets, caps, settling cancelled and superseded jobs -----------------------------------------
 

@@ -16,33 +16,26 @@ from sqlalchemy.exc import IntegrityError
 from .crypto import SecretBox
 from .db import Database
 from .models import Credential, Job, JobStatus, utcnow
+from .request import MergeRequest
 
 
 @dataclass(frozen=True)
 class JobRequest:
+    """A door's submission: the merge asked for, who asks, through which door, and how a retry finds it again."""
+
     owner: str
     door: str
-    adapter: str
-    target: str
-    adapter_revision: str | None = None
-    base: str | None = None
-    base_revision: str | None = None
-    private: bool = False
-    dtype: str = "auto"
-    max_shard_size: int | None = None
-    overwrite: bool = False
-    create_pr: bool = False
-    rule_id: str | None = None
+    merge: MergeRequest
     credential_id: str | None = None  # a rule's stored token; else `token` is stored for this job
     idempotency_key: str | None = None
     dedupe_key: str | None = None
     # The Hub's stable ids of the owner and of the target's namespace (access is decided on ids: names change).
     owner_id: str | None = None
     namespace_id: str | None = None
-    base_allowed: tuple[str, ...] | None = None  # a rule's allow-list of bases (see Job.base_allowed)
 
     def __repr__(self) -> str:  # never print a token by accident (there is none here, but keep it that way)
-        return f"JobRequest(owner={self.owner!r}, adapter={self.adapter!r}, target={self.target!r}, door={self.door!r})"
+        return (f"JobRequest(owner={self.owner!r}, adapter={self.merge.adapter!r}, target={self.merge.target!r}, "
+                f"door={self.door!r})")
 
 
 def submit(
@@ -65,26 +58,27 @@ def submit(
                 s.add(cred)
                 s.flush()
                 cred_id = cred.id
+            m = request.merge
             job = Job(
                 owner=request.owner,
                 owner_id=request.owner_id,
-                namespace=request.target.split("/")[0],
+                namespace=m.namespace,
                 namespace_id=request.namespace_id,
                 door=request.door,
-                adapter_repo=request.adapter,
-                adapter_revision=request.adapter_revision,
-                base_repo=request.base,
-                base_revision=request.base_revision,
-                base_allowed=list(request.base_allowed) if request.base_allowed else None,
-                target_repo=request.target,
-                private=request.private,
-                dtype=request.dtype,
-                max_shard_size=request.max_shard_size,
-                overwrite=request.overwrite,
-                create_pr=request.create_pr,
+                adapter_repo=m.adapter,
+                adapter_revision=m.adapter_revision,
+                base_repo=m.base,
+                base_revision=m.base_revision,
+                base_allowed=list(m.base_allowed) if m.base_allowed else None,
+                target_repo=m.target,
+                private=m.private,
+                dtype=m.dtype,
+                max_shard_size=m.max_shard_size,
+                overwrite=m.overwrite,
+                create_pr=m.create_pr,
                 status=JobStatus.queued.value,
                 credential_id=cred_id,
-                rule_id=request.rule_id,
+                rule_id=m.rule_id,
                 idempotency_key=request.idempotency_key,
                 dedupe_key=request.dedupe_key,
                 enqueued_at=utcnow(),

@@ -22,7 +22,7 @@ from ..engine.plan import load_spec
 from ..hub import HubClient
 from ..hub.original import choose_base
 from ..hub.sink import MARKER, rule_claim
-from ..jobs.store import RunSpec
+from ..jobs.request import Attempt, MergeRequest
 from ..locations import check_revision, is_repo_id
 from ..settings import Settings
 from .watched_sink import WatchedSink
@@ -38,8 +38,10 @@ class RuleRefused(OutputError):
     """A rule's job asked for something outside what the rule's owner chose (a base, a target): it fails."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Outcome:
+    """A job's result as the runner records it: where it was published, from which commits, and the merge's stats."""
+
     repo: str
     commit: str
     url: str
@@ -50,7 +52,7 @@ class Outcome:
 
 
 def run_job(
-    spec: RunSpec,
+    attempt: Attempt,
     token: str | None,
     settings: Settings,
     reporter,
@@ -58,6 +60,7 @@ def run_job(
     on_resolved: Callable[..., None] = lambda **kw: None,
     is_stale: Callable[[object], bool] = lambda committed_at: False,
 ) -> Outcome:
+    req, job_id = attempt.request, attempt.job_id
     hub = HubClient(
         settings.hf_endpoint,
         token,
@@ -66,35 +69,35 @@ def run_job(
         work_root=settings.work_dir or None,
         timeout=settings.hub_timeout,
     )
-    landed = find_marker_commit(hub, spec.target_repo, spec.job_id)
+    landed = find_marker_commit(hub, req.target, job_id)
     if landed:
-        reporter.log("info", f"an earlier attempt already committed {landed[:12]} to {spec.target_repo}; not merging again")
-        return Outcome(spec.target_repo, landed, f"{hub.endpoint}/{spec.target_repo}", reused=True)
+        reporter.log("info", f"an earlier attempt already committed {landed[:12]} to {req.target}; not merging again")
+        return Outcome(req.target, landed, f"{hub.endpoint}/{req.target}", reused=True)
 
     reporter.set_phase("resolve")
-    adapter = hub.source(spec.adapter_repo, check_revision(spec.adapter_revision, "adapter"),
+    adapter = hub.source(req.adapter, check_revision(req.adapter_revision, "adapter"),
                          max_total_bytes=settings.max_adapter_bytes)
     committed_at = None
     try:
         on_resolved(adapter_sha=adapter.revision)
         files = {f.path for f in adapter.files()}
-        if spec.door == "webhook":
-            _check_adapter_push(hub, adapter, files, spec)
-            committed_at = _commit_date(hub, adapter)
+        if attempt.door == "webhook":
+            _check_adapter_push(hub, adapter, files, req)
+            committed_at = hub.commit_date(adapter.repo_id, adapter.revision)
             on_resolved(adapter_committed_at=committed_at)
             if committed_at is not None and is_stale(committed_at):
-                raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} is older than an adapter commit already merged")
+                raise Skipped(f"{req.adapter}@{adapter.revision[:12]} is older than an adapter commit already merged")
         adapter_spec, _ = load_spec(adapter)
-        private = spec.private
-        if spec.rule_id is not None:
-            base_id, base_revision = _rule_base(spec, adapter_spec.base_model_name_or_path, reporter)
+        private = req.private
+        if req.rule_id is not None:
+            base_id, base_revision = _rule_base(req, adapter_spec.base_model_name_or_path, reporter)
         else:
-            base_id, base_revision = _config_base(spec, adapter_spec.base_model_name_or_path)
-        if spec.rule_id is not None:
-            _check_rule_target(spec, base_id)
+            base_id, base_revision = _config_base(req, adapter_spec.base_model_name_or_path)
+        if req.rule_id is not None:
+            _check_rule_target(req, base_id)
         base_revision = check_revision(base_revision, "base")
         choice = None
-        if spec.rule_id is None and not spec.base_repo:
+        if req.rule_id is None and not req.base:
             # A QLoRA adapter naming a 4-bit repo: merge into its 16-bit original (hub/original.py). Never for a
             # rule's job: its token reads only the base the owner named (a quantized one is dequantized instead).
             choice = choose_base(hub, base_id, base_revision)
@@ -103,40 +106,40 @@ def run_job(
                 reporter.log("info", choice.note)
         base = choice.source if choice is not None and choice.source is not None else hub.source(base_id, base_revision)
         on_resolved(base_repo=base_id, base_sha=base.revision)
-        reporter.log("info", f"adapter {spec.adapter_repo}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
-        if spec.rule_id is not None:
-            if not private and _must_stay_private(hub, spec.adapter_repo, adapter.revision, base_id, base.revision):
+        reporter.log("info", f"adapter {req.adapter}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
+        if req.rule_id is not None:
+            if not private and _must_stay_private(hub, req.adapter, adapter.revision, base_id, base.revision):
                 private = True
                 on_resolved(private=True)
                 reporter.log("info", "the base is private or gated (or the adapter private): the merge is published "
                                      "as a private repo")
         sink = WatchedSink(
-            hub.sink(spec.target_repo, private=private, overwrite=spec.overwrite, create_pr=spec.create_pr,
-                     merge_id=spec.job_id, claim=rule_claim(spec.rule_id) if spec.rule_id else None),
+            hub.sink(req.target, private=private, overwrite=req.overwrite, create_pr=req.create_pr,
+                     merge_id=job_id, claim=rule_claim(req.rule_id) if req.rule_id else None),
             reporter,
-            before_commit=_recheck_stale(spec, adapter, committed_at, is_stale),
+            before_commit=_recheck_stale(req, adapter, committed_at, is_stale),
         )
-        options = MergeOptions(device=settings.device, dtype=spec.dtype, max_shard_size=spec.max_shard_size)
+        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size)
         result = merge(
             base,
             adapter,
             sink,
             options,
             reporter,
-            lineage=Lineage(base_id, base.revision, spec.adapter_repo, adapter.revision, True, True,
+            lineage=Lineage(base_id, base.revision, req.adapter, adapter.revision, True, True,
                             quantized_base=choice.quantized if choice else None,
                             quantized_base_revision=choice.quantized_revision if choice else None),
-            commit_message=f"Merge {spec.adapter_repo}@{adapter.revision[:7]} into {base_id}",
-            commit_description=f"Merged by lorafold job {spec.job_id}: adapter {spec.adapter_repo}@{adapter.revision}, "
+            commit_message=f"Merge {req.adapter}@{adapter.revision[:7]} into {base_id}",
+            commit_description=f"Merged by lorafold job {job_id}: adapter {req.adapter}@{adapter.revision}, "
             f"base {base_id}@{base.revision}.",
         )
     finally:
         adapter.close()
     published = result.result
     return Outcome(
-        published.get("repo", spec.target_repo),
-        published.get("commit", ""),
-        published.get("pr_url") or published.get("url", ""),
+        published.repo or req.target,
+        published.commit or "",
+        published.link,
         adapter.revision,
         base.revision,
         {
@@ -150,44 +153,44 @@ def run_job(
     )
 
 
-def _config_base(spec: RunSpec, named: str | None) -> tuple[str, str | None]:
+def _config_base(req: MergeRequest, named: str | None) -> tuple[str, str | None]:
     """Form, API and CLI jobs: the base asked for, else the adapter config's (the caller chose that adapter and
     gave their own token for this one job)."""
-    base_id = spec.base_repo or named
+    base_id = req.base or named
     if not base_id:
-        raise SourceError(f"{spec.adapter_repo}: adapter_config.json names no base_model_name_or_path; choose the base explicitly")
+        raise SourceError(f"{req.adapter}: adapter_config.json names no base_model_name_or_path; choose the base explicitly")
     base_id, _, at = base_id.partition("@")
     if not is_repo_id(base_id):
         raise SourceError(
-            f"{spec.adapter_repo}: adapter_config.json names base {base_id!r}, which is not a Hub repo id "
+            f"{req.adapter}: adapter_config.json names base {base_id!r}, which is not a Hub repo id "
             "(often a local training path); choose the base explicitly"
         )
-    return base_id, spec.base_revision or at or None
+    return base_id, req.base_revision or at or None
 
 
-def _rule_base(spec: RunSpec, named: str | None, reporter) -> tuple[str, str | None]:
+def _rule_base(req: MergeRequest, named: str | None, reporter) -> tuple[str, str | None]:
     """A rule's job: the rule's base, never one the pushed adapter config picks. The config's name is only compared
     with the rule's allow-list (no read happens with it); messages name no repo the owner did not choose."""
     named_id = (named or "").partition("@")[0]
-    if spec.base_repo:
-        if named_id and named_id.lower() != spec.base_repo.lower():
-            reporter.log("warning", f"adapter_config.json names another base; merging onto the rule's base {spec.base_repo}")
-        return spec.base_repo, spec.base_revision
-    for allowed in spec.base_allowed or ():
+    if req.base:
+        if named_id and named_id.lower() != req.base.lower():
+            reporter.log("warning", f"adapter_config.json names another base; merging onto the rule's base {req.base}")
+        return req.base, req.base_revision
+    for allowed in req.base_allowed or ():
         if named_id and named_id.lower() == allowed.lower():
             return allowed, None  # the rule's spelling, and its main branch: a config's "@revision" is not followed
-    if spec.base_allowed:
-        raise RuleRefused(f"{spec.adapter_repo}@{(spec.adapter_revision or '')[:12]}: the base named in "
+    if req.base_allowed:
+        raise RuleRefused(f"{req.adapter}@{(req.adapter_revision or '')[:12]}: the base named in "
                           "adapter_config.json is not one of this rule's bases; not merged")
-    raise RuleRefused(f"{spec.adapter_repo}: this rule names no base (a pushed adapter config never chooses it); "
+    raise RuleRefused(f"{req.adapter}: this rule names no base (a pushed adapter config never chooses it); "
                       "create the rule again with a base")
 
 
-def _check_rule_target(spec: RunSpec, base_id: str) -> None:
-    target = spec.target_repo.lower()
-    if target == spec.adapter_repo.lower() or target == base_id.lower():
-        what = "the pushed adapter" if target == spec.adapter_repo.lower() else "the rule's base"
-        raise RuleRefused(f"{spec.target_repo}: the rule's target for this push is {what}; refusing to write there")
+def _check_rule_target(req: MergeRequest, base_id: str) -> None:
+    target = req.target.lower()
+    if target == req.adapter.lower() or target == base_id.lower():
+        what = "the pushed adapter" if target == req.adapter.lower() else "the rule's base"
+        raise RuleRefused(f"{req.target}: the rule's target for this push is {what}; refusing to write there")
 
 
 def _must_stay_private(hub: HubClient, adapter_repo: str, adapter_sha: str, base_id: str, base_sha: str) -> bool:
@@ -195,66 +198,40 @@ def _must_stay_private(hub: HubClient, adapter_repo: str, adapter_sha: str, base
     cannot tell, private (a wrong guess costs a visibility toggle, the other one a leak)."""
     for repo, sha, gated_counts in ((base_id, base_sha, True), (adapter_repo, adapter_sha, False)):
         try:
-            info = hub.api.model_info(repo, revision=sha, token=hub.token, files_metadata=False)
+            meta = hub.repo_meta(repo, sha)
         except Exception:  # noqa: BLE001
             return True
-        if info.private or (gated_counts and info.gated not in (None, False, "false")):
+        if meta.private or (gated_counts and meta.gated):
             return True
     return False
 
 
-def _recheck_stale(spec: RunSpec, adapter, committed_at, is_stale) -> Callable[[], None] | None:
+def _recheck_stale(req: MergeRequest, adapter, committed_at, is_stale) -> Callable[[], None] | None:
     if committed_at is None:
         return None
 
     def check() -> None:
         if is_stale(committed_at):
-            raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} is older than an adapter commit merged meanwhile")
+            raise Skipped(f"{req.adapter}@{adapter.revision[:12]} is older than an adapter commit merged meanwhile")
 
     return check
 
 
 def find_marker_commit(hub: HubClient, repo: str, job_id: str) -> str | None:
     """The commit an earlier attempt of this job made on the target, if any (the marker is in its description)."""
-    from huggingface_hub import errors as hf
-
-    marker = f"{MARKER}: {job_id}"
-    try:
-        commits = hub.api.list_repo_commits(repo, token=hub.token)
-    except hf.RepositoryNotFoundError:
-        return None
-    except Exception:  # noqa: BLE001 - the sink checks the target again before writing
-        return None
-    for c in commits[:50]:
-        if marker in (c.message or ""):
-            return c.commit_id
-    return None
+    return hub.find_marked_commit(repo, f"{MARKER}: {job_id}")  # None too when unreadable: the sink checks again
 
 
-def _check_adapter_push(hub: HubClient, adapter, files: set[str], spec: RunSpec) -> None:
+def _check_adapter_push(hub: HubClient, adapter, files: set[str], req: MergeRequest) -> None:
     if "adapter_config.json" not in files:
-        raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} has no adapter_config.json: not a LoRA adapter")
+        raise Skipped(f"{req.adapter}@{adapter.revision[:12]} has no adapter_config.json: not a LoRA adapter")
     if not files & {"adapter_model.safetensors", "adapter_model.bin"}:
-        raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} has adapter_config.json but no adapter weights")
-    try:
-        infos = hub.api.get_paths_info(
-            spec.adapter_repo,
-            ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"],
-            revision=adapter.revision,
-            expand=True,
-            token=hub.token,
-        )
-    except Exception:  # noqa: BLE001 - without the details, merge rather than skip
+        raise Skipped(f"{req.adapter}@{adapter.revision[:12]} has adapter_config.json but no adapter weights")
+    touched = hub.last_commits(req.adapter, ["adapter_config.json", "adapter_model.safetensors",
+                                                   "adapter_model.bin"], adapter.revision)
+    if touched is None:  # without the details, merge rather than skip
         return
-    touched = [getattr(getattr(i, "last_commit", None), "oid", None) for i in infos]
     if touched and all(t is not None for t in touched) and adapter.revision not in touched:
-        raise Skipped(f"{spec.adapter_repo}@{adapter.revision[:12]} did not change the adapter (e.g. a README-only commit)")
+        raise Skipped(f"{req.adapter}@{adapter.revision[:12]} did not change the adapter (e.g. a README-only commit)")
 
 
-def _commit_date(hub: HubClient, adapter):
-    try:
-        for c in hub.api.list_repo_commits(adapter.repo_id, revision=adapter.revision, token=hub.token)[:1]:
-            return c.created_at.replace(tzinfo=None) if c.created_at else None
-    except Exception:  # noqa: BLE001
-        return None
-    return None

@@ -58,22 +58,23 @@ def execute_job(job_id: str, settings: Settings, *, redelivered: bool = False, p
 
     from .pipeline import Skipped, run_job
 
-    spec, token = store.run_spec(job_id)
+    attempt, token = store.attempt(job_id)
     reporter = JobReporter(store, job_id, worker)
     if picked_at is not None:  # written together with the first line, which the reporter flushes at once
         reporter.note(startup_seconds=round(max(0.0, time.time() - picked_at), 3))
-    reporter.log("info", f"attempt {spec.attempts} on {worker.rsplit(':', 1)[0]}")
+    reporter.log("info", f"attempt {attempt.attempts} on {worker.rsplit(':', 1)[0]}")
 
     def on_resolved(**fields):
         store.set_fields(job_id, **fields)
 
     def is_stale(committed_at) -> bool:
         # Atomic in JobStore: of two deliveries racing for one repo, the second to check sees the first.
-        return store.register_commit_and_check_stale(job_id, spec.rule_id, spec.adapter_repo, committed_at)
+        return store.register_commit_and_check_stale(job_id, attempt.request.rule_id, attempt.request.adapter,
+                                                     committed_at)
 
     status, fields = JobStatus.failed, {}
     try:
-        outcome = run_job(spec, token, settings, reporter, on_resolved=on_resolved, is_stale=is_stale)
+        outcome = run_job(attempt, token, settings, reporter, on_resolved=on_resolved, is_stale=is_stale)
         status = JobStatus.succeeded
         fields = {"result_repo": outcome.repo, "result_commit": outcome.commit, "result_url": outcome.url, **(outcome.stats or {})}
         reporter.log("info", f"published {outcome.repo} at {outcome.commit[:12]}")

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..engine.io import Published
+
 
 class WatchedSink:
     """Delegates to `sink`; `before_commit()` may raise (e.g. Skipped) to stop before anything is committed."""
@@ -28,7 +30,7 @@ class WatchedSink:
         with self._reporter.working():  # may wait for the previous shard's upload
             self._sink.shard_written(name, path)
 
-    def finish(self, message: str, description: str):
+    def finish(self, message: str, description: str) -> Published:
         if self._before_commit is not None:
             self._before_commit()
         with self._reporter.working("commit"):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from ..errors import OutputError, PlanError
-from ..io import ModelSink
+from ..io import ModelSink, Published
 from ..safetensors_format import DTYPES, build_header, header_length, parse_header
 from .fp8 import Fp8, dequantize, quantize, scale_name
 from .source import QuantizedSource
@@ -81,7 +81,7 @@ class KeepQuantizationSink:
                 f.write("\n" + self.summary() + "\n")
         self.inner.file_written(name, path)
 
-    def finish(self, message: str, description: str) -> dict:
+    def finish(self, message: str, description: str) -> Published:
         return self.inner.finish(message, description)
 
     def abort(self) -> None:

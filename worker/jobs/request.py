@@ -1,0 +1,48 @@
+"""What a merge job asks for, as one typed value from the door that received it to the pipeline that runs it.
+
+Every door (form and API through web/merge.py, webhook through web/hooks.py) builds a `MergeRequest`; `submit()`
+stores it in the job row's columns; the store hands the same type back to the runner (`Attempt`, with what belongs
+to one run: the job id, the attempt number, the door). Before this, four shapes of the same fields were built in
+turn, one of them from 14 positional arguments (issue 11, layout 1).
+
+Torch-free and SQL-free: the web imports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """A merge: fold `adapter` into `base` (None: the one its adapter_config.json names) and publish to `target`.
+
+    `rule_id`/`base_allowed` are the context of a rule's job (a webhook push): the base then comes from the rule
+    only, either `base` or the one entry of `base_allowed` the adapter config names (worker/service/pipeline.py)."""
+
+    adapter: str
+    target: str
+    adapter_revision: str | None = None
+    base: str | None = None
+    base_revision: str | None = None
+    private: bool = False
+    dtype: str = "auto"
+    max_shard_size: int | None = None
+    overwrite: bool = False
+    create_pr: bool = False
+    rule_id: str | None = None
+    base_allowed: tuple[str, ...] | None = None  # a rule's allow-list of bases (see Job.base_allowed)
+
+    @property
+    def namespace(self) -> str:
+        return self.target.split("/")[0]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a stored job: the request, and what belongs to this run only."""
+
+    job_id: str
+    door: str  # "form", "api" or "webhook"
+    attempts: int  # this attempt's number (1 for the first)
+    request: MergeRequest
