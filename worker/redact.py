@@ -94,34 +94,46 @@ class _Registry:
         """`text` with every registered secret replaced by ***."""
         if not self._secrets:
             return text
-        spans: list[tuple[int, int]] = []
         with self._lock:  # a consistent view; scrubbing takes microseconds
-            pieces, odd = self._pieces, list(self._odd)
-            keys = pieces.keys()
-            for run in _RUNS.finditer(text) if pieces else ():
-                word, base = run.group(), run.start()
-                aligned = [word[i:i + KEY] for i in range(0, len(word) - KEY + 1, KEY)]
-                if keys.isdisjoint(aligned):  # the usual case, decided in C
-                    continue
-                for index, piece in enumerate(aligned):
-                    for secret, offset in pieces.get(piece, ()):
-                        at = base + index * KEY - offset
-                        if at >= 0 and text.startswith(secret, at):
-                            spans.append((at, at + len(secret)))
+            spans = _indexed_spans(text, self._pieces) if self._pieces else []
+            odd = list(self._odd)
         if spans:
-            out, at = [], 0
-            for a, b in sorted(spans):
-                if b <= at:
-                    continue
-                out.append(text[at:max(a, at)])
-                out.append("***" if a >= at else "")
-                at = b
-            out.append(text[at:])
-            text = "".join(out)
+            text = _star_spans(text, spans)
         for secret in odd:
             if secret in text:
                 text = text.replace(secret, "***")
         return text
+
+
+def _indexed_spans(text: str, pieces: dict[str, list[tuple[str, int]]]) -> list[tuple[int, int]]:
+    """Where indexed secrets occur in `text`: each run of token characters is cut into KEY-aligned pieces, and a
+    piece some secret holds (at some offset) is checked for the whole secret at the place it implies."""
+    spans: list[tuple[int, int]] = []
+    keys = pieces.keys()
+    for run in _RUNS.finditer(text):
+        word, base = run.group(), run.start()
+        aligned = [word[i:i + KEY] for i in range(0, len(word) - KEY + 1, KEY)]
+        if keys.isdisjoint(aligned):  # the usual case, decided in C
+            continue
+        for index, piece in enumerate(aligned):
+            for secret, offset in pieces.get(piece, ()):
+                at = base + index * KEY - offset
+                if at >= 0 and text.startswith(secret, at):
+                    spans.append((at, at + len(secret)))
+    return spans
+
+
+def _star_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    """`text` with the (possibly overlapping) spans replaced by one *** each run of overlap."""
+    out, at = [], 0
+    for a, b in sorted(spans):
+        if b <= at:
+            continue
+        out.append(text[at:max(a, at)])
+        out.append("***" if a >= at else "")
+        at = b
+    out.append(text[at:])
+    return "".join(out)
 
 
 _registry = _Registry(MAX_SECRETS)

@@ -152,7 +152,9 @@ def entries(draw, pos: list[int]):
     shape = draw(st.lists(dims, max_size=3) | hashable_junk)
     item = DTYPES[dtype][0] if isinstance(dtype, str) and dtype in DTYPES else 4
     try:
-        nbytes = math.prod(shape) * item if isinstance(shape, list) else 0
+        # a text dim would make math.prod repeat a string (10**15 times: MemoryError in the generator itself)
+        numeric = isinstance(shape, list) and not any(isinstance(d, str) for d in shape)
+        nbytes = math.prod(shape) * item if numeric else 0
         nbytes = int(nbytes) if isinstance(nbytes, (int, float)) and not isinstance(nbytes, bool) else 0
     except TypeError:
         nbytes = 0

@@ -62,7 +62,15 @@ def _code(text: str) -> str:
 
 def build_card(lineage: Lineage, settings: dict, adapter_summary: dict, base_card: str | None, version: str,
                skipped: Sequence[SkippedFile] = ()) -> str:
-    base_meta = front_matter(base_card or "")
+    lines = _card_metadata(lineage, front_matter(base_card or ""), version)
+    body = _card_lineage(lineage, version) + _settings_table(settings, adapter_summary) + _skipped_table(skipped)
+    body.append("")
+    return "\n".join(lines + body)
+
+
+def _card_metadata(lineage: Lineage, base_meta: dict[str, str], version: str) -> list[str]:
+    """The YAML header: the Hub's base_model relation, the license inherited from the base card, lorafold's
+    record of what was merged."""
     lines = ["---"]
     if lineage.base_is_hub:
         lines += [f"base_model: {_yaml_str(lineage.base)}", "base_model_relation: finetune"]
@@ -74,58 +82,67 @@ def build_card(lineage: Lineage, settings: dict, adapter_summary: dict, base_car
     lines.append("lorafold:")
     lines.append(f"  version: {_yaml_str(version)}")
     lines.append(f"  adapter: {_yaml_str(lineage.adapter)}")
-    if lineage.adapter_revision:
-        lines.append(f"  adapter_revision: {_yaml_str(lineage.adapter_revision)}")
+    lines += _if_set("adapter_revision", lineage.adapter_revision)
     lines.append(f"  base: {_yaml_str(lineage.base)}")
-    if lineage.base_revision:
-        lines.append(f"  base_revision: {_yaml_str(lineage.base_revision)}")
+    lines += _if_set("base_revision", lineage.base_revision)
     if lineage.quantized_base:
-        lines.append(f"  quantized_base: {_yaml_str(lineage.quantized_base)}")
-        if lineage.quantized_base_revision:
-            lines.append(f"  quantized_base_revision: {_yaml_str(lineage.quantized_base_revision)}")
+        lines += _if_set("quantized_base", lineage.quantized_base)
+        lines += _if_set("quantized_base_revision", lineage.quantized_base_revision)
     lines.append("---")
+    return lines
 
-    def ref(name: str, rev: str | None, hub: bool) -> str:
-        shown = f"[{name}](https://huggingface.co/{name})" if hub else f"`{name}`"
-        return f"{shown} at revision `{rev}`" if rev else shown
 
+def _if_set(key: str, value: str | None) -> list[str]:
+    """A `  key: value` line under `lorafold:`, or none when the value is unset."""
+    return [f"  {key}: {_yaml_str(value)}"] if value else []
+
+
+def _ref(name: str, rev: str | None, hub: bool) -> str:
+    shown = f"[{name}](https://huggingface.co/{name})" if hub else f"`{name}`"
+    return f"{shown} at revision `{rev}`" if rev else shown
+
+
+def _card_lineage(lineage: Lineage, version: str) -> list[str]:
     body = [
         "",
         f"# {lineage.adapter.rstrip('/').split('/')[-1]} (merged)",
         "",
-        f"This model is the LoRA adapter {ref(lineage.adapter, lineage.adapter_revision, lineage.adapter_is_hub)} "
-        f"folded into its base model {ref(lineage.base, lineage.base_revision, lineage.base_is_hub)}: a standalone "
+        f"This model is the LoRA adapter {_ref(lineage.adapter, lineage.adapter_revision, lineage.adapter_is_hub)} "
+        f"folded into its base model {_ref(lineage.base, lineage.base_revision, lineage.base_is_hub)}: a standalone "
         "model that loads with `transformers` (or vLLM, llama.cpp conversion...) without PEFT.",
         "",
     ]
     if lineage.quantized_base:
         body += [
-            f"The adapter names the quantized model {ref(lineage.quantized_base, lineage.quantized_base_revision, True)} "
+            f"The adapter names the quantized model {_ref(lineage.quantized_base, lineage.quantized_base_revision, True)} "
             "as its base; lorafold merged it into that model's 16-bit original named above, not into the "
             "dequantized quantized weights.",
             "",
         ]
-    body += [
+    return body + [
         f"It was merged by [lorafold]({LORAFOLD_URL}) {version}, which streams the base tensor by tensor, computes "
         "`W' = W + ΔW` in float32 and rounds once to the base dtype, reproducing PEFT's `merge_and_unload()`.",
         "",
-        "## Merge settings",
-        "",
-        "| setting | value |",
-        "|---|---|",
     ]
+
+
+def _settings_table(settings: dict, adapter_summary: dict) -> list[str]:
+    body = ["## Merge settings", "", "| setting | value |", "|---|---|"]
     for key, value in {**settings, **adapter_summary}.items():
         body.append(f"| {key} | {_code(json.dumps(value) if not isinstance(value, str) else value)} |")
-    if skipped:
-        body += [
-            "",
-            "## Files of the base not copied",
-            "",
-            "These files of the base are not in this repo, for the reason given.",
-            "",
-            "| file | why |",
-            "|---|---|",
-        ]
-        body += [f"| {_code(f.path)} | {f.reason} |" for f in skipped]
-    body.append("")
-    return "\n".join(lines + body)
+    return body
+
+
+def _skipped_table(skipped: Sequence[SkippedFile]) -> list[str]:
+    if not skipped:
+        return []
+    return [
+        "",
+        "## Files of the base not copied",
+        "",
+        "These files of the base are not in this repo, for the reason given.",
+        "",
+        "| file | why |",
+        "|---|---|",
+        *(f"| {_code(f.path)} | {f.reason} |" for f in skipped),
+    ]

@@ -91,47 +91,66 @@ class Compute:
         if not t.computed:  # an untouched tensor read into memory (not a local file): written as read
             assert buf is not None and item.read is not None
             return Computed(item, buf[: item.read.nbytes], DONE, msg.cost, handle if handle is not None else buf)
-        if item.r0 == 0:
-            self.ctx.keep_only({k for op in t.ops for k in op.keys()} | self.next_keys(t))
-        if msg.factors:
-            self.ctx.adopt(msg.factors)
+        self._hold_factors(msg)
         out_dtype = torch_dtype(t.dtype)
         shape = (item.r1 - item.r0, *t.shape[1:]) if t.shape else (1,)
         src = None
         if item.read is not None:
-            assert t.source is not None and buf is not None
-            src = interpret(buf, t.source.dtype, shape)
+            src = self._source(t, buf, shape)
             if self.discrete:
-                src, fence = self.dev.upload(src)
-                self.pool.put_after(buf, fence)  # reused once the copy has read it, and no sooner
-                self.dev.compute_wait(fence)
-                buf = None
+                buf = None  # the pool's again once the upload has read it (`_source`)
         host = self.pool.get(item.out_nbytes)
-        host_out = interpret(host, t.dtype, shape)
-        if self.discrete:
-            k = self._turn
-            self._turn ^= 1
-            self.dev.compute_wait(self._out_fence[k])  # the download of two items ago has left this buffer
-            out = self.ctx.scratch.get(f"out{k}", shape, out_dtype)
-        else:
-            out = host_out
-        flag = self._convert(t, src, out, out_dtype) if not t.ops else self._merge(t, item.r0, src, out, out_dtype, shape)
-        if self.verifier is not None and t.ops:
-            self.verifier.check(t, item.r0, item.r1, src, out)
-        fence: Fence = DONE
-        if self.discrete:
-            fence = self.dev.download(out, host_out)
-            if flag is not None:
-                flag_host = self.dev.host_empty(1).view(torch.int8).reshape(())
-                fence = self.dev.download(flag, flag_host)  # same stream, after the bytes: one fence covers both
-                flag = flag_host
-            self._out_fence[k] = fence
+        fence, flag = self._merged(item, src, interpret(host, t.dtype, shape), out_dtype, shape)
         if handle is not None:
-            del src
+            del src  # the last view of the mapped range goes before the range does
             self.release_range(handle)
         elif buf is not None:
             self.pool.put(buf)
         return Computed(item, host[: item.out_nbytes], fence, msg.cost, host, flag)
+
+    def _hold_factors(self, msg: Loaded) -> None:
+        """The adapter factors this tensor and the next one use kept on the device (from the first chunk on)."""
+        t = msg.item.t
+        if msg.item.r0 == 0:
+            self.ctx.keep_only({k for op in t.ops for k in op.keys()} | self.next_keys(t))
+        if msg.factors:
+            self.ctx.adopt(msg.factors)
+
+    def _source(self, t: OutTensor, buf, shape) -> torch.Tensor:
+        """The base chunk as a tensor where the merge runs; on a discrete device `buf` goes back to the pool once
+        the upload has read it, and no sooner."""
+        assert t.source is not None and buf is not None
+        src = interpret(buf, t.source.dtype, shape)
+        if self.discrete:
+            src, fence = self.dev.upload(src)
+            self.pool.put_after(buf, fence)
+            self.dev.compute_wait(fence)
+        return src
+
+    def _merged(self, item, src, host_out, out_dtype, shape) -> tuple[Fence, torch.Tensor | None]:
+        """The chunk merged into `host_out`: directly on the host, or on the device into one of two out buffers
+        (alternating, so one downloads while the next computes), then downloaded with its numeric flag."""
+        if not self.discrete:
+            return DONE, self._apply(item, src, host_out, out_dtype, shape)
+        k = self._turn
+        self._turn ^= 1
+        self.dev.compute_wait(self._out_fence[k])  # the download of two items ago has left this buffer
+        out = self.ctx.scratch.get(f"out{k}", shape, out_dtype)
+        flag = self._apply(item, src, out, out_dtype, shape)
+        fence = self.dev.download(out, host_out)
+        if flag is not None:
+            flag_host = self.dev.host_empty(1).view(torch.int8).reshape(())
+            fence = self.dev.download(flag, flag_host)  # same stream, after the bytes: one fence covers both
+            flag = flag_host
+        self._out_fence[k] = fence
+        return fence, flag
+
+    def _apply(self, item, src, out, out_dtype, shape):
+        t = item.t
+        flag = self._convert(t, src, out, out_dtype) if not t.ops else self._merge(t, item.r0, src, out, out_dtype, shape)
+        if self.verifier is not None and t.ops:
+            self.verifier.check(t, item.r0, item.r1, src, out)
+        return flag
 
     def _convert(self, t: OutTensor, src, out, out_dtype):
         """A dtype conversion only; narrowing flags values that would become Inf (code 2)."""

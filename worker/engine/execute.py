@@ -207,51 +207,16 @@ class Executor:
         read_q: queue.Queue = queue.Queue(maxsize=8)
         write_q: queue.Queue = queue.Queue(maxsize=64)
         n_writers = max(2, min(4, (os.cpu_count() or 1) // 4))
-        threads = [threading.Thread(target=self._reader, args=(items, read_q), name="lorafold-read", daemon=True)]
-        threads += [threading.Thread(target=self._writer, args=(write_q, shards), name=f"lorafold-write-{i}", daemon=True)
-                    for i in range(n_writers)]
         copies = [item for item in items if item.copy is not None]
-        if copies:
-            threads.append(threading.Thread(target=self._copy_untouched, args=(copies, shards), name="lorafold-copy", daemon=True))
-        for th in threads:
-            th.start()
-        seen = 0  # copies accounted for: the user's stop is asked once per item, by this thread only
-
-        def account_copies(wait: bool) -> None:
-            nonlocal seen
-            with self._copied_cv:
-                if wait and self._copied == seen and not self.failed.is_set():
-                    self._copied_cv.wait(0.1)
-                done = self._copied
-            for _ in range(done - seen):
-                seen += 1
-                if self.reporter.should_stop():
-                    raise Cancelled()
-
+        threads = self._start_stages(items, copies, shards, read_q, write_q, n_writers)
+        copied = _CopiesSeen(self, len(copies))
         try:
-            while True:
-                got = _get(read_q, self.failed)
-                if got is _STOP or got is None:
-                    break
-                account_copies(wait=False)
-                if self.reporter.should_stop():
-                    raise Cancelled()
-                if not _put(write_q, compute(got), self.failed):
-                    break
-            while seen < len(copies) and not self.failed.is_set():
-                account_copies(wait=True)
+            self._compute_all(compute, read_q, write_q, copied)
+            copied.wait_all()
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
         finally:
-            for _ in range(n_writers):
-                _put(write_q, _STOP, self.failed)
-            for th in threads:
-                th.join()
-            if not self.errors:
-                try:
-                    self.dev.synchronize()
-                except BaseException as exc:  # noqa: BLE001
-                    self._fail(exc)
+            self._stop_stages(write_q, n_writers, threads)
             shards.close()
         if self.errors:
             raise self.errors[0]
@@ -259,6 +224,70 @@ class Executor:
         verifier = compute.verifier
         return Stats(self.bytes_read, shards.bytes_written, shards.tensors_done,
                      verifier.max_error if verifier else None, verifier.unprobed if verifier else 0)
+
+    def _start_stages(self, items: list[Item], copies: list[Item], shards: ShardWriter, read_q: queue.Queue,
+                      write_q: queue.Queue, n_writers: int) -> list[threading.Thread]:
+        """The reader, the writers and (when some tensors are copied file to file) the copy thread, started."""
+        threads = [threading.Thread(target=self._reader, args=(items, read_q), name="lorafold-read", daemon=True)]
+        threads += [threading.Thread(target=self._writer, args=(write_q, shards), name=f"lorafold-write-{i}", daemon=True)
+                    for i in range(n_writers)]
+        if copies:
+            threads.append(threading.Thread(target=self._copy_untouched, args=(copies, shards), name="lorafold-copy", daemon=True))
+        for th in threads:
+            th.start()
+        return threads
+
+    def _compute_all(self, compute: Compute, read_q: queue.Queue, write_q: queue.Queue, copied: _CopiesSeen) -> None:
+        """The streaming loop on the calling thread: each loaded chunk merged and handed to the writers, the user's
+        stop asked once per chunk and once per copied tensor."""
+        while True:
+            got = _get(read_q, self.failed)
+            if got is _STOP or got is None:
+                return
+            copied.account(wait=False)
+            if self.reporter.should_stop():
+                raise Cancelled()
+            if not _put(write_q, compute(got), self.failed):
+                return
+
+    def _stop_stages(self, write_q: queue.Queue, n_writers: int, threads: list[threading.Thread]) -> None:
+        """Every stage joined; the device drained when nothing failed (its errors surface here)."""
+        for _ in range(n_writers):
+            _put(write_q, _STOP, self.failed)
+        for th in threads:
+            th.join()
+        if not self.errors:
+            try:
+                self.dev.synchronize()
+            except BaseException as exc:  # noqa: BLE001
+                self._fail(exc)
+
+
+class _CopiesSeen:
+    """Tensors the copy thread has copied that the compute thread has accounted for: the user's stop is asked
+    once per copied tensor, by the compute thread only."""
+
+    __slots__ = ("_ex", "seen", "total")
+
+    def __init__(self, executor: Executor, total: int):
+        self._ex = executor
+        self.seen = 0
+        self.total = total
+
+    def account(self, wait: bool) -> None:
+        ex = self._ex
+        with ex._copied_cv:
+            if wait and ex._copied == self.seen and not ex.failed.is_set():
+                ex._copied_cv.wait(0.1)
+            done = ex._copied
+        for _ in range(done - self.seen):
+            self.seen += 1
+            if ex.reporter.should_stop():
+                raise Cancelled()
+
+    def wait_all(self) -> None:
+        while self.seen < self.total and not self._ex.failed.is_set():
+            self.account(wait=True)
 
 
 def _put(q: queue.Queue, value, failed: threading.Event | None) -> bool:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import AdapterSpecError, FormatError, PlanError, SourceError
 from .files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SkippedFile, check_name, not_copied_reason
 from .io import FileEntry, ModelSource
-from .mapping import AdapterMapper
+from .mapping import AdapterMapper, Mapping
 from .quant import present_as_16bit
 from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
 from .spec import CONFIG_NAME, AdapterSpec
@@ -167,24 +168,7 @@ def _checked_files(base: ModelSource) -> dict[str, FileEntry]:
 def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[str], bool]:
     """The base's safetensors weight files (in order) and whether it is sharded (has an index)."""
     if INDEX_NAME in files:
-        index = _read_json(base, files[INDEX_NAME], "safetensors index")
-        weight_map = index.get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise FormatError(f"{base.label}/{INDEX_NAME}: no weight_map")
-        names = []
-        for tensor, fname in weight_map.items():
-            if not isinstance(fname, str) or not isinstance(tensor, str):
-                raise FormatError(f"{base.label}/{INDEX_NAME}: weight_map must map tensor names to file names")
-            if fname not in names:
-                names.append(fname)
-        for fname in names:
-            try:
-                check_name(fname)
-            except SourceError:
-                raise FormatError(f"{base.label}/{INDEX_NAME}: refusing shard name {fname!r}") from None
-            if fname not in files:
-                raise SourceError(f"{base.label}: {INDEX_NAME} lists {fname}, which is missing")
-        return sorted(names), True
+        return _indexed_shards(base, files), True
     if SINGLE_NAME in files:
         return [SINGLE_NAME], False
     if CONFIG_NAME in files and "config.json" not in files:
@@ -198,6 +182,28 @@ def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[
     raise SourceError(f"{base.label}: no {SINGLE_NAME} or {INDEX_NAME}: not a safetensors model folder")
 
 
+def _indexed_shards(base: ModelSource, files: dict[str, FileEntry]) -> list[str]:
+    """The shard files the index's weight_map names (sorted), each a safe name and present."""
+    index = _read_json(base, files[INDEX_NAME], "safetensors index")
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{base.label}/{INDEX_NAME}: no weight_map")
+    names = []
+    for tensor, fname in weight_map.items():
+        if not isinstance(fname, str) or not isinstance(tensor, str):
+            raise FormatError(f"{base.label}/{INDEX_NAME}: weight_map must map tensor names to file names")
+        if fname not in names:
+            names.append(fname)
+    for fname in names:
+        try:
+            check_name(fname)
+        except SourceError:
+            raise FormatError(f"{base.label}/{INDEX_NAME}: refusing shard name {fname!r}") from None
+        if fname not in files:
+            raise SourceError(f"{base.label}: {INDEX_NAME} lists {fname}, which is missing")
+    return sorted(names)
+
+
 def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | None = None) -> MergePlan:
     options = options or MergeOptions()
     base = present_as_16bit(base)  # a quantized base is read as the 16-bit model it stands for (engine/quant)
@@ -209,13 +215,7 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     config = _read_json(base, files["config.json"], "model config") if "config.json" in files else {}
     headers: dict[str, FileHeader] = {name: read_header(base, files[name]) for name in weight_names}
 
-    slots: dict[str, BaseSlot] = {}
-    for fname, header in headers.items():
-        for name, info in header.tensors.items():
-            if name in slots:
-                raise FormatError(f"{base.label}: tensor {name!r} appears in both {slots[name].file} and {fname}")
-            offset, nbytes = header.absolute(info)
-            slots[name] = BaseSlot(fname, offset, nbytes, info.dtype, info.shape)
+    slots = _base_slots(base, headers)
 
     mapping = AdapterMapper(
         spec,
@@ -230,27 +230,7 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     def out_dtype(dtype: str) -> str:
         return override if override and dtype in ("F32", "F16", "BF16") else dtype
 
-    # Output tensors in the base's own order: file by file, by offset; new tensors follow their anchor.
-    tensors: dict[str, OutTensor] = {}
-    followers: dict[str, list[str]] = {}
-    for name, new in mapping.new_tensors.items():
-        followers.setdefault(new.anchor, []).append(name)
-    for fname in weight_names:
-        for name in sorted(headers[fname].tensors, key=lambda n: headers[fname].tensors[n].begin):
-            slot = slots[name]
-            ops = mapping.ordered(name)
-            if ops and slot.dtype not in MERGEABLE_DTYPES and ops[0].needs_base:
-                raise PlanError(
-                    f"base tensor {name} is {slot.dtype} (quantized or integer): lorafold folds LoRA into "
-                    "float16, bfloat16 or float32 weights only"
-                )
-            shape = mapping.shapes.get(name, slot.shape)
-            tensors[name] = OutTensor(name, out_dtype(slot.dtype), shape, slot, ops, shard=fname)
-            for new in followers.get(name, []):
-                spec_new = mapping.new_tensors[new]
-                tensors[new] = OutTensor(
-                    new, out_dtype(spec_new.dtype), spec_new.shape, None, mapping.ordered(new), shard=fname
-                )
+    tensors = _out_tensors(mapping, headers, slots, weight_names, out_dtype)
 
     shards, write_index = _layout(tensors, headers, weight_names, sharded, options.max_shard_size)
 
@@ -274,6 +254,47 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
         skipped_files=skipped,
         notes=notes,
     )
+
+
+def _base_slots(base: ModelSource, headers: dict[str, FileHeader]) -> dict[str, BaseSlot]:
+    """Where each base tensor lies; a name in two shards is refused (which one would the output keep?)."""
+    slots: dict[str, BaseSlot] = {}
+    for fname, header in headers.items():
+        for name, info in header.tensors.items():
+            if name in slots:
+                raise FormatError(f"{base.label}: tensor {name!r} appears in both {slots[name].file} and {fname}")
+            offset, nbytes = header.absolute(info)
+            slots[name] = BaseSlot(fname, offset, nbytes, info.dtype, info.shape)
+    return slots
+
+
+def _out_tensors(mapping: Mapping, headers: dict[str, FileHeader], slots: dict[str, BaseSlot], weight_names: list[str],
+                 out_dtype: Callable[[str], str]) -> dict[str, OutTensor]:
+    """Output tensors in the base's own order: file by file, by offset; new tensors follow their anchor."""
+    tensors: dict[str, OutTensor] = {}
+    followers: dict[str, list[str]] = {}
+    for name, new in mapping.new_tensors.items():
+        followers.setdefault(new.anchor, []).append(name)
+    for fname in weight_names:
+        for name in sorted(headers[fname].tensors, key=lambda n: headers[fname].tensors[n].begin):
+            tensors[name] = _base_out_tensor(mapping, name, slots[name], fname, out_dtype)
+            for new in followers.get(name, []):
+                spec_new = mapping.new_tensors[new]
+                tensors[new] = OutTensor(
+                    new, out_dtype(spec_new.dtype), spec_new.shape, None, mapping.ordered(new), shard=fname
+                )
+    return tensors
+
+
+def _base_out_tensor(mapping: Mapping, name: str, slot: BaseSlot, fname: str, out_dtype: Callable[[str], str]) -> OutTensor:
+    ops = mapping.ordered(name)
+    if ops and slot.dtype not in MERGEABLE_DTYPES and ops[0].needs_base:
+        raise PlanError(
+            f"base tensor {name} is {slot.dtype} (quantized or integer): lorafold folds LoRA into "
+            "float16, bfloat16 or float32 weights only"
+        )
+    shape = mapping.shapes.get(name, slot.shape)
+    return OutTensor(name, out_dtype(slot.dtype), shape, slot, ops, shard=fname)
 
 
 def files_to_copy(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,66 +75,23 @@ class AdapterSpec:
     def from_config(cls, cfg: object, where: str = CONFIG_NAME) -> AdapterSpec:
         if not isinstance(cfg, dict):
             raise AdapterSpecError(f"{where}: must be a JSON object")
-        peft_type = cfg.get("peft_type")
-        if peft_type is None:
-            raise AdapterSpecError(f"{where}: no peft_type; this is not a PEFT adapter config")
-        if str(peft_type).upper() != "LORA":
-            raise UnsupportedAdapterError(
-                f"{where}: peft_type {peft_type!r} is not LoRA; lorafold merges LoRA adapters only "
-                "(LoHa, LoKr, IA3, AdaLoRA, VeRA... are not supported)"
-            )
-        for key, reason in _UNSUPPORTED_VARIANTS.items():
-            if cfg.get(key):
-                raise UnsupportedAdapterError(f"{where}: {reason}")
-        init = cfg.get("init_lora_weights", True)
-        if isinstance(init, str):
-            if init.lower() == "mica":
-                raise UnsupportedAdapterError(f"{where}: MiCA adapters (init_lora_weights='mica') are not supported by lorafold")
-            if init.lower().startswith(_MUTATING_INITS):
-                raise UnsupportedAdapterError(
-                    f"{where}: init_lora_weights={init!r} changed the base weights when training started, so "
-                    "this adapter does not fit the original base. Re-save it with PEFT's "
-                    "`path_initial_model_for_weight_conversion` to get a plain LoRA adapter"
-                )
+        _refuse_unmergeable(cfg, where)
         r = _positive_int(cfg.get("r", 8), "r", where)
         alpha = _number(cfg.get("lora_alpha", 8), "lora_alpha", where)
-        bias = cfg.get("bias", "none") or "none"
-        if bias not in ("none", "all", "lora_only"):
-            raise AdapterSpecError(f"{where}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+        bias = _bias(cfg, where)
         rank_pattern = _pattern(cfg.get("rank_pattern"), "rank_pattern", where, _positive_int)
         alpha_pattern = _pattern(cfg.get("alpha_pattern"), "alpha_pattern", where, _number)
         target_parameters = tuple(_str_list(cfg.get("target_parameters"), "target_parameters", where))
         use_dora = bool(cfg.get("use_dora", False))
         if use_dora and target_parameters:
             raise UnsupportedAdapterError(f"{where}: DoRA on target_parameters cannot be merged (PEFT refuses it)")
+        _check_shapes(cfg, where, _TOKEN_INDICES_SHAPE)
         tti = cfg.get("trainable_token_indices")
-        if tti is not None and not (
-            (isinstance(tti, list) and all(_is_int(i) for i in tti))
-            or (isinstance(tti, dict) and all(isinstance(v, list) and all(_is_int(i) for i in v) for v in tti.values()))
-        ):
-            raise AdapterSpecError(f"{where}: trainable_token_indices must be a list of ints or a dict of lists")
         target_modules = _targets(cfg.get("target_modules"), "target_modules", where)
         exclude_modules = _targets(cfg.get("exclude_modules"), "exclude_modules", where)
         modules_to_save = tuple(_str_list(cfg.get("modules_to_save"), "modules_to_save", where))
-        for name, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
-            if isinstance(value, str):
-                _regex(value, name, where)
-        for value in modules_to_save:
-            _regex(value, "modules_to_save", where)
-        for value in list(rank_pattern) + list(alpha_pattern):
-            _regex(value, "rank_pattern/alpha_pattern", where)
-        layers = cfg.get("layers_to_transform")
-        if layers is not None and not (_is_int(layers) or (isinstance(layers, list) and all(_is_int(i) for i in layers))):
-            raise AdapterSpecError(f"{where}: `layers_to_transform` must be an integer or a list of integers, got {layers!r}")
-        pattern = cfg.get("layers_pattern")
-        if pattern is not None and not isinstance(pattern, str) and not (isinstance(pattern, list) and all(isinstance(p, str) for p in pattern)):
-            raise AdapterSpecError(f"{where}: `layers_pattern` must be a string or a list of strings, got {pattern!r}")
-        for name in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
-            if not isinstance(cfg.get(name, False), (bool, type(None))):
-                raise AdapterSpecError(f"{where}: `{name}` must be true or false, got {cfg.get(name)!r}")
-        base = cfg.get("base_model_name_or_path")
-        if base is not None and not isinstance(base, str):
-            raise AdapterSpecError(f"{where}: `base_model_name_or_path` must be a string")
+        _check_regexes(where, target_modules, exclude_modules, modules_to_save, rank_pattern, alpha_pattern)
+        _check_shapes(cfg, where, _LATER_SHAPES)
         return cls(
             r=r,
             lora_alpha=alpha,
@@ -178,28 +135,29 @@ class AdapterSpec:
 
     def targets_module(self, key: str) -> bool | None:
         """PEFT `check_target_module_exists` for module `key`; None when the config cannot tell ("all-linear")."""
-        ex = self.exclude_modules
-        if ex:
-            if isinstance(ex, str):
-                if re.fullmatch(ex, key):
-                    return False
-            elif key in ex or any(key.endswith(f".{e}") for e in ex):
-                return False
-        if self.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save):
+        if self._excluded(key):
             return False
         tm = self.target_modules
         if tm is None:
             return False if self.target_parameters else None
         if isinstance(tm, str):
-            if tm == "all-linear":
-                return None
-            return re.fullmatch(tm, key) is not None
+            return None if tm == "all-linear" else re.fullmatch(tm, key) is not None
         if key in tm:
             return True
         found = any(key.endswith(f".{t}") for t in tm)
         if found and self._uses_layer_indexes():
             return self._layer_index_ok(key)
         return found
+
+    def _excluded(self, key: str) -> bool:
+        """Left alone whatever the targets say: matched by exclude_modules, or a module saved whole."""
+        ex = self.exclude_modules
+        if isinstance(ex, str) and ex:
+            if re.fullmatch(ex, key):
+                return True
+        elif ex and (key in ex or any(key.endswith(f".{e}") for e in ex)):
+            return True
+        return bool(self.modules_to_save) and any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in self.modules_to_save)
 
     def _uses_layer_indexes(self) -> bool:
         lt = self.layers_to_transform
@@ -240,6 +198,100 @@ class AdapterSpec:
         if self.trainable_token_indices is not None:
             out["trainable_token_indices"] = self.trainable_token_indices
         return out
+
+
+def _refuse_unmergeable(cfg: dict, where: str) -> None:
+    """Not LoRA, a LoRA variant lorafold does not fold, or trained from weights that are not the base's."""
+    peft_type = cfg.get("peft_type")
+    if peft_type is None:
+        raise AdapterSpecError(f"{where}: no peft_type; this is not a PEFT adapter config")
+    if str(peft_type).upper() != "LORA":
+        raise UnsupportedAdapterError(
+            f"{where}: peft_type {peft_type!r} is not LoRA; lorafold merges LoRA adapters only "
+            "(LoHa, LoKr, IA3, AdaLoRA, VeRA... are not supported)"
+        )
+    for key, reason in _UNSUPPORTED_VARIANTS.items():
+        if cfg.get(key):
+            raise UnsupportedAdapterError(f"{where}: {reason}")
+    _refuse_mutating_init(cfg.get("init_lora_weights", True), where)
+
+
+def _refuse_mutating_init(init: object, where: str) -> None:
+    if not isinstance(init, str):
+        return
+    if init.lower() == "mica":
+        raise UnsupportedAdapterError(f"{where}: MiCA adapters (init_lora_weights='mica') are not supported by lorafold")
+    if init.lower().startswith(_MUTATING_INITS):
+        raise UnsupportedAdapterError(
+            f"{where}: init_lora_weights={init!r} changed the base weights when training started, so "
+            "this adapter does not fit the original base. Re-save it with PEFT's "
+            "`path_initial_model_for_weight_conversion` to get a plain LoRA adapter"
+        )
+
+
+def _bias(cfg: dict, where: str) -> str:
+    bias = cfg.get("bias", "none") or "none"
+    if bias not in ("none", "all", "lora_only"):
+        raise AdapterSpecError(f"{where}: bias must be 'none', 'all' or 'lora_only', got {bias!r}")
+    return bias
+
+
+def _check_regexes(where: str, target_modules, exclude_modules, modules_to_save, rank_pattern, alpha_pattern) -> None:
+    """Every field PEFT reads as a regular expression compiles (one line naming the field, never a re.error)."""
+    for name, value in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if isinstance(value, str):
+            _regex(value, name, where)
+    for value in modules_to_save:
+        _regex(value, "modules_to_save", where)
+    for value in list(rank_pattern) + list(alpha_pattern):
+        _regex(value, "rank_pattern/alpha_pattern", where)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """A config field's allowed shape: absent or null always passes, else `ok(value)` must hold; `message` is
+    formatted with the value."""
+
+    name: str
+    ok: Callable[[object], bool]
+    message: str
+
+
+def _int_list(v: object) -> bool:
+    return isinstance(v, list) and all(_is_int(i) for i in v)
+
+
+_TOKEN_INDICES_SHAPE = (
+    _Shape(
+        "trainable_token_indices",
+        lambda v: _int_list(v) or (isinstance(v, dict) and all(_int_list(x) for x in v.values())),
+        "trainable_token_indices must be a list of ints or a dict of lists",
+    ),
+)
+_LATER_SHAPES = (
+    _Shape(
+        "layers_to_transform",
+        lambda v: _is_int(v) or _int_list(v),
+        "`layers_to_transform` must be an integer or a list of integers, got {value!r}",
+    ),
+    _Shape(
+        "layers_pattern",
+        lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v)),
+        "`layers_pattern` must be a string or a list of strings, got {value!r}",
+    ),
+    *(
+        _Shape(flag, lambda v: isinstance(v, bool), f"`{flag}` must be true or false, got {{value!r}}")
+        for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias")
+    ),
+    _Shape("base_model_name_or_path", lambda v: isinstance(v, str), "`base_model_name_or_path` must be a string"),
+)
+
+
+def _check_shapes(cfg: dict, where: str, shapes: tuple[_Shape, ...]) -> None:
+    for shape in shapes:
+        value = cfg.get(shape.name)
+        if value is not None and not shape.ok(value):
+            raise AdapterSpecError(f"{where}: " + shape.message.format(value=value))
 
 
 def _pattern_key(patterns: Mapping[str, Any], key: str) -> str | None:

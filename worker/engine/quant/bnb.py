@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -59,12 +60,23 @@ _INT8_SCALE = 7.874015718698502e-3  # bitsandbytes backends/default/ops.py int8_
 _MAX_STATE_BYTES = 4096
 
 
+@dataclass(frozen=True)
+class NestedAbsmax:
+    """Double quantization: absmax stored as uint8 codes into `quant_map`, scaled per `blocksize` codes by
+    `absmax` (float32), plus `offset`."""
+
+    absmax: Piece
+    quant_map: Piece
+    blocksize: int
+    offset: float
+
+
 class Bnb4(Virtual):
     def __init__(self, name, dtype, shape, quant_type, blocksize, weight, absmax, nested):
         self.name, self.dtype, self.shape = name, dtype, shape
         self.quant_type, self.blocksize = quant_type, blocksize
         self.weight, self.absmax = weight, absmax
-        self.nested = nested  # None or (nested_absmax Piece, nested_quant_map Piece, nested_blocksize, offset)
+        self.nested: NestedAbsmax | None = nested
         self.unit = 1
         self.kind = f"bnb-{quant_type}"
 
@@ -88,14 +100,15 @@ class Bnb4(Virtual):
         out = [(self.weight, e0 // 2, (e1 + 1) // 2 - e0 // 2)]
         if self.nested is None:
             return out + [(self.absmax, 4 * k0, 4 * (k1 - k0))]
-        nbs = self.nested[2]
+        nbs = self.nested.blocksize
         j0, j1 = k0 // nbs, (k1 - 1) // nbs + 1
-        return out + [(self.absmax, k0, k1 - k0), (self.nested[0], 4 * j0, 4 * (j1 - j0))]
+        return out + [(self.absmax, k0, k1 - k0), (self.nested.absmax, 4 * j0, 4 * (j1 - j0))]
 
     def _absmax(self, src: QuantizedSource, k0: int, k1: int) -> torch.Tensor:
         if self.nested is None:
             return src.read(self.absmax, 4 * k0, 4 * (k1 - k0)).view(torch.float32)
-        nabs, nmap, nbs, offset = self.nested
+        nested = self.nested
+        nabs, nmap, nbs, offset = nested.absmax, nested.quant_map, nested.blocksize, nested.offset
         codes = src.read(self.absmax, k0, k1 - k0)
         j0, j1 = k0 // nbs, (k1 - 1) // nbs + 1
         scales = src.read(nabs, 4 * j0, 4 * (j1 - j0)).view(torch.float32)
@@ -171,6 +184,28 @@ def _side(tensors: dict[str, Piece], weight: str, suffix: str, label: str) -> Pi
 
 def _one_4bit(tensors, weight, state_name, qt, raw, qmap, label) -> Bnb4:
     where = f"{label}: {state_name}"
+    state = _quant_state(raw, qt, where)
+    bs = _blocksize(state, where)
+    dtype = _state_dtype(state, where)
+    shape = _state_shape(state, where)
+    w = _packed_weight(tensors, weight, shape, label)
+    _check_quant_map(tensors, weight, qt, qmap, label)
+    blocks = -(-math.prod(shape) // bs)
+    absmax = _side(tensors, weight, ".absmax", label)
+    nested = None
+    if "nested_absmax" in state or weight + ".nested_absmax" in tensors:
+        nested = _nested_absmax(tensors, weight, state, where, label)
+        _check_nested_sizes(nested, absmax, shape, bs, blocks, label)
+    elif absmax.dtype != "F32" or absmax.numel != blocks:
+        raise PlanError(
+            f"{label}: {absmax.name} is {absmax.dtype} {list(absmax.shape)}; {list(shape)} in blocks of {bs} "
+            f"needs {blocks} float32 values"
+        )
+    return Bnb4(weight, dtype, shape, qt, bs, w, absmax, nested)
+
+
+def _quant_state(raw: bytes, qt: str, where: str) -> dict:
+    """The JSON quant state, of the quant type its tensor's name says."""
     try:
         state = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -179,12 +214,24 @@ def _one_4bit(tensors, weight, state_name, qt, raw, qmap, label) -> Bnb4:
         raise PlanError(f"{where} must hold a JSON object")
     if state.get("quant_type") != qt:
         raise PlanError(f"{where} says quant_type {state.get('quant_type')!r}, but its name says {qt!r}")
+    return state
+
+
+def _blocksize(state: dict, where: str) -> int:
     bs = state.get("blocksize")
     if bs not in BLOCKSIZES or isinstance(bs, bool):
         raise PlanError(f"{where}: blocksize {bs!r} is not one bitsandbytes uses ({', '.join(map(str, BLOCKSIZES))})")
+    return bs
+
+
+def _state_dtype(state: dict, where: str) -> str:
     dtype = _DTYPES.get(state.get("dtype"))  # type: ignore[arg-type]
     if dtype is None:
         raise PlanError(f"{where}: dtype {state.get('dtype')!r} is not bfloat16, float16 or float32")
+    return dtype
+
+
+def _state_shape(state: dict, where: str) -> tuple[int, ...]:
     shape = state.get("shape")
     if (
         not isinstance(shape, list)
@@ -192,7 +239,11 @@ def _one_4bit(tensors, weight, state_name, qt, raw, qmap, label) -> Bnb4:
         or not all(isinstance(d, int) and not isinstance(d, bool) and 0 < d < 1 << 40 for d in shape)
     ):
         raise PlanError(f"{where}: shape {shape!r} is not a list of positive integers")
-    shape = tuple(shape)
+    return tuple(shape)
+
+
+def _packed_weight(tensors: dict[str, Piece], weight: str, shape: tuple[int, ...], label: str) -> Piece:
+    """The weight tensor, holding exactly two 4-bit codes per byte for the quant state's shape."""
     n = math.prod(shape)
     w = tensors[weight]
     if w.nbytes != (n + 1) // 2:
@@ -200,42 +251,46 @@ def _one_4bit(tensors, weight, state_name, qt, raw, qmap, label) -> Bnb4:
             f"{label}: 4-bit weight {weight} holds {w.nbytes} bytes, but its quant state's shape {list(shape)} "
             f"needs {(n + 1) // 2} (two 4-bit codes per byte)"
         )
-    blocks = -(-n // bs)
+    return w
+
+
+def _check_quant_map(tensors: dict[str, Piece], weight: str, qt: str, qmap: bytes, label: str) -> None:
     qm = _side(tensors, weight, ".quant_map", label)
     if qm.dtype != "F32" or qm.numel != 16:
         raise PlanError(f"{label}: {qm.name} must be 16 float32 values, is {qm.dtype} {list(qm.shape)}")
     stored = torch.frombuffer(bytearray(qmap), dtype=torch.float32)
     if not torch.equal(stored, _TABLES[qt]):  # -0.0 == 0.0: only the numbers matter
         raise PlanError(f"{label}: {qm.name} is not bitsandbytes' {qt} table; lorafold does not know this 4-bit code")
-    absmax = _side(tensors, weight, ".absmax", label)
-    nested = None
-    if "nested_absmax" in state or weight + ".nested_absmax" in tensors:
-        nabs = _side(tensors, weight, ".nested_absmax", label)
-        nmap = _side(tensors, weight, ".nested_quant_map", label)
-        nbs = state.get("nested_blocksize")
-        if nbs not in NESTED_BLOCKSIZES or isinstance(nbs, bool):
-            raise PlanError(f"{where}: nested_blocksize {nbs!r} is not one bitsandbytes uses")
-        if state.get("nested_dtype") != "float32":
-            raise PlanError(f"{where}: nested_dtype {state.get('nested_dtype')!r} is not float32")
-        offset = state.get("nested_offset")
-        if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
-            raise PlanError(f"{where}: nested_offset {offset!r} is not a finite number")
-        if absmax.dtype != "U8" or absmax.numel != blocks:
-            raise PlanError(
-                f"{label}: {absmax.name} is {absmax.dtype} {list(absmax.shape)}; double quantization of "
-                f"{list(shape)} in blocks of {bs} needs {blocks} uint8 codes"
-            )
-        if nabs.dtype != "F32" or nabs.numel != -(-blocks // nbs):
-            raise PlanError(f"{label}: {nabs.name} is {nabs.dtype} {list(nabs.shape)}, expected {-(-blocks // nbs)} float32 values")
-        if nmap.dtype != "F32" or nmap.numel != 256:
-            raise PlanError(f"{label}: {nmap.name} must be 256 float32 values, is {nmap.dtype} {list(nmap.shape)}")
-        nested = (nabs, nmap, nbs, float(offset))
-    elif absmax.dtype != "F32" or absmax.numel != blocks:
+
+
+def _nested_absmax(tensors: dict[str, Piece], weight: str, state: dict, where: str, label: str) -> NestedAbsmax:
+    """Double quantization's side tensors and settings, present and of the values bitsandbytes writes."""
+    nabs = _side(tensors, weight, ".nested_absmax", label)
+    nmap = _side(tensors, weight, ".nested_quant_map", label)
+    nbs = state.get("nested_blocksize")
+    if nbs not in NESTED_BLOCKSIZES or isinstance(nbs, bool):
+        raise PlanError(f"{where}: nested_blocksize {nbs!r} is not one bitsandbytes uses")
+    if state.get("nested_dtype") != "float32":
+        raise PlanError(f"{where}: nested_dtype {state.get('nested_dtype')!r} is not float32")
+    offset = state.get("nested_offset")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise PlanError(f"{where}: nested_offset {offset!r} is not a finite number")
+    return NestedAbsmax(nabs, nmap, nbs, float(offset))
+
+
+def _check_nested_sizes(nested: NestedAbsmax, absmax: Piece, shape: tuple[int, ...], bs: int, blocks: int, label: str) -> None:
+    if absmax.dtype != "U8" or absmax.numel != blocks:
         raise PlanError(
-            f"{label}: {absmax.name} is {absmax.dtype} {list(absmax.shape)}; {list(shape)} in blocks of {bs} "
-            f"needs {blocks} float32 values"
+            f"{label}: {absmax.name} is {absmax.dtype} {list(absmax.shape)}; double quantization of "
+            f"{list(shape)} in blocks of {bs} needs {blocks} uint8 codes"
         )
-    return Bnb4(weight, dtype, shape, qt, bs, w, absmax, nested)
+    nabs, nmap = nested.absmax, nested.quant_map
+    if nabs.dtype != "F32" or nabs.numel != -(-blocks // nested.blocksize):
+        raise PlanError(
+            f"{label}: {nabs.name} is {nabs.dtype} {list(nabs.shape)}, expected {-(-blocks // nested.blocksize)} float32 values"
+        )
+    if nmap.dtype != "F32" or nmap.numel != 256:
+        raise PlanError(f"{label}: {nmap.name} must be 256 float32 values, is {nmap.dtype} {list(nmap.shape)}")
 
 
 def build_8bit(tensors: dict[str, Piece], inner: ModelSource, dtype: str, label: str) -> tuple[dict[str, Virtual], set[str], list[str]]:
@@ -245,37 +300,47 @@ def build_8bit(tensors: dict[str, Piece], inner: ModelSource, dtype: str, label:
     for name, scb in tensors.items():
         if not name.endswith(".SCB"):
             continue
-        module = name[: -len(".SCB")]
-        if module.endswith(".weight"):  # older writers put it under the parameter
-            module = module[: -len(".weight")]
-        weight = module + ".weight"
-        w = tensors.get(weight)
-        if w is None:
-            raise PlanError(f"{label}: {name} has no weight tensor {weight}")
-        if w.dtype != "I8" or len(w.shape) != 2:
-            raise PlanError(f"{label}: 8-bit weight {weight} is {w.dtype} {list(w.shape)}, expected a 2-D int8 matrix")
-        if scb.dtype != "F32" or scb.numel != w.shape[0]:
-            raise PlanError(
-                f"{label}: {name} is {scb.dtype} {list(scb.shape)}, expected {w.shape[0]} float32 row scales for {weight}"
-            )
-        virtuals[weight] = Int8(weight, dtype, w.shape, w, scb)
+        v = _int8_weight(tensors, name, scb, dtype, label)
+        virtuals[v.name] = v
         hidden.add(name)
-        fmt = tensors.get(weight + "_format")
+        fmt = tensors.get(v.name + "_format")
         if fmt is not None:
             hidden.add(fmt.name)
             formats.append(fmt)
-    for fmt, raw in zip(formats, read_small_many(inner, formats), strict=True):
-        if fmt.dtype != "U8" or fmt.numel != 1 or raw != b"\x00":
-            raise PlanError(
-                f"{label}: {fmt.name} is not the row-major format (0); lorafold reads row-major LLM.int8 weights only "
-                "(re-save the base with a current bitsandbytes)"
-            )
+    _check_row_major(inner, formats, label)
     for name, p in tensors.items():
         if p.dtype == "I8" and name not in virtuals:
             raise PlanError(f"{label}: int8 tensor {name} has no SCB row scales beside it")
     if not virtuals:
         raise PlanError(f"{label}/config.json says bitsandbytes 8-bit, but no tensor has SCB row scales")
     return virtuals, hidden, [f"{len(virtuals)} tensor(s) bitsandbytes LLM.int8, into {dtype}"]
+
+
+def _int8_weight(tensors: dict[str, Piece], name: str, scb: Piece, dtype: str, label: str) -> Int8:
+    """The int8 matrix whose row scales `name` (`X.SCB`, or `X.weight.SCB` from older writers) holds."""
+    module = name[: -len(".SCB")]
+    if module.endswith(".weight"):  # older writers put it under the parameter
+        module = module[: -len(".weight")]
+    weight = module + ".weight"
+    w = tensors.get(weight)
+    if w is None:
+        raise PlanError(f"{label}: {name} has no weight tensor {weight}")
+    if w.dtype != "I8" or len(w.shape) != 2:
+        raise PlanError(f"{label}: 8-bit weight {weight} is {w.dtype} {list(w.shape)}, expected a 2-D int8 matrix")
+    if scb.dtype != "F32" or scb.numel != w.shape[0]:
+        raise PlanError(
+            f"{label}: {name} is {scb.dtype} {list(scb.shape)}, expected {w.shape[0]} float32 row scales for {weight}"
+        )
+    return Int8(weight, dtype, w.shape, w, scb)
+
+
+def _check_row_major(inner: ModelSource, formats: list[Piece], label: str) -> None:
+    for fmt, raw in zip(formats, read_small_many(inner, formats), strict=True):
+        if fmt.dtype != "U8" or fmt.numel != 1 or raw != b"\x00":
+            raise PlanError(
+                f"{label}: {fmt.name} is not the row-major format (0); lorafold reads row-major LLM.int8 weights only "
+                "(re-save the base with a current bitsandbytes)"
+            )
 
 
 def _orphans(tensors, hidden, virtuals, suffixes, label) -> None:

@@ -78,27 +78,9 @@ def build(tensors: dict[str, Piece], block: tuple[int, int] | None, dtype: str, 
     for name, w in tensors.items():
         if w.dtype not in ("F8_E4M3", "F8_E5M2") or name.endswith("_scale_inv"):
             continue
-        sname = scale_name(name)
-        s = tensors.get(sname)
-        if s is None:
-            raise PlanError(f"{label}: FP8 tensor {name} has no {sname} beside it; the checkpoint is incomplete")
-        if w.dtype != "F8_E4M3":
-            raise PlanError(f"{label}: {name} is {w.dtype}; fine-grained FP8 checkpoints store float8_e4m3fn weights")
-        if len(w.shape) < 2:
-            raise PlanError(f"{label}: FP8 tensor {name} has shape {list(w.shape)}; block scales need a matrix")
-        if s.dtype not in _SCALE_DTYPES or _SCALE_DTYPES[s.dtype] is None:
-            raise PlanError(f"{label}: {sname} is {s.dtype}; FP8 scales are float32, bfloat16, float16 or float8_e8m0")
-        rows, cols = w.shape[-2:]
-        bn, bk = block if block is not None else (rows, cols)
-        want = (*w.shape[:-2], -(-rows // bn), -(-cols // bk))
-        if tuple(s.shape) != want and not (block is None and math.prod(s.shape) == math.prod(want)):
-            raise PlanError(
-                f"{label}: {sname} has shape {list(s.shape)}, but {name} {list(w.shape)} in blocks of "
-                f"{[bn, bk]} (weight_block_size) needs {list(want)}"
-            )
-        fixed = Piece(s.name, s.file, s.offset, s.nbytes, s.dtype, want)
-        virtuals[name] = Fp8(name, dtype, w.shape, w, fixed, (bn, bk))
-        hidden.add(sname)
+        v = _one_fp8(tensors, name, w, block, dtype, label)
+        virtuals[name] = v
+        hidden.add(scale_name(name))
         stem = name[: -len(".weight")] if name.endswith(".weight") else name
         hidden.update(stem + a for a in _ACT_SCALES if stem + a in tensors)
     for name in tensors:
@@ -108,6 +90,31 @@ def build(tensors: dict[str, Piece], block: tuple[int, int] | None, dtype: str, 
         raise PlanError(f"{label}/config.json says fp8, but no float8 tensor with weight_scale_inv was found")
     shown = list(block) if block else "one per matrix"
     return virtuals, hidden, [f"{len(virtuals)} tensor(s) FP8 (blocks {shown}), into {dtype}"]
+
+
+def _one_fp8(tensors: dict[str, Piece], name: str, w: Piece, block: tuple[int, int] | None, dtype: str, label: str) -> Fp8:
+    """One float8 weight with its block scales beside it, of the shape its blocks need (one block per matrix
+    when the config gives no weight_block_size)."""
+    sname = scale_name(name)
+    s = tensors.get(sname)
+    if s is None:
+        raise PlanError(f"{label}: FP8 tensor {name} has no {sname} beside it; the checkpoint is incomplete")
+    if w.dtype != "F8_E4M3":
+        raise PlanError(f"{label}: {name} is {w.dtype}; fine-grained FP8 checkpoints store float8_e4m3fn weights")
+    if len(w.shape) < 2:
+        raise PlanError(f"{label}: FP8 tensor {name} has shape {list(w.shape)}; block scales need a matrix")
+    if s.dtype not in _SCALE_DTYPES or _SCALE_DTYPES[s.dtype] is None:
+        raise PlanError(f"{label}: {sname} is {s.dtype}; FP8 scales are float32, bfloat16, float16 or float8_e8m0")
+    rows, cols = w.shape[-2:]
+    bn, bk = block if block is not None else (rows, cols)
+    want = (*w.shape[:-2], -(-rows // bn), -(-cols // bk))
+    if tuple(s.shape) != want and not (block is None and math.prod(s.shape) == math.prod(want)):
+        raise PlanError(
+            f"{label}: {sname} has shape {list(s.shape)}, but {name} {list(w.shape)} in blocks of "
+            f"{[bn, bk]} (weight_block_size) needs {list(want)}"
+        )
+    fixed = Piece(s.name, s.file, s.offset, s.nbytes, s.dtype, want)
+    return Fp8(name, dtype, w.shape, w, fixed, (bn, bk))
 
 
 def quantize(w: torch.Tensor, block: tuple[int, int], scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -283,6 +283,58 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _side_runs(pieces: list[Piece]) -> dict[str, list[tuple[int, int]]]:
+    """Per file, the maximal runs of back-to-back side tensors, as sorted (start, end) byte spans."""
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for p in pieces:
+        covered.setdefault(p.file, []).append((p.offset, p.offset + p.nbytes))
+    runs: dict[str, list[tuple[int, int]]] = {}
+    for fname, spans in covered.items():
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        runs[fname] = merged
+    return runs
+
+
+def _read_groups(pieces: list[Piece], runs: dict[str, list[tuple[int, int]]], gap: int, span: int) -> list[list[int]]:
+    """Indexes of `pieces` grouped into single reads: same file, same run of side tensors, at most `gap` bytes
+    apart and `span` bytes in all."""
+    def run_of(p: Piece) -> int:
+        return bisect.bisect_right([r[0] for r in runs[p.file]], p.offset) - 1
+
+    def joins(group: list[int], p: Piece) -> bool:
+        head = pieces[group[0]]
+        end = max(pieces[j].offset + pieces[j].nbytes for j in group)
+        return (
+            p.file == head.file
+            and run_of(p) == run_of(head)
+            and p.offset - end <= gap
+            and p.offset + p.nbytes - head.offset <= span
+        )
+
+    groups: list[list[int]] = []
+    for i in sorted(range(len(pieces)), key=lambda i: (pieces[i].file, pieces[i].offset)):
+        if groups and joins(groups[-1], pieces[i]):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _read_group(inner: ModelSource, pieces: list[Piece], group: list[int]) -> list[tuple[int, bytes]]:
+    """One ranged read covering the group, cut back into its pieces' bytes."""
+    start = pieces[group[0]].offset
+    end = max(pieces[j].offset + pieces[j].nbytes for j in group)
+    buf = bytearray(end - start)
+    if buf:
+        inner.read_into(pieces[group[0]].file, start, memoryview(buf))
+    return [(j, bytes(buf[pieces[j].offset - start : pieces[j].offset - start + pieces[j].nbytes])) for j in group]
+
+
 def read_small_many(
     inner: ModelSource, pieces: list[Piece], side: list[Piece] = (), gap: int = 64 << 10, span: int = 16 << 20
 ) -> list[bytes]:
@@ -291,46 +343,11 @@ def read_small_many(
     Two wanted pieces are read in one request when the bytes between them (at most `gap`) belong to other
     quantization side tensors (`side`), never to weight data: transformers writes a shard's float32 side tensors
     back to back, so all its quant maps come in one ranged GET. The rest run in parallel on a network source."""
-    covered: dict[str, list[tuple[int, int]]] = {}
-    for p in [*pieces, *side]:
-        covered.setdefault(p.file, []).append((p.offset, p.offset + p.nbytes))
-    runs: dict[str, list[tuple[int, int]]] = {}
-    for fname, spans in covered.items():  # maximal runs of back-to-back side tensors
-        merged: list[tuple[int, int]] = []
-        for a, b in sorted(spans):
-            if merged and a <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-            else:
-                merged.append((a, b))
-        runs[fname] = merged
-
-    def run_of(p: Piece) -> int:
-        return bisect.bisect_right([r[0] for r in runs[p.file]], p.offset) - 1
-
-    order = sorted(range(len(pieces)), key=lambda i: (pieces[i].file, pieces[i].offset))
-    groups: list[list[int]] = []
-    for i in order:
-        p = pieces[i]
-        if groups:
-            head = pieces[groups[-1][0]]
-            end = max(pieces[j].offset + pieces[j].nbytes for j in groups[-1])
-            if (
-                p.file == head.file
-                and run_of(p) == run_of(head)
-                and p.offset - end <= gap
-                and p.offset + p.nbytes - head.offset <= span
-            ):
-                groups[-1].append(i)
-                continue
-        groups.append([i])
+    runs = _side_runs([*pieces, *side])
+    groups = _read_groups(pieces, runs, gap, span)
 
     def one(group: list[int]) -> list[tuple[int, bytes]]:
-        start = pieces[group[0]].offset
-        end = max(pieces[j].offset + pieces[j].nbytes for j in group)
-        buf = bytearray(end - start)
-        if buf:
-            inner.read_into(pieces[group[0]].file, start, memoryview(buf))
-        return [(j, bytes(buf[pieces[j].offset - start : pieces[j].offset - start + pieces[j].nbytes])) for j in group]
+        return _read_group(inner, pieces, group)
 
     workers = max(1, int(getattr(inner, "parallel_reads", 1)))
     if workers == 1 or len(groups) < 2:

@@ -223,36 +223,49 @@ def plan_adapter_sum(base: ModelSource, adapters: Sequence[tuple[str, ModelSourc
     plans = []
     for label, adapter, weight in adapters:
         plan = plan_merge(base, adapter, MergeOptions(max_copy_bytes=options.max_copy_bytes))
-        for name, t in plan.tensors.items():
-            if t.source is None or t.shape != t.source.shape:
-                raise RecipeError(f"adapter {label} adds or resizes tensor {name}: a weighted sum cannot hold it; fold it alone")
-            for op in t.ops:
-                if isinstance(op, DoraRescale):
-                    raise RecipeError(
-                        f"adapter {label} is DoRA ({op.module}): its magnitude rescales the whole weight, so it cannot be "
-                        "part of a weighted sum; fold it alone"
-                    )
-                if isinstance(op, (Replace, TokenRows)):
-                    what = "trainable token rows" if isinstance(op, TokenRows) else "a full replacement (modules_to_save, a trained bias or a saved embedding)"
-                    raise RecipeError(f"adapter {label} holds {what} for {name}: it cannot be weighted; fold it alone")
-                if not isinstance(op, ADDITIVE_OPS):
-                    raise RecipeError(f"adapter {label}: {type(op).__name__} on {name} cannot be part of a weighted sum")
-        extra = {k: v for k, v in plan.config_patch.items() if k != "dtype"}
-        if extra:
-            raise RecipeError(f"adapter {label} changes the model config ({', '.join(sorted(extra))}); fold it alone")
+        _check_summable(label, plan)
         plans.append(plan)
         inputs.append((weight, InputModel(label, base, slots, plan, adapter)))
-    tensors: dict[str, OutTensor] = {}
-    for name, t in plans[0].tensors.items():
-        parts = tuple((w, m) for w, m in inputs if m.plan.tensors[name].ops)
-        dtype = _out_dtype(options, None, t.source.dtype) if t.source.dtype in ("F32", "F16", "BF16") else t.source.dtype
-        if parts:
-            whole = not all(m.chunkable(name) for _, m in parts)
-            ops = (AdapterSum(f"sum of {len(parts)} adapters", name, parts, whole),)
-        else:
-            ops = ()
-        tensors[name] = OutTensor(name, dtype, t.shape, t.source, ops, shard=t.source.file)
+    tensors = {name: _summed_tensor(name, t, inputs, options) for name, t in plans[0].tensors.items()}
     override = OUTPUT_DTYPES.get(options.dtype)
     notes = [f"{len(adapters)} adapters summed with weights {', '.join(f'{w:g}' for _, _, w in adapters)} in float32, rounded once"]
     merged = _finish_plan(base, layout, tensors, options, override, notes)
     return merged, [m for _, m in inputs]
+
+
+def _check_summable(label: str, plan: MergePlan) -> None:
+    """An adapter whose every change is an additive delta on an existing tensor, with no config change: the only
+    kind a weighted sum can hold."""
+    for name, t in plan.tensors.items():
+        if t.source is None or t.shape != t.source.shape:
+            raise RecipeError(f"adapter {label} adds or resizes tensor {name}: a weighted sum cannot hold it; fold it alone")
+        for op in t.ops:
+            _check_additive(label, name, op)
+    extra = {k: v for k, v in plan.config_patch.items() if k != "dtype"}
+    if extra:
+        raise RecipeError(f"adapter {label} changes the model config ({', '.join(sorted(extra))}); fold it alone")
+
+
+def _check_additive(label: str, name: str, op) -> None:
+    if isinstance(op, DoraRescale):
+        raise RecipeError(
+            f"adapter {label} is DoRA ({op.module}): its magnitude rescales the whole weight, so it cannot be "
+            "part of a weighted sum; fold it alone"
+        )
+    if isinstance(op, (Replace, TokenRows)):
+        what = "trainable token rows" if isinstance(op, TokenRows) else "a full replacement (modules_to_save, a trained bias or a saved embedding)"
+        raise RecipeError(f"adapter {label} holds {what} for {name}: it cannot be weighted; fold it alone")
+    if not isinstance(op, ADDITIVE_OPS):
+        raise RecipeError(f"adapter {label}: {type(op).__name__} on {name} cannot be part of a weighted sum")
+
+
+def _summed_tensor(name: str, t: OutTensor, inputs: list[tuple[float, InputModel]], options: MergeOptions) -> OutTensor:
+    """The base tensor with one AdapterSum of the adapters that change it (none: copied as is)."""
+    parts = tuple((w, m) for w, m in inputs if m.plan.tensors[name].ops)
+    dtype = _out_dtype(options, None, t.source.dtype) if t.source.dtype in ("F32", "F16", "BF16") else t.source.dtype
+    if parts:
+        whole = not all(m.chunkable(name) for _, m in parts)
+        ops = (AdapterSum(f"sum of {len(parts)} adapters", name, parts, whole),)
+    else:
+        ops = ()
+    return OutTensor(name, dtype, t.shape, t.source, ops, shard=t.source.file)

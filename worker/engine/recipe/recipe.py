@@ -138,42 +138,48 @@ def _ref(value: object, where: str) -> ModelRef:
 
 def _check_setting(value: object, name: str, where: str) -> None:
     """A parameter value in one of mergekit's forms; numbers checked finite, conditions' keys checked."""
-    def scalar(v):
-        if isinstance(v, bool) or isinstance(v, str):
-            return
-        if isinstance(v, (int, float)):
-            if not math.isfinite(v):
-                raise RecipeError(f"recipe: {where}: {name} must be finite, got {v!r}")
-            return
-        raise RecipeError(f"recipe: {where}: {name} must be a number, a list of numbers or a list of filters, got {v!r}")
-
-    def gradient(v):
-        if isinstance(v, list):
-            if not v or len(v) > MAX_LIST:
-                raise RecipeError(f"recipe: {where}: {name}: a gradient has 1 to {MAX_LIST} values, got {len(v)}")
-            for x in v:
-                scalar(x)
-        else:
-            scalar(v)
-
     if isinstance(value, dict):
         value = [value]
     if isinstance(value, list) and any(isinstance(v, dict) for v in value):
-        # mergekit's forms: a condition's value is a number or a gradient, never further conditions (so a
-        # recipe's size bounds the work, whatever YAML aliases it repeats)
-        if len(value) > MAX_LIST:
-            raise RecipeError(f"recipe: {where}: {name}: at most {MAX_LIST} conditions")
-        for v in value:
-            if not isinstance(v, dict):
-                raise RecipeError(f"recipe: {where}: {name}: mixes conditions and plain values")
-            extra = set(v) - {"filter", "value"}
-            if extra or "value" not in v:
-                raise RecipeError(f"recipe: {where}: {name}: a condition has keys filter and value, got {sorted(map(str, v))}")
-            if v.get("filter") is not None and not isinstance(v["filter"], str):
-                raise RecipeError(f"recipe: {where}: {name}: filter must be a string")
-            gradient(v["value"])
+        _check_conditions(value, name, where)
+    else:
+        _check_gradient(value, name, where)
+
+
+def _check_conditions(conditions: list, name: str, where: str) -> None:
+    """mergekit's forms: a condition's value is a number or a gradient, never further conditions (so a recipe's
+    size bounds the work, whatever YAML aliases it repeats)."""
+    if len(conditions) > MAX_LIST:
+        raise RecipeError(f"recipe: {where}: {name}: at most {MAX_LIST} conditions")
+    for v in conditions:
+        if not isinstance(v, dict):
+            raise RecipeError(f"recipe: {where}: {name}: mixes conditions and plain values")
+        extra = set(v) - {"filter", "value"}
+        if extra or "value" not in v:
+            raise RecipeError(f"recipe: {where}: {name}: a condition has keys filter and value, got {sorted(map(str, v))}")
+        if v.get("filter") is not None and not isinstance(v["filter"], str):
+            raise RecipeError(f"recipe: {where}: {name}: filter must be a string")
+        _check_gradient(v["value"], name, where)
+
+
+def _check_gradient(value: object, name: str, where: str) -> None:
+    if not isinstance(value, list):
+        _check_scalar(value, name, where)
         return
-    gradient(value)
+    if not value or len(value) > MAX_LIST:
+        raise RecipeError(f"recipe: {where}: {name}: a gradient has 1 to {MAX_LIST} values, got {len(value)}")
+    for x in value:
+        _check_scalar(x, name, where)
+
+
+def _check_scalar(value: object, name: str, where: str) -> None:
+    """Strings and booleans pass here (read by `_scalar` at use); numbers must be finite."""
+    if isinstance(value, (bool, str)):
+        return
+    if not isinstance(value, (int, float)):
+        raise RecipeError(f"recipe: {where}: {name} must be a number, a list of numbers or a list of filters, got {value!r}")
+    if not math.isfinite(value):
+        raise RecipeError(f"recipe: {where}: {name} must be finite, got {value!r}")
 
 
 def resolve(setting: object, tensor: str, t: float, name: str = "parameter"):
@@ -230,8 +236,24 @@ def layer_fraction(tensor: str, num_layers: int | None) -> float:
 
 def parse_recipe(text: str | bytes) -> Recipe:
     """Parse and check a recipe. Raises RecipeError with one line on anything it would not run as written."""
-    import yaml  # PyYAML; safe_load builds plain data only (no Python objects from tags)
+    text = _recipe_text(text)
+    data = _load_yaml(text)
+    _check_top_keys(data)
+    method = _method(data)
+    out_dtype = _out_dtype(data)
+    tokenizer_source = _tokenizer_source(data)
+    params = _top_parameters(data, method)
+    base = _ref(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    inputs = _inputs(data.get("models"), base, method)
+    if METHODS[method][2] and base is None:
+        raise RecipeError(f"recipe: {method} needs base_model")
+    recipe = Recipe(method, base, inputs, params, out_dtype, tokenizer_source, text)
+    _check_static(recipe)
+    return recipe
 
+
+def _recipe_text(text: str | bytes) -> str:
+    """The recipe as text, bounded in size before YAML sees it."""
     if isinstance(text, bytes):
         if len(text) > MAX_RECIPE_BYTES:
             raise RecipeError(f"recipe: {len(text)} bytes is too large for a recipe")
@@ -241,6 +263,12 @@ def parse_recipe(text: str | bytes) -> Recipe:
             raise RecipeError("recipe: not UTF-8 text") from None
     if len(text) > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe: {len(text)} characters is too large for a recipe")
+    return text
+
+
+def _load_yaml(text: str) -> dict:
+    import yaml  # PyYAML; safe_load builds plain data only (no Python objects from tags)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -251,6 +279,10 @@ def parse_recipe(text: str | bytes) -> Recipe:
         raise RecipeError("recipe: nested too deeply") from None
     if not isinstance(data, dict):
         raise RecipeError("recipe: expected a mapping with merge_method, models, ...")
+    return data
+
+
+def _check_top_keys(data: dict) -> None:
     for key in data:
         if key in ("slices", "modules"):
             raise RecipeError(f"recipe: {key!r} is not supported: lorafold merges whole models layer for layer (use models)")
@@ -258,6 +290,9 @@ def parse_recipe(text: str | bytes) -> Recipe:
             raise RecipeError(f"recipe: {key!r} is not supported (the output keeps the base's tokenizer files)")
         if key not in _TOP_KEYS:
             raise RecipeError(f"recipe: unknown key {key!r} (known: {', '.join(sorted(_TOP_KEYS))})")
+
+
+def _method(data: dict) -> str:
     method = data.get("merge_method")
     if not isinstance(method, str) or not method:
         raise RecipeError("recipe: merge_method is missing")
@@ -265,10 +300,13 @@ def parse_recipe(text: str | bytes) -> Recipe:
         raise RecipeError(f"recipe: merge_method {method!r} is not supported: {_NOT_SUPPORTED[method]}")
     if method not in METHODS:
         raise RecipeError(f"recipe: unknown merge_method {method!r} (supported: {', '.join(METHODS)})")
-    per_input, shared, needs_base = METHODS[method]
+    return method
 
+
+def _out_dtype(data: dict) -> str | None:
+    """out_dtype wins; `dtype` is mergekit's compute dtype (lorafold computes in float32), used when it is alone."""
     out_dtype = None
-    for key in ("dtype", "out_dtype"):  # out_dtype wins; `dtype` is mergekit's compute dtype (lorafold: float32)
+    for key in ("dtype", "out_dtype"):
         value = data.get(key)
         if value is None:
             continue
@@ -276,14 +314,21 @@ def parse_recipe(text: str | bytes) -> Recipe:
             raise RecipeError(f"recipe: {key} must be float32, float16 or bfloat16, got {value!r}")
         if key == "out_dtype" or data.get("out_dtype") is None:
             out_dtype = _DTYPES[value]
+    return out_dtype
 
+
+def _tokenizer_source(data: dict) -> str | None:
     tokenizer_source = data.get("tokenizer_source")
     if tokenizer_source not in (None, "base"):
         raise RecipeError(
             f"recipe: tokenizer_source {tokenizer_source!r} is not supported (only 'base': the output keeps the base's "
             "tokenizer, and every input must have the base's vocabulary)"
         )
+    return tokenizer_source
 
+
+def _top_parameters(data: dict, method: str) -> dict:
+    per_input, shared, _ = METHODS[method]
     params = data.get("parameters") or {}
     if not isinstance(params, dict):
         raise RecipeError("recipe: parameters must be a mapping")
@@ -291,9 +336,12 @@ def parse_recipe(text: str | bytes) -> Recipe:
         if name not in per_input and name not in shared:
             raise RecipeError(f"recipe: unknown parameter {name!r} for {method} (known: {', '.join(sorted({**per_input, **shared}))})")
         _check_setting(value, name, "parameters")
+    return params
 
-    base = _ref(data["base_model"], "base_model") if data.get("base_model") is not None else None
-    models = data.get("models")
+
+def _inputs(models: object, base: ModelRef | None, method: str) -> tuple[RecipeInput, ...]:
+    """The `models` list checked entry by entry, with the base added when it is not listed (as mergekit does:
+    "Base model specified but not in input models - adding")."""
     if not isinstance(models, list) or not models:
         raise RecipeError("recipe: models must be a non-empty list of {model: ..., parameters: {...}}")
     if len(models) > MAX_INPUTS:
@@ -302,66 +350,88 @@ def parse_recipe(text: str | bytes) -> Recipe:
     seen: set[str] = set()
     for i, entry in enumerate(models):
         where = f"models[{i}]"
-        if isinstance(entry, str):
-            entry = {"model": entry}
-        if not isinstance(entry, dict) or "model" not in entry:
-            raise RecipeError(f"recipe: {where}: expected {{model: ID_OR_PATH, parameters: {{...}}}}")
-        for key in entry:
-            if key not in _MODEL_KEYS:
-                raise RecipeError(f"recipe: {where}: unknown key {key!r} (known: model, parameters)")
+        entry = _model_entry(entry, where)
         ref = _ref(entry["model"], where)
         if ref.text in seen:
             raise RecipeError(f"recipe: {where}: {ref.text} is listed twice")
         seen.add(ref.text)
-        p = entry.get("parameters") or {}
-        if not isinstance(p, dict):
-            raise RecipeError(f"recipe: {where}: parameters must be a mapping")
-        for name, value in p.items():
-            if name in shared:
-                raise RecipeError(f"recipe: {where} ({ref.text}): {name} is a top-level parameter, not a per-model one")
-            if name not in per_input:
-                raise RecipeError(f"recipe: {where} ({ref.text}): unknown parameter {name!r} for {method}")
-            _check_setting(value, name, f"{where} ({ref.text})")
-        inputs.append(RecipeInput(ref, dict(p), is_base=base is not None and ref.text == base.text))
+        params = _input_parameters(entry, where, ref, method)
+        inputs.append(RecipeInput(ref, params, is_base=base is not None and ref.text == base.text))
     if base is not None and not any(i.is_base for i in inputs):
-        # as mergekit does ("Base model specified but not in input models - adding")
         inputs.append(RecipeInput(base, {}, is_base=True))
-    if needs_base and base is None:
-        raise RecipeError(f"recipe: {method} needs base_model")
-    recipe = Recipe(method, base, tuple(inputs), params, out_dtype, tokenizer_source, text)
-    _check_static(recipe)
-    return recipe
+    return tuple(inputs)
+
+
+def _model_entry(entry: object, where: str) -> dict:
+    """One `models` entry as a mapping with a `model` key and nothing unknown (a bare string is the model)."""
+    if isinstance(entry, str):
+        entry = {"model": entry}
+    if not isinstance(entry, dict) or "model" not in entry:
+        raise RecipeError(f"recipe: {where}: expected {{model: ID_OR_PATH, parameters: {{...}}}}")
+    for key in entry:
+        if key not in _MODEL_KEYS:
+            raise RecipeError(f"recipe: {where}: unknown key {key!r} (known: model, parameters)")
+    return entry
+
+
+def _input_parameters(entry: dict, where: str, ref: ModelRef, method: str) -> dict:
+    """A model's own parameters: per-input ones only (a shared one there is named as top-level)."""
+    per_input, shared, _ = METHODS[method]
+    params = entry.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise RecipeError(f"recipe: {where}: parameters must be a mapping")
+    where = f"{where} ({ref.text})"
+    for name, value in params.items():
+        if name in shared:
+            raise RecipeError(f"recipe: {where}: {name} is a top-level parameter, not a per-model one")
+        if name not in per_input:
+            raise RecipeError(f"recipe: {where}: unknown parameter {name!r} for {method}")
+        _check_setting(value, name, where)
+    return dict(params)
 
 
 def _check_static(recipe: Recipe) -> None:
     """What can be known without the models: input counts, weights present, normalize not dividing by zero."""
-    method = recipe.method
-    others = [i for i in recipe.inputs if not i.is_base]
-    if method == "slerp":
-        if len(recipe.inputs) != 2 or len(others) != 1:
-            raise RecipeError(f"recipe: slerp takes base_model and exactly one other model, got {len(others)} other(s)")
-        if "t" not in recipe.parameters:
-            raise RecipeError("recipe: slerp needs parameters: t (0 = base_model, 1 = the other model)")
+    if recipe.method == "slerp":
+        _check_slerp(recipe)
         return
-    if method != "linear" and not others:
-        raise RecipeError(f"recipe: {method} needs at least one model besides base_model")
+    if recipe.method != "linear" and all(i.is_base for i in recipe.inputs):
+        raise RecipeError(f"recipe: {recipe.method} needs at least one model besides base_model")
     for inp in recipe.contributors():
-        if "weight" not in inp.parameters and "weight" not in recipe.parameters:
-            what = "base_model (linear averages every input, the base too)" if inp.is_base else inp.ref.text
-            raise RecipeError(f"recipe: missing weight for {what}")
-        for name in ("density",):
-            setting = inp.parameters.get(name, recipe.parameters.get(name))
-            for value in _scalars(setting):
-                if not 0.0 <= float(value) <= 1.0:
-                    raise RecipeError(f"recipe: density for {inp.ref.text} must be between 0 and 1, got {value}")
-    # normalize with weights summing to zero: checked here for plain numbers, per tensor at plan time otherwise
+        _check_contributor(recipe, inp)
+    _check_weights_sum(recipe)
+
+
+def _check_slerp(recipe: Recipe) -> None:
+    others = [i for i in recipe.inputs if not i.is_base]
+    if len(recipe.inputs) != 2 or len(others) != 1:
+        raise RecipeError(f"recipe: slerp takes base_model and exactly one other model, got {len(others)} other(s)")
+    if "t" not in recipe.parameters:
+        raise RecipeError("recipe: slerp needs parameters: t (0 = base_model, 1 = the other model)")
+
+
+def _check_contributor(recipe: Recipe, inp: RecipeInput) -> None:
+    """A weight given (own or top-level), and every density value given as a plain number within [0, 1]."""
+    if "weight" not in inp.parameters and "weight" not in recipe.parameters:
+        what = "base_model (linear averages every input, the base too)" if inp.is_base else inp.ref.text
+        raise RecipeError(f"recipe: missing weight for {what}")
+    setting = inp.parameters.get("density", recipe.parameters.get("density"))
+    for value in _scalars(setting):
+        if not 0.0 <= float(value) <= 1.0:
+            raise RecipeError(f"recipe: density for {inp.ref.text} must be between 0 and 1, got {value}")
+
+
+def _check_weights_sum(recipe: Recipe) -> None:
+    """normalize with weights summing to zero: checked here for plain numbers, per tensor at plan time otherwise."""
     normalize = resolve(recipe.parameters.get("normalize"), "", 0.0, "normalize")
     if normalize is None:
-        normalize = METHODS[method][1]["normalize"]
+        normalize = METHODS[recipe.method][1]["normalize"]
     weights = [inp.parameters.get("weight", recipe.parameters.get("weight")) for inp in recipe.contributors()]
     if normalize and all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights):
         if abs(sum(float(w) for w in weights)) < 1e-8:
-            raise RecipeError(f"recipe: the weights sum to zero and normalize is true ({method} divides by their sum)")
+            raise RecipeError(
+                f"recipe: the weights sum to zero and normalize is true ({recipe.method} divides by their sum)"
+            )
 
 
 def _scalars(setting) -> list:
