@@ -49,7 +49,7 @@ def hub_hook(rule_id: str):
     if isinstance(verdict, str):
         _record(rule, "ignored", verdict, repo=_repo_name(payload))
         return jsonify(ignored=True, reason=verdict), 200
-    repo, sha = verdict
+    repo, sha, old_sha = verdict
     namespace, name = repo.split("/", 1)
     target = render_target(rule.target, namespace, name)
     reason = _target_refusal(rule, repo, target)
@@ -69,7 +69,7 @@ def hub_hook(rule_id: str):
     jobs.admit(rule.owner, job_request.dedupe_key)  # the owner's queued-jobs cap (429; the Hub retries later)
     job, created = submit(svc.db, svc.box, job_request, None, svc.enqueue)
     _record(rule, "queued" if created else "duplicate", None if created else "this push was already received",
-            repo=repo, sha=sha, job_id=job.id)
+            repo=repo, sha=sha, old_sha=old_sha, job_id=job.id)
     return jsonify(job=job.id, duplicate=not created), 202
 
 
@@ -152,7 +152,8 @@ def _filter(rule: Rule, payload: object) -> tuple[str, str] | str:
         return "the new sha of refs/heads/main is not a commit id"
     if _is_our_output(rule, name):
         return f"{name} is a repo this rule publishes merges to (its own push)"
-    return name, sha
+    old = main[0].get("oldSha")  # all zeros when the branch was created; only ever used to order this rule's jobs
+    return name, sha, old if isinstance(old, str) and SHA_RE.match(old) and old.strip("0") else None
 
 
 def _is_our_output(rule: Rule, repo: str) -> bool:
@@ -163,7 +164,7 @@ def _is_our_output(rule: Rule, repo: str) -> bool:
 
 
 def _record(rule: Rule, outcome: str, reason: str | None, *, repo: str | None = None, sha: str | None = None,
-            job_id: str | None = None) -> None:
+            old_sha: str | None = None, job_id: str | None = None) -> None:
     with services().db.session() as s:
-        s.add(Delivery(rule_id=rule.id, repo=repo, new_sha=sha if sha and len(sha) <= 64 else None, outcome=outcome,
-                       reason=(reason or None) and reason[:300], job_id=job_id))
+        s.add(Delivery(rule_id=rule.id, repo=repo, new_sha=sha if sha and len(sha) <= 64 else None, old_sha=old_sha,
+                       outcome=outcome, reason=(reason or None) and reason[:300], job_id=job_id))

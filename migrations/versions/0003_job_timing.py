@@ -1,7 +1,7 @@
 """job timing: queue wait (enqueued -> a worker took it) and start-up (-> the job's first log line)
 
-Revision ID: 0004
-Revises: 0001
+Revision ID: 0003
+Revises: 0002
 """
 from alembic import op
 import sqlalchemy as sa

@@ -126,6 +126,29 @@ def test_two_pushes_make_two_jobs(client, rule, db, enqueued):
         assert {j.adapter_revision for j in s.scalars(select(Job))} == {SHA1, SHA2}
 
 
+def test_a_push_built_on_a_queued_commit_supersedes_it_before_any_process(client, rule, db, enqueued, reliability):
+    """Two pushes in a row, neither job started yet: the second's oldSha is the first's commit, so the first is
+    superseded. It ends skipped before a process is given it (no commit times needed from the Hub), whatever order
+    the worker's messages come in; the newer one runs."""
+    from worker.jobs import JobStore, SecretBox
+    from worker.jobs.db import Database
+
+    rec = reliability("two pushes to a watched adapter queued back to back (the second built on the first)",
+                      "the older job ends skipped before any process starts; the newer one is the one that runs")
+    older = deliver(client, rule, push_payload("alice/chat-lora", SHA1)).json["job"]
+    unrelated = deliver(client, rule, push_payload("alice/other-lora", SHA1)).json["job"]  # another repo: untouched
+    newer = deliver(client, rule, push_payload("alice/chat-lora", SHA2, old_sha=SHA1)).json["job"]
+    assert [d.old_sha for d in deliveries(db)] == [None, None, SHA1]  # all zeros (a new branch) is no commit
+    store = JobStore(Database(db.url), SecretBox("x" * 32))
+    assert store.ticket_has_work(older, max_running=2)  # older's message still carries a turn: for newer
+    with db.session() as s:
+        rows = {j.id: j for j in s.scalars(select(Job))}
+    assert rows[older].status == "skipped" and "superseded" in rows[older].error
+    assert rows[newer].status == "queued" and rows[unrelated].status == "queued"
+    rec.observed(f"older job: {rows[older].status} before start; newer: {rows[newer].status}; other repo: "
+                 f"{rows[unrelated].status}")
+
+
 def test_a_rule_made_before_the_checks_is_held_to_them_per_delivery(client, db, enqueued):
     """A rule whose template renders to a watched repo (made before 0002, or by hand) is refused per delivery."""
     rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json

@@ -27,7 +27,7 @@ from sqlalchemy.orm import aliased
 
 from .crypto import SecretBox
 from .db import Database
-from .models import Credential, Job, JobLog, JobSample, JobStatus, Rule, utcnow
+from .models import Credential, Delivery, Job, JobLog, JobSample, JobStatus, Rule, utcnow
 from .request import Attempt, MergeRequest
 
 LEASE_SECONDS = 30
@@ -221,17 +221,27 @@ class JobStore:
         queued, running or succeeded. Only commit times the worker resolved are compared: the Hub sends webhooks in
         no guaranteed order, so arrival order must never decide which commit is newer."""
         other = aliased(Job)
-        return and_(
-            Job.rule_id.is_not(None),
+        live = [JobStatus.queued.value, JobStatus.running.value, JobStatus.succeeded.value]
+        by_time = and_(
             Job.adapter_committed_at.is_not(None),
             select(other.id).where(
                 other.rule_id == Job.rule_id,
                 other.adapter_repo == Job.adapter_repo,
                 other.id != Job.id,
-                other.status.in_([JobStatus.queued.value, JobStatus.running.value, JobStatus.succeeded.value]),
+                other.status.in_(live),
                 other.adapter_committed_at > Job.adapter_committed_at,
             ).exists(),
         )
+        # A later push moved main away from this job's commit (the webhook's oldSha): the pushes' own chain says
+        # which is newer, before any process has asked the Hub for commit times.
+        built_on = select(Delivery.id).join(other, other.id == Delivery.job_id).where(
+            Delivery.rule_id == Job.rule_id,
+            Delivery.repo == Job.adapter_repo,
+            Delivery.old_sha == Job.adapter_revision,
+            other.id != Job.id,
+            other.status.in_(live),
+        ).exists()
+        return and_(Job.rule_id.is_not(None), or_(by_time, built_on))
 
     def _lock_claims(self, s) -> None:
         if self.db.engine.dialect.name == "postgresql":
