@@ -118,7 +118,23 @@ def _repo_name(payload: object) -> str | None:
 
 
 def _filter(rule: Rule, payload: object) -> tuple[str, str] | str:
-    """(repo, new sha of main) for a push to merge, else the reason to ignore the delivery."""
+    """(repo, new sha of main) for a push to merge, else the reason to ignore the delivery. The checks run in this
+    order and the first failing one is the reason."""
+    reason = _delivery_reason(rule, payload) or _repo_reason(rule, payload)
+    if reason is not None:
+        return reason
+    name = payload["repo"]["name"]
+    update = _main_update(payload)
+    if isinstance(update, str):
+        return update
+    if _is_our_output(rule, name):
+        return f"{name} is a repo this rule publishes merges to (its own push)"
+    old = update.get("oldSha")  # all zeros when the branch was created; only ever used to order this rule's jobs
+    return name, update["newSha"], old if isinstance(old, str) and SHA_RE.match(old) and old.strip("0") else None
+
+
+def _delivery_reason(rule: Rule, payload: object) -> str | None:
+    """Why no delivery to this rule is merged at all: the rule is off, or the payload is not a repo content event."""
     if not rule.enabled:
         return "the rule is disabled"
     if not isinstance(payload, dict):
@@ -127,6 +143,11 @@ def _filter(rule: Rule, payload: object) -> tuple[str, str] | str:
     scope = event.get("scope") if isinstance(event, dict) else None
     if scope != "repo.content":
         return f"event scope {str(scope)[:40]!r} is not repo.content"
+    return None
+
+
+def _repo_reason(rule: Rule, payload: dict) -> str | None:
+    """Why the payload's repo is not one this rule merges: not a model, not a repo id, or not matched by the watch."""
     repo = payload.get("repo")
     if not isinstance(repo, dict):
         return "no repo in the payload"
@@ -139,6 +160,11 @@ def _filter(rule: Rule, payload: object) -> tuple[str, str] | str:
     namespace, short = name.split("/", 1)
     if watched is None or namespace != watched[0] or not fnmatch.fnmatchcase(short, watched[1]):
         return f"{name} is not watched by this rule ({rule.watch})"
+    return None
+
+
+def _main_update(payload: dict) -> dict | str:
+    """The payload's update of refs/heads/main with a valid new commit id, else why there is none to merge."""
     refs = payload.get("updatedRefs")
     if not isinstance(refs, list):
         return "no updatedRefs in the payload"
@@ -150,10 +176,7 @@ def _filter(rule: Rule, payload: object) -> tuple[str, str] | str:
         return "refs/heads/main was deleted"
     if not isinstance(sha, str) or not SHA_RE.match(sha):
         return "the new sha of refs/heads/main is not a commit id"
-    if _is_our_output(rule, name):
-        return f"{name} is a repo this rule publishes merges to (its own push)"
-    old = main[0].get("oldSha")  # all zeros when the branch was created; only ever used to order this rule's jobs
-    return name, sha, old if isinstance(old, str) and SHA_RE.match(old) and old.strip("0") else None
+    return main[0]
 
 
 def _is_our_output(rule: Rule, repo: str) -> bool:
