@@ -136,30 +136,28 @@ def _first_error(model: type[BaseModel], exc: ValidationError) -> Unprocessable:
     return _unprocessable(err)
 
 
+# pydantic's error type -> our message for it, from the field's name and the error's ctx
+_TYPE_MESSAGES = {
+    "extra_forbidden": lambda name, ctx: f"unknown field {name!r}",
+    "missing": lambda name, ctx: f"{name} is required",
+    "bool_type": lambda name, ctx: f"{name} must be true or false",
+    "string_type": lambda name, ctx: f"{name} must be a string",
+    "string_too_long": lambda name, ctx: f"{name} is longer than {ctx.get('max_length')} characters",
+    "literal_error": lambda name, ctx: f"{name} must be one of {ctx.get('expected', '').replace(chr(39), '')}",
+    "list_type": lambda name, ctx: f"{name} must be a list of repo ids",
+    "too_long": lambda name, ctx: f"{name}: at most {ctx.get('max_length')} items",
+}
+
+
 def _unprocessable(err: dict) -> Unprocessable:
     loc, kind, value, ctx = err["loc"], err["type"], err.get("input"), err.get("ctx") or {}
     if not loc:  # the body itself: not an object
         return Unprocessable("the request body must be a JSON object")
     name = str(loc[0])[:60]
-    if kind == "extra_forbidden":
-        return Unprocessable(f"unknown field {name!r}", field=name)
-    if kind == "missing":
-        return Unprocessable(f"{name} is required", field=name)
-    if kind == "bool_type":
-        return Unprocessable(f"{name} must be true or false", field=name)
-    if kind == "string_type":
-        return Unprocessable(f"{name} must be a string", field=name)
-    if kind == "string_too_long":
-        return Unprocessable(f"{name} is longer than {ctx.get('max_length')} characters", field=name)
     if kind == "string_pattern_mismatch" and name in _PATTERN_MESSAGES:
         return Unprocessable(_PATTERN_MESSAGES[name].format(value=str(value)[:100]), field=name)
-    if kind == "literal_error":
-        return Unprocessable(f"{name} must be one of {ctx.get('expected', '').replace(chr(39), '')}", field=name)
-    if kind == "list_type":
-        return Unprocessable(f"{name} must be a list of repo ids", field=name)
-    if kind == "too_long":
-        return Unprocessable(f"{name}: at most {ctx.get('max_length')} items", field=name)
-    return Unprocessable(f"{name}: {err['msg']}", field=name)
+    message = _TYPE_MESSAGES.get(kind)
+    return Unprocessable(message(name, ctx) if message else f"{name}: {err['msg']}", field=name)
 
 
 # --- response shapes (documentation only: web/present.py builds them; the schemathesis test checks the match) ---
