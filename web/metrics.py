@@ -57,6 +57,26 @@ def metrics():
     return Response(body, mimetype=CONTENT_TYPE_LATEST.split(";")[0], headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _queue_wait(timings: dict, created, enqueued, started) -> float | None:
+    """Seconds a picked-up job waited in the queue: the worker's own measure when it recorded one, else from the
+    row's times; None for a job not picked up yet (or with no time to count from)."""
+    if started is None:
+        return None
+    if timings.get("queue_wait") is not None:
+        return float(timings["queue_wait"])
+    queued_from = enqueued or created
+    return None if queued_from is None else max(0.0, (started - queued_from).total_seconds())
+
+
+def _jobs_gauge(by_state: Counter) -> GaugeMetricFamily:
+    """lorafold_jobs: every (state, door) pair, zeros included, so a series never disappears."""
+    jobs = GaugeMetricFamily("lorafold_jobs", "Jobs in the database by state and door", labels=["state", "door"])
+    for state in (s.value for s in JobStatus):
+        for door in DOORS:
+            jobs.add_metric([state, door], by_state.get((state, door), 0))
+    return jobs
+
+
 class JobCollector:
     """A prometheus_client custom collector over the jobs table (see the module docstring)."""
 
@@ -75,12 +95,9 @@ class JobCollector:
                  peak_vram) = row
                 by_state[(status, door)] += 1
                 timings = timings if isinstance(timings, dict) else {}
-                if started is not None:
-                    queued_from = enqueued or created
-                    if timings.get("queue_wait") is not None:
-                        wait.append(float(timings["queue_wait"]))
-                    elif queued_from is not None:
-                        wait.append(max(0.0, (started - queued_from).total_seconds()))
+                queue_wait = _queue_wait(timings, created, enqueued, started)
+                if queue_wait is not None:
+                    wait.append(queue_wait)
                 if timings.get("startup") is not None:
                     startup.append(float(timings["startup"]))
                 if status == JobStatus.succeeded.value and seconds is not None:
@@ -93,11 +110,7 @@ class JobCollector:
                 written += b_written or 0
                 retries += int(timings.get("hub_retries") or 0)
 
-        jobs = GaugeMetricFamily("lorafold_jobs", "Jobs in the database by state and door", labels=["state", "door"])
-        for state in (s.value for s in JobStatus):
-            for door in DOORS:
-                jobs.add_metric([state, door], by_state.get((state, door), 0))
-        yield jobs
+        yield _jobs_gauge(by_state)
         yield _histogram("lorafold_job_queue_wait_seconds", "From queued to picked up by a worker", wait,
                          SECONDS_BUCKETS)
         yield _histogram("lorafold_job_startup_seconds", "From picked up to the job process running (when recorded)",
