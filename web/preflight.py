@@ -157,12 +157,11 @@ def _fit(pairs, shapes, spec: AdapterSpec, skipped: list[str]) -> tuple[list[str
     problems: list[str] = []
     changed: set[str] = set()
     for module, parts in sorted(pairs.items()):
-        emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
-        a, b = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if emb else (
-            parts.get("lora_A.weight"), parts.get("lora_B.weight"))
-        if a is None or b is None or len(a) != 2 or len(b) != 2:
+        pair = _lora_pair(parts)
+        if pair is None:
             skipped.append(module)  # incomplete or conv pairs: the worker's planner words those
             continue
+        emb, a, b = pair
         try:
             name = resolver.resolve(f"{module}.weight")
         except LookupError:
@@ -179,11 +178,32 @@ def _fit(pairs, shapes, spec: AdapterSpec, skipped: list[str]) -> tuple[list[str
             skipped.append(module)  # quantized / packed / conv weights: their shapes are not the math shapes
             continue
         changed.add(name)
-        if emb:
-            if shape != (a[1], b[0]):
-                problems.append(f"{module}: the embedding LoRA gives a {a[1]}x{b[0]} delta but {name} is {list(shape)}")
-        elif b[1] != a[0]:
-            problems.append(f"{module}: lora_B {list(b)} does not fit lora_A {list(a)}")
-        elif shape not in ((b[0], a[1]), (a[1], b[0])):
-            problems.append(f"{module}: lora_B @ lora_A is {b[0]}x{a[1]} but {name} is {list(shape)}")
+        problem = _shape_problem(module, name, shape, emb, a, b)
+        if problem is not None:
+            problems.append(problem)
     return problems, changed
+
+
+def _lora_pair(parts: dict) -> tuple[bool, tuple, tuple] | None:
+    """(is an embedding LoRA, A's shape, B's shape) of one module's adapter tensors; None when the pair is
+    incomplete or not 2-D (conv)."""
+    emb = "lora_embedding_A" in parts or "lora_embedding_B" in parts
+    a, b = (parts.get("lora_embedding_A"), parts.get("lora_embedding_B")) if emb else (
+        parts.get("lora_A.weight"), parts.get("lora_B.weight"))
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        return None
+    return emb, a, b
+
+
+def _shape_problem(module: str, name: str, shape: tuple, emb: bool, a: tuple, b: tuple) -> str | None:
+    """Why the delta of `module`'s pair cannot be added to the base tensor `name` of `shape`, else None. A linear
+    LoRA may fit the weight either way round (Conv1D layers, GPT-2 style, store it (in, out): PEFT fan_in_fan_out)."""
+    if emb:
+        if shape != (a[1], b[0]):
+            return f"{module}: the embedding LoRA gives a {a[1]}x{b[0]} delta but {name} is {list(shape)}"
+        return None
+    if b[1] != a[0]:
+        return f"{module}: lora_B {list(b)} does not fit lora_A {list(a)}"
+    if shape not in ((b[0], a[1]), (a[1], b[0])):
+        return f"{module}: lora_B @ lora_A is {b[0]}x{a[1]} but {name} is {list(shape)}"
+    return None
