@@ -23,6 +23,7 @@ from .forms import DTYPES
 from .hubcheck import (
     AdapterInfo,
     InspectError,
+    RepoInfo,
     can_write,
     check_repo_id,
     check_rev,
@@ -108,19 +109,39 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
     base_at = base_rev if base else (base_rev or (info.base_revision if info else None))
     if info is not None and base_id is None:
         errors.append(InspectError("base", f"{adapter}: adapter_config.json names no Hub base model; choose the base"))
-    base_info = None
-    if base_id is not None:
-        where = "" if base else " (named by the adapter's config)"
-        try:
-            base_info = inspect_repo(hub, base_id, base_at, field="base", revision_field="base_revision")
-        except InspectError as exc:
-            errors.append(InspectError(exc.field, exc.message + where))
+    base_info = _inspect_base(hub, base_id, base_at, not base, errors)
     private = inp.private
     if private is None:  # the API left it out: a merge is as private as the most private of its inputs
         private = bool((info and info.private) or (base_info and base_info.private))
     inp = replace(inp, private=private)
+    _check_target(caller, hub, inp, target, (adapter, base_id), errors)
+    preflight = None
+    if info is not None and base_info is not None:
+        preflight = attempt(_preflight, hub, adapter, info, base_id, base_info.sha, inp.dtype)
+    errors.sort(key=lambda e: FIELDS.index(e.field) if e.field in FIELDS else 99)
+    return errors, Checked(inp, info, base_id, base_info.sha if base_info else None,
+                           bool(base_info and base_info.private), preflight)
+
+
+def _inspect_base(hub, base_id: str | None, base_at: str | None, from_config: bool,
+                  errors: list[InspectError]) -> RepoInfo | None:
+    """The base repo at the revision the worker will read; None (with the reason in `errors`) when it cannot be read,
+    or when there is no base to read. A base the user did not type is named as the adapter's config's."""
+    if base_id is None:
+        return None
+    try:
+        return inspect_repo(hub, base_id, base_at, field="base", revision_field="base_revision")
+    except InspectError as exc:
+        where = " (named by the adapter's config)" if from_config else ""
+        errors.append(InspectError(exc.field, exc.message + where))
+        return None
+
+
+def _check_target(caller: Caller, hub, inp: MergeInput, target: str, inputs: tuple[str | None, ...],
+                  errors: list[InspectError]) -> None:
+    """The target is a new repo (not one of the merge's inputs) in a namespace this token can create repos in."""
     namespace = target.split("/")[0]
-    if target in (adapter, base_id):
+    if target in inputs:
         errors.append(InspectError("target", f"{target}: the target must be a new repo, not the adapter or the base"))
     elif not can_write(caller.identity, namespace):
         errors.append(InspectError(
@@ -128,12 +149,6 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
                       f"({caller.name}) or an organization where you have write access"))
     else:
         _check_existing_target(hub, inp, errors)
-    preflight = None
-    if info is not None and base_info is not None:
-        preflight = attempt(_preflight, hub, adapter, info, base_id, base_info.sha, inp.dtype)
-    errors.sort(key=lambda e: FIELDS.index(e.field) if e.field in FIELDS else 99)
-    return errors, Checked(inp, info, base_id, base_info.sha if base_info else None,
-                           bool(base_info and base_info.private), preflight)
 
 
 def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str, dtype: str) -> Preflight:
