@@ -111,23 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise UsageError("missing command: merge, serve, worker or db (see `lorafold --help`)")
         _terminate_like_interrupt()
-        if args.command == "merge":
-            from .merge import run_merge_command
-
-            return run_merge_command(args)
-        if args.command == "serve":
-            from .serve import serve
-
-            return serve(port=args.port, host=args.host, with_worker=not args.no_worker)
-        if args.command == "worker":
-            from .serve import run_worker
-
-            return run_worker(queues=args.queues, concurrency=args.concurrency)
-        if args.command == "db":
-            from .serve import db_command
-
-            return db_command(args.action)
-        raise UsageError(f"unknown command {args.command!r}")
+        return _run_command(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -143,6 +127,27 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("LORAFOLD_DEBUG"):
             traceback.print_exc()
         return EXIT_ERROR
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the chosen subcommand; each one's module is imported only now, so `--help` and `db` never load torch."""
+    if args.command == "merge":
+        from .merge import run_merge_command
+
+        return run_merge_command(args)
+    if args.command == "serve":
+        from .serve import serve
+
+        return serve(port=args.port, host=args.host, with_worker=not args.no_worker)
+    if args.command == "worker":
+        from .serve import run_worker
+
+        return run_worker(queues=args.queues, concurrency=args.concurrency)
+    if args.command == "db":
+        from .serve import db_command
+
+        return db_command(args.action)
+    raise UsageError(f"unknown command {args.command!r}")
 
 
 def _terminate_like_interrupt() -> None:

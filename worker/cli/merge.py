@@ -147,35 +147,17 @@ def run_merge_command(args) -> int:
         adapter = open_source(checked.adapter, hub, stack)
         base_ref = checked.base
         if base_ref is None:  # a Hub adapter: its config names the base
-            from ..engine.plan import load_spec
-
-            spec, _ = load_spec(adapter)
-            if not spec.base_model_name_or_path:
-                raise SourceError("no --base given and adapter_config.json names no base_model_name_or_path")
-            base_ref = parse_ref(spec.base_model_name_or_path, args.base_revision, "base (from adapter_config.json)")
-            if base_ref.is_hub and hub is None:
-                hub = _hub(token)
+            base_ref, hub = _base_named_by_adapter(args, adapter, hub, token)
         choice = None
         if args.base is None and base_ref.is_hub:  # a QLoRA adapter naming a 4-bit repo: find its 16-bit original
-            from ..hub.original import choose_base
-
-            choice = choose_base(hub, base_ref.repo_id, base_ref.revision, from_quantized=args.from_quantized)
-            base_ref = Ref(choice.repo_id, repo_id=choice.repo_id, revision=choice.revision)
-            if choice.source is not None:
-                stack.callback(choice.source.close)
+            choice, base_ref = _original_of_quantized(args, base_ref, hub, stack)
         base = choice.source if choice is not None and choice.source is not None else open_source(base_ref, hub, stack)
         # Only now the engine (and torch): everything above failed fast if it was going to.
-        from ..engine import LocalDirSink, MergeOptions, merge
+        from ..engine import MergeOptions, merge
         from ..engine.card import Lineage
 
         options = MergeOptions(device=args.device, dtype=args.dtype, max_shard_size=checked.max_shard_size, verify=args.verify)
-        if args.push_to:
-            # A pull request proposes the weights and leaves main alone: it needs no --overwrite.
-            sink = hub.sink(args.push_to, private=args.private, overwrite=args.overwrite or args.create_pr,
-                            create_pr=args.create_pr)
-        else:
-            forbidden = tuple(p for p in (checked.adapter.path, base_ref.path) if p is not None)
-            sink = LocalDirSink(args.out, overwrite=args.overwrite, forbidden=forbidden)
+        sink = _open_sink(args, checked, base_ref, hub)
         if args.keep_quantization:
             from ..engine.quant import keep_quantization
 
@@ -193,6 +175,47 @@ def run_merge_command(args) -> int:
             result = merge(base, adapter, sink, options, reporter, lineage=lineage)
         finally:
             reporter.close()
+    return _print_outcome(args, result, lineage, sink)
+
+
+def _base_named_by_adapter(args, adapter, hub, token):
+    """No --base: the adapter's adapter_config.json names it; returns (base_ref, hub), opening a Hub client if needed."""
+    from ..engine.plan import load_spec
+
+    spec, _ = load_spec(adapter)
+    if not spec.base_model_name_or_path:
+        raise SourceError("no --base given and adapter_config.json names no base_model_name_or_path")
+    base_ref = parse_ref(spec.base_model_name_or_path, args.base_revision, "base (from adapter_config.json)")
+    if base_ref.is_hub and hub is None:
+        hub = _hub(token)
+    return base_ref, hub
+
+
+def _original_of_quantized(args, base_ref, hub, stack):
+    """Returns (choice, base_ref): the 16-bit original chosen for a (possibly 4-bit) Hub base named by the adapter."""
+    from ..hub.original import choose_base
+
+    choice = choose_base(hub, base_ref.repo_id, base_ref.revision, from_quantized=args.from_quantized)
+    base_ref = Ref(choice.repo_id, repo_id=choice.repo_id, revision=choice.revision)
+    if choice.source is not None:
+        stack.callback(choice.source.close)
+    return choice, base_ref
+
+
+def _open_sink(args, checked, base_ref, hub):
+    """Where the merged model goes: a Hub repo (--push-to) or a local folder that must not be an input's."""
+    from ..engine import LocalDirSink
+
+    if args.push_to:
+        # A pull request proposes the weights and leaves main alone: it needs no --overwrite.
+        return hub.sink(args.push_to, private=args.private, overwrite=args.overwrite or args.create_pr,
+                        create_pr=args.create_pr)
+    forbidden = tuple(p for p in (checked.adapter.path, base_ref.path) if p is not None)
+    return LocalDirSink(args.out, overwrite=args.overwrite, forbidden=forbidden)
+
+
+def _print_outcome(args, result, lineage, sink) -> int:
+    """The one summary line of a finished merge, and its exit code."""
     published = result.result
     if args.push_to and published.unchanged:
         # huggingface_hub drops files identical to the target's and then skips the empty commit (and the PR).

@@ -87,19 +87,12 @@ class HubSource:
     def read_into(self, path: str, offset: int, out: memoryview) -> None:
         local = self._downloaded.get(path)
         if local is not None:
-            with open(local, "rb") as f:
-                f.seek(offset)
-                if f.readinto(out) != len(out):
-                    raise SourceError(f"{self.repo_id}/{path}: local copy is truncated")
+            self._read_local_copy(local, path, offset, out)
             return
         view = out.cast("B") if out.format != "B" else out
         if len(view) == 0:
             return
-        size = self._sizes.get(path)
-        if size is None:
-            raise SourceError(f"{self.repo_id}/{path}: file not found at revision {self.revision}")
-        if offset + len(view) > size:
-            raise SourceError(f"{self.repo_id}/{path}: read past the end of the file ({offset + len(view)} > {size})")
+        self._check_range(path, offset, len(view))
         url = hf_hub_url(self.repo_id, path, revision=self.revision, endpoint=self.api.endpoint)
         done = 0
 
@@ -117,6 +110,21 @@ class HubSource:
             raise SourceError(f"{self.repo_id}/{path}: the Hub kept closing the connection early") from None
         except Exception as exc:  # noqa: BLE001 - mapped to one line
             raise read_error(exc, self.repo_id, self.revision, path) from None
+
+    def _read_local_copy(self, local, path: str, offset: int, out: memoryview) -> None:
+        """A file already downloaded whole (a small one): read it from disk, never from the Hub again."""
+        with open(local, "rb") as f:
+            f.seek(offset)
+            if f.readinto(out) != len(out):
+                raise SourceError(f"{self.repo_id}/{path}: local copy is truncated")
+
+    def _check_range(self, path: str, offset: int, length: int) -> None:
+        """Refuse before any request a file the listing does not have or a read past its listed size."""
+        size = self._sizes.get(path)
+        if size is None:
+            raise SourceError(f"{self.repo_id}/{path}: file not found at revision {self.revision}")
+        if offset + length > size:
+            raise SourceError(f"{self.repo_id}/{path}: read past the end of the file ({offset + length} > {size})")
 
     def _count_retry(self, exc: BaseException) -> None:
         self.retries_made += 1
