@@ -117,7 +117,7 @@ def _repo_name(payload: object) -> str | None:
     return name[:200] if isinstance(name, str) else None
 
 
-def _filter(rule: Rule, payload: object) -> tuple[str, str] | str:
+def _filter(rule: Rule, payload: object) -> tuple[str, str, str | None] | str:
     """(repo, new sha of main) for a push to merge, else the reason to ignore the delivery. The checks run in this
     order and the first failing one is the reason."""
     reason = _delivery_reason(rule, payload) or _repo_reason(rule, payload)
