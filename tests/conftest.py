@@ -8,7 +8,6 @@ LORAFOLD_REQUIRE_SERVICES=1 (set by .ci/run), which turns the skip into a failur
 from __future__ import annotations
 
 import os
-import uuid
 
 import pytest
 
@@ -23,7 +22,7 @@ import huggingface_hub.constants as hf_constants  # noqa: E402
 hf_constants.HF_HUB_DISABLE_XET = True
 hf_constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
 
-from tests.support.services import PG_HOST, REDIS_HOST, need_service  # noqa: E402
+from tests.support.services import postgres_database, redis_database  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -37,40 +36,15 @@ def _isolated_hf_home(tmp_path_factory, monkeypatch):
 @pytest.fixture
 def postgres_url():
     """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
-    need_service("PostgreSQL", PG_HOST)
-    import psycopg
-
-    host, port = PG_HOST.rsplit(":", 1)
-    name = f"lorafold_test_{uuid.uuid4().hex[:12]}"
-    admin = f"host={host} port={port} user=postgres dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"postgresql+psycopg://postgres@{host}:{port}/{name}"
-    from worker.jobs.db import _engines
-
-    for url in [u for u in _engines if u.endswith("/" + name)]:
-        _engines.pop(url).dispose()
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
 def redis_url():
     """A Redis database number of its own (flushed before and after)."""
-    need_service("Redis", REDIS_HOST)
-    import redis
-
-    # Each xdist worker gets its own database; LORAFOLD_TEST_REDIS_DB moves the range, so that test runs of
-    # several checkouts on one machine never flush each other's queues.
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    base = int(os.environ.get("LORAFOLD_TEST_REDIS_DB", "1"))
-    index = (base + (int(worker[2:]) if worker[2:].isdigit() else 0)) % 16
-    url = f"redis://{REDIS_HOST}/{index}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
+    with redis_database() as url:
+        yield url
 
 
 # --- the reliability table (`make reliability`) ------------------------------------------------------------------

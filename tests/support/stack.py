@@ -15,12 +15,12 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
 from hubdouble import HubDouble
 from tests.support.hubseed import ALICE, seed
+from tests.support.services import postgres_database, redis_database
 from worker import migrate
 from worker.jobs import Database, Job, JobRequest, JobStore, MergeRequest, SecretBox, submit
 from worker.service.queue import enqueue_merge, make_celery
@@ -120,51 +120,6 @@ class Stack:
         self.kill_worker()
         self._log.close()
         self.hub.stop()
-
-
-@contextmanager
-def postgres_database():
-    """A fresh PostgreSQL database (the module-scoped twin of conftest's `postgres_url`)."""
-    import psycopg
-
-    from tests.support.services import PG_HOST, need_service
-
-    need_service("PostgreSQL", PG_HOST)
-    host, port = PG_HOST.rsplit(":", 1)
-    name = f"lorafold_test_{uuid.uuid4().hex[:12]}"
-    admin = f"host={host} port={port} user=postgres dbname=postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@{host}:{port}/{name}"
-    finally:
-        from worker.jobs.db import _engines
-
-        for url in [u for u in _engines if u.endswith("/" + name)]:
-            _engines.pop(url).dispose()
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-@contextmanager
-def redis_database():
-    """This test process's Redis database (the module-scoped twin of conftest's `redis_url`, same number)."""
-    import redis
-
-    from tests.support.services import REDIS_HOST, need_service
-
-    need_service("Redis", REDIS_HOST)
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    base = int(os.environ.get("LORAFOLD_TEST_REDIS_DB", "1"))
-    index = (base + (int(worker[2:]) if worker[2:].isdigit() else 0)) % 16
-    url = f"redis://{REDIS_HOST}/{index}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    try:
-        yield url
-    finally:
-        client.flushdb()
-        client.close()
 
 
 @contextmanager
