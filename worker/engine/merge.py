@@ -63,15 +63,10 @@ def merge(
     reporter = reporter or NullReporter()
     started = time.monotonic()
     timings: dict[str, float] = {}
-    device = device_mod.open_device(select_device(options.device))
-    pin_malloc_threshold()
+    device = open_device(options)
     try:
         with MemorySampler(reporter, device.torch_device) as sampler:
-            if hasattr(device, "on_ready"):
-                device.on_ready.append(sampler.cuda_ready)
-            # CUDA's context, cuBLAS handle and first pinned block take seconds on a fresh process: paid while the
-            # plan reads headers, not one after the other.
-            warm = _WarmUp(device)
+            warm = warm_up(device, sampler)
             reporter.progress(Progress("plan"))
             sink.prepare()
             plan = plan_merge(base, adapter, options)
@@ -128,6 +123,23 @@ def merge(
 
 def _not_copied(skipped: SkippedFile) -> str:
     return f"not copied from the base: {skipped.path!r}: {skipped.reason}"
+
+
+def open_device(options: MergeOptions):
+    """The merge's device (device.py: exact float32, the only CUDA calls) and the pinned-memory threshold."""
+    device = device_mod.open_device(select_device(options.device))
+    pin_malloc_threshold()
+    return device
+
+
+def warm_up(device, sampler: MemorySampler) -> _WarmUp:
+    """Start the device's warm-up on a thread; the sampler learns when CUDA is ready (peak statistics reset then).
+
+    CUDA's context, cuBLAS handle and first pinned block take seconds on a fresh process: paid while the plan reads
+    headers, not one after the other. Every merge (merge(), recipes, adapter sums) starts its device this way."""
+    if hasattr(device, "on_ready"):
+        device.on_ready.append(sampler.cuda_ready)
+    return _WarmUp(device)
 
 
 class _WarmUp:

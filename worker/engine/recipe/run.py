@@ -13,19 +13,19 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .. import __getattr__ as _engine_export
-from .. import device as device_mod
 from ..errors import Cancelled, EngineError
-from ..execute import Executor, select_device
+from ..execute import Executor
 from ..io import ModelSink, ModelSource, NullReporter, Progress, Reporter
-from ..memory import MemorySampler, peak_rss_bytes, pin_malloc_threshold
+from ..memory import MemorySampler, peak_rss_bytes
 from ..merge import (
     VERSION,
     MergeResult,
     _base_card_head,
     _copy_small_files,
     _not_copied,
-    _WarmUp,
     _write_index,
+    open_device,
+    warm_up,
 )
 from ..plan import MergeOptions, MergePlan
 from .card import CardInput, build_recipe_card
@@ -97,14 +97,11 @@ def _run(planner: Callable[[], tuple[MergePlan, list[InputModel]]], card: Callab
     reporter = reporter or NullReporter()
     started = time.monotonic()
     timings: dict[str, float] = {}
-    device = device_mod.open_device(select_device(options.device))  # as merge.merge() does (warm-up, exact fp32)
-    pin_malloc_threshold()
+    device = open_device(options)
     inputs: list[InputModel] = []
     try:
         with MemorySampler(reporter, device.torch_device) as sampler:
-            if hasattr(device, "on_ready"):
-                device.on_ready.append(sampler.cuda_ready)
-            warm = _WarmUp(device)
+            warm = warm_up(device, sampler)
             reporter.progress(Progress("plan"))
             sink.prepare()
             plan, inputs = planner()
