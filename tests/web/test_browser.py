@@ -227,7 +227,7 @@ def test_sign_in_merge_and_watch_it_finish(stack):
             page.fill("#base", "maria/tiny-llama")  # a rule names its base: a pushed adapter config never chooses it
             page.get_by_role("button", name="Create rule").click()
             expect(page.locator("#new-secret")).to_be_visible()
-            assert page.is_visible("button[data-copy='new-secret']")
+            expect(page.locator("button[data-copy='new-secret']")).to_be_visible()  # un-hidden by app.js once loaded
             page.screenshot(path=str(OUT / "browser-rules.png"), full_page=True)
             page.on("dialog", lambda dialog: dialog.dismiss())  # "Delete the rule ...?" answered no: nothing deleted
             page.locator(".rule button.danger").first.click()
