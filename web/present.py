@@ -38,7 +38,7 @@ def job_json(job: Job) -> dict:
         "owner": job.owner,
         "attempts": job.attempts,
         "cancel_requested": bool(job.cancel_requested),
-        "adapter": job.adapter_repo,
+        "adapter": job.adapter_repo or None,
         "adapter_revision": job.adapter_revision,
         "adapter_sha": job.adapter_sha,
         "base": job.base_repo,
@@ -48,6 +48,7 @@ def job_json(job: Job) -> dict:
         "private": bool(job.private),
         "dtype": job.dtype,
         "rule_id": job.rule_id,
+        **({"recipe": job.recipe} if job.recipe is not None else {}),
         "progress": {
             "done": job.tensors_done or 0,
             "total": job.tensors_total or 0,

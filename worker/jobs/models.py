@@ -101,6 +101,10 @@ class Job(Base):
     max_shard_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     overwrite: Mapped[bool] = mapped_column(Boolean, default=False)
     create_pr: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A merge recipe (worker/jobs/recipe.py: normalised YAML): the job runs it instead of folding `adapter_repo`,
+    # which is then "" (or, for a rule's job, the pushed adapter: one of the recipe's inputs).
+    recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
+    recipe_seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -150,6 +150,7 @@ class JobStore:
                 base=job.base_repo, base_revision=job.base_revision, private=job.private, dtype=job.dtype,
                 max_shard_size=job.max_shard_size, overwrite=job.overwrite, create_pr=job.create_pr,
                 rule_id=job.rule_id, base_allowed=tuple(job.base_allowed) if job.base_allowed else None,
+                recipe=job.recipe, seed=job.recipe_seed,
             )
             return Attempt(job_id=job.id, door=job.door, attempts=job.attempts, request=request), token
 
