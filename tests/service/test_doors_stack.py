@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 from huggingface_hub import HfApi, snapshot_download
 
 from hubdouble import Fault
@@ -135,6 +136,53 @@ def test_api_cancel_and_retry(live):
     job = live.wait(job_id)
     assert job.status == "succeeded" and job.attempts == 2
     assert len(merged_commits(live.hub, "alice/cancel-retry")) == 1
+
+
+RECIPE = """
+merge_method: linear
+models:
+  - model: alice/base
+    parameters: {weight: 0.5}
+  - model: alice/ft@main
+    parameters: {weight: 0.3}
+  - model: alice/base+alice/adapter
+    parameters: {weight: 0.2}
+"""
+
+
+def test_api_recipe_job_publishes_the_clis_bytes_in_one_commit(live, seeded_model, tmp_path):  # noqa: F811
+    """A linear recipe of two models and a model+adapter input, through the API, the worker and the Hub double:
+    one commit, every input pinned in the card, tensors equal bit for bit to `lorafold merge --recipe` on the same
+    inputs as local folders."""
+    from tests.support.recipe_models import load_state, make_finetune
+    from worker.cli import main
+
+    ft = make_finetune(seeded_model.base_dir, tmp_path / "ft", seed=401)
+    api = HfApi(endpoint=live.hub.url)
+    if not live.hub.has_repo("alice/ft"):
+        api.create_repo("alice/ft", token=ALICE)
+        api.upload_folder(repo_id="alice/ft", folder_path=str(ft), token=ALICE, commit_message="seed")
+    r = _api(live, "POST", "/api/v1/jobs", json={"recipe": RECIPE, "target": "alice/from-recipe"})
+    assert r.status_code == 202, r.text
+    job = live.wait(r.json()["id"])
+    assert job.status == "succeeded", job.error
+    assert job.recipe and job.adapter_repo == "" and job.base_repo is None and job.bytes_written
+    assert len(merged_commits(live.hub, "alice/from-recipe")) == 1
+    shas = {repo: live.hub.head(repo) for repo in ("alice/base", "alice/ft", "alice/adapter")}
+    card = live.hub.read_file("alice/from-recipe", "README.md").decode()
+    assert f"alice/ft@{shas['alice/ft']}" in card and f"alice/base@{shas['alice/base']}+alice/adapter@{shas['alice/adapter']}" in card
+    assert "base_model_relation: merge" in card
+    logs = _api(live, "GET", f"/api/v1/jobs/{job.id}/logs").json()["logs"]
+    assert any(line["message"].startswith("recipe: linear of 3 inputs") for line in logs)
+
+    local = tmp_path / "recipe.yaml"
+    local.write_text(RECIPE.replace("alice/base+alice/adapter", f"{seeded_model.base_dir}+{seeded_model.adapter_dir}")
+                     .replace("alice/base", str(seeded_model.base_dir)).replace("alice/ft@main", str(ft)))
+    assert main(["merge", "--recipe", str(local), "--out", str(tmp_path / "cli"), "--device", "cpu", "--quiet"]) == 0
+    published = Path(snapshot_download("alice/from-recipe", endpoint=live.hub.url, token=ALICE, local_dir=tmp_path / "dl"))
+    a, b = load_state(published), load_state(tmp_path / "cli")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (published / "config.json").read_bytes() == (seeded_model.base_dir / "config.json").read_bytes()
 
 
 def test_webhook_pushes_merge_each_new_adapter_commit_once(live, seeded_model, tmp_path):  # noqa: F811
