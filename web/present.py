@@ -208,8 +208,20 @@ def job_times(job: Job) -> list[dict]:
     return rows
 
 
+def job_label(job: Job) -> str:
+    """What a job merges, in a few words: its adapter, or "recipe (method)" (a rule's recipe job: with the push)."""
+    if job.recipe is None:
+        return job.adapter_repo
+    first = job.recipe.partition("\n")[0]  # the normalised text starts with merge_method (worker/jobs/recipe.py)
+    label = f"recipe ({first.partition(':')[2].strip() or '?'})"
+    return f"{label} · {job.adapter_repo}" if job.adapter_repo else label
+
+
 def merge_again_url(job: Job) -> str:
-    """The form, pre-filled with this job's adapter, base and target (to change what made it fail)."""
+    """The form, pre-filled with this job's adapter, base and target (to change what made it fail); the recipe
+    form for a recipe job (its recipe is on the job page, to paste)."""
+    if job.recipe is not None:
+        return url_for("ui.recipe_form")
     args = {"adapter": job.adapter_repo, "target": job.target_repo}
     if job.base_repo:
         args["base"] = job.base_repo

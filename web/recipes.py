@@ -283,3 +283,65 @@ def card_preview(checked: RecipeChecked) -> str | None:
     cards.sort(key=lambda c: c.role != "base")
     seed = checked.inp.seed if checked.inp.seed is not None else 0
     return build_recipe_card(recipe, cards, seed, None, version)
+
+
+# --- the form's recipe mode ---------------------------------------------------------------------------------------
+
+_DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
+
+
+def input_from_form(form):
+    """The recipe form → a request: the pasted YAML when there is some, else the recipe the rows and the method's
+    parameters spell (only the parameters the method takes, so the parser's words apply to what was typed)."""
+    from .merge import MergeInput
+
+    text = (form.yaml.data or "").strip()
+    recipe = text if text else _recipe_from_rows(form)
+    private = True if form.private.data else (None if form.private_auto.data == "1" else False)
+    seed = int(form.seed.data) if (form.seed.data or "").strip() else None
+    return MergeInput(adapter=None, target=(form.target.data or "").strip(), private=private,
+                      dtype=form.dtype.data or "auto", overwrite=bool(form.overwrite.data),
+                      create_pr=bool(form.create_pr.data), recipe=recipe, seed=seed)
+
+
+def _recipe_from_rows(form) -> dict:
+    method = form.method.data
+    data: dict = {"merge_method": method}
+    base = (form.base_model.data or "").strip()
+    if base and method != "linear":  # linear averages every input: a base would be one more addend
+        data["base_model"] = base
+    models = []
+    for row in form.rows:
+        model, adapter = (row.model.data or "").strip(), (row.adapter.data or "").strip()
+        if not model and not adapter:
+            continue
+        params = {}
+        if method != "slerp" and (row.weight.data or "").strip():
+            params["weight"] = _number(row.weight.data)
+        if method in _DENSITY_METHODS and (row.density.data or "").strip():
+            params["density"] = _number(row.density.data)
+        entry: dict = {"model": model + (f"+{adapter}" if adapter else "")}
+        if params:
+            entry["parameters"] = params
+        models.append(entry)
+    data["models"] = models
+    params: dict = {}
+    if method != "slerp" and form.normalize.data in ("true", "false"):
+        params["normalize"] = form.normalize.data == "true"
+    if method.startswith("dare") and form.rescale.data in ("true", "false"):
+        params["rescale"] = form.rescale.data == "true"
+    if method not in ("linear", "slerp") and (form.lambda_.data or "").strip():
+        params["lambda"] = _number(form.lambda_.data)
+    if method == "slerp" and (form.t.data or "").strip():
+        params["t"] = _number(form.t.data)
+    if params:
+        data["parameters"] = params
+    return data
+
+
+def _number(text: str):
+    """A number when it reads as one; else the text, which the parser then names ("weight must be a number")."""
+    try:
+        return float(text.strip())
+    except ValueError:
+        return text.strip()

@@ -417,26 +417,6 @@ dtype: bfloat16
 """
 
 
-@pytest.fixture
-def recipe_repos(hub, tmp_path_factory):
-    """A second model of alice/base's shapes, one of other shapes, and a private one (once per session)."""
-    import numpy as np
-    from safetensors.numpy import save_file
-
-    from .seeding import write_model
-
-    root = tmp_path_factory.mktemp("recipe")
-    for repo, shape, private in (("alice/recipe-ft", (8, 8), False), ("alice/recipe-wide", (16, 8), False),
-                                 ("alice/recipe-secret", (8, 8), True)):
-        if hub.has_repo(repo):
-            continue
-        folder = write_model(root / repo.split("/")[1])
-        save_file({"model.layers.0.self_attn.q_proj.weight": np.ones(shape, dtype=np.float32)},
-                  str(folder / "model.safetensors"))
-        hub.create_repo(repo, private=private)
-        hub.upload_folder(repo, folder, message="seed")
-
-
 def test_a_recipe_job_is_normalised_checked_and_queued(client, enqueued, db, recipe_repos):
     target = f"alice/{unique()}"
     r = client.post("/api/v1/jobs", json={"recipe": LINEAR, "target": target, "seed": 3}, headers=bearer(ALICE))

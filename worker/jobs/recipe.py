@@ -16,7 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..engine.errors import SourceError
-from ..engine.recipe.recipe import MAX_RECIPE_BYTES, Recipe, RecipeError, _ref, parse_recipe
+from ..engine.recipe.recipe import (
+    MAX_RECIPE_BYTES,
+    Recipe,
+    RecipeError,
+    _ref,
+    _scalar,
+    _scalars,
+    parse_recipe,
+)
 from ..locations import check_revision, is_repo_id
 
 #: the key order of a normalised recipe (mergekit's own order in its examples)
@@ -72,7 +80,21 @@ def job_recipe(value: object) -> JobRecipe:
     if len(text.encode()) > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe: {len(text.encode())} bytes once its YAML aliases are expanded; too large for a recipe")
     recipe = parse_recipe(text)
+    _check_values(recipe)
     return JobRecipe(recipe, text, hub_parts(recipe))
+
+
+def _check_values(recipe: Recipe) -> None:
+    """Every parameter value read as its parameter's type now: the parser leaves text values (`weight: "0.5"`) to
+    plan time, which for a job is minutes later, in the worker."""
+    scopes = [("parameters", recipe.parameters)] + [(i.ref.text, i.parameters) for i in recipe.inputs]
+    for where, params in scopes:
+        for name, setting in params.items():
+            for value in _scalars(setting):
+                try:
+                    _scalar(value, name)
+                except RecipeError as exc:
+                    raise RecipeError(f"{exc} ({where})") from None
 
 
 def _model_entry(entry: object, i: int) -> dict:
