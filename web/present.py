@@ -89,6 +89,7 @@ def rule_json(rule: Rule, secret: str | None = None) -> dict:
         "bases": list(rule.bases) if rule.bases else None,
         "private": bool(rule.private),
         "dtype": rule.dtype,
+        **({"recipe": rule.recipe} if rule.recipe is not None else {}),
         "enabled": bool(rule.enabled),
         "created_at": iso(rule.created_at),
         "webhook_url": webhook_url(rule.id),

@@ -345,3 +345,76 @@ def _number(text: str):
         return float(text.strip())
     except ValueError:
         return text.strip()
+
+
+# --- recipe rules: rerun the recipe when one of its adapters gets a commit ----------------------------------------
+
+
+def check_rule(caller, inp, rule_token):
+    """A recipe rule (web/rules.py hands it here): the recipe normalised, at least one adapter to watch, a plain
+    target repo that is none of the inputs, no base of its own (the recipe names it), and every input readable with
+    the token the rule will keep (a push then reads only those)."""
+    from .hubcheck import can_write
+    from .merge import DTYPES
+    from .rule_targets import DEFAULT_TARGET
+    from .rules import Checked
+
+    errors: list[InspectError] = []
+    try:
+        job = job_recipe(inp.recipe)
+    except RecipeError as exc:
+        errors.append(InspectError(FIELD, str(exc)))
+        job = None
+    if inp.watch:
+        errors.append(InspectError("watch", "a recipe rule watches the adapters its recipe folds in "
+                                            "(MODEL+ADAPTER inputs); leave watch out"))
+    for name in ("base", "bases", "base_revision"):
+        if getattr(inp, name):
+            errors.append(InspectError(name, f"{name} is not for a recipe rule: the recipe names its base_model"))
+    if inp.target == DEFAULT_TARGET:
+        errors.append(InspectError("target", "a recipe rule needs its target: one repo id (owner/name)"))
+    else:
+        try:
+            check_repo_id(inp.target, "target", "target")
+        except InspectError as exc:
+            errors.append(exc)
+    if inp.dtype not in DTYPES:
+        errors.append(InspectError("dtype", f"dtype must be one of {', '.join(DTYPES)}"))
+    adapters = tuple(dict.fromkeys(p.repo for p in job.parts if p.role == "adapter")) if job else ()
+    if job is not None and not adapters:
+        errors.append(InspectError(FIELD, "recipe: no input folds in a LoRA adapter (MODEL+ADAPTER): a rule has "
+                                          "nothing to watch"))
+    if job is not None and inp.target.lower() in {r.lower() for r in job.repos}:
+        errors.append(InspectError("target", f"{inp.target}: the target is one of the recipe's inputs; a push "
+                                             "would make the rule overwrite it"))
+    if errors:
+        return errors, None
+    token, identity = rule_token(caller, inp, errors)
+    if errors:
+        return errors, None
+    namespace = inp.target.split("/")[0]
+    if not can_write(identity, namespace):
+        errors.append(InspectError("target", f"you cannot create repos in '{namespace}' with this token"))
+    _inspect_inputs(services().hub(token), job, errors)
+    if errors:
+        return errors, None
+    watch = ", ".join(adapters)
+    return [], Checked(token, identity, namespace, recipe=job.text,
+                       watch=watch if len(watch) <= 200 else watch[:199] + "…")
+
+
+def rule_adapters(recipe_text: str) -> frozenset[str] | None:
+    """The adapters a recipe rule watches (lower-case repo ids), or None when its stored recipe no longer parses."""
+    try:
+        job = job_recipe(recipe_text)
+    except RecipeError:
+        return None
+    return frozenset(p.repo.lower() for p in job.parts if p.role == "adapter")
+
+
+def rule_inputs(recipe_text: str) -> frozenset[str]:
+    """Every repo a recipe rule reads (lower-case), for the target check of each delivery."""
+    try:
+        return frozenset(r.lower() for r in job_recipe(recipe_text).repos)
+    except RecipeError:
+        return frozenset()

@@ -56,12 +56,14 @@ class RuleInput:
     private: bool = False
     dtype: str = "auto"
     token: str | None = field(default=None, repr=False)  # a personal access token for the rule (never printed)
+    recipe: object = None  # a recipe rule (web/recipes.py check_rule): YAML text or a mapping, normalised there
 
     @classmethod
     def from_json(cls, body: object) -> RuleInput:
         """Strict: web/schemas.py RuleCreate (the model openapi.py publishes); 422 naming the field otherwise."""
         values = parse(RuleCreate, body).model_dump()
         values["bases"] = tuple(values["bases"]) if values["bases"] is not None else None
+        values["watch"] = values["watch"] or ""
         return cls(**values)
 
     @classmethod
@@ -82,6 +84,8 @@ class Checked:
     token: str
     identity: Identity
     target_namespace: str
+    recipe: str | None = None  # a recipe rule's normalised recipe
+    watch: str | None = None  # a recipe rule's adapters, as shown
 
     def __repr__(self) -> str:  # never the token
         return f"Checked({self.identity.name!r}, {self.target_namespace!r})"
@@ -92,6 +96,10 @@ def check(caller: Caller, inp: RuleInput) -> list[InspectError]:
 
 
 def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked | None]:
+    if inp.recipe is not None:
+        from . import recipes
+
+        return recipes.check_rule(caller, inp, _rule_token)
     errors: list[InspectError] = []
     parts = split_watch(inp.watch)
     if parts is None:
@@ -209,11 +217,11 @@ def create(caller: Caller, inp: RuleInput) -> tuple[Rule, str]:
                           token_encrypted=svc.box.seal(checked.token), expires_at=_parse_time(identity.token_expires_at))
         s.add(cred)
         s.flush()
-        rule = Rule(owner=caller.name, owner_id=caller.id, watch=inp.watch, target=inp.target,
+        rule = Rule(owner=caller.name, owner_id=caller.id, watch=checked.watch or inp.watch, target=inp.target,
                     target_namespace_id=identity.namespace_id(checked.target_namespace), base=inp.base,
                     base_revision=inp.base_revision if inp.base else None,
                     bases=list(_check_bases(inp, [])) if inp.bases else None, private=inp.private, dtype=inp.dtype,
-                    secret_encrypted=svc.box.seal(secret), credential_id=cred.id)
+                    recipe=checked.recipe, secret_encrypted=svc.box.seal(secret), credential_id=cred.id)
         s.add(rule)
     return rule, secret
 

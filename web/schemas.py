@@ -148,9 +148,11 @@ class JobCreate(_Request):
 class RuleCreate(_Request):
     """POST /api/v1/rules: merge every new commit of the watched adapter repos onto the base(s) chosen here."""
 
-    watch: str = Field(max_length=MAX_STRING, description="owner/name or owner/<glob>, e.g. owner/*-lora")
+    watch: str | None = Field(None, max_length=MAX_STRING,
+                              description="owner/name or owner/<glob>, e.g. owner/*-lora (required unless recipe)")
     target: str = Field(DEFAULT_TARGET, max_length=MAX_STRING,
-                        description="must not be able to render to a watched repo or to a base (422 otherwise)")
+                        description="must not be able to render to a watched repo or to a base (422 otherwise); "
+                                    "with recipe: one repo id, none of the recipe's inputs")
     base: OptionalRepoId | None = Field(None, description="the base every push is merged onto; base or bases is "
                                                           "required (an adapter's config never chooses the base)")
     base_revision: OptionalRevision | None = None
@@ -161,8 +163,15 @@ class RuleCreate(_Request):
     token: str | None = Field(None, max_length=MAX_TOKEN, repr=False,
                               description="a personal access token for the rule to keep; required when the "
                                           "caller's token is an OAuth sign-in token (those expire)")
+    recipe: RecipeText | RecipeObject | None = Field(
+        None, description="instead of watch and base: a merge recipe (as in POST /jobs) rerun into target whenever "
+                          "one of its adapters (MODEL+ADAPTER inputs) gets a commit on main")
 
     empty_is_none: ClassVar[frozenset[str]] = frozenset({"base", "base_revision", "token"})
+
+    def check_fields(self) -> None:
+        if self.recipe is None and self.watch is None:
+            raise Unprocessable("watch is required (or recipe, for a recipe rule)", field="watch")
 
     @field_validator("target", mode="after")
     @classmethod
@@ -338,6 +347,7 @@ class Rule(BaseModel):
     bases: list[str] | None = None
     private: bool
     dtype: str
+    recipe: str | None = absent(description="a recipe rule's recipe (normalised YAML)")
     enabled: bool | None = absent()
     credential_warning: str | None = Field(None, description="set when the stored token has expired or expires "
                                                              "within 7 days")

@@ -237,3 +237,53 @@ def test_webhook_pushes_merge_each_new_adapter_commit_once(live, seeded_model, t
     third = job_for(push(readme, "docs"))
     assert third.status == "skipped" and "did not change the adapter" in third.error
     assert len(merged_commits(live.hub, target)) == 2
+
+
+def test_a_recipe_rule_rebuilds_the_recipe_when_its_adapter_gets_a_commit(live, seeded_model, tmp_path):  # noqa: F811
+    """A rule naming a recipe: a push to the recipe's adapter reruns the recipe with that commit, into the rule's
+    one target (claimed by the rule); a README-only push is skipped."""
+    from tests.support.recipe_models import make_finetune
+
+    api = HfApi(endpoint=live.hub.url)
+    for repo, folder in (("alice/ft", make_finetune(seeded_model.base_dir, tmp_path / "ft", seed=401)),
+                         ("alice/adapter2", seeded_model.adapter_dir)):
+        if not live.hub.has_repo(repo):
+            api.create_repo(repo, token=ALICE)
+            api.upload_folder(repo_id=repo, folder_path=str(folder), token=ALICE, commit_message="seed")
+    recipe = {"merge_method": "task_arithmetic", "base_model": "alice/base",
+              "models": [{"model": "alice/base+alice/adapter2", "parameters": {"weight": 0.5}},
+                         {"model": "alice/ft", "parameters": {"weight": 0.5}}]}
+    rule = _api(live, "POST", "/api/v1/rules", json={"recipe": recipe, "target": "alice/recipe-rule-out"})
+    assert rule.status_code == 201, rule.text
+    rule = rule.json()
+    live.hub.add_webhook("alice", rule["webhook_url"], [{"type": "model", "name": "alice/adapter2"}], secret=rule["secret"])
+
+    def push(folder: Path, message: str):
+        api.upload_folder(repo_id="alice/adapter2", folder_path=str(folder), token=ALICE, commit_message=message)
+        sha = live.hub.head("alice/adapter2")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            hit = [d for d in _api(live, "GET", f"/api/v1/rules/{rule['id']}").json()["deliveries"]
+                   if d.get("new_sha") == sha and d.get("job_id")]
+            if hit:
+                return sha, live.wait(hit[0]["job_id"])
+            time.sleep(0.2)
+        raise AssertionError(f"no job for {sha}")
+
+    adapter = shutil.copytree(seeded_model.adapter_dir, tmp_path / "ad2")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "revision": "v1"}, indent=2))
+    sha, job = push(adapter, "train more")
+    assert job.status == "succeeded", job.error
+    assert (job.door, job.adapter_repo, job.adapter_sha, job.recipe) == ("webhook", "alice/adapter2", sha, rule["recipe"])
+    [commit] = merged_commits(live.hub, "alice/recipe-rule-out")
+    assert f"lorafold-rule-id: {rule['id']}" in commit["message"]
+    card = live.hub.read_file("alice/recipe-rule-out", "README.md").decode()
+    assert f"alice/base@{live.hub.head('alice/base')}+alice/adapter2@{sha}" in card
+
+    readme = tmp_path / "readme2"
+    readme.mkdir()
+    (readme / "README.md").write_text("# another adapter\n")
+    _, skipped = push(readme, "docs")
+    assert skipped.status == "skipped" and "did not change the adapter" in skipped.error
+    assert len(merged_commits(live.hub, "alice/recipe-rule-out")) == 1

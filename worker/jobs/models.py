@@ -188,6 +188,9 @@ class Rule(Base):
     bases: Mapped[list | None] = mapped_column(JSON, nullable=True)
     private: Mapped[bool] = mapped_column(Boolean, default=False)
     dtype: Mapped[str] = mapped_column(String(16), default="auto")
+    # A recipe rule (issue 13): a push of one of this recipe's adapters reruns the recipe (normalised YAML,
+    # worker/jobs/recipe.py) into `target`, a plain repo id; `watch` then lists those adapters (display only).
+    recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
     secret_encrypted: Mapped[str] = mapped_column(Text)
     credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
