@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from worker.jobs import Delivery, Job, Rule
 
-from .helpers import ALICE, BOB, bearer
+from .helpers import ALICE, BOB, bearer, sign_in
 from .seeding import push_payload
 
 SHA1 = "575db8b7a51b6f85eb06eee540738584589f131c"
@@ -219,6 +219,9 @@ def test_a_recipe_rule_reruns_its_recipe_for_a_push_of_its_adapter(client, db, e
         r = deliver(client, rule, push_payload(repo, SHA2))
         assert r.status_code == 200 and "is not an adapter of this rule's recipe" in r.json["reason"]
     assert deliver(client, rule, push_payload("alice/ad", SHA1)).json["duplicate"] is True
+    sign_in(client)
+    page = client.get("/rules").get_data(as_text=True)
+    assert "reruns a recipe (merge_method: task_arithmetic)" in page and "alice/recipe-rebuilt" in page
 
 
 @pytest.mark.parametrize(("body", "field", "words"), [
