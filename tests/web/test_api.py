@@ -443,7 +443,15 @@ def test_a_recipe_job_is_normalised_checked_and_queued(client, enqueued, db, rec
     assert r.status_code == 202 and client.get(f"/api/v1/jobs/{r.json['id']}", headers=bearer(ALICE)).json["private"]
 
 
+# 10 kB of YAML whose aliases expand to 8 million values (a web process would check them for seconds)
+ALIAS_BOMB = ("merge_method: ties\nbase_model: alice/base\nmodels:\n  - model: alice/recipe-ft\n    parameters:\n"
+              "      weight: &c [" + ",".join(["{filter: x, value: &g [" + ",".join(["0.5"] * 256) + "]}"]
+                                          + ["{filter: x, value: *g}"] * 255) + "]\n      density: *c\n"
+              + "".join(f"  - model: alice/m{i}\n    parameters: {{weight: *c, density: *c}}\n" for i in range(63)))
+
+
 @pytest.mark.parametrize(("recipe", "field", "words"), [
+    (ALIAS_BOMB, "recipe", "more than 50000 values once its YAML aliases are expanded"),
     (LINEAR.replace("dtype:", "colour: red\ndtype:"), "recipe", "unknown key 'colour'"),
     (LINEAR.replace("linear", "frankenmerge"), "recipe", "unknown merge_method 'frankenmerge'"),
     (LINEAR.replace("linear", "passthrough"), "recipe", "'passthrough' is not supported"),
