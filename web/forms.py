@@ -76,7 +76,7 @@ class RecipeForm(FlaskForm):
 
 
 class RuleForm(FlaskForm):
-    watch = StringField("Watch", validators=[DataRequired(), Length(max=200)])
+    watch = StringField("Watch", validators=[Optional(), Length(max=200)])  # required unless recipe (web/rules.py)
     target = StringField("Target", validators=[Optional(), Length(max=200)])
     base = StringField("Base model", validators=[Optional(), Length(max=200)])
     base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
@@ -84,6 +84,7 @@ class RuleForm(FlaskForm):
     private = BooleanField("Private")
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
     token = PasswordField("Personal access token", validators=[Optional(), Length(max=512)])
+    recipe = TextAreaField("Recipe", validators=[Optional(), Length(max=60_000)])
 
 
 class ActionForm(FlaskForm):

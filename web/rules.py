@@ -74,7 +74,7 @@ class RuleInput:
         bases = tuple(b for b in re.split(r"[\s,]+", text("bases") or "") if b) or None
         return cls(watch=text("watch") or "", target=text("target") or DEFAULT_TARGET, base=text("base"),
                    base_revision=text("base_revision"), bases=bases, private=bool(form.private.data),
-                   dtype=form.dtype.data or "auto", token=text("token"))
+                   dtype=form.dtype.data or "auto", token=text("token"), recipe=text("recipe"))
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,9 @@ def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked 
         return recipes.check_rule(caller, inp, _rule_token)
     errors: list[InspectError] = []
     parts = split_watch(inp.watch)
-    if parts is None:
+    if not inp.watch:
+        errors.append(InspectError("watch", "watch is required (owner/name or owner/*), or give a recipe"))
+    elif parts is None:
         errors.append(InspectError("watch", f"{inp.watch[:100]!r}: watch one repo (owner/name) or a pattern of one "
                                             "namespace (owner/*, owner/*-lora)"))
     bases = _check_bases(inp, errors)

@@ -145,8 +145,15 @@ class JobCreate(_Request):
                                     "itself", field=name)
 
 
+def _one_of_watch_or_recipe(schema: dict) -> None:
+    schema["oneOf"] = [{"required": ["watch"]}, {"required": ["recipe"]}]
+
+
 class RuleCreate(_Request):
-    """POST /api/v1/rules: merge every new commit of the watched adapter repos onto the base(s) chosen here."""
+    """POST /api/v1/rules: merge every new commit of the watched adapter repos onto the base(s) chosen here, or
+    rerun a merge `recipe` whenever one of its adapters gets a commit."""
+
+    model_config = ConfigDict(**_REQUEST, json_schema_extra=_one_of_watch_or_recipe)
 
     watch: str | None = Field(None, max_length=MAX_STRING,
                               description="owner/name or owner/<glob>, e.g. owner/*-lora (required unless recipe)")

@@ -238,3 +238,21 @@ def test_a_recipe_rule_reruns_its_recipe_for_a_push_of_its_adapter(client, db, e
 def test_recipe_rules_keep_the_rule_invariants(client, recipe_repos, body, field, words):
     r = client.post("/api/v1/rules", json={"recipe": RECIPE_RULE, **body}, headers=bearer(ALICE))
     assert r.status_code == 422 and r.json["error"]["field"] == field and words in r.json["error"]["message"], r.json
+
+
+def test_the_rules_page_creates_a_recipe_rule(client, db, recipe_repos):
+    from .helpers import csrf_from
+
+    sign_in(client)
+    page = client.get("/rules").get_data(as_text=True)
+    assert 'name="recipe"' in page
+    data = {"csrf_token": csrf_from(page), "target": "alice/recipe-from-page", "recipe": RECIPE_RULE, "dtype": "auto"}
+    r = client.post("/rules", data=data)
+    assert r.status_code == 201, r.get_data(as_text=True)[-1500:]
+    with db.session() as s:
+        rule = s.scalar(select(Rule).where(Rule.target == "alice/recipe-from-page"))
+        assert rule.watch == "alice/ad" and rule.recipe.startswith("merge_method: task_arithmetic")
+    r = client.post("/rules", data={**data, "recipe": RECIPE_RULE.replace("alice/ad", "alice/nope")})
+    assert r.status_code == 422 and "recipe input alice/base+alice/nope" in r.get_data(as_text=True)
+    r = client.post("/rules", data={**data, "recipe": ""})
+    assert r.status_code == 422 and "watch is required" in r.get_data(as_text=True)
