@@ -162,10 +162,18 @@ def test_api_recipe_job_publishes_the_clis_bytes_in_one_commit(live, seeded_mode
     if not live.hub.has_repo("alice/ft"):
         api.create_repo("alice/ft", token=ALICE)
         api.upload_folder(repo_id="alice/ft", folder_path=str(ft), token=ALICE, commit_message="seed")
+    live.hub.clear_log()
     r = _api(live, "POST", "/api/v1/jobs", json={"recipe": RECIPE, "target": "alice/from-recipe"})
     assert r.status_code == 202, r.text
     job = live.wait(r.json()["id"])
     assert job.status == "succeeded", job.error
+    for repo in ("alice/base", "alice/ft"):  # ranged reads only; alice/base (two inputs) served once
+        gets = [q for q in live.hub.request_log if q.method == "GET" and f"/{repo}/resolve/" in q.path
+                and q.path.endswith(".safetensors")]
+        assert gets and all(q.range for q in gets), repo
+        served = sum(q.bytes_sent for q in gets)
+        # weights once; headers (100 kB reads) by the door's check and the worker's plan, a few times each
+        assert seeded_model.base_bytes * 0.99 <= served <= 1.02 * seeded_model.base_bytes + 12 * 100_000, (repo, served)
     assert job.recipe and job.adapter_repo == "" and job.base_repo is None and job.bytes_written
     assert len(merged_commits(live.hub, "alice/from-recipe")) == 1
     shas = {repo: live.hub.head(repo) for repo in ("alice/base", "alice/ft", "alice/adapter")}
