@@ -220,9 +220,9 @@ def job_label(job: Job) -> str:
 
 def merge_again_url(job: Job) -> str:
     """The form, pre-filled with this job's adapter, base and target (to change what made it fail); the recipe
-    form for a recipe job (its recipe is on the job page, to paste)."""
+    form with its recipe and target for a recipe job."""
     if job.recipe is not None:
-        return url_for("ui.recipe_form")
+        return url_for("ui.recipe_form", job=job.id)
     args = {"adapter": job.adapter_repo, "target": job.target_repo}
     if job.base_repo:
         args["base"] = job.base_repo

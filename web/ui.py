@@ -140,6 +140,9 @@ def recipe_form():
     caller = session_caller()
     form = RecipeForm()
     if request.method == "GET":
+        if request.args.get("job"):  # "Change and merge again": that job's recipe and target, to edit
+            job = jobs.get(caller, request.args["job"])
+            form.yaml.data, form.target.data = job.recipe, job.target_repo
         return render_template("recipe.html", form=form, preview=None, errors=[], token_page=token_page())
     errors: list[dict] = []
     if form.validate_on_submit():

@@ -666,7 +666,10 @@ def test_recipe_mode_previews_the_plan_then_queues(client, enqueued, db, recipe_
         assert job.recipe.startswith("merge_method: ties\nbase_model: alice/base\nmodels:\n- model: alice/recipe-ft\n")
         assert "density: 0.5" in job.recipe and "lambda: 0.9" in job.recipe
     page = client.get(f"/jobs/{job.id}").get_data(as_text=True)
-    assert "recipe (ties)" in page
+    assert "recipe (ties)" in page and f'href="/merge/recipe?job={job.id}"' in page
+    again = client.get(f"/merge/recipe?job={job.id}").get_data(as_text=True)  # "Change and merge again"
+    assert "merge_method: ties" in again and job.target_repo in again
+    assert client.get("/merge/recipe?job=" + "0" * 32).status_code == 404
 
 
 def test_recipe_mode_says_each_problem_in_one_line(client, enqueued, recipe_repos):
