@@ -152,7 +152,7 @@ def run_job(
         adapter.close()
     published = result.result
     if req.keep_quantization:
-        how = f"kept FP8: {inner.summary()}"
+        how = inner.summary()  # "FP8 kept: N merged tensor(s) re-quantized ..., worst round-trip error ..."
         reporter.log("info", inner.summary())
     return Outcome(
         published.repo or req.target,
