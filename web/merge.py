@@ -124,21 +124,27 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
     if info is not None and base_id is None:
         errors.append(InspectError("base", f"{adapter}: adapter_config.json names no Hub base model; choose the base"))
     base_info = _inspect_base(hub, base_id, base_at, not base, errors)
+    quant = None
+    base_sha = base_info.sha if base_info else None
+    quant_ok = True
+    if info is not None and base_info is not None:
+        before = len(errors)
+        quant = attempt(quantized_base, hub, base_id, base_sha, from_config=not base,
+                        from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization, dtype=inp.dtype)
+        quant_ok = len(errors) == before
+        if quant is not None and quant.quantized:  # the merge goes into the 16-bit original: it is the base now
+            base_id, base_sha = quant.base, quant.sha
+            named = base_info
+            base_info = attempt(inspect_repo, hub, base_id, base_sha, field="base") or base_info
+            base_info = replace(base_info, private=base_info.private or named.private)
     private = inp.private
     if private is None:  # the API left it out: a merge is as private as the most private of its inputs
         private = bool((info and info.private) or (base_info and base_info.private))
     inp = replace(inp, private=private)
     _check_target(caller, hub, inp, target, (adapter, base_id), errors)
-    preflight = quant = None
-    base_sha = base_info.sha if base_info else None
-    if info is not None and base_info is not None:
-        before = len(errors)
-        quant = attempt(quantized_base, hub, base_id, base_sha, from_config=not base,
-                        from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization, dtype=inp.dtype)
-        if quant is not None:
-            base_id, base_sha = quant.base, quant.sha  # the 16-bit original, when the merge goes there
-        if len(errors) == before:
-            preflight = attempt(_preflight, hub, adapter, info, base_id, base_sha, inp.dtype)
+    preflight = None
+    if info is not None and base_info is not None and quant_ok:
+        preflight = attempt(_preflight, hub, adapter, info, base_id, base_sha, inp.dtype)
     errors.sort(key=lambda e: FIELDS.index(e.field) if e.field in FIELDS else 99)
     return errors, Checked(inp, info, base_id, base_sha, bool(base_info and base_info.private), preflight, quant)
 

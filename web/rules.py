@@ -35,6 +35,7 @@ from .auth import Caller, identify, login_required, session_caller
 from .errors import HubUnavailable, NotFound
 from .forms import DTYPES, ActionForm, RuleForm
 from .hubcheck import Identity, InspectError, can_write, check_repo_id, check_rev, inspect_repo
+from .preflight import quantized_base
 from .rule_targets import DEFAULT_TARGET, parse_template, render_target, split_watch, target_collision
 from .schemas import RuleCreate, parse
 from .services import services
@@ -123,10 +124,13 @@ def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked 
     hub = services().hub(token)
     for base in bases:
         try:  # the rule's token must be able to read every base it names (and nothing else is read later)
-            inspect_repo(hub, base, base_rev if inp.base else None, field="base" if inp.base else "bases",
-                         revision_field="base_revision")
+            info = inspect_repo(hub, base, base_rev if inp.base else None, field="base" if inp.base else "bases",
+                                revision_field="base_revision")
+            # a scheme lorafold cannot read, or keep_quantization on a base that is not FP8, would fail every push
+            quantized_base(hub, base, info.sha, from_config=False, from_quantized="dequantize",
+                           keep_quantization=inp.keep_quantization)
         except InspectError as exc:
-            errors.append(exc)
+            errors.append(exc if exc.field != "base" or inp.base else InspectError("bases", exc.message))
     return errors, (None if errors else Checked(token, identity, target_ns or ""))
 
 

@@ -184,3 +184,18 @@ def test_rules_store_the_options_and_refuse_bad_values(client, quant_repos, db):
         rule = s.get(Rule, r.json["id"])
         assert (rule.from_quantized, rule.keep_quantization) == ("dequantize", True)
     assert client.get(f"/api/v1/rules/{r.json['id']}", headers=bearer(ALICE)).json["keep_quantization"] is True
+
+
+def test_a_rule_is_refused_at_once_when_its_base_would_fail_every_push(client, quant_repos):
+    def post(**body):
+        return client.post("/api/v1/rules", json={"watch": "alice/*-qlora", **body}, headers=bearer(ALICE))
+
+    r = post(base="alice/base", keep_quantization=True)
+    assert r.status_code == 422 and r.json["error"]["field"] == "keep_quantization"
+    assert "alice/base is not quantized" in r.json["error"]["message"]
+    r = post(bases=["alice/base", "alice/q-bnb-4bit"], keep_quantization=True)
+    assert r.status_code == 422 and r.json["error"]["field"] == "keep_quantization"
+    r = post(bases=["alice/base", "alice/q-gptq"])
+    assert r.status_code == 422 and r.json["error"]["field"] == "bases" and "GPTQ" in r.json["error"]["message"]
+    r = post(base="alice/q-bnb-4bit")  # dequantized by the rule's jobs (a rule never looks for originals)
+    assert r.status_code == 201 and r.json["from_quantized"] == "original" and r.json["keep_quantization"] is False
