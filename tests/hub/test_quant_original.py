@@ -206,3 +206,23 @@ def test_gated_original_fails_with_advice_instead_of_silently_dequantizing(hub, 
     assert "alice/base" in err and "gated" in err and "--from-quantized dequantize" in err
     rc = main(["merge", "carol/adapter", "--push-to", "carol/merged", "--token", carol, "-q", "--from-quantized", "dequantize"])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_keep_quantization_publishes_a_sharded_fp8_base_to_the_hub(hub, qlora, tmp_path, capsys):
+    """The Hub sink uploads and deletes each finished shard: the FP8 index's total_size must not need them back."""
+    fp8 = quantize_checkpoint(qlora["base"], tmp_path / "fp8", "fp8", fp8_block=(16, 16))
+    assert len(list(fp8.glob("*.safetensors"))) == 2
+    _seed(hub, {"alice/fp8": fp8, "alice/adapter": qlora["adapter"]})
+    rc = main(["merge", "alice/adapter", "--base", "alice/fp8", "--keep-quantization", "--push-to", "alice/merged",
+               "--token", ALICE, "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "FP8 kept:" in out and "worst round-trip error" in out
+    local = Path(snapshot_download("alice/merged", endpoint=hub.url, token=ALICE, local_dir=tmp_path / "dl"))
+    index = json.loads((local / "model.safetensors.index.json").read_text())
+    data = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        raw = (local / shard).read_bytes()
+        data += len(raw) - 8 - int.from_bytes(raw[:8], "little")
+    assert index["metadata"]["total_size"] == data
+    assert json.loads((local / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
