@@ -7,6 +7,8 @@ from flask_wtf import FlaskForm
 from wtforms import BooleanField, HiddenField, PasswordField, SelectField, StringField
 from wtforms.validators import DataRequired, Length, Optional
 
+from worker.jobs.request import FROM_QUANTIZED
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DTYPE_CHOICES = list(DTYPES)  # plain values (labels = values): no tuples, which WTForms 3.3 deprecates
 
@@ -28,6 +30,8 @@ class MergeForm(FlaskForm):
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
     overwrite = BooleanField("Overwrite the weights already there")
     create_pr = BooleanField("Open a pull request instead of committing to main")
+    from_quantized = SelectField("4-bit base", choices=list(FROM_QUANTIZED), default="original")
+    keep_quantization = BooleanField("Keep FP8 (an FP8 base's merge written back in FP8)")
 
 
 class RuleForm(FlaskForm):
@@ -38,6 +42,7 @@ class RuleForm(FlaskForm):
     bases = StringField("Allowed bases", validators=[Optional(), Length(max=4200)])
     private = BooleanField("Private")
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
+    keep_quantization = BooleanField("Keep FP8")  # a rule's bitsandbytes base is always dequantized (pipeline.py)
     token = PasswordField("Personal access token", validators=[Optional(), Length(max=512)])
 
 

@@ -47,6 +47,9 @@ def job_json(job: Job) -> dict:
         "target": job.target_repo,
         "private": bool(job.private),
         "dtype": job.dtype,
+        "from_quantized": job.from_quantized or "original",
+        "keep_quantization": bool(job.keep_quantization),
+        "base_quantization": job.base_quantization,
         "rule_id": job.rule_id,
         "progress": {
             "done": job.tensors_done or 0,
@@ -88,6 +91,8 @@ def rule_json(rule: Rule, secret: str | None = None) -> dict:
         "bases": list(rule.bases) if rule.bases else None,
         "private": bool(rule.private),
         "dtype": rule.dtype,
+        "from_quantized": rule.from_quantized or "original",
+        "keep_quantization": bool(rule.keep_quantization),
         "enabled": bool(rule.enabled),
         "created_at": iso(rule.created_at),
         "webhook_url": webhook_url(rule.id),

@@ -6,11 +6,13 @@ that starts will not stop halfway for a reason that was knowable up front (DESIG
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .checkpoint import read_header
+from .checkpoint import read_json as _read_json
+from .checkpoint import weight_files as _weight_files
 from .errors import AdapterSpecError, FormatError, PlanError, SourceError
 from .files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SkippedFile, check_name, not_copied_reason
 from .io import FileEntry, ModelSource
@@ -18,13 +20,12 @@ from .mapping import AdapterMapper, Mapping
 from .quant import present_as_16bit
 from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
 from .spec import CONFIG_NAME, AdapterSpec
-from .tensors import AdapterWeights, read_header
+from .tensors import AdapterWeights
 from .variants import Op
 
 INDEX_NAME = SAFETENSORS_INDEX
 SINGLE_NAME = SAFETENSORS_SINGLE
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MAX_JSON_BYTES = 64 << 20  # config/index files are small; a huge one is hostile
 # written anew: the model card replaces the base's README (it reads only its head, card.CARD_HEAD_BYTES), and
 # .gitattributes is the Hub's own business (its LFS rules are made per commit)
 _NEVER_COPY = {"README.md", ".gitattributes"}
@@ -124,22 +125,6 @@ class MergePlan:
         return f"{len(self.tensors)} tensors in {len(self.shards)} shard(s), {n} changed by the adapter, {shown} to write"
 
 
-def _read_json(source: ModelSource, entry: FileEntry, what: str) -> dict:
-    if entry.size > MAX_JSON_BYTES:
-        raise FormatError(f"{entry.path}: {entry.size} bytes is too large for a {what}")
-    buf = bytearray(entry.size)
-    source.read_into(entry.path, 0, memoryview(buf))
-    try:
-        obj = json.loads(bytes(buf).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{source.label}/{entry.path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise FormatError(f"{source.label}/{entry.path}: JSON nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{source.label}/{entry.path}: expected a JSON object")
-    return obj
-
-
 def load_spec(adapter: ModelSource) -> tuple[AdapterSpec, FileEntry]:
     """The adapter's config and its weights file; cheap (used by the web form's validation too)."""
     files = {f.path: f for f in adapter.files()}
@@ -163,45 +148,6 @@ def _checked_files(base: ModelSource) -> dict[str, FileEntry]:
         except SourceError as exc:
             raise SourceError(f"{base.label}: {exc}") from None
     return files
-
-
-def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[str], bool]:
-    """The base's safetensors weight files (in order) and whether it is sharded (has an index)."""
-    if INDEX_NAME in files:
-        return _indexed_shards(base, files), True
-    if SINGLE_NAME in files:
-        return [SINGLE_NAME], False
-    if CONFIG_NAME in files and "config.json" not in files:
-        raise SourceError(f"{base.label}: this is a PEFT adapter (adapter_config.json), not a base model")
-    pickles = [p for p in files if p.endswith(".bin") and p.startswith("pytorch_model")]
-    if pickles:
-        raise SourceError(
-            f"{base.label}: the base has only pickle weights ({pickles[0]}); lorafold streams safetensors. "
-            "Convert the base first (transformers save_pretrained(..., safe_serialization=True))"
-        )
-    raise SourceError(f"{base.label}: no {SINGLE_NAME} or {INDEX_NAME}: not a safetensors model folder")
-
-
-def _indexed_shards(base: ModelSource, files: dict[str, FileEntry]) -> list[str]:
-    """The shard files the index's weight_map names (sorted), each a safe name and present."""
-    index = _read_json(base, files[INDEX_NAME], "safetensors index")
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise FormatError(f"{base.label}/{INDEX_NAME}: no weight_map")
-    names = []
-    for tensor, fname in weight_map.items():
-        if not isinstance(fname, str) or not isinstance(tensor, str):
-            raise FormatError(f"{base.label}/{INDEX_NAME}: weight_map must map tensor names to file names")
-        if fname not in names:
-            names.append(fname)
-    for fname in names:
-        try:
-            check_name(fname)
-        except SourceError:
-            raise FormatError(f"{base.label}/{INDEX_NAME}: refusing shard name {fname!r}") from None
-        if fname not in files:
-            raise SourceError(f"{base.label}: {INDEX_NAME} lists {fname}, which is missing")
-    return sorted(names)
 
 
 def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | None = None) -> MergePlan:

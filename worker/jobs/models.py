@@ -23,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -101,6 +102,11 @@ class Job(Base):
     max_shard_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     overwrite: Mapped[bool] = mapped_column(Boolean, default=False)
     create_pr: Mapped[bool] = mapped_column(Boolean, default=False)
+    # a bitsandbytes base: merge into its 16-bit original or its dequantized weights; an FP8 base: write FP8 back
+    from_quantized: Mapped[str] = mapped_column(String(16), default="original", server_default="original")
+    keep_quantization: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # how the base was read, once the worker knows (one line for the job page: original / dequantized / kept FP8)
+    base_quantization: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -184,6 +190,9 @@ class Rule(Base):
     bases: Mapped[list | None] = mapped_column(JSON, nullable=True)
     private: Mapped[bool] = mapped_column(Boolean, default=False)
     dtype: Mapped[str] = mapped_column(String(16), default="auto")
+    # the jobs' quantized-base options (a rule's job dequantizes a bitsandbytes base: it never looks for originals)
+    from_quantized: Mapped[str] = mapped_column(String(16), default="original", server_default="original")
+    keep_quantization: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     secret_encrypted: Mapped[str] = mapped_column(Text)
     credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

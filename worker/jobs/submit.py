@@ -76,6 +76,8 @@ def submit(
                 max_shard_size=m.max_shard_size,
                 overwrite=m.overwrite,
                 create_pr=m.create_pr,
+                from_quantized=m.from_quantized,
+                keep_quantization=m.keep_quantization,
                 status=JobStatus.queued.value,
                 credential_id=cred_id,
                 rule_id=m.rule_id,
