@@ -44,6 +44,12 @@ class MergeOptions:
     # service's download limit per file is of the same size, and a training state (optimizer.pt) this large
     # only doubles the upload.
     max_copy_bytes: int = 8 * 10**9
+    # Output formats: "safetensors" (the merged model as transformers loads it) and/or "gguf" (llama.cpp), both
+    # from one read and one merge (engine/gguf). gguf_outtype: f16 | bf16 | q8_0; above gguf_split_bytes the GGUF
+    # is written as llama.cpp's split files.
+    formats: tuple[str, ...] = ("safetensors",)
+    gguf_outtype: str = "f16"
+    gguf_split_bytes: int | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPES:
@@ -52,6 +58,12 @@ class MergeOptions:
             raise AdapterSpecError("--max-shard-size must be positive")
         if self.max_copy_bytes < 0:
             raise AdapterSpecError("max_copy_bytes must not be negative")
+        if not self.formats or not set(self.formats) <= {"safetensors", "gguf"}:
+            raise AdapterSpecError(f"--format must be safetensors, gguf or safetensors,gguf, got {','.join(self.formats)!r}")
+        if self.gguf_outtype not in ("f16", "bf16", "q8_0"):
+            raise AdapterSpecError(f"--outtype must be f16, bf16 or q8_0, got {self.gguf_outtype!r}")
+        if self.gguf_split_bytes is not None and self.gguf_split_bytes <= 0:
+            raise AdapterSpecError("--gguf-split-size must be positive")
 
 
 @dataclass(frozen=True)
@@ -108,6 +120,7 @@ class MergePlan:
     copy_files: list[FileEntry]
     skipped_files: list[SkippedFile]
     notes: list[str] = field(default_factory=list)
+    gguf: object | None = None  # engine/gguf GgufLayout, when GGUF is written (attached after planning)
 
     @property
     def merged(self) -> list[OutTensor]:
