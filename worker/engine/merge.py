@@ -116,7 +116,7 @@ def merge(
         bytes_written=stats.bytes_written,
         tensors=len(plan.tensors),
         tensors_merged=len(plan.merged),
-        shards=len(plan.shards),
+        shards=len(plan.shards) + (len(plan.gguf.files) if plan.gguf is not None else 0),
         device=str(device.torch_device),
         timings=timings,
         result=published,
