@@ -135,3 +135,14 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
     """float32 logits of every position, computed in float32 from the model's (merged, rounded) weights."""
     with torch.no_grad():
         return model.float()(torch.tensor([ids])).logits[0].float()
+
+
+def peft_unmerged_logits(base_dir: Path, adapter_dir: Path, ids: list[int]) -> torch.Tensor:
+    """PEFT's adapter applied at run time in float32 (W·x + s·B·A·x, nothing rounded to the base dtype)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.bfloat16).float()
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float()
