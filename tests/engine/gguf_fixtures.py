@@ -23,7 +23,7 @@ class Built:
 def build(root: Path, arch: str = "llama", kind: str = "spm", dtype=torch.bfloat16) -> Built:
     base = root / f"{arch}-{kind}-base"
     if kind == "spm":
-        gm.train_sentencepiece(base)
+        gm.train_sentencepiece(base, dummy_prefix=not arch.startswith("gemma"))
         vocab = 320
     else:
         regex = gm.QWEN2_RE if arch == "qwen2" else gm.LLAMA3_RE

@@ -30,7 +30,7 @@ def corpus(n_lines: int = 400, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 14))) for _ in range(n_lines)]
 
 
-def train_sentencepiece(out_dir: Path, vocab_size: int = 320) -> Path:
+def train_sentencepiece(out_dir: Path, vocab_size: int = 320, dummy_prefix: bool = True) -> Path:
     """tokenizer.model (BPE, byte fallback, <unk> <s> </s> at 0 1 2) + tokenizer_config.json, as Llama 2 repos."""
     import sentencepiece as spm
 
@@ -40,7 +40,7 @@ def train_sentencepiece(out_dir: Path, vocab_size: int = 320) -> Path:
     spm.SentencePieceTrainer.train(
         input=str(text), model_prefix=str(out_dir / "sp"), vocab_size=vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
-        minloglevel=2, num_threads=1,
+        minloglevel=2, num_threads=1, add_dummy_prefix=dummy_prefix,  # Gemma's tokenizer adds no dummy prefix
     )
     (out_dir / "sp.model").rename(out_dir / "tokenizer.model")
     (out_dir / "sp.vocab").unlink()
@@ -88,7 +88,7 @@ def make_model(out_dir: Path, arch: str, vocab_size: int, *, dtype=torch.bfloat1
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
     if arch == "gemma2":
         common.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=128, attn_logit_softcapping=50.0,
-                      final_logit_softcapping=30.0)
+                      final_logit_softcapping=30.0, tie_word_embeddings=True)  # every Gemma ties them
     common.update(overrides)
     config = AutoConfig.for_model(arch, **common)
     torch.manual_seed(seed)

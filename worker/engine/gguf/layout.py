@@ -110,8 +110,13 @@ def build_layout(base: ModelSource, files: dict, config: dict, shapes: dict[str,
     n_head, n_kv = heads(config)
     tensors: list[GgufTensor] = []
     for hf, shape in shapes.items():
-        if hf.endswith(SKIPPED_SUFFIXES) or hf in arch.dropped:
+        if hf.endswith(SKIPPED_SUFFIXES):
             continue
+        if hf in arch.dropped:
+            if config.get("tie_word_embeddings", True) is False:
+                raise PlanError(f"{hf}: this {arch.hf} has an output matrix of its own (tie_word_embeddings is false); "
+                                f"llama.cpp's {arch.name} uses the token embedding instead, so the GGUF would be wrong")
+            continue  # the tied copy of the embedding a checkpoint may carry
         gname = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise PlanError(f"tensor {hf} has no llama.cpp name in the {arch.name} architecture; it cannot be written as GGUF")
