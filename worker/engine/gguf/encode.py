@@ -15,6 +15,7 @@ from gguf import GGMLQuantizationType as Q
 
 QK8_0 = 32  # values per Q8_0 block: one float16 scale then 32 int8 (ggml-common.h block_q8_0)
 Q8_0_BLOCK_BYTES = 2 + QK8_0
+_SLICE_ELEMS = 1 << 20
 
 
 def row_nbytes(qtype: Q, cols: int) -> int:
@@ -74,7 +75,10 @@ def encode_rows(rows: torch.Tensor, qtype: Q, *, permute: int = 0, shift: float 
     elif qtype == Q.BF16:
         out = x.to(torch.bfloat16)
     elif qtype == Q.Q8_0:
-        return quantize_q8_0(x.contiguous())
+        # a few float32 temporaries per element: quantize slices of ~1M values so they stay a few MB per writer
+        flat = x.contiguous().reshape(-1, x.shape[-1])
+        step = max(1, _SLICE_ELEMS // flat.shape[1])
+        return torch.cat([quantize_q8_0(flat[i : i + step]) for i in range(0, flat.shape[0], step)])
     else:
         raise ValueError(f"unsupported GGUF type {qtype!r}")
     return out.contiguous().reshape(-1).view(torch.uint8)
