@@ -86,9 +86,15 @@ def make_model(out_dir: Path, arch: str, vocab_size: int, *, dtype=torch.bfloat1
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    if arch == "gemma2":
+    if arch in ("gemma2", "gemma3_text"):
         common.update(head_dim=16, query_pre_attn_scalar=16, sliding_window=128, attn_logit_softcapping=50.0,
                       final_logit_softcapping=30.0, tie_word_embeddings=True)  # every Gemma ties them
+    if arch == "gemma3_text":
+        common.pop("attn_logit_softcapping")
+        # llama.cpp's gemma3 makes every 6th layer global (real Gemma 3 does too): both of these 2 layers are local
+        common.update(final_logit_softcapping=None, layer_types=["sliding_attention"] * 2)
+    if arch == "phi3":
+        common.update(pad_token_id=None)
     common.update(overrides)
     config = AutoConfig.for_model(arch, **common)
     torch.manual_seed(seed)
@@ -96,7 +102,7 @@ def make_model(out_dir: Path, arch: str, vocab_size: int, *, dtype=torch.bfloat1
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if arch != "gemma2" else p.copy_(0.1 * torch.randn_like(p))
+                p.copy_(1.0 + 0.1 * torch.randn_like(p)) if not arch.startswith("gemma") else p.copy_(0.1 * torch.randn_like(p))
             elif p.dim() > 1:
                 p.normal_(0, 0.15)
             else:
@@ -113,7 +119,7 @@ def make_lora(base_dir: Path, out_dir: Path, *, dtype=torch.bfloat16, seed: int 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
     cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, task_type="CAUSAL_LM",
-                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+                     target_modules="all-linear")  # every projection (never lm_head), whatever the architecture names them
     model = get_peft_model(base, cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():

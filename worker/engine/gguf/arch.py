@@ -48,6 +48,14 @@ def _gemma2_params(w: gguf.GGUFWriter, cfg: dict) -> None:
 
 
 def _gemma3_params(w: gguf.GGUFWriter, cfg: dict) -> None:
+    # llama.cpp's gemma3 makes every 6th layer global and the others sliding-window (Gemma 3's own pattern) and
+    # reads no per-layer list: a model that mixes its layers otherwise would run with the wrong attention.
+    types = cfg.get("layer_types")
+    if isinstance(types, list):
+        expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(len(types))]
+        if types != expected:
+            raise PlanError("this Gemma 3's layer_types are not Gemma 3's every-6th-layer-global pattern, which is "
+                            "the only one llama.cpp's gemma3 architecture runs")
     if cfg.get("final_logit_softcapping"):
         w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
     if cfg.get("sliding_window_pattern") != 1 and cfg.get("sliding_window"):
