@@ -330,3 +330,19 @@ def test_cli_usage_errors_are_fast_and_torch_free(spm, tmp_path, argv, needle):
             f"a = build_parser().parse_args(['merge', 'x', '--out', 'o', *{argv!r}]);"
             "\ntry: check_formats(a)\nexcept Exception: pass\nprint('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT).stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("outtype", ["f16", "q8_0"])
+def test_the_device_path_writes_the_same_gguf(spm, tmp_path, outtype):
+    """The CUDA code path through the asynchronous fake device (late copies, poisoned recycled buffers), tiny chunks
+    and budget: the same GGUF bytes as the host path."""
+    from worker.engine.fake_device import use_fake_device
+
+    small = dict(chunk_bytes=4096, inflight_bytes=64 << 10)
+    with use_fake_device(seed=5, max_delay=0.001) as made:
+        merge_to(spm, tmp_path / "fake", formats=("safetensors", "gguf"), outtype=outtype, **small)
+    assert len(made) == 1 and made[0].discrete
+    merge_to(spm, tmp_path / "host", formats=("safetensors", "gguf"), outtype=outtype, **small)
+    name = f"model-{outtype.upper()}.gguf"
+    assert (tmp_path / "fake" / name).read_bytes() == (tmp_path / "host" / name).read_bytes()
+    assert (tmp_path / "fake/model.safetensors").read_bytes() == (tmp_path / "host/model.safetensors").read_bytes()
