@@ -346,3 +346,34 @@ def test_the_device_path_writes_the_same_gguf(spm, tmp_path, outtype):
     name = f"model-{outtype.upper()}.gguf"
     assert (tmp_path / "fake" / name).read_bytes() == (tmp_path / "host" / name).read_bytes()
     assert (tmp_path / "fake/model.safetensors").read_bytes() == (tmp_path / "host/model.safetensors").read_bytes()
+
+
+def test_gguf_lora_folds_scales_llama_cpp_cannot_express(spm, tmp_path):
+    """rsLoRA (alpha/sqrt(r)) and a rank_pattern: llama.cpp scales every pair by alpha/r, so lora_b carries the rest."""
+    from worker.cli import main
+
+    adapter = gm.make_lora(spm.base, tmp_path / "rs", use_rslora=True, rank_pattern={"q_proj": 2})
+    assert main(["convert-adapter", str(adapter), "--base", str(spm.base), "--format", "gguf", "--outtype", "f32",
+                 "--out", str(tmp_path / "lora")]) == 0
+    peft = load_file(str(adapter / "adapter_model.safetensors"))
+    tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "lora/lora-F32.gguf").tensors}
+    for gname, hf in (("blk.0.attn_v.weight", "model.layers.0.self_attn.v_proj"), ("blk.1.attn_q.weight", "model.layers.1.self_attn.q_proj")):
+        b = peft[f"base_model.model.{hf}.lora_B.weight"].float()
+        r = b.shape[1]
+        peft_scale = 8 / r**0.5
+        expected = (b * (peft_scale * r / 8)).numpy()
+        if "attn_q" in gname:
+            expected = _converter_permute(expected, 4)
+        got = tensors[gname + ".lora_b"].data.reshape(expected.shape)
+        assert np.array_equal(got, expected), gname
+
+
+def test_convert_adapter_refuses_dora_by_name(spm, tmp_path, capsys):
+    from worker.cli import main
+
+    adapter = gm.make_lora(spm.base, tmp_path / "dora", use_dora=True)
+    capsys.readouterr()
+    assert main(["convert-adapter", str(adapter), "--base", str(spm.base), "--format", "gguf", "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be written as a GGUF LoRA" in err and "--format gguf" in err
+    assert not (tmp_path / "o").exists()

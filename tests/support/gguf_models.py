@@ -112,14 +112,14 @@ def make_model(out_dir: Path, arch: str, vocab_size: int, *, dtype=torch.bfloat1
     return out_dir
 
 
-def make_lora(base_dir: Path, out_dir: Path, *, dtype=torch.bfloat16, seed: int = 1, r: int = 4, alpha: int = 8) -> Path:
+def make_lora(base_dir: Path, out_dir: Path, *, dtype=torch.bfloat16, seed: int = 1, r: int = 4, alpha: int = 8, **kw) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
     cfg = LoraConfig(r=r, lora_alpha=alpha, init_lora_weights=False, task_type="CAUSAL_LM",
-                     target_modules="all-linear")  # every projection (never lm_head), whatever the architecture names them
+                     target_modules="all-linear", **kw)  # every projection (never lm_head), whatever the architecture names them
     model = get_peft_model(base, cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
