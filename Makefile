@@ -7,7 +7,7 @@ PORT    ?= 5000
 
 # llama.cpp for the GGUF tests (tests/engine/test_gguf_llama.py): llama-cpp-python built from its PyPI sdist, CPU
 # only, without the parts the tests do not use (research/oracles.md). ~30 min on 2 cores; pip keeps the built wheel
-# in its cache, so a second run takes seconds.
+# in its cache, so a second run takes seconds. Not quiet: a 30-minute build shows that it is alive.
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF \
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
@@ -26,7 +26,7 @@ install: $(STAMP)  ## create .venv with the `lorafold` console script and every 
 llama-oracle: $(STAMP)  ## build and install llama-cpp-python (llama.cpp) for the GGUF tests; not part of `make install`
 	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
 		CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
-		$(BIN)/python -m pip install -q -c requirements/constraints.txt llama-cpp-python
+		$(BIN)/python -m pip install -c requirements/constraints.txt llama-cpp-python
 
 run: $(STAMP)  ## the whole service on embedded defaults (SQLite + embedded broker), web and one worker
 	PORT=$(PORT) $(BIN)/lorafold serve
