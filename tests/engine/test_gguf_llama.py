@@ -141,3 +141,28 @@ def test_gguf_lora_on_the_base_gives_the_merged_logits(llama_cpp, case, tmp_path
           f"{rel_merged:.2e}), cosine {cos:.6f}")
     assert rel <= LORA_TOL and cos >= 0.9999
     assert rel_merged <= LOGIT_TOL["bf16"]
+
+
+def test_llama3_rope_scaling_via_rope_freqs(llama_cpp, tmp_path, monkeypatch):
+    """Llama 3.1's frequency-dependent RoPE scaling travels as the computed `rope_freqs` tensor (conversion/llama.py
+    generate_extra_tensors); an original context of 16 makes it matter within the sample. Measured: 6.2e-3 with
+    it, 1.3 without it."""
+    from tests.engine.gguf_fixtures import Built
+
+    base = tmp_path / "base"
+    gm.train_sentencepiece(base)
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+    gm.make_model(base, "llama", 320, rope_parameters=rope, head_dim=32, num_attention_heads=2, num_key_value_heads=1)
+    built = Built(base, gm.make_lora(base, tmp_path / "adapter"), "spm")
+    ids = _ids(built)
+    ref = gm.hf_logits(gm.peft_merged(built.base, built.adapter), ids)
+    merge_to(built, tmp_path / "out")
+    rel, _ = _compare(_llama_logits(llama_cpp, tmp_path / "out/model-F16.gguf", ids), ref)
+    assert rel <= LOGIT_TOL["f16"]
+    from worker.engine.gguf import arch
+
+    monkeypatch.setattr(arch, "_rope_scaling", lambda *a: [])
+    merge_to(built, tmp_path / "plain")
+    rel_plain, _ = _compare(_llama_logits(llama_cpp, tmp_path / "plain/model-F16.gguf", ids), ref)
+    assert rel_plain > 10 * LOGIT_TOL["f16"]
