@@ -134,6 +134,8 @@ class MergePlan:
         n = len(self.merged)
         size = self.bytes_total
         shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+        if self.gguf is not None and not self.shards:  # GGUF only: its files are the output (engine/gguf)
+            return f"{len(self.tensors)} tensors, {n} changed by the adapter, written as {self.gguf.describe()}"
         return f"{len(self.tensors)} tensors in {len(self.shards)} shard(s), {n} changed by the adapter, {shown} to write"
 
 

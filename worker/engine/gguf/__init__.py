@@ -22,10 +22,11 @@ def attach(plan: MergePlan) -> GgufLayout:
     layout = build_layout(plan.base, files, config, shapes, plan.options.gguf_outtype, plan.options.gguf_split_bytes)
     plan.gguf = layout
     if "safetensors" not in plan.options.formats:
-        plan.shards = []
+        plan.shards = []  # the plan's summary line then describes the GGUF files
         plan.write_index = False
         plan.copy_files = []
-    plan.notes.append(layout.describe())
+    else:
+        plan.notes.append(layout.describe())
     return layout
 
 
