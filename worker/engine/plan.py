@@ -45,6 +45,12 @@ class MergeOptions:
     # service's download limit per file is of the same size, and a training state (optimizer.pt) this large
     # only doubles the upload.
     max_copy_bytes: int = 8 * 10**9
+    # Output formats: "safetensors" (the merged model as transformers loads it) and/or "gguf" (llama.cpp), both
+    # from one read and one merge (engine/gguf). gguf_outtype: f16 | bf16 | q8_0; above gguf_split_bytes the GGUF
+    # is written as llama.cpp's split files.
+    formats: tuple[str, ...] = ("safetensors",)
+    gguf_outtype: str = "f16"
+    gguf_split_bytes: int | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPES:
@@ -53,6 +59,12 @@ class MergeOptions:
             raise AdapterSpecError("--max-shard-size must be positive")
         if self.max_copy_bytes < 0:
             raise AdapterSpecError("max_copy_bytes must not be negative")
+        if not self.formats or not set(self.formats) <= {"safetensors", "gguf"}:
+            raise AdapterSpecError(f"--format must be safetensors, gguf or safetensors,gguf, got {','.join(self.formats)!r}")
+        if self.gguf_outtype not in ("f16", "bf16", "q8_0"):
+            raise AdapterSpecError(f"--outtype must be f16, bf16 or q8_0, got {self.gguf_outtype!r}")
+        if self.gguf_split_bytes is not None and self.gguf_split_bytes <= 0:
+            raise AdapterSpecError("--gguf-split-size must be positive")
 
 
 @dataclass(frozen=True)
@@ -109,6 +121,7 @@ class MergePlan:
     copy_files: list[FileEntry]
     skipped_files: list[SkippedFile]
     notes: list[str] = field(default_factory=list)
+    gguf: object | None = None  # engine/gguf GgufLayout, when GGUF is written (attached after planning)
 
     @property
     def merged(self) -> list[OutTensor]:
@@ -122,6 +135,8 @@ class MergePlan:
         n = len(self.merged)
         size = self.bytes_total
         shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+        if self.gguf is not None and not self.shards:  # GGUF only: its files are the output (engine/gguf)
+            return f"{len(self.tensors)} tensors, {n} changed by the adapter, written as {self.gguf.describe()}"
         return f"{len(self.tensors)} tensors in {len(self.shards)} shard(s), {n} changed by the adapter, {shown} to write"
 
 
