@@ -5,7 +5,13 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.lorafold-installed
 PORT    ?= 5000
 
-.PHONY: install run demo demo-reset worker test test-fast reliability bench bench-gpu bench-gpu-rehearsal bench-e2e lint clean
+# llama.cpp for the GGUF tests (tests/engine/test_gguf_llama.py): llama-cpp-python built from its PyPI sdist, CPU
+# only, without the parts the tests do not use (research/oracles.md). ~30 min on 2 cores; pip keeps the built wheel
+# in its cache, so a second run takes seconds. Not quiet: a 30-minute build shows that it is alive.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_BLAS=OFF -DGGML_OPENMP=OFF -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+.PHONY: install llama-oracle run demo demo-reset worker test test-fast reliability bench bench-gpu bench-gpu-rehearsal bench-e2e lint clean
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -16,6 +22,11 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with the `lorafold` console script and every extra
+
+llama-oracle: $(STAMP)  ## build and install llama-cpp-python (llama.cpp) for the GGUF tests; not part of `make install`
+	$(BIN)/python -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+		CMAKE_BUILD_PARALLEL_LEVEL=$${CMAKE_BUILD_PARALLEL_LEVEL:-2} \
+		$(BIN)/python -m pip install -c requirements/constraints.txt llama-cpp-python
 
 run: $(STAMP)  ## the whole service on embedded defaults (SQLite + embedded broker), web and one worker
 	PORT=$(PORT) $(BIN)/lorafold serve

@@ -1,7 +1,8 @@
 """One measured run in a fresh process: prints {"wall", "peak_rss", "peak_vram"} as JSON on the last line.
 
-Modes: copy (the same bytes, shutil.copyfile), lorafold (the CLI's merge), peft (from_pretrained +
-merge_and_unload + save_pretrained).
+Modes: copy (the same bytes, shutil.copyfile), lorafold (the CLI's merge), lorafold-keep (the CLI's merge with
+--keep-quantization: an FP8 base written back in FP8), lorafold-gguf-<outtype> (the CLI's merge with --format gguf,
+bench/gguf_bench.py), peft (from_pretrained + merge_and_unload + save_pretrained).
 """
 
 from __future__ import annotations
@@ -31,14 +32,23 @@ def main() -> None:
         Path(out).mkdir(parents=True)
         for p in sorted(Path(base).iterdir()):
             shutil.copyfile(p, Path(out) / p.name)
-    elif mode == "lorafold":
+    elif mode in ("lorafold", "lorafold-keep"):
         from worker.cli import main as cli
 
-        rc = cli(["merge", adapter, "--base", base, "--out", out, "--device", device, "-q"])
+        keep = ["--keep-quantization"] if mode == "lorafold-keep" else []
+        rc = cli(["merge", adapter, "--base", base, "--out", out, "--device", device, "-q", *keep])
         if rc:
             raise SystemExit(rc)
         if device == "cuda":
             vram = torch.cuda.max_memory_allocated()
+    elif mode.startswith("lorafold-gguf-"):
+        from worker.cli import main as cli
+
+        outtype = mode.removeprefix("lorafold-gguf-")
+        rc = cli(["merge", adapter, "--base", base, "--out", out, "--device", device, "-q", "--format", "gguf",
+                  "--outtype", outtype])
+        if rc:
+            raise SystemExit(rc)
     elif mode == "peft":
         from peft import PeftModel
         from transformers import AutoModelForCausalLM

@@ -42,6 +42,15 @@ def test_job_record_and_hub_imports_pull_in_neither_torch_nor_celery_workers():
     assert out == "[]", out
 
 
+def test_the_web_finds_quantized_bases_and_originals_without_torch():
+    """The form's check before queueing runs the engine's own scheme detection and the Hub's original-finder
+    (issue 12): both, and the checkpoint reader under them, must stay torch-free."""
+    out = _fresh("import sys, worker.engine.quant.scheme, worker.engine.checkpoint, worker.hub.original, web.preflight;"
+                 "import worker.engine.quant as q; q.model_dtype({});"
+                 "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    assert out == "[]", out
+
+
 def test_web_never_imports_torch_or_the_engine():
     for path in (ROOT / "web").rglob("*.py"):
         bad = [m for m in _imports(path) if m.split(".")[0] == "torch" or m.startswith(("worker.engine.execute", "worker.engine.merge", "worker.service.tasks", "worker.service.runner", "worker.service.pipeline", "worker.service.job_process"))]

@@ -26,3 +26,38 @@ def test_upgrade_from_empty_matches_the_models(backend, tmp_path, request):
         diff = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), Base.metadata)
     assert diff == [], f"models and migrations differ: {diff} (autogenerate a new revision)"
     migrate.upgrade(url)  # idempotent
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_0005_quant_options_keeps_old_rows_and_round_trips_the_options(backend, tmp_path, request):
+    """Rows written before 0005 read as the CLI's defaults (original, no FP8 kept); a request's options go into the
+    row and come back to the runner unchanged (issue 12)."""
+    from alembic import command
+    from sqlalchemy import text
+
+    from worker.jobs import Database, JobRequest, JobStore, MergeRequest, Rule, SecretBox, submit
+
+    url = f"sqlite:///{tmp_path / 'q.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    command.upgrade(migrate.alembic_config(url), "0004")
+    with make_engine(url).begin() as conn:
+        conn.execute(text("INSERT INTO jobs (id, owner, namespace, door, adapter_repo, target_repo, private, dtype, "
+                          "overwrite, create_pr, status, attempts, cancel_requested, tensors_done, tensors_total, "
+                          "bytes_done, bytes_total, created_at) VALUES ('old', 'alice', 'alice', 'api', 'alice/a', "
+                          "'alice/t', false, 'auto', false, false, 'queued', 0, false, 0, 0, 0, 0, '2026-11-01')"))
+        conn.execute(text("INSERT INTO rules (id, owner, watch, target, private, dtype, secret_encrypted, created_at, "
+                          "enabled) VALUES ('r1', 'alice', 'alice/x', '{namespace}/{name}-merged', false, 'auto', 's', "
+                          "'2026-11-01', true)"))
+    migrate.upgrade(url)
+    assert ScriptDirectory.from_config(migrate.alembic_config(url)).get_revision("0005_quant_options").down_revision == "0004"
+    db, box = Database(url), SecretBox("test-secret-key-for-lorafold")
+    store = JobStore(db, box)
+    old, _ = store.attempt("old")
+    assert (old.request.from_quantized, old.request.keep_quantization) == ("original", False)
+    with db.session() as s:
+        rule = s.get(Rule, "r1")
+        assert (rule.from_quantized, rule.keep_quantization) == ("original", False)
+
+    merge = MergeRequest(adapter="alice/qlora", target="alice/out", from_quantized="dequantize", keep_quantization=True)
+    job, _ = submit(db, box, JobRequest(owner="alice", door="api", merge=merge), "hf_tok", lambda job_id: None)
+    attempt, _ = store.attempt(job.id)
+    assert attempt.request == merge

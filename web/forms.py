@@ -18,6 +18,7 @@ from wtforms import (
 from wtforms.validators import DataRequired, Length, Optional, Regexp
 
 from worker.engine.recipe.recipe import METHODS
+from worker.jobs.request import FROM_QUANTIZED
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 _DTYPE_CHOICES = list(DTYPES)  # plain values (labels = values): no tuples, which WTForms 3.3 deprecates
@@ -40,6 +41,8 @@ class MergeForm(FlaskForm):
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
     overwrite = BooleanField("Overwrite the weights already there")
     create_pr = BooleanField("Open a pull request instead of committing to main")
+    from_quantized = SelectField("4-bit base", choices=list(FROM_QUANTIZED), default="original")
+    keep_quantization = BooleanField("Keep FP8 (an FP8 base's merge written back in FP8)")
 
 
 class RecipeRow(Form):
@@ -83,6 +86,7 @@ class RuleForm(FlaskForm):
     bases = StringField("Allowed bases", validators=[Optional(), Length(max=4200)])
     private = BooleanField("Private")
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
+    keep_quantization = BooleanField("Keep FP8")  # a rule's bitsandbytes base is always dequantized (pipeline.py)
     token = PasswordField("Personal access token", validators=[Optional(), Length(max=512)])
     recipe = TextAreaField("Recipe", validators=[Optional(), Length(max=60_000)])
 

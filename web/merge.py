@@ -16,6 +16,7 @@ from worker.engine.card import Lineage, build_card
 from worker.engine.errors import EngineError
 from worker.engine.files import WEIGHT_SUFFIXES
 from worker.jobs import Job, JobRequest, JobStatus, MergeRequest, submit
+from worker.jobs.request import FROM_QUANTIZED
 
 from . import jobs
 from .auth import Caller
@@ -30,7 +31,7 @@ from .hubcheck import (
     inspect_adapter,
     inspect_repo,
 )
-from .preflight import Preflight, check_fit
+from .preflight import BaseQuantization, Preflight, check_fit, quantized_base
 from .schemas import JobCreate, parse
 from .services import services
 
@@ -50,6 +51,11 @@ class MergeInput:
     create_pr: bool = False  # propose the merge as a pull request on the target instead of committing to main
     recipe: object = None  # instead of adapter: a merge recipe (YAML text or a mapping; web/recipes.py normalises it)
     seed: int | None = None  # DARE's seed, with a recipe
+    from_quantized: str = "original"  # a bitsandbytes base the config names: its 16-bit original, or dequantize
+    keep_quantization: bool = False  # an FP8 base's merge written back in FP8
+    # The form pre-fills the base from the adapter's config: that base is the config's, not a choice of the user's,
+    # so a QLoRA adapter's 4-bit base still goes to its 16-bit original (an explicit API `base` is used as given).
+    base_prefilled: bool = False
 
     @classmethod
     def from_json(cls, body: object) -> MergeInput:
@@ -66,7 +72,8 @@ class MergeInput:
         return cls(adapter=text("adapter") or "", target=text("target") or "", adapter_revision=text("adapter_revision"),
                    base=text("base"), base_revision=text("base_revision"), private=private,
                    dtype=form.dtype.data or "auto", overwrite=bool(form.overwrite.data),
-                   create_pr=bool(form.create_pr.data))
+                   create_pr=bool(form.create_pr.data), from_quantized=form.from_quantized.data or "original",
+                   keep_quantization=bool(form.keep_quantization.data), base_prefilled=True)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class Checked:
     base_sha: str | None = None
     base_private: bool = False
     preflight: Preflight | None = None
+    quantization: BaseQuantization | None = None  # a quantized base: what the worker will do with it
 
 
 def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]:
@@ -104,29 +112,47 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
     target = attempt(check_repo_id, inp.target, "target", "target")
     if inp.dtype not in DTYPES:
         errors.append(InspectError("dtype", f"dtype must be one of {', '.join(DTYPES)}"))
+    if inp.from_quantized not in FROM_QUANTIZED:
+        errors.append(InspectError("from_quantized", f"from_quantized must be one of {', '.join(FROM_QUANTIZED)}"))
     if errors:
         return errors, Checked(inp)
 
     svc = services()
     hub = svc.hub(caller.token)
     info = attempt(inspect_adapter, hub, adapter, adapter_rev, max_bytes=svc.settings.max_adapter_bytes)
+    if (inp.base_prefilled and base and info is not None and info.base and base.lower() == info.base.lower()
+            and not base_rev):
+        base = None  # the form's pre-filled base is the config's: resolved as the worker resolves the config's
+        inp = replace(inp, base=None)
     base_id = base or (info.base if info else None)
     # the revision the worker will read (pipeline.py): the field's, else a `base@rev` pinned in the adapter config
     base_at = base_rev if base else (base_rev or (info.base_revision if info else None))
     if info is not None and base_id is None:
         errors.append(InspectError("base", f"{adapter}: adapter_config.json names no Hub base model; choose the base"))
     base_info = _inspect_base(hub, base_id, base_at, not base, errors)
+    quant = None
+    base_sha = base_info.sha if base_info else None
+    quant_ok = True
+    if info is not None and base_info is not None:
+        before = len(errors)
+        quant = attempt(quantized_base, hub, base_id, base_sha, from_config=not base,
+                        from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization, dtype=inp.dtype)
+        quant_ok = len(errors) == before
+        if quant is not None and quant.quantized:  # the merge goes into the 16-bit original: it is the base now
+            base_id, base_sha = quant.base, quant.sha
+            named = base_info
+            base_info = attempt(inspect_repo, hub, base_id, base_sha, field="base") or base_info
+            base_info = replace(base_info, private=base_info.private or named.private)
     private = inp.private
     if private is None:  # the API left it out: a merge is as private as the most private of its inputs
         private = bool((info and info.private) or (base_info and base_info.private))
     inp = replace(inp, private=private)
     _check_target(caller, hub, inp, target, (adapter, base_id), errors)
     preflight = None
-    if info is not None and base_info is not None:
-        preflight = attempt(_preflight, hub, adapter, info, base_id, base_info.sha, inp.dtype)
+    if info is not None and base_info is not None and quant_ok:
+        preflight = attempt(_preflight, hub, adapter, info, base_id, base_sha, inp.dtype)
     errors.sort(key=lambda e: FIELDS.index(e.field) if e.field in FIELDS else 99)
-    return errors, Checked(inp, info, base_id, base_info.sha if base_info else None,
-                           bool(base_info and base_info.private), preflight)
+    return errors, Checked(inp, info, base_id, base_sha, bool(base_info and base_info.private), preflight, quant)
 
 
 def _inspect_base(hub, base_id: str | None, base_at: str | None, from_config: bool,
@@ -212,6 +238,7 @@ def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | Non
         # a pull request never touches main, so it may always land on a repo that has weights
         overwrite=inp.overwrite or inp.create_pr, create_pr=inp.create_pr,
         recipe=inp.recipe, seed=inp.seed,  # a recipe: the normalised text recipes.check() put there
+        from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization,
     )
     request = JobRequest(
         owner=caller.name, door=door, merge=merge, idempotency_key=idempotency_key, owner_id=caller.id,
@@ -254,7 +281,10 @@ def card_preview(checked: Checked, hub) -> str | None:
         version = "dev"
     inp = checked.inp
     settings = {"dtype": inp.dtype, "shards": "base layout", "tensors changed": pf.tensors_changed if pf else "?"}
-    lineage = Lineage(checked.base, checked.base_sha, inp.adapter, info.sha, True, True)
+    quant = checked.quantization
+    lineage = Lineage(checked.base, checked.base_sha, inp.adapter, info.sha, True, True,
+                      quantized_base=quant.quantized if quant else None,
+                      quantized_base_revision=quant.quantized_sha if quant else None)
     return build_card(lineage, settings, info.spec.summary(), _base_card(hub, checked.base, checked.base_sha), version)
 
 

@@ -207,3 +207,88 @@ def _shape_problem(module: str, name: str, shape: tuple, emb: bool, a: tuple, b:
     if shape not in ((b[0], a[1]), (a[1], b[0])):
         return f"{module}: lora_B @ lora_A is {b[0]}x{a[1]} but {name} is {list(shape)}"
     return None
+
+
+# --- a quantized base (issue 12): the engine's own detection and original-finder, before queueing -----------------
+
+_MODEL_DTYPE_WORDS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}
+
+
+@dataclass(frozen=True)
+class BaseQuantization:
+    """How the worker will read a quantized base, in one line for the form, and the repo it will read."""
+
+    line: str
+    base: str  # the repo the merge reads: the 16-bit original when one was found, else the base itself
+    sha: str | None
+    quantized: str | None = None  # the quantized repo the adapter named, when the merge goes into its original
+    quantized_sha: str | None = None
+
+
+def quantization_words(scheme, qc: dict) -> str:
+    """"4-bit (bitsandbytes nf4)", "8-bit (bitsandbytes LLM.int8)", "FP8 (block-scaled, 128x128 blocks)"."""
+    if scheme.method == "bnb-4bit":
+        kind = str(qc.get("bnb_4bit_quant_type") or "fp4")
+        double = ", double quantization" if qc.get("bnb_4bit_use_double_quant") else ""
+        return f"4-bit (bitsandbytes {kind}{double})"
+    if scheme.method == "bnb-8bit":
+        return "8-bit (bitsandbytes LLM.int8)"
+    if scheme.block_size:
+        return f"FP8 (block-scaled, {scheme.block_size[0]}x{scheme.block_size[1]} blocks)"
+    return "FP8 (one scale per tensor)"
+
+
+def quantized_base(hub, base: str, sha: str | None, *, from_config: bool, from_quantized: str,
+                   keep_quantization: bool, dtype: str = "auto") -> BaseQuantization | None:
+    """None for a plain 16-bit base; else what the worker will do with it, found as the worker finds it: the
+    engine's `detect` (worker/engine/quant/scheme.py: an unsupported scheme is refused naming it) and, for a
+    bitsandbytes base the adapter config named, `choose_base` (worker/hub/original.py: the 16-bit original from
+    the repo's card or config, checked to fit from headers). InspectError with the field to fix otherwise."""
+    from worker.engine.checkpoint import read_json
+    from worker.engine.quant import model_dtype
+    from worker.engine.quant.scheme import detect, quantization_config
+    from worker.hub.original import choose_base
+
+    try:
+        src = hub.source(base, sha)
+    except EngineError as exc:
+        raise InspectError("base", str(exc)) from None
+    try:
+        files = {f.path: f for f in src.files()}
+        config = read_json(src, files["config.json"], "model config") if "config.json" in files else {}
+        scheme = detect(config, set(files), base)  # PlanError naming GPTQ, AWQ, HQQ, ... with the advice
+    except EngineError as exc:
+        raise InspectError("base", str(exc).replace("with --base", "as the base")) from None
+    finally:
+        src.close()
+    if scheme is None:
+        if keep_quantization:
+            raise InspectError("keep_quantization", f"keep_quantization: {base} is not quantized; there is no "
+                                                    "quantization to keep")
+        return None
+    words = quantization_words(scheme, quantization_config(config) or {})
+    out_dtype = dtype if dtype != "auto" else _MODEL_DTYPE_WORDS.get(model_dtype(config), "bfloat16")
+    if scheme.method == "fp8":
+        if keep_quantization:
+            return BaseQuantization(f"base is {words}; keeping FP8: merged tensors are re-quantized with its block "
+                                    "scheme, the others keep their bytes", base, sha)
+        return BaseQuantization(f"base is {words}; dequantizing: the merge is written in {out_dtype}", base, sha)
+    if keep_quantization:
+        raise InspectError("keep_quantization", f"keep_quantization applies to FP8 block-scaled bases; {base} is "
+                                                f"{words}, which is merged as a 16-bit model")
+    if not from_config or from_quantized == "dequantize":
+        why = "from_quantized: dequantize" if from_quantized == "dequantize" else "the base was chosen explicitly"
+        return BaseQuantization(f"base is {words}; dequantizing ({why}): the merge is written in {out_dtype}",
+                                base, sha)
+    try:
+        choice = choose_base(hub, base, sha, from_quantized="original")
+    except EngineError as exc:  # an original that exists but cannot be read, or does not fit
+        message = str(exc).replace("--from-quantized dequantize", 'from_quantized "dequantize"')
+        raise InspectError("base", message.replace("pass --base", "choose the base")) from None
+    if choice.source is not None:
+        choice.source.close()
+    if choice.quantized:
+        return BaseQuantization(f"base is {words}; merging into {choice.repo_id} (16-bit), the original its repo "
+                                "names", choice.repo_id, choice.revision, base, sha)
+    return BaseQuantization(f"base is {words}; no 16-bit original found: dequantizing, the merge is written in "
+                            f"{out_dtype}", base, sha)

@@ -47,6 +47,9 @@ def job_json(job: Job) -> dict:
         "target": job.target_repo,
         "private": bool(job.private),
         "dtype": job.dtype,
+        "from_quantized": job.from_quantized or "original",
+        "keep_quantization": bool(job.keep_quantization),
+        "base_quantization": job.base_quantization,
         "rule_id": job.rule_id,
         **({"recipe": job.recipe} if job.recipe is not None else {}),
         "progress": {
@@ -90,6 +93,8 @@ def rule_json(rule: Rule, secret: str | None = None) -> dict:
         "private": bool(rule.private),
         "dtype": rule.dtype,
         **({"recipe": rule.recipe} if rule.recipe is not None else {}),
+        "from_quantized": rule.from_quantized or "original",
+        "keep_quantization": bool(rule.keep_quantization),
         "enabled": bool(rule.enabled),
         "created_at": iso(rule.created_at),
         "webhook_url": webhook_url(rule.id),

@@ -368,7 +368,7 @@ def check_rule(caller, inp, rule_token):
     if inp.watch:
         errors.append(InspectError("watch", "a recipe rule watches the adapters its recipe folds in "
                                             "(MODEL+ADAPTER inputs); leave watch out"))
-    for name in ("base", "bases", "base_revision"):
+    for name in ("base", "bases", "base_revision", "keep_quantization"):
         if getattr(inp, name):
             errors.append(InspectError(name, f"{name} is not for a recipe rule: the recipe names its base_model"))
     if inp.target == DEFAULT_TARGET:

@@ -27,6 +27,7 @@ from sqlalchemy import and_, delete, or_, select
 
 from worker.jobs import Credential, Delivery, Rule
 from worker.jobs.models import utcnow
+from worker.jobs.request import FROM_QUANTIZED
 from worker.locations import is_repo_id
 from worker.redact import register
 
@@ -34,6 +35,7 @@ from .auth import Caller, identify, login_required, session_caller
 from .errors import HubUnavailable, NotFound
 from .forms import DTYPES, ActionForm, RuleForm
 from .hubcheck import Identity, InspectError, can_write, check_repo_id, check_rev, inspect_repo
+from .preflight import quantized_base
 from .rule_targets import DEFAULT_TARGET, parse_template, render_target, split_watch, target_collision
 from .schemas import RuleCreate, parse
 from .services import services
@@ -55,6 +57,8 @@ class RuleInput:
     bases: tuple[str, ...] | None = None
     private: bool = False
     dtype: str = "auto"
+    from_quantized: str = "original"  # stored for the rule's jobs, which dequantize a bitsandbytes base either way
+    keep_quantization: bool = False
     token: str | None = field(default=None, repr=False)  # a personal access token for the rule (never printed)
     recipe: object = None  # a recipe rule (web/recipes.py check_rule): YAML text or a mapping, normalised there
 
@@ -74,7 +78,8 @@ class RuleInput:
         bases = tuple(b for b in re.split(r"[\s,]+", text("bases") or "") if b) or None
         return cls(watch=text("watch") or "", target=text("target") or DEFAULT_TARGET, base=text("base"),
                    base_revision=text("base_revision"), bases=bases, private=bool(form.private.data),
-                   dtype=form.dtype.data or "auto", token=text("token"), recipe=text("recipe"))
+                   dtype=form.dtype.data or "auto", keep_quantization=bool(form.keep_quantization.data),
+                   token=text("token"), recipe=text("recipe"))
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,8 @@ def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked 
         target_ns = _check_template(inp, parts[0], bases, errors)
     if inp.dtype not in DTYPES:
         errors.append(InspectError("dtype", f"dtype must be one of {', '.join(DTYPES)}"))
+    if inp.from_quantized not in FROM_QUANTIZED:
+        errors.append(InspectError("from_quantized", f"from_quantized must be one of {', '.join(FROM_QUANTIZED)}"))
     if errors:
         return errors, None
     token, identity = _rule_token(caller, inp, errors)
@@ -128,10 +135,13 @@ def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked 
     hub = services().hub(token)
     for base in bases:
         try:  # the rule's token must be able to read every base it names (and nothing else is read later)
-            inspect_repo(hub, base, base_rev if inp.base else None, field="base" if inp.base else "bases",
-                         revision_field="base_revision")
+            info = inspect_repo(hub, base, base_rev if inp.base else None, field="base" if inp.base else "bases",
+                                revision_field="base_revision")
+            # a scheme lorafold cannot read, or keep_quantization on a base that is not FP8, would fail every push
+            quantized_base(hub, base, info.sha, from_config=False, from_quantized="dequantize",
+                           keep_quantization=inp.keep_quantization)
         except InspectError as exc:
-            errors.append(exc)
+            errors.append(exc if exc.field != "base" or inp.base else InspectError("bases", exc.message))
     return errors, (None if errors else Checked(token, identity, target_ns or ""))
 
 
@@ -223,6 +233,7 @@ def create(caller: Caller, inp: RuleInput) -> tuple[Rule, str]:
                     target_namespace_id=identity.namespace_id(checked.target_namespace), base=inp.base,
                     base_revision=inp.base_revision if inp.base else None,
                     bases=list(_check_bases(inp, [])) if inp.bases else None, private=inp.private, dtype=inp.dtype,
+                    from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization,
                     recipe=checked.recipe, secret_encrypted=svc.box.seal(secret), credential_id=cred.id)
         s.add(rule)
     return rule, secret

@@ -33,6 +33,7 @@ REPO_ID = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 REVISION = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}"  # a branch, tag or commit sha (worker/locations.py REVISION_RE)
 ID = r"^[0-9a-f]{32}$"
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+FromQuantized = Literal["original", "dequantize"]  # worker/jobs/request.py FROM_QUANTIZED, the CLI's --from-quantized
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
 
 
@@ -101,6 +102,13 @@ class _Request(BaseModel):
     empty_is_none: ClassVar[frozenset[str]] = frozenset()
 
 
+_FROM_QUANTIZED = ("when the adapter's config names a bitsandbytes (4/8-bit) base and no base is given: merge into "
+                   "the 16-bit original its model card or config names (original) or into its dequantized weights "
+                   "(dequantize). A rule's job always dequantizes (it reads only the bases the rule names)")
+_KEEP_QUANTIZATION = ("FP8 block-scaled base: write the merge back in FP8 (merged tensors re-quantized with the base's "
+                      "block scheme); refused for other bases")
+
+
 def _one_of_adapter_or_recipe(schema: dict) -> None:
     schema["oneOf"] = [{"required": ["adapter"]}, {"required": ["recipe"]}]
 
@@ -125,6 +133,8 @@ class JobCreate(_Request):
                           "dare_linear, dare_ties, slerp) as text or as a JSON object of the same shape; every input "
                           "a Hub repo (owner/name[@revision][+ADAPTER[@revision]])")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="with recipe: DARE's random seed (default 0)")
+    from_quantized: FromQuantized = Field("original", description=_FROM_QUANTIZED)
+    keep_quantization: bool = Field(False, description=_KEEP_QUANTIZATION)
 
     empty_is_none: ClassVar[frozenset[str]] = frozenset({"adapter_revision", "base", "base_revision"})
 
@@ -143,6 +153,9 @@ class JobCreate(_Request):
             if getattr(self, name) is not None:
                 raise Unprocessable(f"{name} goes with adapter; a recipe names its inputs (and their @revision) "
                                     "itself", field=name)
+        if self.from_quantized != "original" or self.keep_quantization:
+            name = "keep_quantization" if self.keep_quantization else "from_quantized"
+            raise Unprocessable(f"{name} goes with adapter: a recipe's inputs are read as they are", field=name)
 
 
 def _one_of_watch_or_recipe(schema: dict) -> None:
@@ -167,6 +180,8 @@ class RuleCreate(_Request):
                                                                                "adapter's config may name (an allow-list)")
     private: bool = Field(False, description="the output of a private or gated base is private whatever this says")
     dtype: Dtype = "auto"
+    from_quantized: FromQuantized = Field("original", description=_FROM_QUANTIZED)
+    keep_quantization: bool = Field(False, description=_KEEP_QUANTIZATION)
     token: str | None = Field(None, max_length=MAX_TOKEN, repr=False,
                               description="a personal access token for the rule to keep; required when the "
                                           "caller's token is an OAuth sign-in token (those expire)")
@@ -322,6 +337,10 @@ class Job(BaseModel):
     target: str
     private: bool | None = absent()
     dtype: str | None = absent()
+    from_quantized: FromQuantized | None = absent()
+    keep_quantization: bool | None = absent()
+    base_quantization: str | None = Field(None, description="how a quantized base was read: merged into its 16-bit "
+                                                            "original, dequantized, or kept in FP8 (null: a 16-bit base)")
     rule_id: str | None = None
     recipe: str | None = absent(description="a recipe job's recipe (normalised YAML)")
     progress: JobProgress
@@ -355,6 +374,8 @@ class Rule(BaseModel):
     private: bool
     dtype: str
     recipe: str | None = absent(description="a recipe rule's recipe (normalised YAML)")
+    from_quantized: FromQuantized | None = absent()
+    keep_quantization: bool | None = absent()
     enabled: bool | None = absent()
     credential_warning: str | None = Field(None, description="set when the stored token has expired or expires "
                                                              "within 7 days")

@@ -91,6 +91,7 @@ def preview_json(checked: merge.Checked, caller) -> dict:
         "estimate_seconds": merge.estimate_seconds(out_bytes) if out_bytes else None,
         "jobs_ahead": merge.jobs_ahead(),
         "card": merge.card_preview(checked, services().hub(caller.token)),
+        "base_quantization": checked.quantization.line if checked.quantization else None,
     }
 
 
@@ -120,12 +121,13 @@ def merge_preview():
     caller = session_caller()
     args = {k: request.args.get(k, "").strip()[:MAX_STRING] for k in
             ("adapter", "adapter_revision", "base", "base_revision", "target", "dtype")}
-    flags = {k: request.args.get(k) in ("1", "true", "on") for k in ("overwrite", "create_pr")}
+    flags = {k: request.args.get(k) in ("1", "true", "on") for k in ("overwrite", "create_pr", "keep_quantization")}
     private = request.args.get("private")
     inp = merge.MergeInput(adapter=args["adapter"], target=args["target"], adapter_revision=args["adapter_revision"] or None,
                            base=args["base"] or None, base_revision=args["base_revision"] or None,
                            private=None if private in (None, "") else private in ("1", "true", "on"),
-                           dtype=args["dtype"] or "auto", **flags)
+                           dtype=args["dtype"] or "auto", base_prefilled=True,
+                           from_quantized=request.args.get("from_quantized", "").strip()[:20] or "original", **flags)
     errors, checked = merge.check(caller, inp)
     if errors:
         return jsonify(ok=False, errors=[{"field": e.field, "message": e.message} for e in errors])

@@ -206,3 +206,46 @@ def test_gated_original_fails_with_advice_instead_of_silently_dequantizing(hub, 
     assert "alice/base" in err and "gated" in err and "--from-quantized dequantize" in err
     rc = main(["merge", "carol/adapter", "--push-to", "carol/merged", "--token", carol, "-q", "--from-quantized", "dequantize"])
     assert rc == 0, capsys.readouterr().err
+
+
+def test_keep_quantization_publishes_a_sharded_fp8_base_to_the_hub(hub, qlora, tmp_path, capsys):
+    """The Hub sink uploads and deletes each finished shard: the FP8 index's total_size must not need them back."""
+    fp8 = quantize_checkpoint(qlora["base"], tmp_path / "fp8", "fp8", fp8_block=(16, 16))
+    assert len(list(fp8.glob("*.safetensors"))) == 2
+    _seed(hub, {"alice/fp8": fp8, "alice/adapter": qlora["adapter"]})
+    rc = main(["merge", "alice/adapter", "--base", "alice/fp8", "--keep-quantization", "--push-to", "alice/merged",
+               "--token", ALICE, "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "FP8 kept:" in out and "worst round-trip error" in out
+    local = Path(snapshot_download("alice/merged", endpoint=hub.url, token=ALICE, local_dir=tmp_path / "dl"))
+    index = json.loads((local / "model.safetensors.index.json").read_text())
+    data = 0
+    for shard in sorted(set(index["weight_map"].values())):
+        raw = (local / shard).read_bytes()
+        data += len(raw) - 8 - int.from_bytes(raw[:8], "little")
+    assert index["metadata"]["total_size"] == data
+    assert json.loads((local / "config.json").read_text())["quantization_config"]["quant_method"] == "fp8"
+
+
+def test_a_rules_job_dequantizes_and_says_why(hub, qlora, tmp_path):
+    """A rule's job reads only the bases the rule names (worker/service/pipeline.py): a bitsandbytes base is
+    dequantized, never swapped for the original its card names, and the log and the job's stats say so."""
+    from worker.jobs import Attempt, MergeRequest
+    from worker.service.pipeline import run_job
+    from worker.settings import Settings
+
+    _seed(hub, {"alice/base": qlora["base"], "alice/base-bnb-4bit": qlora["quantized"], "alice/adapter": qlora["adapter"]})
+    hub.clear_log()
+    request = MergeRequest(adapter="alice/adapter", target="alice/merged-rule", base="alice/base-bnb-4bit",
+                           rule_id="r" * 32, overwrite=True)
+    reporter = _Reporter()
+    resolved: dict = {}
+    outcome = run_job(Attempt(job_id="job-q2", door="api", attempts=1, request=request), ALICE,
+                      Settings.from_env(device="cpu"), reporter, on_resolved=lambda **kw: resolved.update(kw))
+    assert not hub.requests("GET", r"/alice/base/")  # the original its card names is never read
+    assert any("a rule's job never looks for its 16-bit original" in line for line in reporter.lines), reporter.lines
+    assert resolved["base_quantization"] == outcome.stats["base_quantization"]
+    assert outcome.stats["base_quantization"].startswith("dequantized the quantized base alice/base-bnb-4bit")
+    local = Path(snapshot_download("alice/merged-rule", endpoint=hub.url, token=ALICE, local_dir=tmp_path / "dl"))
+    assert_models_match(local, qlora["expected_dequantized"], max_ulps=0)

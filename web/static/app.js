@@ -115,6 +115,8 @@
       q.push("private=" + (priv.checked ? "1" : ($("private_auto").value === "1" ? "" : "0")));
       q.push("overwrite=" + ($("overwrite").checked ? "1" : "0"));
       q.push("create_pr=" + ($("create_pr").checked ? "1" : "0"));
+      q.push("from_quantized=" + encodeURIComponent($("from_quantized").value));
+      q.push("keep_quantization=" + ($("keep_quantization").checked ? "1" : "0"));
       return form.dataset.previewUrl + "?" + q.join("&");
     }
 
@@ -144,6 +146,8 @@
         setText("pv-queue", p.jobs_ahead ? p.jobs_ahead + (p.jobs_ahead === 1 ? " job" : " jobs") + " ahead" : "none ahead");
         setText("pv-private", p.private ? "private" : "public");
         setText("pv-card", p.card || "");
+        setText("pv-quant", p.base_quantization || "");  // a quantized base: its original, dequantized or FP8 kept
+        $("pv-quant").hidden = $("pv-quant-label").hidden = !p.base_quantization;
         $("pv-facts").hidden = false;
       }).catch(function () { if (mine === pseq) { panel.classList.remove("busy"); setText("pv-state", ""); } });
     }
@@ -153,7 +157,8 @@
     adapter.addEventListener("input", function () { setFieldError("adapter", ""); schedule(); });
     adapter.addEventListener("change", lookup);
     revision.addEventListener("change", lookup);
-    ["base", "base_revision", "target", "dtype", "overwrite", "create_pr", "private"].forEach(function (n) {
+    ["base", "base_revision", "target", "dtype", "overwrite", "create_pr", "private", "from_quantized",
+     "keep_quantization"].forEach(function (n) {
       $(n).addEventListener("change", schedulePreview);
     });
     // After a refused submit the server's messages are already under their fields: do not say them twice.
@@ -336,6 +341,10 @@
         if (job.result.commit) $("result-commit-link").href = root.dataset.hubUrl + job.result.repo + "/commit/" + job.result.commit;
       }
       if (job.adapter_sha) setText("adapter-sha", job.adapter_sha.slice(0, 12));
+      if (job.base_quantization) {  // the worker's word on a quantized base: original, dequantized or FP8 kept
+        setText("base-quant", job.base_quantization);
+        $("base-quant").hidden = $("base-quant-label").hidden = false;
+      }
       var s = job.stats;
       setText("stat-rss", s.peak_rss_bytes ? formatBytes(s.peak_rss_bytes) : "–");
       setText("stat-vram", s.peak_vram_bytes ? formatBytes(s.peak_vram_bytes) : "–");

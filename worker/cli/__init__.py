@@ -32,6 +32,11 @@ examples:
   lorafold merge alice/chat-lora:0.7 alice/domain-lora:0.3 --base meta-llama/Llama-3.1-8B --out ./merged
   # a mergekit recipe (linear, task_arithmetic, ties, dare_linear, dare_ties, slerp)
   lorafold merge --recipe recipe.yaml --push-to alice/my-merge
+  # GGUF for llama.cpp / Ollama / LM Studio (Q8_0), or both formats published in one commit
+  lorafold merge ./my-lora --out ./merged-gguf --format gguf --outtype q8_0
+  lorafold merge alice/chat-lora --push-to alice/chat-merged --format safetensors,gguf
+  # the adapter itself as a GGUF LoRA for llama.cpp's --lora (hot swap at run time)
+  lorafold convert-adapter ./my-lora --format gguf --out ./lora-gguf
   # a QLoRA adapter trained on a 4-bit repo: merged into the dequantized 4-bit weights instead of the original
   lorafold merge alice/qlora --out ./merged --from-quantized dequantize
 
@@ -85,10 +90,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the adapter's base is a bitsandbytes repo: merge into its 16-bit original (default) or into its dequantized weights")
     m.add_argument("--keep-quantization", action="store_true",
                    help="FP8 block-scaled base: write the merged model back in FP8 with the base's block scheme")
+    m.add_argument("--format", default="safetensors", metavar="FORMATS",
+                   help="safetensors (default), gguf (llama.cpp), or safetensors,gguf (both, one commit, one merge)")
+    m.add_argument("--outtype", choices=["f16", "bf16", "q8_0"], default=None,
+                   help="GGUF type of the weight matrices (default f16; norms stay float32)")
+    m.add_argument("--gguf-split-size", metavar="SIZE",
+                   help="write llama.cpp split files (-00001-of-0000N.gguf) of at most SIZE (e.g. 40GB)")
     m.add_argument("--verify", action="store_true", help="probe every merged tensor with a random vector and report the worst error")
     m.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the huggingface_hub login)")
     m.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no notes")
     m.add_argument("--verbose", "-v", action="store_true", help="notes on stderr even when it is not a terminal")
+
+    c = sub.add_parser("convert-adapter", help="write a PEFT LoRA adapter as a GGUF LoRA for llama.cpp's --lora",
+                       description="Convert a PEFT LoRA adapter to a GGUF LoRA adapter (llama.cpp --lora, Ollama ADAPTER).")
+    c.add_argument("adapter", help="adapter folder or Hub id owner/name[@revision]")
+    c.add_argument("--format", required=True, choices=["gguf"], help="gguf (the only target for now)")
+    c.add_argument("--base", help="base model folder or Hub id (default: the adapter config's base_model_name_or_path); "
+                   "its config.json gives the architecture and head counts")
+    c.add_argument("--out", required=True, help="write the GGUF adapter into this folder")
+    c.add_argument("--outtype", choices=["f16", "bf16", "f32"], default="f16", help="type of the LoRA matrices (default f16)")
+    c.add_argument("--revision", help="adapter revision (branch, tag or commit) when ADAPTER is a Hub id")
+    c.add_argument("--base-revision", help="base revision when BASE is a Hub id")
+    c.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    c.add_argument("--token", help="Hugging Face token (default: HF_TOKEN or the huggingface_hub login)")
 
     s = sub.add_parser("serve", help="run the web service and one worker on embedded defaults (SQLite, no Redis)")
     s.add_argument("--port", type=int, default=None, help="port (default: PORT or 5000)")
@@ -109,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            raise UsageError("missing command: merge, serve, worker or db (see `lorafold --help`)")
+            raise UsageError("missing command: merge, convert-adapter, serve, worker or db (see `lorafold --help`)")
         _terminate_like_interrupt()
         return _run_command(args)
     except UsageError as exc:
@@ -135,6 +159,10 @@ def _run_command(args: argparse.Namespace) -> int:
         from .merge import run_merge_command
 
         return run_merge_command(args)
+    if args.command == "convert-adapter":
+        from .convert import run_convert_command
+
+        return run_convert_command(args)
     if args.command == "serve":
         from .serve import serve
 

@@ -15,13 +15,13 @@ class UsageError(Exception):
     pass
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, flag: str = "--max-shard-size") -> int:
     """'5GB' (10^9, as transformers counts), '500MiB', '123' (bytes)."""
     m = _SIZE_RE.match(text or "")
     unit = (m.group(2) or "").upper() if m else None
     if not m or unit not in _UNITS:
-        raise UsageError(f"--max-shard-size: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
+        raise UsageError(f"{flag}: cannot read {text!r} (examples: 5GB, 500MB, 2GiB)")
     size = int(float(m.group(1)) * _UNITS[unit])
     if size <= 0:
-        raise UsageError("--max-shard-size must be positive")
+        raise UsageError(f"{flag} must be positive")
     return size

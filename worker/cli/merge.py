@@ -32,6 +32,8 @@ class Checked:
     base: Ref | None  # None: from the adapter config (read later for a Hub adapter)
     max_shard_size: int | None
     adapter_spec: AdapterSpec | None  # read here when the adapter is a local folder
+    formats: tuple[str, ...] = ("safetensors",)
+    gguf_split_bytes: int | None = None
 
 
 class TerminalReporter:
@@ -80,8 +82,26 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def check_formats(args) -> tuple[str, ...]:
+    """--format and the options that only make sense with one of the formats."""
+    text = getattr(args, "format", None) or "safetensors"
+    formats = tuple(f.strip().lower() for f in text.split(","))
+    if not formats or any(f not in ("safetensors", "gguf") for f in formats) or len(set(formats)) != len(formats):
+        raise UsageError(f"--format {text!r}: use safetensors, gguf or safetensors,gguf")
+    gguf = "gguf" in formats
+    if not gguf and (getattr(args, "outtype", None) or getattr(args, "gguf_split_size", None)):
+        raise UsageError("--outtype and --gguf-split-size are for GGUF output: add --format gguf (or safetensors,gguf)")
+    if gguf and getattr(args, "keep_quantization", False):
+        raise UsageError("--keep-quantization writes FP8 safetensors; it cannot be combined with --format gguf")
+    if "safetensors" not in formats and getattr(args, "max_shard_size", None):
+        raise UsageError("--max-shard-size is for safetensors shards; GGUF splits are set with --gguf-split-size")
+    return formats
+
+
 def check_merge_args(args) -> Checked:
     """Every check that needs neither torch nor the network: flags, local paths, a local adapter's config."""
+    formats = check_formats(args)
+    split = parse_size(args.gguf_split_size, "--gguf-split-size") if getattr(args, "gguf_split_size", None) else None
     max_shard_size = parse_size(args.max_shard_size) if args.max_shard_size else None
     if args.create_pr and not args.push_to:
         raise UsageError("--create-pr needs --push-to")
@@ -98,7 +118,7 @@ def check_merge_args(args) -> Checked:
         raise SourceError("no --base given and adapter_config.json names no base_model_name_or_path")
     where = "base" if args.base is not None else "base (from adapter_config.json)"
     base = parse_ref(base_text, args.base_revision, where) if base_text else None
-    return Checked(adapter, base, max_shard_size, spec)
+    return Checked(adapter, base, max_shard_size, spec, formats, split)
 
 
 def read_local_adapter_spec(folder) -> AdapterSpec:
@@ -135,6 +155,8 @@ def _hub(token):
 def run_merge_command(args) -> int:
     from .recipe import dispatch
 
+    if check_formats(args) != ("safetensors",) and (args.recipe or len(args.adapter or []) > 1):
+        raise UsageError("--format gguf is for single-adapter merges for now; merge the recipe first, then convert")
     code = dispatch(args)  # a recipe or several adapters; else args.adapter is the one adapter
     if code is not None:
         return code
@@ -156,7 +178,9 @@ def run_merge_command(args) -> int:
         from ..engine import MergeOptions, merge
         from ..engine.card import Lineage
 
-        options = MergeOptions(device=args.device, dtype=args.dtype, max_shard_size=checked.max_shard_size, verify=args.verify)
+        options = MergeOptions(device=args.device, dtype=args.dtype, max_shard_size=checked.max_shard_size, verify=args.verify,
+                               formats=checked.formats, gguf_outtype=args.outtype or "f16",
+                               gguf_split_bytes=checked.gguf_split_bytes)
         sink = _open_sink(args, checked, base_ref, hub)
         if args.keep_quantization:
             from ..engine.quant import keep_quantization

@@ -200,8 +200,13 @@ class Executor:
             self.buffers.drain()
 
     def _run(self, compute: Compute) -> Stats:
-        items = plan_items(self.plan, direct_copy=self._copier is not None)
-        shards = ShardWriter(self.plan, self.sink, self.reporter, items, self.failed)
+        gguf = self.plan.gguf is not None
+        items = plan_items(self.plan, direct_copy=self._copier is not None and not gguf)
+        shards = ShardWriter(self.plan, self.sink, self.reporter, items, self.failed) if self.plan.shards or not gguf else None
+        if gguf:
+            from .gguf.writer import GgufWriter
+
+            shards = GgufWriter(self.plan, self.sink, self.reporter, items, self.failed, shards)
         shards.start()
         # The byte budget bounds memory; the queues only bound the count.
         read_q: queue.Queue = queue.Queue(maxsize=8)

@@ -79,8 +79,12 @@ def plan_items(plan: MergePlan, direct_copy: bool = False) -> list[Item]:
     chunk_elems = max(1, plan.options.chunk_bytes // 4)
     copy_bytes = plan.options.chunk_bytes
     items: list[Item] = []
+    gguf = plan.gguf  # GGUF output re-encodes every tensor: row chunks only, each a whole number of heads
     for t in plan.tensors.values():
-        if not t.computed:
+        dest = gguf.by_source.get(t.name) if gguf is not None else None
+        if gguf is not None and dest is None and not plan.shards:
+            continue  # a tensor llama.cpp does not load, and no safetensors are written
+        if not t.computed and gguf is None:
             assert t.source is not None
             n = t.nbytes
             if direct_copy:
@@ -94,6 +98,8 @@ def plan_items(plan: MergePlan, direct_copy: bool = False) -> list[Item]:
         rows = t.shape[0] if t.shape else 1
         whole = not all(op.chunkable for op in t.ops) or not t.shape
         step = rows if whole else rows_per_chunk(t.shape, chunk_elems)
+        if dest is not None and dest.align_rows > 1:
+            step = max(dest.align_rows, step // dest.align_rows * dest.align_rows)
         out_row = t.nbytes // max(1, rows)
         needs_base = not t.ops or t.ops[0].needs_base
         for r0 in range(0, max(rows, 1), max(step, 1)):

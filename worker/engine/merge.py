@@ -70,6 +70,10 @@ def merge(
             reporter.progress(Progress("plan"))
             sink.prepare()
             plan = plan_merge(base, adapter, options)
+            if "gguf" in options.formats:  # the GGUF header, tokenizer included, decided before any weight is read
+                from .gguf import attach as attach_gguf
+
+                attach_gguf(plan)
             timings["plan"] = time.monotonic() - started
             reporter.log("info", f"plan: {plan.summary()} on {device.torch_device}")
             for note in plan.notes:
@@ -112,7 +116,7 @@ def merge(
         bytes_written=stats.bytes_written,
         tensors=len(plan.tensors),
         tensors_merged=len(plan.merged),
-        shards=len(plan.shards),
+        shards=len(plan.shards) + (len(plan.gguf.files) if plan.gguf is not None else 0),
         device=str(device.torch_device),
         timings=timings,
         result=published,
@@ -223,7 +227,13 @@ def _write_card(plan: MergePlan, sink: ModelSink, lineage: Lineage | None, devic
     }
     if (quantized := describe_quantized(plan.base)) is not None:  # a quantized base, dequantized (engine/quant)
         settings["base quantization"] = quantized
+    if plan.gguf is not None:
+        settings["gguf"] = plan.gguf.describe()
     text = build_card(lineage, settings, plan.spec.summary(), base_card, VERSION, skipped=plan.skipped_files)
+    if plan.gguf is not None:
+        from .gguf import card_section
+
+        text = text.rstrip("\n") + "\n\n" + card_section(plan.gguf, plan.shards == [])
     path = sink.work_dir / "README.md"
     path.write_text(text)
     sink.file_written("README.md", path)

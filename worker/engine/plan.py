@@ -6,11 +6,13 @@ that starts will not stop halfway for a reason that was knowable up front (DESIG
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .checkpoint import read_header
+from .checkpoint import read_json as _read_json
+from .checkpoint import weight_files as _weight_files
 from .errors import AdapterSpecError, FormatError, PlanError, SourceError
 from .files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SkippedFile, check_name, not_copied_reason
 from .io import FileEntry, ModelSource
@@ -18,13 +20,12 @@ from .mapping import AdapterMapper, Mapping
 from .quant import present_as_16bit
 from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
 from .spec import CONFIG_NAME, AdapterSpec
-from .tensors import AdapterWeights, read_header
+from .tensors import AdapterWeights
 from .variants import Op
 
 INDEX_NAME = SAFETENSORS_INDEX
 SINGLE_NAME = SAFETENSORS_SINGLE
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MAX_JSON_BYTES = 64 << 20  # config/index files are small; a huge one is hostile
 # written anew: the model card replaces the base's README (it reads only its head, card.CARD_HEAD_BYTES), and
 # .gitattributes is the Hub's own business (its LFS rules are made per commit)
 _NEVER_COPY = {"README.md", ".gitattributes"}
@@ -44,6 +45,12 @@ class MergeOptions:
     # service's download limit per file is of the same size, and a training state (optimizer.pt) this large
     # only doubles the upload.
     max_copy_bytes: int = 8 * 10**9
+    # Output formats: "safetensors" (the merged model as transformers loads it) and/or "gguf" (llama.cpp), both
+    # from one read and one merge (engine/gguf). gguf_outtype: f16 | bf16 | q8_0; above gguf_split_bytes the GGUF
+    # is written as llama.cpp's split files.
+    formats: tuple[str, ...] = ("safetensors",)
+    gguf_outtype: str = "f16"
+    gguf_split_bytes: int | None = None
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in OUTPUT_DTYPES:
@@ -52,6 +59,12 @@ class MergeOptions:
             raise AdapterSpecError("--max-shard-size must be positive")
         if self.max_copy_bytes < 0:
             raise AdapterSpecError("max_copy_bytes must not be negative")
+        if not self.formats or not set(self.formats) <= {"safetensors", "gguf"}:
+            raise AdapterSpecError(f"--format must be safetensors, gguf or safetensors,gguf, got {','.join(self.formats)!r}")
+        if self.gguf_outtype not in ("f16", "bf16", "q8_0"):
+            raise AdapterSpecError(f"--outtype must be f16, bf16 or q8_0, got {self.gguf_outtype!r}")
+        if self.gguf_split_bytes is not None and self.gguf_split_bytes <= 0:
+            raise AdapterSpecError("--gguf-split-size must be positive")
 
 
 @dataclass(frozen=True)
@@ -108,6 +121,7 @@ class MergePlan:
     copy_files: list[FileEntry]
     skipped_files: list[SkippedFile]
     notes: list[str] = field(default_factory=list)
+    gguf: object | None = None  # engine/gguf GgufLayout, when GGUF is written (attached after planning)
 
     @property
     def merged(self) -> list[OutTensor]:
@@ -121,23 +135,9 @@ class MergePlan:
         n = len(self.merged)
         size = self.bytes_total
         shown = f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e6 else f"{size / 1e3:.1f} kB"
+        if self.gguf is not None and not self.shards:  # GGUF only: its files are the output (engine/gguf)
+            return f"{len(self.tensors)} tensors, {n} changed by the adapter, written as {self.gguf.describe()}"
         return f"{len(self.tensors)} tensors in {len(self.shards)} shard(s), {n} changed by the adapter, {shown} to write"
-
-
-def _read_json(source: ModelSource, entry: FileEntry, what: str) -> dict:
-    if entry.size > MAX_JSON_BYTES:
-        raise FormatError(f"{entry.path}: {entry.size} bytes is too large for a {what}")
-    buf = bytearray(entry.size)
-    source.read_into(entry.path, 0, memoryview(buf))
-    try:
-        obj = json.loads(bytes(buf).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{source.label}/{entry.path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise FormatError(f"{source.label}/{entry.path}: JSON nested too deeply") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{source.label}/{entry.path}: expected a JSON object")
-    return obj
 
 
 def load_spec(adapter: ModelSource) -> tuple[AdapterSpec, FileEntry]:
@@ -163,45 +163,6 @@ def _checked_files(base: ModelSource) -> dict[str, FileEntry]:
         except SourceError as exc:
             raise SourceError(f"{base.label}: {exc}") from None
     return files
-
-
-def _weight_files(base: ModelSource, files: dict[str, FileEntry]) -> tuple[list[str], bool]:
-    """The base's safetensors weight files (in order) and whether it is sharded (has an index)."""
-    if INDEX_NAME in files:
-        return _indexed_shards(base, files), True
-    if SINGLE_NAME in files:
-        return [SINGLE_NAME], False
-    if CONFIG_NAME in files and "config.json" not in files:
-        raise SourceError(f"{base.label}: this is a PEFT adapter (adapter_config.json), not a base model")
-    pickles = [p for p in files if p.endswith(".bin") and p.startswith("pytorch_model")]
-    if pickles:
-        raise SourceError(
-            f"{base.label}: the base has only pickle weights ({pickles[0]}); lorafold streams safetensors. "
-            "Convert the base first (transformers save_pretrained(..., safe_serialization=True))"
-        )
-    raise SourceError(f"{base.label}: no {SINGLE_NAME} or {INDEX_NAME}: not a safetensors model folder")
-
-
-def _indexed_shards(base: ModelSource, files: dict[str, FileEntry]) -> list[str]:
-    """The shard files the index's weight_map names (sorted), each a safe name and present."""
-    index = _read_json(base, files[INDEX_NAME], "safetensors index")
-    weight_map = index.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise FormatError(f"{base.label}/{INDEX_NAME}: no weight_map")
-    names = []
-    for tensor, fname in weight_map.items():
-        if not isinstance(fname, str) or not isinstance(tensor, str):
-            raise FormatError(f"{base.label}/{INDEX_NAME}: weight_map must map tensor names to file names")
-        if fname not in names:
-            names.append(fname)
-    for fname in names:
-        try:
-            check_name(fname)
-        except SourceError:
-            raise FormatError(f"{base.label}/{INDEX_NAME}: refusing shard name {fname!r}") from None
-        if fname not in files:
-            raise SourceError(f"{base.label}: {INDEX_NAME} lists {fname}, which is missing")
-    return sorted(names)
 
 
 def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | None = None) -> MergePlan:

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import read_header
 from .errors import FormatError, NumericError, SourceError
 from .io import FileEntry, LocalDirSource, ModelSource
-from .safetensors_format import DTYPES, FileHeader, header_length, parse_header
-
-_FIRST_READ = 100_000  # one request gets the whole header of most files (huggingface_hub reads 100 kB too)
+from .safetensors_format import DTYPES, FileHeader
 
 
 def torch_dtype(code: str) -> torch.dtype:
@@ -35,20 +34,6 @@ def safetensors_code(dtype: torch.dtype) -> str:
         if name and getattr(torch, name, None) == dtype:
             return code
     raise FormatError(f"torch dtype {dtype} has no safetensors code")
-
-
-def read_header(source: ModelSource, entry: FileEntry) -> FileHeader:
-    """Parse one file's header with at most two reads, validating it against the file's size."""
-    first = bytearray(min(entry.size, _FIRST_READ))
-    source.read_into(entry.path, 0, memoryview(first))
-    n = header_length(bytes(first[:8]), entry.path, entry.size)
-    if 8 + n <= len(first):
-        raw = bytes(first[8 : 8 + n])
-    else:
-        rest = bytearray(8 + n - len(first))
-        source.read_into(entry.path, len(first), memoryview(rest))
-        raw = bytes(first[8:]) + bytes(rest)
-    return parse_header(raw, entry.path, entry.size, n)
 
 
 def empty_bytes(nbytes: int, pin: bool = False) -> torch.Tensor:

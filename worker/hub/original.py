@@ -173,11 +173,10 @@ def check_fits(original: ModelSource, quantized: ModelSource) -> None:
 
 
 def _tensors(source: ModelSource) -> dict[str, tuple[str, tuple[int, ...], int]]:
-    from ..engine.plan import _weight_files
-    from ..engine.tensors import read_header
+    from ..engine.checkpoint import read_header, weight_files  # torch-free: the web runs this before queueing
 
     files = {f.path: f for f in source.files()}
-    names, _ = _weight_files(source, files)
+    names, _ = weight_files(source, files)
     out = {}
     for fname in names:
         for name, info in read_header(source, files[fname]).tensors.items():

@@ -23,6 +23,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -105,6 +106,11 @@ class Job(Base):
     # which is then "" (or, for a rule's job, the pushed adapter: one of the recipe's inputs).
     recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
     recipe_seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # a bitsandbytes base: merge into its 16-bit original or its dequantized weights; an FP8 base: write FP8 back
+    from_quantized: Mapped[str] = mapped_column(String(16), default="original", server_default="original")
+    keep_quantization: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # how the base was read, once the worker knows (one line for the job page: original / dequantized / kept FP8)
+    base_quantization: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.queued.value, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -191,6 +197,9 @@ class Rule(Base):
     # A recipe rule (issue 13): a push of one of this recipe's adapters reruns the recipe (normalised YAML,
     # worker/jobs/recipe.py) into `target`, a plain repo id; `watch` then lists those adapters (display only).
     recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the jobs' quantized-base options (a rule's job dequantizes a bitsandbytes base: it never looks for originals)
+    from_quantized: Mapped[str] = mapped_column(String(16), default="original", server_default="original")
+    keep_quantization: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     secret_encrypted: Mapped[str] = mapped_column(Text)
     credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+#: what a merge does when its base is a bitsandbytes repo (the CLI's --from-quantized; worker/hub/original.py)
+FROM_QUANTIZED = ("original", "dequantize")
+
 
 @dataclass(frozen=True)
 class MergeRequest:
@@ -21,7 +24,12 @@ class MergeRequest:
     `rule_id`/`base_allowed` are the context of a rule's job (a webhook push): the base then comes from the rule
     only, either `base` or the one entry of `base_allowed` the adapter config names (worker/service/pipeline.py).
     A recipe job has no `adapter` ("") unless a rule made it: then `adapter`@`adapter_revision` is the pushed
-    adapter, one of the recipe's inputs, read at that commit (worker/service/recipe_job.py)."""
+    adapter, one of the recipe's inputs, read at that commit (worker/service/recipe_job.py).
+
+    `from_quantized` / `keep_quantization` are the CLI's --from-quantized / --keep-quantization: a bitsandbytes
+    base the adapter config names is merged into its 16-bit original ("original") or its dequantized weights
+    ("dequantize"); an FP8 base's merge is written back in FP8. A rule's job never looks for an original (its token
+    reads only the bases the owner named): it dequantizes, whatever `from_quantized` says."""
 
     adapter: str
     target: str
@@ -33,6 +41,8 @@ class MergeRequest:
     max_shard_size: int | None = None
     overwrite: bool = False
     create_pr: bool = False
+    from_quantized: str = "original"  # one of FROM_QUANTIZED
+    keep_quantization: bool = False
     rule_id: str | None = None
     base_allowed: tuple[str, ...] | None = None  # a rule's allow-list of bases (see Job.base_allowed)
     recipe: str | None = None  # a merge recipe's normalised YAML: the job runs it instead of an adapter merge

@@ -149,6 +149,7 @@ class JobStore:
                 adapter=job.adapter_repo, target=job.target_repo, adapter_revision=job.adapter_revision,
                 base=job.base_repo, base_revision=job.base_revision, private=job.private, dtype=job.dtype,
                 max_shard_size=job.max_shard_size, overwrite=job.overwrite, create_pr=job.create_pr,
+                from_quantized=job.from_quantized, keep_quantization=job.keep_quantization,
                 rule_id=job.rule_id, base_allowed=tuple(job.base_allowed) if job.base_allowed else None,
                 recipe=job.recipe, seed=job.recipe_seed,
             )

@@ -78,6 +78,8 @@ def submit(
                 create_pr=m.create_pr,
                 recipe=m.recipe,
                 recipe_seed=m.seed,
+                from_quantized=m.from_quantized,
+                keep_quantization=m.keep_quantization,
                 status=JobStatus.queued.value,
                 credential_id=cred_id,
                 rule_id=m.rule_id,

@@ -9,6 +9,13 @@ only what the owner named (issue 10 §2): the base is the rule's (one fixed repo
 allow-list that the adapter config names: the config is checked against the list, never followed), a private or
 gated base (or a private adapter) makes the output private whatever the rule says, the target may be neither the
 adapter nor the base, and the sink writes only to a repo this rule created (`rule_claim`).
+
+Quantized bases (issue 12) go exactly as on the CLI (worker/cli/merge.py): a bitsandbytes base that the adapter
+config names is replaced by its 16-bit original (worker/hub/original.py) unless the request says
+`from_quantized="dequantize"`; `keep_quantization` wraps the sink so an FP8 base's merge is written back in FP8.
+A rule's job never looks for an original, since its token reads only what the owner named: a bitsandbytes base
+is dequantized (the owner names the original as the rule's base to merge into it). The job row records which of
+these happened (`base_quantization`, shown on the job page) and the model card says it too.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine import Lineage, MergeOptions, merge
-from ..engine.errors import EngineError, OutputError, SourceError
+from ..engine.errors import EngineError, OutputError, PlanError, SourceError
 from ..engine.plan import load_spec
 from ..hub import HubClient
 from ..hub.original import choose_base
@@ -104,12 +111,15 @@ def run_job(
         if req.rule_id is None and not req.base:
             # A QLoRA adapter naming a 4-bit repo: merge into its 16-bit original (hub/original.py). Never for a
             # rule's job: its token reads only the base the owner named (a quantized one is dequantized instead).
-            choice = choose_base(hub, base_id, base_revision)
+            choice = choose_base(hub, base_id, base_revision, from_quantized=req.from_quantized)
             base_id, base_revision = choice.repo_id, choice.revision
             if choice.note:
                 reporter.log("info", choice.note)
         base = choice.source if choice is not None and choice.source is not None else hub.source(base_id, base_revision)
         on_resolved(base_repo=base_id, base_sha=base.revision)
+        base, how = _read_quantized(base, choice, req, reporter)
+        if how:
+            on_resolved(base_quantization=how[:500])
         reporter.log("info", f"adapter {req.adapter}@{adapter.revision[:12]}, base {base_id}@{base.revision[:12]}")
         if req.rule_id is not None:
             if not private and _must_stay_private(hub, req.adapter, adapter.revision, base_id, base.revision):
@@ -117,9 +127,14 @@ def run_job(
                 on_resolved(private=True)
                 reporter.log("info", "the base is private or gated (or the adapter private): the merge is published "
                                      "as a private repo")
+        inner = hub.sink(req.target, private=private, overwrite=req.overwrite, create_pr=req.create_pr,
+                         merge_id=job_id, claim=rule_claim(req.rule_id) if req.rule_id else None)
+        if req.keep_quantization:  # as the CLI: the base read as 16-bit, a sink that writes FP8 back
+            from ..engine.quant import keep_quantization
+
+            base, inner = keep_quantization(inner, base)
         sink = WatchedSink(
-            hub.sink(req.target, private=private, overwrite=req.overwrite, create_pr=req.create_pr,
-                     merge_id=job_id, claim=rule_claim(req.rule_id) if req.rule_id else None),
+            inner,
             reporter,
             before_commit=_recheck_stale(req, adapter, committed_at, is_stale),
         )
@@ -140,6 +155,9 @@ def run_job(
     finally:
         adapter.close()
     published = result.result
+    if req.keep_quantization:
+        how = inner.summary()  # "FP8 kept: N merged tensor(s) re-quantized ..., worst round-trip error ..."
+        reporter.log("info", inner.summary())
     return Outcome(
         published.repo or req.target,
         published.commit or "",
@@ -153,8 +171,33 @@ def run_job(
             "bytes_written": result.bytes_written,
             "seconds": result.seconds,
             "timings": {**result.timings, "hub_retries": hub.retries},  # retries: read by web/metrics.py
+            "base_quantization": how[:500] if how else None,
         },
     )
+
+
+def _read_quantized(base, choice, req: MergeRequest, reporter):
+    """(the base as the engine will read it, one line saying how, or None for a plain 16-bit base that the adapter
+    named). The planner would read a quantized base the same way (engine/quant present_as_16bit); reading it here
+    names the path in the job row before the merge starts."""
+    from ..engine.quant import describe, present_as_16bit
+
+    if choice is not None and choice.quantized:
+        return base, (f"merged into the 16-bit original {choice.repo_id} of the quantized base {choice.quantized} "
+                      "(from_quantized: original)")
+    base = present_as_16bit(base)
+    line = describe(base)
+    if line is None:
+        if req.keep_quantization:
+            raise PlanError(f"keep_quantization: {base.label} is not quantized; there is no quantization to keep")
+        return base, None
+    if req.keep_quantization:
+        return base, f"kept FP8: merged tensors re-quantized with the base's block scheme ({line} to merge)"
+    if req.rule_id is not None and req.from_quantized == "original" and base.scheme.method.startswith("bnb"):
+        reporter.log("info", f"base {base.label} is {base.scheme.label}: a rule's job never looks for its 16-bit "
+                             "original (the rule's token reads only the bases the rule names), so it is dequantized; "
+                             "name the original as the rule's base to merge into it")
+    return base, f"dequantized the quantized base {base.label}: {line}"
 
 
 def _config_base(req: MergeRequest, named: str | None) -> tuple[str, str | None]:

@@ -4,6 +4,10 @@ stands for, so the planner and the executor merge into it exactly as into any 16
 `present_as_16bit(base)` is the one entry point (called by the planner): it returns `base` itself for a plain
 checkpoint, a `QuantizedSource` for a supported quantization, and raises PlanError, naming the scheme, for any
 other — from config.json and the safetensors headers alone, before a byte of weight data is read.
+
+Importing this package (and its torch-free scheme.py) does not import torch: the web detects a quantized base
+with the same `detect` before queueing; the readers that need torch (source.py, bnb.py, fp8.py, keep.py) load
+when a base is read.
 """
 
 from __future__ import annotations
@@ -12,25 +16,34 @@ from ..errors import PlanError
 from ..io import ModelSource
 from ..safetensors_format import FileHeader
 from .scheme import QuantScheme, detect, quantization_config
-from .source import Piece, QuantizedSource
 
 __all__ = ["QuantScheme", "QuantizedSource", "describe", "keep_quantization", "present_as_16bit", "quantization_config"]
 
 _MODEL_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
+def __getattr__(name: str):
+    if name == "QuantizedSource":  # torch: loaded when asked for
+        from .source import QuantizedSource
+
+        return QuantizedSource
+    raise AttributeError(name)
+
+
 def present_as_16bit(base: ModelSource) -> ModelSource:
+    # the planner's own rules for which files hold the weights
+    from ..checkpoint import read_header, read_json, weight_files
+    from .source import Piece, QuantizedSource
+
     if isinstance(base, QuantizedSource):
         return base
-    from ..plan import _read_json, _weight_files  # the planner's own rules for which files hold the weights
-    from ..tensors import read_header
 
     files = {f.path: f for f in base.files()}
-    config = _read_json(base, files["config.json"], "model config") if "config.json" in files else {}
+    config = read_json(base, files["config.json"], "model config") if "config.json" in files else {}
     scheme = detect(config, set(files), base.label)
     if scheme is None:
         return base
-    weight_names, sharded = _weight_files(base, files)
+    weight_names, sharded = weight_files(base, files)
     headers: dict[str, FileHeader] = {name: read_header(base, files[name]) for name in weight_names}
     tensors: dict[str, Piece] = {}
     for fname, header in headers.items():
@@ -75,6 +88,8 @@ def model_dtype(config: dict) -> str:
 
 def describe(source: ModelSource) -> str | None:
     """A line for the model card: how the base was quantized and read, or None for a 16-bit base."""
+    from .source import QuantizedSource
+
     if not isinstance(source, QuantizedSource):
         return None
     kinds = sorted({v.kind for v in source.virtuals.values()})
@@ -89,6 +104,7 @@ def keep_quantization(sink, base: ModelSource):
     """`--keep-quantization`: (the base read as 16-bit, a sink that writes FP8 back); PlanError when the base is not
     an FP8 block-scaled checkpoint."""
     from .keep import KeepQuantizationSink
+    from .source import QuantizedSource
 
     source = present_as_16bit(base)
     if not isinstance(source, QuantizedSource):

@@ -47,6 +47,7 @@ class KeepQuantizationSink:
         self.errors: dict[str, float] = {}  # re-quantized tensor -> relative round-trip error (L2)
         self.kept = 0
         self._scale_files: dict[str, str] = {}
+        self._data_bytes: dict[str, int] = {}  # shard -> bytes of its data buffer, as rewritten
 
     @property
     def work_dir(self) -> Path:
@@ -57,6 +58,8 @@ class KeepQuantizationSink:
 
     def shard_written(self, name: str, path: Path) -> None:
         self._rewrite(name, Path(path))
+        with open(path, "rb") as f:  # its data size now: a Hub sink uploads the shard and deletes it from work_dir
+            self._data_bytes[name] = Path(path).stat().st_size - 8 - struct.unpack("<Q", f.read(8))[0]
         self.inner.shard_written(name, path)
 
     def file_written(self, name: str, path: Path) -> None:
@@ -69,11 +72,7 @@ class KeepQuantizationSink:
             index = json.loads(path.read_text())
             index["weight_map"].update(self._scale_files)
             index["weight_map"] = dict(sorted(index["weight_map"].items()))
-            total = 0
-            for shard in set(index["weight_map"].values()):
-                with open(self.work_dir / shard, "rb") as f:
-                    n = struct.unpack("<Q", f.read(8))[0]
-                total += (self.work_dir / shard).stat().st_size - 8 - n
+            total = sum(self._data_bytes[shard] for shard in set(index["weight_map"].values()))
             index.setdefault("metadata", {})["total_size"] = total
             path.write_text(json.dumps(index, indent=2) + "\n")
         elif name == "README.md":
