@@ -481,6 +481,8 @@ def test_bad_recipes_are_one_line_422s(client, enqueued, recipe_repos, recipe, f
     ({"base": "alice/base"}, "base"),  # an adapter's field with a recipe
     ({"target": "alice/recipe-ft"}, "target"),  # an input
     ({"seed": -1}, "seed"),
+    ({"keep_quantization": True}, "keep_quantization"),  # an adapter merge's options (issue 12)
+    ({"from_quantized": "dequantize"}, "from_quantized"),
 ])
 def test_recipe_requests_name_the_field(client, enqueued, recipe_repos, extra, field):
     r = client.post("/api/v1/jobs", json={"recipe": LINEAR, "target": f"alice/{unique()}", **extra},
