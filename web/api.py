@@ -53,7 +53,7 @@ def openapi():
 
 @bp.post("/jobs")
 def create_job():
-    """Queue a merge of an adapter into its base, published to `target`."""
+    """Queue a merge of an adapter into its base, or of a merge recipe, published to `target`."""
     caller = api_caller()
     key = request.headers.get("Idempotency-Key")
     if key is not None and not IDEMPOTENCY_RE.match(key):
@@ -62,7 +62,8 @@ def create_job():
     if key is not None:
         existing = _by_idempotency_key(caller.name, key)
         if existing is not None:
-            if (existing.adapter_repo, existing.target_repo) != (inp.adapter, inp.target):
+            if ((existing.adapter_repo or None, existing.target_repo, existing.recipe is not None)
+                    != (inp.adapter, inp.target, inp.recipe is not None)):
                 raise Unprocessable("this Idempotency-Key was used for a different request", field="Idempotency-Key")
             return _accepted(existing, replayed=True)
     jobs.admit(caller.name)  # before asking the Hub anything: a full queue is refused cheaply

@@ -4,9 +4,20 @@ web/rules.py, shared with the JSON API; these classes only bound and shape the i
 from __future__ import annotations
 
 from flask_wtf import FlaskForm
-from wtforms import BooleanField, HiddenField, PasswordField, SelectField, StringField
-from wtforms.validators import DataRequired, Length, Optional
+from wtforms import (
+    BooleanField,
+    FieldList,
+    Form,
+    FormField,
+    HiddenField,
+    PasswordField,
+    SelectField,
+    StringField,
+    TextAreaField,
+)
+from wtforms.validators import DataRequired, Length, Optional, Regexp
 
+from worker.engine.recipe.recipe import METHODS
 from worker.jobs.request import FROM_QUANTIZED
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -34,8 +45,41 @@ class MergeForm(FlaskForm):
     keep_quantization = BooleanField("Keep FP8 (an FP8 base's merge written back in FP8)")
 
 
+class RecipeRow(Form):
+    """One input of a recipe: a model, optionally with a LoRA adapter folded into it, and its parameters."""
+
+    model = StringField("Model", validators=[Optional(), Length(max=200)])
+    adapter = StringField("+ adapter", validators=[Optional(), Length(max=200)])
+    weight = StringField("Weight", validators=[Optional(), Length(max=40)])
+    density = StringField("Density", validators=[Optional(), Length(max=40)])
+
+
+RECIPE_ROWS = 16
+_CHOICE = ["default", "true", "false"]
+
+
+class RecipeForm(FlaskForm):
+    """The merge page's recipe mode: rows of model[+adapter] and weight, a method and its parameters, or YAML."""
+
+    method = SelectField("Method", choices=list(METHODS), default="linear")
+    base_model = StringField("Base model", validators=[Optional(), Length(max=200)])
+    rows = FieldList(FormField(RecipeRow), min_entries=3, max_entries=RECIPE_ROWS)
+    normalize = SelectField("normalize", choices=_CHOICE, default="default")
+    rescale = SelectField("rescale", choices=_CHOICE, default="default")
+    lambda_ = StringField("lambda", validators=[Optional(), Length(max=40)])
+    t = StringField("t", validators=[Optional(), Length(max=40)])
+    seed = StringField("Seed", validators=[Optional(), Regexp(r"^\d{1,18}$", message="seed: a whole number")])
+    yaml = TextAreaField("Recipe YAML", validators=[Optional(), Length(max=60_000)])
+    target = StringField("Target repo", validators=[DataRequired(), Length(max=200)])
+    private = BooleanField("Private")
+    private_auto = HiddenField(default="1")
+    dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
+    overwrite = BooleanField("Overwrite the weights already there")
+    create_pr = BooleanField("Open a pull request instead of committing to main")
+
+
 class RuleForm(FlaskForm):
-    watch = StringField("Watch", validators=[DataRequired(), Length(max=200)])
+    watch = StringField("Watch", validators=[Optional(), Length(max=200)])  # required unless recipe (web/rules.py)
     target = StringField("Target", validators=[Optional(), Length(max=200)])
     base = StringField("Base model", validators=[Optional(), Length(max=200)])
     base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
@@ -44,6 +88,7 @@ class RuleForm(FlaskForm):
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
     keep_quantization = BooleanField("Keep FP8")  # a rule's bitsandbytes base is always dequantized (pipeline.py)
     token = PasswordField("Personal access token", validators=[Optional(), Length(max=512)])
+    recipe = TextAreaField("Recipe", validators=[Optional(), Length(max=60_000)])
 
 
 class ActionForm(FlaskForm):

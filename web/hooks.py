@@ -23,7 +23,7 @@ from worker.jobs import Delivery, Job, JobRequest, MergeRequest, Rule, submit
 from worker.locations import is_repo_id
 from worker.redact import register
 
-from . import jobs
+from . import jobs, recipes
 from .bodies import BodyError, read_json
 from .errors import Unauthorized
 from .rule_targets import render_target, split_watch, watches
@@ -51,7 +51,8 @@ def hub_hook(rule_id: str):
         return jsonify(ignored=True, reason=verdict), 200
     repo, sha, old_sha = verdict
     namespace, name = repo.split("/", 1)
-    target = render_target(rule.target, namespace, name)
+    # a recipe rule rebuilds one repo whichever of its adapters was pushed
+    target = rule.target if rule.recipe is not None else render_target(rule.target, namespace, name)
     reason = _target_refusal(rule, repo, target)
     if reason:
         _record(rule, "ignored", reason, repo=repo, sha=sha)
@@ -60,7 +61,7 @@ def hub_hook(rule_id: str):
     merge = MergeRequest(
         adapter=repo, adapter_revision=sha, base=rule.base, base_revision=rule.base_revision if rule.base else None,
         base_allowed=tuple(rule.bases) if not rule.base and rule.bases else None, target=target,
-        private=rule.private, dtype=rule.dtype, overwrite=True, rule_id=rule.id,
+        private=rule.private, dtype=rule.dtype, overwrite=True, rule_id=rule.id, recipe=rule.recipe,
         from_quantized=rule.from_quantized or "original", keep_quantization=bool(rule.keep_quantization),
     )
     job_request = JobRequest(
@@ -79,6 +80,12 @@ def _target_refusal(rule: Rule, repo: str, target: str) -> str | None:
 
     Rules made before bases were required name none; the template checks of web/rules.py are repeated with the
     concrete names, for rules made before them and because the Hub resolves names case-insensitively."""
+    if rule.recipe is not None:  # its base is the recipe's; its target one repo, none of the recipe's inputs
+        if not is_repo_id(target):
+            return f"the rule's target {target[:100]!r} is not a repo id"
+        if target.lower() in recipes.rule_inputs(rule.recipe):
+            return f"the rule's target, {target}, is one of its recipe's inputs"
+        return None
     if not rule.base and not rule.bases:
         return "this rule names no base (a pushed adapter config never chooses it): create the rule again with a base"
     if not is_repo_id(target):
@@ -157,6 +164,13 @@ def _repo_reason(rule: Rule, payload: dict) -> str | None:
     name = repo.get("name")
     if not isinstance(name, str) or not is_repo_id(name):
         return "the payload's repo name is not a repo id"
+    if rule.recipe is not None:
+        adapters = recipes.rule_adapters(rule.recipe)
+        if adapters is None:
+            return "this rule's recipe no longer parses: create the rule again"
+        if name.lower() not in adapters:
+            return f"{name} is not an adapter of this rule's recipe"
+        return None
     watched = split_watch(rule.watch)
     namespace, short = name.split("/", 1)
     if watched is None or namespace != watched[0] or not fnmatch.fnmatchcase(short, watched[1]):

@@ -40,7 +40,7 @@ FIELDS = tuple(JobCreate.model_fields)  # the order check() reports problems in:
 
 @dataclass(frozen=True)
 class MergeInput:
-    adapter: str
+    adapter: str | None
     target: str
     adapter_revision: str | None = None
     base: str | None = None
@@ -49,6 +49,8 @@ class MergeInput:
     dtype: str = "auto"
     overwrite: bool = False  # commit on top of a target that already has weights (a retrained adapter)
     create_pr: bool = False  # propose the merge as a pull request on the target instead of committing to main
+    recipe: object = None  # instead of adapter: a merge recipe (YAML text or a mapping; web/recipes.py normalises it)
+    seed: int | None = None  # DARE's seed, with a recipe
     from_quantized: str = "original"  # a bitsandbytes base the config names: its 16-bit original, or dequantize
     keep_quantization: bool = False  # an FP8 base's merge written back in FP8
     # The form pre-fills the base from the adapter's config: that base is the config's, not a choice of the user's,
@@ -90,6 +92,10 @@ class Checked:
 
 def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]:
     """Every reason this request cannot be queued (empty when it can), in field order, and what was learnt."""
+    if inp.recipe is not None:
+        from . import recipes
+
+        return recipes.check(caller, inp)
     errors: list[InspectError] = []
 
     def attempt(fn, *args, **kwargs):
@@ -227,10 +233,11 @@ def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | Non
     svc = services()
     jobs.admit(caller.name)  # the per-owner cap on queued jobs (429), for the form and the API
     merge = MergeRequest(
-        adapter=inp.adapter, adapter_revision=inp.adapter_revision, base=inp.base, base_revision=inp.base_revision,
+        adapter=inp.adapter or "", adapter_revision=inp.adapter_revision, base=inp.base, base_revision=inp.base_revision,
         target=inp.target, private=bool(inp.private), dtype=inp.dtype,
         # a pull request never touches main, so it may always land on a repo that has weights
         overwrite=inp.overwrite or inp.create_pr, create_pr=inp.create_pr,
+        recipe=inp.recipe, seed=inp.seed,  # a recipe: the normalised text recipes.check() put there
         from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization,
     )
     request = JobRequest(

@@ -38,7 +38,7 @@ def job_json(job: Job) -> dict:
         "owner": job.owner,
         "attempts": job.attempts,
         "cancel_requested": bool(job.cancel_requested),
-        "adapter": job.adapter_repo,
+        "adapter": job.adapter_repo or None,
         "adapter_revision": job.adapter_revision,
         "adapter_sha": job.adapter_sha,
         "base": job.base_repo,
@@ -51,6 +51,7 @@ def job_json(job: Job) -> dict:
         "keep_quantization": bool(job.keep_quantization),
         "base_quantization": job.base_quantization,
         "rule_id": job.rule_id,
+        **({"recipe": job.recipe} if job.recipe is not None else {}),
         "progress": {
             "done": job.tensors_done or 0,
             "total": job.tensors_total or 0,
@@ -91,6 +92,7 @@ def rule_json(rule: Rule, secret: str | None = None) -> dict:
         "bases": list(rule.bases) if rule.bases else None,
         "private": bool(rule.private),
         "dtype": rule.dtype,
+        **({"recipe": rule.recipe} if rule.recipe is not None else {}),
         "from_quantized": rule.from_quantized or "original",
         "keep_quantization": bool(rule.keep_quantization),
         "enabled": bool(rule.enabled),
@@ -212,8 +214,20 @@ def job_times(job: Job) -> list[dict]:
     return rows
 
 
+def job_label(job: Job) -> str:
+    """What a job merges, in a few words: its adapter, or "recipe (method)" (a rule's recipe job: with the push)."""
+    if job.recipe is None:
+        return job.adapter_repo
+    first = job.recipe.partition("\n")[0]  # the normalised text starts with merge_method (worker/jobs/recipe.py)
+    label = f"recipe ({first.partition(':')[2].strip() or '?'})"
+    return f"{label} · {job.adapter_repo}" if job.adapter_repo else label
+
+
 def merge_again_url(job: Job) -> str:
-    """The form, pre-filled with this job's adapter, base and target (to change what made it fail)."""
+    """The form, pre-filled with this job's adapter, base and target (to change what made it fail); the recipe
+    form with its recipe and target for a recipe job."""
+    if job.recipe is not None:
+        return url_for("ui.recipe_form", job=job.id)
     args = {"adapter": job.adapter_repo, "target": job.target_repo}
     if job.base_repo:
         args["base"] = job.base_repo

@@ -60,12 +60,14 @@ class RuleInput:
     from_quantized: str = "original"  # stored for the rule's jobs, which dequantize a bitsandbytes base either way
     keep_quantization: bool = False
     token: str | None = field(default=None, repr=False)  # a personal access token for the rule (never printed)
+    recipe: object = None  # a recipe rule (web/recipes.py check_rule): YAML text or a mapping, normalised there
 
     @classmethod
     def from_json(cls, body: object) -> RuleInput:
         """Strict: web/schemas.py RuleCreate (the model openapi.py publishes); 422 naming the field otherwise."""
         values = parse(RuleCreate, body).model_dump()
         values["bases"] = tuple(values["bases"]) if values["bases"] is not None else None
+        values["watch"] = values["watch"] or ""
         return cls(**values)
 
     @classmethod
@@ -76,7 +78,8 @@ class RuleInput:
         bases = tuple(b for b in re.split(r"[\s,]+", text("bases") or "") if b) or None
         return cls(watch=text("watch") or "", target=text("target") or DEFAULT_TARGET, base=text("base"),
                    base_revision=text("base_revision"), bases=bases, private=bool(form.private.data),
-                   dtype=form.dtype.data or "auto", keep_quantization=bool(form.keep_quantization.data), token=text("token"))
+                   dtype=form.dtype.data or "auto", keep_quantization=bool(form.keep_quantization.data),
+                   token=text("token"), recipe=text("recipe"))
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class Checked:
     token: str
     identity: Identity
     target_namespace: str
+    recipe: str | None = None  # a recipe rule's normalised recipe
+    watch: str | None = None  # a recipe rule's adapters, as shown
 
     def __repr__(self) -> str:  # never the token
         return f"Checked({self.identity.name!r}, {self.target_namespace!r})"
@@ -96,9 +101,15 @@ def check(caller: Caller, inp: RuleInput) -> list[InspectError]:
 
 
 def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked | None]:
+    if inp.recipe is not None:
+        from . import recipes
+
+        return recipes.check_rule(caller, inp, _rule_token)
     errors: list[InspectError] = []
     parts = split_watch(inp.watch)
-    if parts is None:
+    if not inp.watch:
+        errors.append(InspectError("watch", "watch is required (owner/name or owner/*), or give a recipe"))
+    elif parts is None:
         errors.append(InspectError("watch", f"{inp.watch[:100]!r}: watch one repo (owner/name) or a pattern of one "
                                             "namespace (owner/*, owner/*-lora)"))
     bases = _check_bases(inp, errors)
@@ -218,12 +229,12 @@ def create(caller: Caller, inp: RuleInput) -> tuple[Rule, str]:
                           token_encrypted=svc.box.seal(checked.token), expires_at=_parse_time(identity.token_expires_at))
         s.add(cred)
         s.flush()
-        rule = Rule(owner=caller.name, owner_id=caller.id, watch=inp.watch, target=inp.target,
+        rule = Rule(owner=caller.name, owner_id=caller.id, watch=checked.watch or inp.watch, target=inp.target,
                     target_namespace_id=identity.namespace_id(checked.target_namespace), base=inp.base,
                     base_revision=inp.base_revision if inp.base else None,
                     bases=list(_check_bases(inp, [])) if inp.bases else None, private=inp.private, dtype=inp.dtype,
                     from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization,
-                    secret_encrypted=svc.box.seal(secret), credential_id=cred.id)
+                    recipe=checked.recipe, secret_encrypted=svc.box.seal(secret), credential_id=cred.id)
         s.add(rule)
     return rule, secret
 

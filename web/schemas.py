@@ -16,9 +16,11 @@ a schema stricter than the service would make schemathesis' negative mode (tests
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, ClassVar, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from worker.engine.recipe.recipe import MAX_INPUTS, METHODS
 
 from .errors import Unprocessable
 from .rule_targets import DEFAULT_TARGET
@@ -56,6 +58,35 @@ _PATTERN_MESSAGES = {
 
 _REQUEST = ConfigDict(extra="forbid", strict=True)
 
+MAX_RECIPE_TEXT = 60_000  # the body is at most 64 KiB (web/bodies.py)
+_RECIPE_DTYPES = ["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"]
+_MODEL_TEXT = {"type": "string", "description": "a Hub repo id owner/name[@revision], or owner/name[@revision]+"
+                                                "ADAPTER[@revision]: a LoRA adapter folded into that model"}
+# mergekit's recipe as JSON, as the torch-free parser (worker/engine/recipe/recipe.py) takes it. Documentation: the
+# parser validates (its one-line errors name unknown keys, methods and parameters), and it is not stricter than this.
+RECIPE_OBJECT = {
+    "type": "object",
+    "description": "mergekit's YAML recipe as a JSON object (the same keys)",
+    "properties": {
+        "merge_method": {"type": "string", "enum": list(METHODS)},
+        "base_model": _MODEL_TEXT,
+        "models": {"type": "array", "minItems": 1, "maxItems": MAX_INPUTS, "items": {
+            "type": "object", "required": ["model"], "additionalProperties": False,
+            "properties": {"model": _MODEL_TEXT, "parameters": {
+                "type": "object", "description": "this model's weight, density (numbers, gradients over the layers, "
+                                                 "or lists of {filter, value})"}}}},
+        "parameters": {"type": "object", "description": "normalize, rescale, lambda, int8_mask, t; weight and "
+                                                        "density for every model"},
+        "dtype": {"type": "string", "enum": _RECIPE_DTYPES},
+        "out_dtype": {"type": "string", "enum": _RECIPE_DTYPES},
+        "tokenizer_source": {"type": "string", "enum": ["base"]},
+    },
+    "required": ["merge_method", "models"],
+    "additionalProperties": False,
+}
+RecipeText = Annotated[str, Field(max_length=MAX_RECIPE_TEXT, description="mergekit's YAML recipe")]
+RecipeObject = Annotated[dict[str, Any], Field(json_schema_extra=RECIPE_OBJECT)]
+
 
 class _Request(BaseModel):
     model_config = _REQUEST
@@ -78,10 +109,17 @@ _KEEP_QUANTIZATION = ("FP8 block-scaled base: write the merge back in FP8 (merge
                       "block scheme); refused for other bases")
 
 
-class JobCreate(_Request):
-    """POST /api/v1/jobs: merge `adapter` into its base and publish the result to `target`."""
+def _one_of_adapter_or_recipe(schema: dict) -> None:
+    schema["oneOf"] = [{"required": ["adapter"]}, {"required": ["recipe"]}]
 
-    adapter: RepoId = Field(description="adapter repo id, owner/name")
+
+class JobCreate(_Request):
+    """POST /api/v1/jobs: merge `adapter` into its base, or run the merge `recipe`, and publish the result to
+    `target`."""
+
+    model_config = ConfigDict(**_REQUEST, json_schema_extra=_one_of_adapter_or_recipe)
+
+    adapter: RepoId | None = Field(None, description="adapter repo id, owner/name (or give recipe instead)")
     adapter_revision: OptionalRevision | None = Field(None, description="branch, tag or commit (default: main)")
     base: OptionalRepoId | None = Field(None, description="base repo id (default: the one the adapter config names)")
     base_revision: OptionalRevision | None = None
@@ -90,18 +128,51 @@ class JobCreate(_Request):
     dtype: Dtype = "auto"
     overwrite: bool = Field(False, description="commit on top of a target that already has weights")
     create_pr: bool = Field(False, description="open a pull request on the target instead of committing to main")
+    recipe: RecipeText | RecipeObject | None = Field(
+        None, description="instead of adapter: a merge recipe, mergekit's YAML (linear, task_arithmetic, ties, "
+                          "dare_linear, dare_ties, slerp) as text or as a JSON object of the same shape; every input "
+                          "a Hub repo (owner/name[@revision][+ADAPTER[@revision]])")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="with recipe: DARE's random seed (default 0)")
     from_quantized: FromQuantized = Field("original", description=_FROM_QUANTIZED)
     keep_quantization: bool = Field(False, description=_KEEP_QUANTIZATION)
 
     empty_is_none: ClassVar[frozenset[str]] = frozenset({"adapter_revision", "base", "base_revision"})
 
+    def check_fields(self) -> None:
+        """What a field's own schema cannot say: an adapter or a recipe, not both; the adapter's fields without
+        a recipe."""
+        if self.recipe is None:
+            if self.adapter is None:
+                raise Unprocessable("adapter is required (or recipe, for a merge recipe)", field="adapter")
+            if self.seed is not None:
+                raise Unprocessable("seed goes with recipe (DARE's random draws)", field="seed")
+            return
+        if self.adapter is not None:
+            raise Unprocessable("give either adapter or recipe, not both", field="recipe")
+        for name in ("adapter_revision", "base", "base_revision"):
+            if getattr(self, name) is not None:
+                raise Unprocessable(f"{name} goes with adapter; a recipe names its inputs (and their @revision) "
+                                    "itself", field=name)
+        if self.from_quantized != "original" or self.keep_quantization:
+            name = "keep_quantization" if self.keep_quantization else "from_quantized"
+            raise Unprocessable(f"{name} goes with adapter: a recipe's inputs are read as they are", field=name)
+
+
+def _one_of_watch_or_recipe(schema: dict) -> None:
+    schema["oneOf"] = [{"required": ["watch"]}, {"required": ["recipe"]}]
+
 
 class RuleCreate(_Request):
-    """POST /api/v1/rules: merge every new commit of the watched adapter repos onto the base(s) chosen here."""
+    """POST /api/v1/rules: merge every new commit of the watched adapter repos onto the base(s) chosen here, or
+    rerun a merge `recipe` whenever one of its adapters gets a commit."""
 
-    watch: str = Field(max_length=MAX_STRING, description="owner/name or owner/<glob>, e.g. owner/*-lora")
+    model_config = ConfigDict(**_REQUEST, json_schema_extra=_one_of_watch_or_recipe)
+
+    watch: str | None = Field(None, max_length=MAX_STRING,
+                              description="owner/name or owner/<glob>, e.g. owner/*-lora (required unless recipe)")
     target: str = Field(DEFAULT_TARGET, max_length=MAX_STRING,
-                        description="must not be able to render to a watched repo or to a base (422 otherwise)")
+                        description="must not be able to render to a watched repo or to a base (422 otherwise); "
+                                    "with recipe: one repo id, none of the recipe's inputs")
     base: OptionalRepoId | None = Field(None, description="the base every push is merged onto; base or bases is "
                                                           "required (an adapter's config never chooses the base)")
     base_revision: OptionalRevision | None = None
@@ -114,8 +185,15 @@ class RuleCreate(_Request):
     token: str | None = Field(None, max_length=MAX_TOKEN, repr=False,
                               description="a personal access token for the rule to keep; required when the "
                                           "caller's token is an OAuth sign-in token (those expire)")
+    recipe: RecipeText | RecipeObject | None = Field(
+        None, description="instead of watch and base: a merge recipe (as in POST /jobs) rerun into target whenever "
+                          "one of its adapters (MODEL+ADAPTER inputs) gets a commit on main")
 
     empty_is_none: ClassVar[frozenset[str]] = frozenset({"base", "base_revision", "token"})
+
+    def check_fields(self) -> None:
+        if self.recipe is None and self.watch is None:
+            raise Unprocessable("watch is required (or recipe, for a recipe rule)", field="watch")
 
     @field_validator("target", mode="after")
     @classmethod
@@ -129,9 +207,13 @@ Model = TypeVar("Model", bound=BaseModel)
 def parse(model: type[Model], body: object) -> Model:
     """`body` (already decoded by read_json) as `model`, or a 422 with one message naming one field."""
     try:
-        return model.model_validate(body)
+        parsed = model.model_validate(body)
     except ValidationError as exc:
         raise _first_error(model, exc) from None
+    check_fields = getattr(parsed, "check_fields", None)
+    if check_fields is not None:
+        check_fields()
+    return parsed
 
 
 def _first_error(model: type[BaseModel], exc: ValidationError) -> Unprocessable:
@@ -158,6 +240,9 @@ _TYPE_MESSAGES = {
     "literal_error": lambda name, ctx: f"{name} must be one of {ctx.get('expected', '').replace(chr(39), '')}",
     "list_type": lambda name, ctx: f"{name} must be a list of repo ids",
     "too_long": lambda name, ctx: f"{name}: at most {ctx.get('max_length')} items",
+    "int_type": lambda name, ctx: f"{name} must be an integer",
+    "greater_than_equal": lambda name, ctx: f"{name} must be at least {ctx.get('ge')}",
+    "less_than_equal": lambda name, ctx: f"{name} must be at most {ctx.get('le')}",
 }
 
 
@@ -166,6 +251,8 @@ def _unprocessable(err: dict) -> Unprocessable:
     if not loc:  # the body itself: not an object
         return Unprocessable("the request body must be a JSON object")
     name = str(loc[0])[:60]
+    if name == "recipe" and kind in ("string_type", "dict_type"):  # a union: neither member's words alone
+        return Unprocessable("recipe must be YAML text or a JSON object", field=name)
     if kind == "string_pattern_mismatch" and name in _PATTERN_MESSAGES:
         return Unprocessable(_PATTERN_MESSAGES[name].format(value=str(value)[:100]), field=name)
     message = _TYPE_MESSAGES.get(kind)
@@ -241,7 +328,7 @@ class Job(BaseModel):
     owner: str | None = absent()
     attempts: int = Field(ge=0)
     cancel_requested: bool | None = absent()
-    adapter: str
+    adapter: str | None = Field(description="null for a recipe job (unless a rule's push made it)")
     adapter_revision: str | None = None
     adapter_sha: str | None = None
     base: str | None = None
@@ -255,6 +342,7 @@ class Job(BaseModel):
     base_quantization: str | None = Field(None, description="how a quantized base was read: merged into its 16-bit "
                                                             "original, dequantized, or kept in FP8 (null: a 16-bit base)")
     rule_id: str | None = None
+    recipe: str | None = absent(description="a recipe job's recipe (normalised YAML)")
     progress: JobProgress
     stats: JobStats
     result: JobResult
@@ -285,6 +373,7 @@ class Rule(BaseModel):
     bases: list[str] | None = None
     private: bool
     dtype: str
+    recipe: str | None = absent(description="a recipe rule's recipe (normalised YAML)")
     from_quantized: FromQuantized | None = absent()
     keep_quantization: bool | None = absent()
     enabled: bool | None = absent()

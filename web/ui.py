@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from flask import Blueprint, jsonify, redirect, render_template, request, url_for
 
-from . import jobs, merge
+from . import jobs, merge, recipes
 from .auth import login_required, session_caller
 from .errors import Unprocessable
-from .forms import ActionForm, MergeForm
+from .forms import ActionForm, MergeForm, RecipeForm
 from .hubcheck import InspectError, check_repo_id, check_rev, inspect_adapter
-from .present import job_json, job_times, log_json, merge_again_url, retry_advice, state_text
+from .present import job_json, job_label, job_times, log_json, merge_again_url, retry_advice, state_text
 from .schemas import MAX_STRING
 from .services import services
 
@@ -18,7 +18,8 @@ bp = Blueprint("ui", __name__)
 
 @bp.app_context_processor
 def _page_helpers():
-    return {"job_states": jobs.states, "hub_url": hub_url, "webhook_url_local": local_public_url()}
+    return {"job_states": jobs.states, "hub_url": hub_url, "webhook_url_local": local_public_url(),
+            "job_label": job_label}
 
 
 def local_public_url() -> str | None:
@@ -131,6 +132,59 @@ def merge_preview():
     if errors:
         return jsonify(ok=False, errors=[{"field": e.field, "message": e.message} for e in errors])
     return jsonify(ok=True, errors=[], preview=preview_json(checked, caller))
+
+
+@bp.route("/merge/recipe", methods=["GET", "POST"])
+@login_required
+def recipe_form():
+    """The merge page's recipe mode: several models and adapters combined (mergekit's methods), or pasted YAML.
+    "Check and preview" shows the normalised recipe and every input's commit before anything is queued."""
+    caller = session_caller()
+    form = RecipeForm()
+    if request.method == "GET":
+        if request.args.get("job"):  # "Change and merge again": that job's recipe and target, to edit
+            job = jobs.get(caller, request.args["job"])
+            form.yaml.data, form.target.data = job.recipe, job.target_repo
+        return render_template("recipe.html", form=form, preview=None, errors=[], token_page=token_page())
+    errors: list[dict] = []
+    if form.validate_on_submit():
+        errors, checked = merge.check(caller, recipes.input_from_form(form))
+        if not errors and not request.form.get("preview"):
+            job, _ = merge.queue(caller, checked.inp, "form")
+            return redirect(url_for("ui.job_page", job_id=job.id))
+        if not errors:
+            return render_template("recipe.html", form=form, preview=recipes.preview_json(checked, caller), errors=[],
+                                   token_page=token_page())
+        errors = [{"field": e.field, "message": e.message} for e in errors]
+    return render_template("recipe.html", form=form, preview=None, errors=errors or _form_errors(form),
+                           token_page=token_page()), 422
+
+
+@bp.post("/merge/recipe/preview.json")
+@login_required
+def recipe_preview():
+    """The whole check of a would-be recipe job and, when it passes, its preview. Nothing is queued."""
+    caller = session_caller()
+    form = RecipeForm()
+    if not form.validate_on_submit():
+        return jsonify(ok=False, errors=_form_errors(form))
+    errors, checked = merge.check(caller, recipes.input_from_form(form))
+    if errors:
+        return jsonify(ok=False, errors=[{"field": e.field, "message": e.message} for e in errors])
+    return jsonify(ok=True, errors=[], preview=recipes.preview_json(checked, caller))
+
+
+def _form_errors(form) -> list[dict]:
+    """WTForms' errors as one line each (a row's field is named by its row)."""
+    out = []
+    for name, messages in form.errors.items():
+        if isinstance(messages, dict) or (messages and isinstance(messages[0], dict)):  # FieldList rows
+            for i, row in enumerate(messages if isinstance(messages, list) else [messages]):
+                for field, msgs in (row or {}).items():
+                    out += [{"field": "recipe", "message": f"row {i + 1} {field}: {m}"} for m in msgs]
+            continue
+        out += [{"field": name, "message": m if name in ("csrf_token",) else f"{name}: {m}"} for m in messages]
+    return out or [{"field": "recipe", "message": "the form could not be read; reload the page"}]
 
 
 @bp.get("/merge/adapters.json")

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
 from huggingface_hub import HfApi, snapshot_download
 
 from hubdouble import Fault
@@ -137,6 +138,61 @@ def test_api_cancel_and_retry(live):
     assert len(merged_commits(live.hub, "alice/cancel-retry")) == 1
 
 
+RECIPE = """
+merge_method: linear
+models:
+  - model: alice/base
+    parameters: {weight: 0.5}
+  - model: alice/ft@main
+    parameters: {weight: 0.3}
+  - model: alice/base+alice/adapter
+    parameters: {weight: 0.2}
+"""
+
+
+def test_api_recipe_job_publishes_the_clis_bytes_in_one_commit(live, seeded_model, tmp_path):  # noqa: F811
+    """A linear recipe of two models and a model+adapter input, through the API, the worker and the Hub double:
+    one commit, every input pinned in the card, tensors equal bit for bit to `lorafold merge --recipe` on the same
+    inputs as local folders."""
+    from tests.support.recipe_models import load_state, make_finetune
+    from worker.cli import main
+
+    ft = make_finetune(seeded_model.base_dir, tmp_path / "ft", seed=401)
+    api = HfApi(endpoint=live.hub.url)
+    if not live.hub.has_repo("alice/ft"):
+        api.create_repo("alice/ft", token=ALICE)
+        api.upload_folder(repo_id="alice/ft", folder_path=str(ft), token=ALICE, commit_message="seed")
+    live.hub.clear_log()
+    r = _api(live, "POST", "/api/v1/jobs", json={"recipe": RECIPE, "target": "alice/from-recipe"})
+    assert r.status_code == 202, r.text
+    job = live.wait(r.json()["id"])
+    assert job.status == "succeeded", job.error
+    for repo in ("alice/base", "alice/ft"):  # ranged reads only; alice/base (two inputs) served once
+        gets = [q for q in live.hub.request_log if q.method == "GET" and f"/{repo}/resolve/" in q.path
+                and q.path.endswith(".safetensors")]
+        assert gets and all(q.range for q in gets), repo
+        served = sum(q.bytes_sent for q in gets)
+        # weights once; headers (100 kB reads) by the door's check and the worker's plan, a few times each
+        assert seeded_model.base_bytes * 0.99 <= served <= 1.02 * seeded_model.base_bytes + 12 * 100_000, (repo, served)
+    assert job.recipe and job.adapter_repo == "" and job.base_repo is None and job.bytes_written
+    assert len(merged_commits(live.hub, "alice/from-recipe")) == 1
+    shas = {repo: live.hub.head(repo) for repo in ("alice/base", "alice/ft", "alice/adapter")}
+    card = live.hub.read_file("alice/from-recipe", "README.md").decode()
+    assert f"alice/ft@{shas['alice/ft']}" in card and f"alice/base@{shas['alice/base']}+alice/adapter@{shas['alice/adapter']}" in card
+    assert "base_model_relation: merge" in card
+    logs = _api(live, "GET", f"/api/v1/jobs/{job.id}/logs").json()["logs"]
+    assert any(line["message"].startswith("recipe: linear of 3 inputs") for line in logs)
+
+    local = tmp_path / "recipe.yaml"
+    local.write_text(RECIPE.replace("alice/base+alice/adapter", f"{seeded_model.base_dir}+{seeded_model.adapter_dir}")
+                     .replace("alice/base", str(seeded_model.base_dir)).replace("alice/ft@main", str(ft)))
+    assert main(["merge", "--recipe", str(local), "--out", str(tmp_path / "cli"), "--device", "cpu", "--quiet"]) == 0
+    published = Path(snapshot_download("alice/from-recipe", endpoint=live.hub.url, token=ALICE, local_dir=tmp_path / "dl"))
+    a, b = load_state(published), load_state(tmp_path / "cli")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (published / "config.json").read_bytes() == (seeded_model.base_dir / "config.json").read_bytes()
+
+
 def test_webhook_pushes_merge_each_new_adapter_commit_once(live, seeded_model, tmp_path):  # noqa: F811
     rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/adapter", "base": "alice/base"})
     assert rule.status_code == 201, rule.text
@@ -189,3 +245,53 @@ def test_webhook_pushes_merge_each_new_adapter_commit_once(live, seeded_model, t
     third = job_for(push(readme, "docs"))
     assert third.status == "skipped" and "did not change the adapter" in third.error
     assert len(merged_commits(live.hub, target)) == 2
+
+
+def test_a_recipe_rule_rebuilds_the_recipe_when_its_adapter_gets_a_commit(live, seeded_model, tmp_path):  # noqa: F811
+    """A rule naming a recipe: a push to the recipe's adapter reruns the recipe with that commit, into the rule's
+    one target (claimed by the rule); a README-only push is skipped."""
+    from tests.support.recipe_models import make_finetune
+
+    api = HfApi(endpoint=live.hub.url)
+    for repo, folder in (("alice/ft", make_finetune(seeded_model.base_dir, tmp_path / "ft", seed=401)),
+                         ("alice/adapter2", seeded_model.adapter_dir)):
+        if not live.hub.has_repo(repo):
+            api.create_repo(repo, token=ALICE)
+            api.upload_folder(repo_id=repo, folder_path=str(folder), token=ALICE, commit_message="seed")
+    recipe = {"merge_method": "task_arithmetic", "base_model": "alice/base",
+              "models": [{"model": "alice/base+alice/adapter2", "parameters": {"weight": 0.5}},
+                         {"model": "alice/ft", "parameters": {"weight": 0.5}}]}
+    rule = _api(live, "POST", "/api/v1/rules", json={"recipe": recipe, "target": "alice/recipe-rule-out"})
+    assert rule.status_code == 201, rule.text
+    rule = rule.json()
+    live.hub.add_webhook("alice", rule["webhook_url"], [{"type": "model", "name": "alice/adapter2"}], secret=rule["secret"])
+
+    def push(folder: Path, message: str):
+        api.upload_folder(repo_id="alice/adapter2", folder_path=str(folder), token=ALICE, commit_message=message)
+        sha = live.hub.head("alice/adapter2")
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            hit = [d for d in _api(live, "GET", f"/api/v1/rules/{rule['id']}").json()["deliveries"]
+                   if d.get("new_sha") == sha and d.get("job_id")]
+            if hit:
+                return sha, live.wait(hit[0]["job_id"])
+            time.sleep(0.2)
+        raise AssertionError(f"no job for {sha}")
+
+    adapter = shutil.copytree(seeded_model.adapter_dir, tmp_path / "ad2")
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**cfg, "revision": "v1"}, indent=2))
+    sha, job = push(adapter, "train more")
+    assert job.status == "succeeded", job.error
+    assert (job.door, job.adapter_repo, job.adapter_sha, job.recipe) == ("webhook", "alice/adapter2", sha, rule["recipe"])
+    [commit] = merged_commits(live.hub, "alice/recipe-rule-out")
+    assert f"lorafold-rule-id: {rule['id']}" in commit["message"]
+    card = live.hub.read_file("alice/recipe-rule-out", "README.md").decode()
+    assert f"alice/base@{live.hub.head('alice/base')}+alice/adapter2@{sha}" in card
+
+    readme = tmp_path / "readme2"
+    readme.mkdir()
+    (readme / "README.md").write_text("# another adapter\n")
+    _, skipped = push(readme, "docs")
+    assert skipped.status == "skipped" and "did not change the adapter" in skipped.error
+    assert len(merged_commits(live.hub, "alice/recipe-rule-out")) == 1

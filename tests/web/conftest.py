@@ -43,6 +43,24 @@ def hub(tmp_path_factory):
 
 
 @pytest.fixture
+def recipe_repos(hub, tmp_path_factory):
+    """For merge recipes: a second model of alice/base's shapes, one of other shapes and a private one (once)."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    root = tmp_path_factory.mktemp("recipe")
+    for repo, shape, private in (("alice/recipe-ft", (8, 8), False), ("alice/recipe-wide", (16, 8), False),
+                                 ("alice/recipe-secret", (8, 8), True)):
+        if hub.has_repo(repo):
+            continue
+        folder = write_model(root / repo.split("/")[1])
+        save_file({"model.layers.0.self_attn.q_proj.weight": np.ones(shape, dtype=np.float32)},
+                  str(folder / "model.safetensors"))
+        hub.create_repo(repo, private=private)
+        hub.upload_folder(repo, folder, message="seed")
+
+
+@pytest.fixture
 def database_url(tmp_path) -> str:
     return f"sqlite:///{tmp_path / 'web.db'}"
 

@@ -400,3 +400,104 @@ def test_healthz_is_rate_limited_per_address(make_app, reliability):
     codes = [client.get("/healthz").status_code for _ in range(4)]
     assert codes == [200, 200, 200, 429]
     rec.observed(f"{codes}")
+
+
+# --- merge recipes (issue 13) ----------------------------------------------------------------------------------
+
+LINEAR = """
+merge_method: linear
+models:
+  - model: alice/base
+    parameters: {weight: 0.6}
+  - model: alice/recipe-ft@main  # a comment: dropped by normalisation
+    parameters: {weight: 0.2}
+  - model: alice/base+alice/ad
+    parameters: {weight: 0.2}
+dtype: bfloat16
+"""
+
+
+def test_a_recipe_job_is_normalised_checked_and_queued(client, enqueued, db, recipe_repos):
+    target = f"alice/{unique()}"
+    r = client.post("/api/v1/jobs", json={"recipe": LINEAR, "target": target, "seed": 3}, headers=bearer(ALICE))
+    assert r.status_code == 202, r.json
+    job = client.get(f"/api/v1/jobs/{r.json['id']}", headers=bearer(ALICE)).json
+    schemas.Job.model_validate(job)
+    assert job["adapter"] is None and job["target"] == target and enqueued == [job["id"]]
+    assert job["recipe"].startswith("merge_method: linear\nmodels:\n- model: alice/base\n")
+    assert "comment" not in job["recipe"] and "alice/recipe-ft@main" in job["recipe"] and job["private"] is False
+    with db.session() as s:
+        row = s.get(Job, job["id"])
+        assert row.recipe == job["recipe"] and row.recipe_seed == 3 and row.adapter_repo == ""
+    # the same recipe as a JSON object is the same job text
+    import yaml
+
+    obj = client.post("/api/v1/jobs", json={"recipe": yaml.safe_load(LINEAR), "target": f"alice/{unique()}"},
+                      headers=bearer(ALICE))
+    assert obj.status_code == 202, obj.json
+    with db.session() as s:
+        assert s.get(Job, obj.json["id"]).recipe == job["recipe"]
+    # a private input makes the merge private when `private` is left out
+    secret = LINEAR.replace("alice/recipe-ft@main", "alice/recipe-secret")
+    r = client.post("/api/v1/jobs", json={"recipe": secret, "target": f"alice/{unique()}"}, headers=bearer(ALICE))
+    assert r.status_code == 202 and client.get(f"/api/v1/jobs/{r.json['id']}", headers=bearer(ALICE)).json["private"]
+
+
+# 10 kB of YAML whose aliases expand to 8 million values (a web process would check them for seconds)
+ALIAS_BOMB = ("merge_method: ties\nbase_model: alice/base\nmodels:\n  - model: alice/recipe-ft\n    parameters:\n"
+              "      weight: &c [" + ",".join(["{filter: x, value: &g [" + ",".join(["0.5"] * 256) + "]}"]
+                                          + ["{filter: x, value: *g}"] * 255) + "]\n      density: *c\n"
+              + "".join(f"  - model: alice/m{i}\n    parameters: {{weight: *c, density: *c}}\n" for i in range(63)))
+
+
+@pytest.mark.parametrize(("recipe", "field", "words"), [
+    (ALIAS_BOMB, "recipe", "more than 50000 values once its YAML aliases are expanded"),
+    (LINEAR.replace("dtype:", "colour: red\ndtype:"), "recipe", "unknown key 'colour'"),
+    (LINEAR.replace("linear", "frankenmerge"), "recipe", "unknown merge_method 'frankenmerge'"),
+    (LINEAR.replace("linear", "passthrough"), "recipe", "'passthrough' is not supported"),
+    (LINEAR.replace("{weight: 0.2}\n  - model: alice/base+", "{}\n  - model: alice/base+"), "recipe",
+     "missing weight for alice/recipe-ft@main"),
+    (LINEAR.replace("{weight: 0.6}", "{weight: 0.6, colour: 1}"), "recipe", "unknown parameter 'colour'"),
+    (LINEAR.replace("alice/recipe-ft@main", "/etc/secrets"), "recipe", "'/etc/secrets' is not a Hub repo id"),
+    (LINEAR.replace("alice/recipe-ft@main", "alice/nope"), "recipe", "recipe input alice/nope: alice/nope"),
+    (LINEAR.replace("alice/recipe-ft@main", "alice/recipe-ft@v9"), "recipe", "recipe input alice/recipe-ft@v9"),
+    (LINEAR.replace("alice/recipe-ft@main", "alice/ad"), "recipe", "alice/ad is a LoRA adapter, not a model"),
+    (LINEAR.replace("alice/base+alice/ad", "alice/base+alice/recipe-ft"), "recipe", "no adapter_config.json"),
+    (LINEAR.replace("alice/recipe-ft@main", "alice/recipe-wide"), "recipe", "is [8, 8] in alice/base but [16, 8]"),
+    ("merge_method: [", "recipe", "not valid YAML"),
+    (7, "recipe", "recipe must be YAML text or a JSON object"),
+    ({"merge_method": "linear", "models": [], "extra": 1}, "recipe", "unknown key 'extra'"),
+])
+def test_bad_recipes_are_one_line_422s(client, enqueued, recipe_repos, recipe, field, words):
+    r = client.post("/api/v1/jobs", json={"recipe": recipe, "target": f"alice/{unique()}"}, headers=bearer(ALICE))
+    assert r.status_code == 422, r.json
+    error = r.json["error"]
+    assert error["field"] == field and words in error["message"] and "\n" not in error["message"], error
+    assert enqueued == []
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"adapter": "alice/ad"}, "recipe"),  # both
+    ({"base": "alice/base"}, "base"),  # an adapter's field with a recipe
+    ({"target": "alice/recipe-ft"}, "target"),  # an input
+    ({"seed": -1}, "seed"),
+    ({"keep_quantization": True}, "keep_quantization"),  # an adapter merge's options (issue 12)
+    ({"from_quantized": "dequantize"}, "from_quantized"),
+])
+def test_recipe_requests_name_the_field(client, enqueued, recipe_repos, extra, field):
+    r = client.post("/api/v1/jobs", json={"recipe": LINEAR, "target": f"alice/{unique()}", **extra},
+                    headers=bearer(ALICE))
+    assert r.status_code == 422 and r.json["error"]["field"] == field, r.json
+    assert enqueued == []
+
+
+def test_openapi_describes_the_recipe(client):
+    spec = client.get("/api/v1/openapi.json").json
+    body = spec["components"]["schemas"]["JobCreate"]
+    assert body["oneOf"] == [{"required": ["adapter"]}, {"required": ["recipe"]}]
+    kinds = body["properties"]["recipe"]["anyOf"]
+    obj = next(k for k in kinds if k.get("type") == "object")
+    assert obj["properties"]["merge_method"]["enum"] == ["linear", "task_arithmetic", "ties", "dare_linear",
+                                                         "dare_ties", "slerp"]
+    assert any(k.get("type") == "string" for k in kinds)
+    assert "recipe" in spec["components"]["schemas"]["Job"]["properties"]

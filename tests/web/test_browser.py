@@ -237,3 +237,64 @@ def test_sign_in_merge_and_watch_it_finish(stack):
             browser.close()
     files = hub.repo_files(target)
     assert "config.json" in files and any(name.endswith(".safetensors") for name in files)
+
+
+def test_recipe_mode_previews_the_plan(make_app, recipe_repos, enqueued):
+    """Light: the recipe form in Chromium against the app alone (no worker): the method picker shows its
+    parameters, a row is added, "Check and preview" shows the normalised recipe and the inputs, a bad weight is
+    one line, and queueing lands on the job page."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"SKIPPED LOUDLY: {CHROMIUM} is missing (apt-get install chromium)")
+    from playwright.sync_api import expect, sync_playwright
+
+    from .helpers import ALICE
+
+    live = LiveServer(make_app())
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM,
+                                        args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"])
+            page = browser.new_page(viewport={"width": 1100, "height": 1000})
+            csp_errors: list[str] = []
+            page.on("console", lambda m: csp_errors.append(m.text) if "Content Security Policy" in m.text else None)
+            try:
+                page.goto(live.url + "/login")
+                page.fill("#token", ALICE)
+                page.get_by_role("button", name="Sign in").click()
+                page.goto(live.url + "/merge")
+                page.click("#mode-recipe")
+                expect(page.locator("#recipe-form")).to_be_visible()
+                assert not page.is_visible("#base_model") and not page.is_visible("#t")  # linear: no base, no t
+                page.select_option("#method", "ties")
+                expect(page.locator("#base_model")).to_be_visible()
+                expect(page.locator("#rows-0-density")).to_be_visible()
+                page.fill("#base_model", "alice/base")
+                page.click("#add-row")
+                expect(page.locator("#rows-3-model")).to_be_visible()
+                page.fill("#rows-0-model", "alice/recipe-ft")
+                page.fill("#rows-0-weight", "lots")
+                page.fill("#rows-3-model", "alice/base")
+                page.fill("#rows-3-adapter", "alice/ad")
+                page.fill("#rows-3-weight", "0.5")
+                page.fill("#rows-3-density", "0.5")
+                page.fill("#target", f"alice/{unique('recipe')}")
+                page.click("#preview-recipe")
+                expect(page.locator("#recipe-errors li")).to_have_count(1, timeout=15_000)
+                expect(page.locator("#recipe-errors")).to_contain_text("weight must be a number, got 'lots'")
+                page.fill("#rows-0-weight", "0.5")
+                page.click("#preview-recipe")
+                expect(page.locator("#pv-facts")).to_be_visible(timeout=15_000)
+                assert page.is_hidden("#recipe-errors")
+                expect(page.locator("#pv-recipe")).to_contain_text("merge_method: ties")
+                expect(page.locator("#pv-recipe")).to_contain_text("model: alice/base+alice/ad")
+                expect(page.locator("#pv-inputs li")).to_have_count(4)  # the base, the fine-tune, base + adapter
+                OUT.mkdir(exist_ok=True)
+                page.screenshot(path=str(OUT / "browser-recipe-form.png"), full_page=True)
+                page.click("#submit-recipe")
+                page.wait_for_url(f"{live.url}/jobs/*", timeout=15_000)
+                expect(page.locator("h1")).to_contain_text("recipe (ties)")
+                assert len(enqueued) == 1 and not csp_errors, csp_errors
+            finally:
+                browser.close()
+    finally:
+        live.stop()

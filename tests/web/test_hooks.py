@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 
 from worker.jobs import Delivery, Job, Rule
 
-from .helpers import ALICE, BOB, bearer
+from .helpers import ALICE, BOB, bearer, sign_in
 from .seeding import push_payload
 
 SHA1 = "575db8b7a51b6f85eb06eee540738584589f131c"
@@ -188,3 +188,71 @@ def test_a_rule_with_an_allow_list_hands_it_to_the_job(client, db, enqueued):
         job = s.get(Job, job_id)
         assert job.base_repo is None and job.base_allowed == ["alice/base", "alice/ad"]
         assert job.owner_id and job.owner_id == s.get(Rule, r.json["id"]).owner_id and job.namespace_id == job.owner_id
+
+
+RECIPE_RULE = """
+merge_method: task_arithmetic
+base_model: alice/base
+models:
+  - model: alice/base+alice/ad
+    parameters: {weight: 0.7}
+  - model: alice/recipe-ft
+    parameters: {weight: 0.3}
+"""
+
+
+def test_a_recipe_rule_reruns_its_recipe_for_a_push_of_its_adapter(client, db, enqueued, recipe_repos):
+    r = client.post("/api/v1/rules", json={"recipe": RECIPE_RULE, "target": "alice/recipe-rebuilt"},
+                    headers=bearer(ALICE))
+    assert r.status_code == 201, r.json
+    rule = r.json
+    assert rule["watch"] == "alice/ad" and rule["recipe"].startswith("merge_method: task_arithmetic\n")
+    ok = deliver(client, rule, push_payload("alice/ad", SHA1))
+    assert ok.status_code == 202, ok.json
+    with db.session() as s:
+        job = s.get(Job, ok.json["job"])
+    assert (job.adapter_repo, job.adapter_revision, job.target_repo, job.rule_id) == (
+        "alice/ad", SHA1, "alice/recipe-rebuilt", rule["id"])
+    assert job.recipe == rule["recipe"] and enqueued == [job.id]
+    # a push of an input that is not one of its adapters, or of any other repo, is not this rule's business
+    for repo in ("alice/recipe-ft", "alice/other-lora"):
+        r = deliver(client, rule, push_payload(repo, SHA2))
+        assert r.status_code == 200 and "is not an adapter of this rule's recipe" in r.json["reason"]
+    assert deliver(client, rule, push_payload("alice/ad", SHA1)).json["duplicate"] is True
+    sign_in(client)
+    page = client.get("/rules").get_data(as_text=True)
+    assert "reruns a recipe (merge_method: task_arithmetic)" in page and "alice/recipe-rebuilt" in page
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [
+    ({"target": "alice/recipe-ft"}, "target", "one of the recipe's inputs"),
+    ({"target": "alice/base"}, "target", "one of the recipe's inputs"),
+    ({}, "target", "a recipe rule needs its target"),
+    ({"target": "bob/x"}, "target", "cannot create repos in 'bob'"),
+    ({"target": "alice/x", "watch": "alice/*"}, "watch", "leave watch out"),
+    ({"target": "alice/x", "base": "alice/base"}, "base", "the recipe names its base_model"),
+    ({"target": "alice/x", "recipe": RECIPE_RULE.replace("alice/base+alice/ad", "alice/base")}, "recipe",
+     "nothing to watch"),
+    ({"target": "alice/x", "recipe": RECIPE_RULE.replace("alice/ad", "alice/nope")}, "recipe", "alice/nope"),
+])
+def test_recipe_rules_keep_the_rule_invariants(client, recipe_repos, body, field, words):
+    r = client.post("/api/v1/rules", json={"recipe": RECIPE_RULE, **body}, headers=bearer(ALICE))
+    assert r.status_code == 422 and r.json["error"]["field"] == field and words in r.json["error"]["message"], r.json
+
+
+def test_the_rules_page_creates_a_recipe_rule(client, db, recipe_repos):
+    from .helpers import csrf_from
+
+    sign_in(client)
+    page = client.get("/rules").get_data(as_text=True)
+    assert 'name="recipe"' in page
+    data = {"csrf_token": csrf_from(page), "target": "alice/recipe-from-page", "recipe": RECIPE_RULE, "dtype": "auto"}
+    r = client.post("/rules", data=data)
+    assert r.status_code == 201, r.get_data(as_text=True)[-1500:]
+    with db.session() as s:
+        rule = s.scalar(select(Rule).where(Rule.target == "alice/recipe-from-page"))
+        assert rule.watch == "alice/ad" and rule.recipe.startswith("merge_method: task_arithmetic")
+    r = client.post("/rules", data={**data, "recipe": RECIPE_RULE.replace("alice/ad", "alice/nope")})
+    assert r.status_code == 422 and "recipe input alice/base+alice/nope" in r.get_data(as_text=True)
+    r = client.post("/rules", data={**data, "recipe": ""})
+    assert r.status_code == 422 and "watch is required" in r.get_data(as_text=True)

@@ -90,7 +90,8 @@ def test_openapi_components_are_the_models():
     assert SCHEMAS["JobCreate"] == JobCreate.model_json_schema(ref_template="#/components/schemas/{model}")
     assert SCHEMAS["RuleCreate"] == RuleCreate.model_json_schema(ref_template="#/components/schemas/{model}")
     job = SCHEMAS["JobCreate"]
-    assert job["additionalProperties"] is False and job["required"] == ["adapter", "target"]
+    assert job["additionalProperties"] is False and job["required"] == ["target"]
+    assert job["oneOf"] == [{"required": ["adapter"]}, {"required": ["recipe"]}]  # an adapter or a recipe
     assert {"overwrite", "create_pr", "private"} <= set(job["properties"])
     assert {"type": "null"} in job["properties"]["private"]["anyOf"]  # null: "as private as the inputs"
     document = json.dumps(spec("http://example.test"))

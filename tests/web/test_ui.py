@@ -621,3 +621,69 @@ def test_healthz_counts_workers_without_naming_hosts(client, db):
     body = client.get("/healthz").json
     assert body["workers"]["count"] == 1 and body["queue"]["running"] == 1
     assert "gpu-host-3" not in client.get("/healthz").get_data(as_text=True)
+
+
+# --- issue 13: the merge page's recipe mode ---------------------------------------------------------------------
+
+def recipe_data(client, **fields) -> dict:
+    page = client.get("/merge/recipe").get_data(as_text=True)
+    data = {"method": "linear", "rows-0-model": "alice/base", "rows-0-weight": "0.7",
+            "rows-1-model": "alice/base", "rows-1-adapter": "alice/ad", "rows-1-weight": "0.3",
+            "target": f"alice/{unique()}", "dtype": "auto", "normalize": "default", "rescale": "default",
+            "csrf_token": csrf_from(page)}
+    data.update(fields)
+    return data
+
+
+def test_recipe_mode_previews_the_plan_then_queues(client, enqueued, db, recipe_repos):
+    sign_in(client)
+    page = client.get("/merge").get_data(as_text=True)
+    assert 'href="/merge/recipe"' in page  # the merge page's second mode
+    page = client.get("/merge/recipe").get_data(as_text=True)
+    assert 'id="recipe-form"' in page and "dare_ties" in page and 'name="rows-2-model"' in page
+
+    r = client.post("/merge/recipe/preview.json", data=recipe_data(client))
+    p = r.json
+    assert p["ok"], p
+    pv = p["preview"]
+    assert pv["recipe"] == ("merge_method: linear\nmodels:\n- model: alice/base\n  parameters:\n    weight: 0.7\n"
+                            "- model: alice/base+alice/ad\n  parameters:\n    weight: 0.3\n")
+    assert [(i["role"], i["repo"]) for i in pv["inputs"]] == [("model", "alice/base"), ("model", "alice/base"),
+                                                              ("adapter", "alice/ad")]
+    assert all(len(i["sha"]) == 40 for i in pv["inputs"]) and pv["shapes_checked"] and pv["size_bytes"] == 8 * 8 * 4
+    assert "base_model_relation: merge" in pv["card"] and enqueued == []
+
+    # the plain form post: preview, then queue
+    html = client.post("/merge/recipe", data=recipe_data(client, preview="1")).get_data(as_text=True)
+    assert "Before you queue" in html and "merge_method: linear" in html and enqueued == []
+    data = recipe_data(client, method="ties", base_model="alice/base", **{
+        "rows-0-model": "alice/recipe-ft", "rows-0-density": "0.5", "rows-1-density": "0.5", "lambda_": "0.9"})
+    r = client.post("/merge/recipe", data=data)
+    assert r.status_code == 302, r.get_data(as_text=True)[-2000:]
+    with db.session() as s:
+        job = s.get(Job, r.headers["Location"].rsplit("/", 1)[1])
+        assert job.door == "form" and job.adapter_repo == "" and enqueued == [job.id]
+        assert job.recipe.startswith("merge_method: ties\nbase_model: alice/base\nmodels:\n- model: alice/recipe-ft\n")
+        assert "density: 0.5" in job.recipe and "lambda: 0.9" in job.recipe
+    page = client.get(f"/jobs/{job.id}").get_data(as_text=True)
+    assert "recipe (ties)" in page and f'href="/merge/recipe?job={job.id}"' in page
+    again = client.get(f"/merge/recipe?job={job.id}").get_data(as_text=True)  # "Change and merge again"
+    assert "merge_method: ties" in again and job.target_repo in again
+    assert client.get("/merge/recipe?job=" + "0" * 32).status_code == 404
+
+
+def test_recipe_mode_says_each_problem_in_one_line(client, enqueued, recipe_repos):
+    sign_in(client)
+    bad = client.post("/merge/recipe/preview.json", data=recipe_data(client, **{"rows-1-weight": ""})).json
+    assert not bad["ok"] and [e["message"] for e in bad["errors"]] == ["recipe: missing weight for alice/base+alice/ad"]
+    bad = client.post("/merge/recipe/preview.json", data=recipe_data(client, **{"rows-0-weight": "lots"})).json
+    assert "weight must be a number, got 'lots'" in bad["errors"][0]["message"]
+    pasted = "merge_method: ties\nbase_model: alice/base\nmodels:\n  - model: alice/recipe-wide\n    parameters: {weight: 1}\n"
+    bad = client.post("/merge/recipe/preview.json", data=recipe_data(client, yaml=pasted)).json
+    assert "is [8, 8] in alice/base but [16, 8] in alice/recipe-wide" in bad["errors"][0]["message"]
+    r = client.post("/merge/recipe", data=recipe_data(client, yaml="merge_method: model_stock\nmodels: [a/b]\n"))
+    html = r.get_data(as_text=True)
+    assert r.status_code == 422 and "merge_method &#39;model_stock&#39; is not supported" in html
+    r = client.post("/merge/recipe", data=recipe_data(client, target="bob/x"))
+    assert r.status_code == 422 and "cannot create repos in &#39;bob&#39;" in r.get_data(as_text=True)
+    assert all("\n" not in e["message"] for e in bad["errors"]) and enqueued == []

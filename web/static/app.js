@@ -177,6 +177,95 @@
     }
   }
 
+  // --- the merge page's recipe mode -----------------------------------------------------------------------------
+  // The method picker shows the parameters that method takes; "Add an input" clones a row; "Check and preview"
+  // asks the server for the whole check (the same as queueing does) and shows the normalised recipe, every input
+  // with the commit it resolves to, and the card. Errors are one line each, in one list above the form.
+  function initRecipeForm(form) {
+    var method = $("method"), rows = $("recipe-rows"), add = $("add-row"), panel = $("preview");
+    var MAX_ROWS = 16, pseq = 0;
+
+    function setText(id, text) { var el = $(id); if (el) el.textContent = text; }
+
+    function showMethod() {
+      form.querySelectorAll("[data-methods]").forEach(function (el) {
+        el.hidden = el.dataset.methods.split(" ").indexOf(method.value) < 0;
+      });
+    }
+
+    function showErrors(errors) {
+      var list = $("recipe-errors");
+      while (list.firstChild) list.removeChild(list.firstChild);
+      (errors || []).forEach(function (e) {
+        var li = document.createElement("li");
+        li.className = "error";
+        li.textContent = e.message;  // text, never HTML
+        list.appendChild(li);
+      });
+      list.hidden = !(errors && errors.length);
+    }
+
+    function addRow() {
+      var body = rows.tBodies[0], last = body.rows[body.rows.length - 1];
+      if (body.rows.length >= MAX_ROWS) return;
+      var row = last.cloneNode(true), n = body.rows.length;
+      row.querySelectorAll("input").forEach(function (input) {
+        input.name = input.name.replace(/rows-\d+-/, "rows-" + n + "-");
+        input.id = input.name;
+        input.value = "";
+        input.setAttribute("aria-label", input.getAttribute("aria-label").replace(/\d+$/, String(n + 1)));
+      });
+      body.appendChild(row);
+      add.hidden = body.rows.length >= MAX_ROWS;
+    }
+
+    function preview(ev) {
+      if (ev) ev.preventDefault();
+      var mine = ++pseq;
+      panel.hidden = false;
+      panel.classList.add("busy");
+      setText("pv-state", "Checking every input against the Hub (headers and shapes)…");
+      $("pv-facts").hidden = true;
+      var data = new URLSearchParams(new FormData(form));
+      fetch(form.dataset.previewUrl, { method: "POST", body: data, credentials: "same-origin",
+                                       headers: { "Accept": "application/json" } })
+        .then(function (r) { return r.json(); })
+        .then(function (body) {
+          if (mine !== pseq) return;
+          panel.classList.remove("busy");
+          if (!body.ok) {
+            showErrors(body.errors || [{ message: (body.error && body.error.message) || "cannot check this recipe" }]);
+            setText("pv-state", "Fix the problems listed above before queueing.");
+            return;
+          }
+          showErrors([]);
+          var p = body.preview, list = $("pv-inputs");
+          setText("pv-state", p.shapes_checked ? "Every input fits (tensors and shapes checked against their headers)."
+                                                : "Every input is readable; some shapes will be checked by the worker.");
+          while (list.firstChild) list.removeChild(list.firstChild);
+          p.inputs.forEach(function (i) {
+            var li = document.createElement("li");
+            li.textContent = i.role + " " + i.repo + " at " + i.sha.slice(0, 12) + (i.private ? " (private)" : "");
+            list.appendChild(li);
+          });
+          setText("pv-size", p.size_bytes ? formatBytes(p.size_bytes) + " in " + p.shards + (p.shards === 1 ? " file" : " files") : "–");
+          setText("pv-queue", p.jobs_ahead ? p.jobs_ahead + (p.jobs_ahead === 1 ? " job" : " jobs") + " ahead" : "none ahead");
+          setText("pv-private", p.private ? "private" : "public");
+          setText("pv-recipe", p.recipe || "");
+          setText("pv-card", p.card || "");
+          $("pv-facts").hidden = false;
+        })
+        .catch(function () { if (mine === pseq) { panel.classList.remove("busy"); setText("pv-state", ""); } });
+    }
+
+    method.addEventListener("change", showMethod);
+    add.hidden = false;
+    add.addEventListener("click", addRow);
+    $("preview-recipe").addEventListener("click", preview);
+    $("private").addEventListener("change", function () { $("private_auto").value = "0"; });
+    showMethod();
+  }
+
   // --- confirmations and copy buttons (no inline scripts: the CSP forbids them) -------------------------------
   function initConfirmations() {
     document.querySelectorAll("form[data-confirm]").forEach(function (f) {
@@ -402,6 +491,8 @@
     initConfirmations();
     var form = $("merge-form");
     if (form) initMergeForm(form);
+    var recipe = $("recipe-form");
+    if (recipe) initRecipeForm(recipe);
     var job = $("job");
     if (job) initJobPage(job);
   });

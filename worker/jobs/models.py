@@ -102,6 +102,10 @@ class Job(Base):
     max_shard_size: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     overwrite: Mapped[bool] = mapped_column(Boolean, default=False)
     create_pr: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A merge recipe (worker/jobs/recipe.py: normalised YAML): the job runs it instead of folding `adapter_repo`,
+    # which is then "" (or, for a rule's job, the pushed adapter: one of the recipe's inputs).
+    recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
+    recipe_seed: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # a bitsandbytes base: merge into its 16-bit original or its dequantized weights; an FP8 base: write FP8 back
     from_quantized: Mapped[str] = mapped_column(String(16), default="original", server_default="original")
     keep_quantization: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
@@ -190,6 +194,9 @@ class Rule(Base):
     bases: Mapped[list | None] = mapped_column(JSON, nullable=True)
     private: Mapped[bool] = mapped_column(Boolean, default=False)
     dtype: Mapped[str] = mapped_column(String(16), default="auto")
+    # A recipe rule (issue 13): a push of one of this recipe's adapters reruns the recipe (normalised YAML,
+    # worker/jobs/recipe.py) into `target`, a plain repo id; `watch` then lists those adapters (display only).
+    recipe: Mapped[str | None] = mapped_column(Text, nullable=True)
     # the jobs' quantized-base options (a rule's job dequantizes a bitsandbytes base: it never looks for originals)
     from_quantized: Mapped[str] = mapped_column(String(16), default="original", server_default="original")
     keep_quantization: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())

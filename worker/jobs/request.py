@@ -18,10 +18,13 @@ FROM_QUANTIZED = ("original", "dequantize")
 
 @dataclass(frozen=True)
 class MergeRequest:
-    """A merge: fold `adapter` into `base` (None: the one its adapter_config.json names) and publish to `target`.
+    """A merge: fold `adapter` into `base` (None: the one its adapter_config.json names) and publish to `target`;
+    or, with `recipe`, run that merge recipe (worker/jobs/recipe.py: its normalised YAML) and publish to `target`.
 
     `rule_id`/`base_allowed` are the context of a rule's job (a webhook push): the base then comes from the rule
     only, either `base` or the one entry of `base_allowed` the adapter config names (worker/service/pipeline.py).
+    A recipe job has no `adapter` ("") unless a rule made it: then `adapter`@`adapter_revision` is the pushed
+    adapter, one of the recipe's inputs, read at that commit (worker/service/recipe_job.py).
 
     `from_quantized` / `keep_quantization` are the CLI's --from-quantized / --keep-quantization: a bitsandbytes
     base the adapter config names is merged into its 16-bit original ("original") or its dequantized weights
@@ -42,6 +45,8 @@ class MergeRequest:
     keep_quantization: bool = False
     rule_id: str | None = None
     base_allowed: tuple[str, ...] | None = None  # a rule's allow-list of bases (see Job.base_allowed)
+    recipe: str | None = None  # a merge recipe's normalised YAML: the job runs it instead of an adapter merge
+    seed: int | None = None  # DARE's random seed (None: the engine's default, 0)
 
     @property
     def namespace(self) -> str:

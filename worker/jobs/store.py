@@ -151,6 +151,7 @@ class JobStore:
                 max_shard_size=job.max_shard_size, overwrite=job.overwrite, create_pr=job.create_pr,
                 from_quantized=job.from_quantized, keep_quantization=job.keep_quantization,
                 rule_id=job.rule_id, base_allowed=tuple(job.base_allowed) if job.base_allowed else None,
+                recipe=job.recipe, seed=job.recipe_seed,
             )
             return Attempt(job_id=job.id, door=job.door, attempts=job.attempts, request=request), token
 

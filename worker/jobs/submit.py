@@ -76,6 +76,8 @@ def submit(
                 max_shard_size=m.max_shard_size,
                 overwrite=m.overwrite,
                 create_pr=m.create_pr,
+                recipe=m.recipe,
+                recipe_seed=m.seed,
                 from_quantized=m.from_quantized,
                 keep_quantization=m.keep_quantization,
                 status=JobStatus.queued.value,

@@ -80,6 +80,10 @@ def run_job(
     if landed:
         reporter.log("info", f"an earlier attempt already committed {landed[:12]} to {req.target}; not merging again")
         return Outcome(req.target, landed, f"{hub.endpoint}/{req.target}", reused=True)
+    if req.recipe is not None:
+        from .recipe_job import run_recipe_job  # imports this module: loaded here, when a recipe job runs
+
+        return run_recipe_job(attempt, hub, settings, reporter, on_resolved=on_resolved, is_stale=is_stale)
 
     reporter.set_phase("resolve")
     adapter = hub.source(req.adapter, check_revision(req.adapter_revision, "adapter"),
