@@ -37,7 +37,7 @@ def _fresh(code: str) -> str:
 
 
 def test_job_record_and_hub_imports_pull_in_neither_torch_nor_celery_workers():
-    out = _fresh("import sys, worker.jobs, worker.hub, worker.engine.spec, worker.service.queue, worker.service.tasks;"
+    out = _fresh("import sys, worker.jobs, worker.hub, worker.engine.spec, worker.engine.adapter_config, worker.service.queue, worker.service.tasks;"
                  "print(sorted(m for m in ('torch', 'flask', 'transformers') if m in sys.modules))")
     assert out == "[]", out
 

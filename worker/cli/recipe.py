@@ -148,7 +148,7 @@ def run_recipe_command(args, seed: int | None) -> int:
 
 
 def run_sum_command(args, adapters: list[tuple[str, float]]) -> int:
-    from ..engine.plan import load_spec
+    from ..engine.adapter_config import load_spec
     from ..engine.recipe.card import CardInput
     from ..engine.recipe.run import merge_adapters
     from .merge import TerminalReporter, _fmt_bytes, open_source

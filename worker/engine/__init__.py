@@ -39,7 +39,7 @@ _EXPORTS = {
     "merge": ".merge",
     "MergeOptions": ".plan",
     "MergePlan": ".plan",
-    "load_spec": ".plan",
+    "load_spec": ".adapter_config",
     "plan_merge": ".plan",
     "AdapterSpec": ".spec",
 }

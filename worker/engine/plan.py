@@ -11,6 +11,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .adapter_config import load_spec
 from .errors import AdapterSpecError, FormatError, PlanError, SourceError
 from .files import SAFETENSORS_INDEX, SAFETENSORS_SINGLE, SkippedFile, check_name, not_copied_reason
 from .io import FileEntry, ModelSource
@@ -23,7 +24,6 @@ from .variants import Op
 
 INDEX_NAME = SAFETENSORS_INDEX
 SINGLE_NAME = SAFETENSORS_SINGLE
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 MAX_JSON_BYTES = 64 << 20  # config/index files are small; a huge one is hostile
 # written anew: the model card replaces the base's README (it reads only its head, card.CARD_HEAD_BYTES), and
 # .gitattributes is the Hub's own business (its LFS rules are made per commit)
@@ -138,20 +138,6 @@ def _read_json(source: ModelSource, entry: FileEntry, what: str) -> dict:
     if not isinstance(obj, dict):
         raise FormatError(f"{source.label}/{entry.path}: expected a JSON object")
     return obj
-
-
-def load_spec(adapter: ModelSource) -> tuple[AdapterSpec, FileEntry]:
-    """The adapter's config and its weights file; cheap (used by the web form's validation too)."""
-    files = {f.path: f for f in adapter.files()}
-    if CONFIG_NAME not in files:
-        if "config.json" in files:
-            raise AdapterSpecError(f"{adapter.label}: has config.json but no adapter_config.json: this is a model, not a PEFT adapter")
-        raise AdapterSpecError(f"{adapter.label}: no adapter_config.json: not a PEFT adapter")
-    spec = AdapterSpec.from_config(_read_json(adapter, files[CONFIG_NAME], "adapter config"), f"{adapter.label}/{CONFIG_NAME}")
-    for name in ADAPTER_WEIGHTS:
-        if name in files:
-            return spec, files[name]
-    raise AdapterSpecError(f"{adapter.label}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
 
 
 def _checked_files(base: ModelSource) -> dict[str, FileEntry]:
