@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r"""
 import json, sys
 import torch
-from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+from worker.engine import LocalDirSink, LocalDirSource
+from worker.engine.plan import MergeOptions
+from worker.engine.run import merge
 from worker.engine.memory import peak_rss_bytes, rss_bytes
 torch.ones(1) + 1  # warm torch's allocator and kernels before the baseline
 baseline = rss_bytes()

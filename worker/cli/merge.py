@@ -135,8 +135,9 @@ def run_merge_command(args) -> int:
             choice, base_ref = _original_of_quantized(args, base_ref, hub, stack)
         base = choice.source if choice is not None and choice.source is not None else open_source(base_ref, hub, stack)
         # Only now the engine (and torch): everything above failed fast if it was going to.
-        from ..engine import MergeOptions, merge
         from ..engine.card import Lineage
+        from ..engine.plan import MergeOptions
+        from ..engine.run import merge
 
         options = MergeOptions(device=args.device, dtype=args.dtype, max_shard_size=checked.max_shard_size, verify=args.verify)
         sink = _open_sink(args, checked, base_ref, hub)

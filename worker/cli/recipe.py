@@ -56,7 +56,7 @@ def _options(args):
         raise UsageError("--out is empty (an unset variable?); name the output folder")
     if args.push_to is not None and not is_repo_id(args.push_to.strip()):
         raise UsageError(f"--push-to {args.push_to!r} is not a Hub repo id (OWNER/NAME)")
-    from ..engine import MergeOptions
+    from ..engine.plan import MergeOptions
 
     return MergeOptions(
         device=args.device, dtype=args.dtype,

@@ -224,7 +224,7 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     if override:
         config_patch["dtype"] = options.dtype
     copy_files, skipped = files_to_copy(files, set(weight_names) | {INDEX_NAME}, options.max_copy_bytes)
-    notes = list(getattr(base, "notes", ())) + list(mapping.notes)  # the skipped files are told apart, as warnings (merge.py)
+    notes = list(getattr(base, "notes", ())) + list(mapping.notes)  # the skipped files are told apart, as warnings (run.py)
     return MergePlan(
         spec=spec,
         options=options,

@@ -16,9 +16,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..engine import Lineage, MergeOptions, merge
+from ..engine import Lineage
 from ..engine.adapter_config import ADAPTER_WEIGHTS, CONFIG_NAME, load_spec
 from ..engine.errors import EngineError, OutputError, SourceError
+from ..engine.plan import MergeOptions
+from ..engine.run import merge
 from ..hub import HubClient
 from ..hub.original import choose_base
 from ..hub.sink import MARKER, rule_claim

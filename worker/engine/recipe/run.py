@@ -1,6 +1,6 @@
 """A recipe or a multi-adapter sum, start to finish: check the output, plan, stream, add small files, publish.
 
-The same steps as `merge.merge` (which folds one adapter): the sink is prepared before anything is planned, the
+The same steps as `run.merge` (which folds one adapter): the sink is prepared before anything is planned, the
 executor streams the plan, the index and the card are written, the sink publishes in one step (a folder rename
 or one Hub commit), and any failure aborts the sink so nothing finished-looking is left.
 """
@@ -12,12 +12,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .. import __getattr__ as _engine_export
 from ..errors import Cancelled, EngineError
 from ..execute import Executor
 from ..io import ModelSink, ModelSource, NullReporter, Progress, Reporter
 from ..memory import MemorySampler, peak_rss_bytes
-from ..merge import (
+from ..plan import MergeOptions, MergePlan
+from ..run import (
     VERSION,
     MergeResult,
     _base_card_head,
@@ -27,16 +27,10 @@ from ..merge import (
     open_device,
     warm_up,
 )
-from ..plan import MergeOptions, MergePlan
 from .card import CardInput, build_recipe_card
 from .planner import OpenedRef, plan_adapter_sum, plan_recipe
 from .recipe import Recipe, recipe_for_adapters
 from .source import InputModel
-
-# Loading the submodule `worker.engine.merge` binds the package attribute `merge` to the module, but the package
-# exports the function of that name (worker/engine/__init__.py): bind it back, or `from worker.engine import merge`
-# imported after this module would get the module.
-_engine_export("merge")
 
 #: DARE's default seed (`--seed`): the same recipe and seed give the same bytes
 DEFAULT_SEED = 0
