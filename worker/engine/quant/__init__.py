@@ -22,7 +22,7 @@ _MODEL_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 def present_as_16bit(base: ModelSource) -> ModelSource:
     if isinstance(base, QuantizedSource):
         return base
-    from ..plan import _read_json, _weight_files  # the planner's own rules for which files hold the weights
+    from ..plan import _read_json, _weight_files, base_slots  # the planner's own rules for the weights' files
     from ..tensors import read_header
 
     files = {f.path: f for f in base.files()}
@@ -32,13 +32,7 @@ def present_as_16bit(base: ModelSource) -> ModelSource:
         return base
     weight_names, sharded = _weight_files(base, files)
     headers: dict[str, FileHeader] = {name: read_header(base, files[name]) for name in weight_names}
-    tensors: dict[str, Piece] = {}
-    for fname, header in headers.items():
-        for name, info in header.tensors.items():
-            if name in tensors:
-                raise PlanError(f"{base.label}: tensor {name!r} appears in both {tensors[name].file} and {fname}")
-            offset, nbytes = header.absolute(info)
-            tensors[name] = Piece(name, fname, offset, nbytes, info.dtype, info.shape)
+    tensors = {name: Piece(name, s.file, s.offset, s.nbytes, s.dtype, s.shape) for name, s in base_slots(base, headers).items()}
     dtype = model_dtype(config)
     if scheme.method == "bnb-4bit":
         from .bnb import build_4bit
