@@ -76,3 +76,15 @@ def redis_database():
     finally:
         client.flushdb()
         client.close()
+
+
+#: the databases a test taking `database_url` runs on (tests/conftest.py): the same code must run on both
+DATABASES = ("sqlite", "postgres")
+
+
+def database_url_for(request, tmp_path) -> str:
+    """`request.param`'s database for one test: a SQLite file in `tmp_path`, or a fresh PostgreSQL database (the
+    `postgres_url` fixture, dropped after the test)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'jobs.db'}"
+    return request.getfixturevalue("postgres_url")

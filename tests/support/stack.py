@@ -77,12 +77,7 @@ class Stack:
     def stop_worker(self) -> None:
         if self.worker is None:
             return
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
-            self.worker.wait()
+        stop_gracefully(self.worker)
         self.worker = None
 
     def submit(self, target: str, *, token: str = ALICE, adapter: str = "alice/adapter") -> str:
@@ -120,6 +115,16 @@ class Stack:
         self.kill_worker()
         self._log.close()
         self.hub.stop()
+
+
+def stop_gracefully(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (a Celery worker's warm shutdown: running jobs end first), then SIGKILL after `timeout` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 @contextmanager

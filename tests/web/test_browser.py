@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hubdouble import HubDouble
+from tests.support.stack import stop_gracefully
 from web import create_app
 from worker import migrate
 from worker.settings import Settings
@@ -88,12 +88,7 @@ def stack(tmp_path):
         yield hub, live, tmp_path / "worker.log", database_url
     finally:
         live.stop()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        stop_gracefully(worker, timeout=20)
         log.close()
         hub.stop()
 
