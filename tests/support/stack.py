@@ -104,17 +104,23 @@ class Stack:
     def kill_worker(self) -> None:
         if self.worker is None:
             return
-        try:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.worker.wait()
+        kill_group(self.worker)
         self.worker = None
 
     def close(self) -> None:
         self.kill_worker()
         self._log.close()
         self.hub.stop()
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with `start_new_session=True` and everything it started (a worker, its pool
+    children, their job processes) at once: a test's end needs no graceful shutdown, which takes seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def stop_gracefully(proc: subprocess.Popen, timeout: float = 30) -> None:
