@@ -40,6 +40,13 @@ def postgres_url():
         yield url
 
 
+@pytest.fixture
+def migrated_postgres_url():
+    """A fresh PostgreSQL database at the migrations' head (a clone of a migrated template); dropped afterwards."""
+    with postgres_database(migrated=True) as url:
+        yield url
+
+
 @pytest.fixture(params=DATABASES)
 def database_url(request, tmp_path):
     """A test that takes it runs on SQLite and on PostgreSQL (tests/web/conftest.py narrows it to SQLite)."""

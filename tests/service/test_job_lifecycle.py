@@ -35,9 +35,8 @@ def store(database_url) -> JobStore:
 
 
 @pytest.fixture
-def pg_store(postgres_url) -> JobStore:
-    migrate.upgrade(postgres_url)
-    return JobStore(Database(postgres_url), SecretBox(KEY))
+def pg_store(migrated_postgres_url) -> JobStore:
+    return JobStore(Database(migrated_postgres_url), SecretBox(KEY))
 
 
 def _job(store: JobStore, target: str, **kw) -> str:

@@ -136,7 +136,7 @@ def stop_gracefully(proc: subprocess.Popen, timeout: float = 30) -> None:
 @contextmanager
 def module_stack(tmp_path_factory, seeded, **env):
     """A started Stack on a database and Redis of its own, for every test of one module."""
-    with postgres_database() as database_url, redis_database() as broker_url:
+    with postgres_database(migrated=True) as database_url, redis_database() as broker_url:
         stack = Stack(database_url, broker_url, tmp_path_factory.mktemp("stack"), seeded, **env)
         try:
             stack.start_worker()
