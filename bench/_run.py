@@ -14,17 +14,11 @@ import time
 from pathlib import Path
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def main() -> None:
     mode, base, adapter, out, device = sys.argv[1:6]
     import torch  # imported in every mode so the baselines pay the same import cost
+
+    from worker.engine.memory import peak_rss_bytes  # the engine's own measure (VmHWM), for every mode
 
     vram = 0
     t0 = time.perf_counter()
@@ -61,7 +55,7 @@ def main() -> None:
     else:
         raise SystemExit(f"unknown mode {mode}")
     wall = time.perf_counter() - t0
-    print(json.dumps({"wall": wall, "peak_rss": _peak_rss(), "peak_vram": vram}))
+    print(json.dumps({"wall": wall, "peak_rss": peak_rss_bytes(), "peak_vram": vram}))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,9 @@ import json, os, sys, time
 t0 = time.perf_counter()
 import torch
 t1 = time.perf_counter()
-from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+from worker.engine import LocalDirSink, LocalDirSource
+from worker.engine.plan import MergeOptions
+from worker.engine.run import merge
 t2 = time.perf_counter()
 r = merge(LocalDirSource(sys.argv[1]), LocalDirSource(sys.argv[2]), LocalDirSink(sys.argv[3]), MergeOptions(device="cpu"))
 t3 = time.perf_counter()

@@ -285,8 +285,10 @@ def _pack_cases() -> list[dict]:
 
 
 def _merge_case(case: dict, out: Path, device: str, fake: bool, **options) -> None:
-    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine import LocalDirSink, LocalDirSource
     from worker.engine.fake_device import use_fake_device
+    from worker.engine.plan import MergeOptions
+    from worker.engine.run import merge
 
     shutil.rmtree(out, ignore_errors=True)
     args = (LocalDirSource(PACK / case["base"]), LocalDirSource(PACK / case["adapter"]), LocalDirSink(out),

@@ -24,16 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _peak_rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def child(mode: str, out: str, recipe: str, inputs: list[str], adapter: str) -> None:
     import torch  # noqa: F401 - every mode pays the same import
+
+    from worker.engine.memory import peak_rss_bytes  # the engine's own measure (VmHWM), for every mode
 
     t0 = time.perf_counter()
     if mode == "read+copy":
@@ -54,7 +48,7 @@ def child(mode: str, out: str, recipe: str, inputs: list[str], adapter: str) -> 
         rc = cli([*argv, "--out", out, "--device", "cpu", "-q"])
         if rc:
             raise SystemExit(rc)
-    print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss": _peak_rss()}))
+    print(json.dumps({"wall": time.perf_counter() - t0, "peak_rss": peak_rss_bytes()}))
 
 
 def _warm(folders: list[Path]) -> None:

@@ -18,7 +18,8 @@ def main(root: str) -> int:
     from tests.engine.test_recipe_mergekit import lorafold, recipes
     from tests.support.recipe_models import load_state, recipe_set
     from tests.support.tensor_compare import ulp_distance
-    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions
+    from worker.engine import LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
     from worker.engine.recipe.planner import OpenedRef
     from worker.engine.recipe.recipe import parse_recipe
     from worker.engine.recipe.run import merge_adapters, merge_recipe

@@ -22,7 +22,7 @@ import huggingface_hub.constants as hf_constants  # noqa: E402
 hf_constants.HF_HUB_DISABLE_XET = True
 hf_constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
 
-from tests.support.services import postgres_database, redis_database  # noqa: E402
+from tests.support.services import DATABASES, database_url_for, postgres_database, redis_database  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -38,6 +38,19 @@ def postgres_url():
     """A fresh, empty PostgreSQL database for one test; dropped afterwards."""
     with postgres_database() as url:
         yield url
+
+
+@pytest.fixture
+def migrated_postgres_url():
+    """A fresh PostgreSQL database at the migrations' head (a clone of a migrated template); dropped afterwards."""
+    with postgres_database(migrated=True) as url:
+        yield url
+
+
+@pytest.fixture(params=DATABASES)
+def database_url(request, tmp_path):
+    """A test that takes it runs on SQLite and on PostgreSQL (tests/web/conftest.py narrows it to SQLite)."""
+    return database_url_for(request, tmp_path)
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ def _fresh(code: str) -> str:
 
 
 def test_job_record_and_hub_imports_pull_in_neither_torch_nor_celery_workers():
-    out = _fresh("import sys, worker.jobs, worker.hub, worker.engine.spec, worker.service.queue, worker.service.tasks;"
+    out = _fresh("import sys, worker.jobs, worker.hub, worker.engine.spec, worker.engine.adapter_config, worker.service.queue, worker.service.tasks;"
                  "print(sorted(m for m in ('torch', 'flask', 'transformers') if m in sys.modules))")
     assert out == "[]", out
 
@@ -51,9 +51,30 @@ def test_the_web_finds_quantized_bases_and_originals_without_torch():
     assert out == "[]", out
 
 
+def test_the_engine_package_and_the_adapter_config_reader_need_no_torch():
+    """`import worker.engine` (every name it exports) and the one adapter_config.json reader stay torch-free: the
+    web's Hub check and the CLI's checks before torch use them (issue 11 layout 3)."""
+    out = _fresh("import sys; from worker.engine import *; import worker.engine.adapter_config, worker.cli.merge,"
+                 " web.hubcheck, web.preflight; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    assert out == "[]", out
+
+
+def test_engine_exports_are_not_shadowed_by_its_modules():
+    """The package exports plain names, eagerly, with no module `__getattr__`; no exported name is also a submodule
+    (importing `worker.engine.merge` once bound the package's `merge` to the module instead of the function)."""
+    import pkgutil
+
+    import worker.engine as engine
+
+    modules = {m.name for m in pkgutil.iter_modules(engine.__path__)}
+    assert not set(engine.__all__) & modules
+    assert not hasattr(engine, "__getattr__")
+    assert all(getattr(engine, name) is not None for name in engine.__all__)
+
+
 def test_web_never_imports_torch_or_the_engine():
     for path in (ROOT / "web").rglob("*.py"):
-        bad = [m for m in _imports(path) if m.split(".")[0] == "torch" or m.startswith(("worker.engine.execute", "worker.engine.merge", "worker.service.tasks", "worker.service.runner", "worker.service.pipeline", "worker.service.job_process"))]
+        bad = [m for m in _imports(path) if m.split(".")[0] == "torch" or m.startswith(("worker.engine.execute", "worker.engine.run", "worker.engine.plan", "worker.service.tasks", "worker.service.runner", "worker.service.pipeline", "worker.service.job_process"))]
         assert not bad, f"{path} imports {bad}"
 
 

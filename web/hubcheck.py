@@ -6,8 +6,8 @@ words, whichever door it came through. Errors carry the form/API field they are 
 web/ (it moved here from worker/hub: only the doors use it); the Hub client stays in worker/hub, and this module
 does not import huggingface_hub. Nothing here downloads weights: the adapter's `adapter_config.json` is read with
 one ranged GET at the resolved commit, everything else is repo metadata (the shape check in preflight.py reads
-safetensors headers the same way). Importing this module does not import torch (only `worker.engine.spec` /
-`.errors`, which need none).
+safetensors headers the same way). The config is read and checked by the engine's own torch-free reader
+(worker/engine/adapter_config.py), as the CLI and the worker read it; importing this module does not import torch.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from worker.engine.adapter_config import load_spec
 from worker.engine.errors import EngineError, SourceError
-from worker.engine.spec import CONFIG_NAME, AdapterSpec
+from worker.engine.spec import AdapterSpec
 from worker.hub import HubClient, RevisionMissing
 from worker.locations import check_revision, is_repo_id
 
 WRITE_ROLES = frozenset({"admin", "write", "contributor"})
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few KB; a bigger one is hostile
 
 
 class InspectError(Exception):
@@ -166,8 +165,9 @@ def inspect_adapter(client: HubClient, repo: str, revision: str | None = None, *
     """The adapter is readable with this token and really a LoRA adapter lorafold can merge.
 
     Pins `revision` to its commit (a missing revision is an error on `revision_field`), reads only
-    `adapter_config.json` there and parses it with AdapterSpec (a missing file, a non-LORA peft_type or an
-    unmergeable variant is an InspectError on `field`). Adapters over `max_bytes` are refused before any download.
+    `adapter_config.json` there with the engine's `load_spec` (a missing file, a non-LORA peft_type or an
+    unmergeable variant is an InspectError on `field`, in the engine's words). Adapters over `max_bytes` are
+    refused before any download.
     """
     pinned = inspect_repo(client, repo, revision, field=field, revision_field=revision_field)
     try:
@@ -175,21 +175,8 @@ def inspect_adapter(client: HubClient, repo: str, revision: str | None = None, *
     except EngineError as exc:
         raise InspectError(field, str(exc)) from None
     try:
-        files = {f.path: f.size for f in source.files()}
-        if CONFIG_NAME not in files:
-            if "config.json" in files:
-                raise InspectError(field, f"{repo}: has config.json but no adapter_config.json: this is a model, not a PEFT adapter")
-            raise InspectError(field, f"{repo}: no adapter_config.json: not a PEFT adapter")
-        if not any(name in files for name in ADAPTER_WEIGHTS):
-            raise InspectError(field, f"{repo}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
-        size = files[CONFIG_NAME]
-        if size > MAX_CONFIG_BYTES:
-            raise InspectError(field, f"{repo}/{CONFIG_NAME}: {size} bytes is too large for an adapter config")
-        buf = bytearray(size)
-        if size:
-            source.read_into(CONFIG_NAME, 0, memoryview(buf))
-        spec = AdapterSpec.from_json(bytes(buf), f"{repo}/{CONFIG_NAME}")
-    except EngineError as exc:  # AdapterSpecError (not LoRA, unmergeable variant), SourceError (read failed)
+        spec, _ = load_spec(source)
+    except EngineError as exc:  # AdapterSpecError (not an adapter, not LoRA, unmergeable), SourceError (read failed)
         raise InspectError(field, str(exc)) from None
     finally:
         source.close()

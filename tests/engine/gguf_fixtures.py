@@ -36,7 +36,9 @@ def build(root: Path, arch: str = "llama", kind: str = "spm", dtype=torch.bfloat
 
 
 def merge_to(built: Built, out: Path, formats=("gguf",), outtype="f16", split=None, **kw):
-    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine import LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
+    from worker.engine.run import merge
 
     opts = MergeOptions(device="cpu", formats=formats, gguf_outtype=outtype, gguf_split_bytes=split, **kw)
     return merge(LocalDirSource(built.base), LocalDirSource(built.adapter), LocalDirSink(out), opts)

@@ -22,10 +22,12 @@ from torch.overrides import TorchFunctionMode
 
 from tests.engine.test_parity import PARAMS, parity_root  # noqa: F401 - the session fixture
 from tests.support.models import assert_models_match, build_case, load_all_tensors
-from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+from worker.engine import LocalDirSink, LocalDirSource
 from worker.engine import compute as compute_mod
 from worker.engine.errors import EngineError
 from worker.engine.fake_device import FakeAsyncDevice, use_fake_device
+from worker.engine.plan import MergeOptions
+from worker.engine.run import merge
 from worker.engine.staging import BufferPool
 
 pytestmark = pytest.mark.xdist_group("parity")

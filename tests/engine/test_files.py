@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+from worker.engine import LocalDirSink, LocalDirSource
 from worker.engine.card import _code
 from worker.engine.errors import SourceError
 from worker.engine.files import ADAPTER_REASON, DUPLICATE_REASON, EXPORT_REASON, check_name, not_copied_reason
+from worker.engine.plan import MergeOptions
+from worker.engine.run import merge
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -166,7 +168,9 @@ def test_a_base_file_named_with_a_control_character_is_refused_by_repr(hostile_c
 # plain base warms everything up, a second one of the same base with the big files must not raise the mark.
 _PROBE = r"""
 import json, resource, sys
-from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+from worker.engine import LocalDirSink, LocalDirSource
+from worker.engine.plan import MergeOptions
+from worker.engine.run import merge
 small, big, adapter, out = sys.argv[1:5]
 kb = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 merge(LocalDirSource(small), LocalDirSource(adapter), LocalDirSink(out + "-warm"), MergeOptions(device="cpu"))

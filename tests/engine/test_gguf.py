@@ -251,7 +251,9 @@ class _NoWeights:
 
 
 def _refusal(built, base: Path, tmp_path) -> str:
-    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine import LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
+    from worker.engine.run import merge
 
     with pytest.raises(EngineError) as err:
         merge(_NoWeights(base), LocalDirSource(built.adapter), LocalDirSink(tmp_path / "out"),

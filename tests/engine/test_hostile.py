@@ -914,7 +914,9 @@ class _StopAfter:
 
 @pytest.mark.parametrize("after", [0, 3, 10])
 def test_cancelled_merge_leaves_nothing(hostile_case, after):
-    from worker.engine import Cancelled, LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine import Cancelled, LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
+    from worker.engine.run import merge
 
     c = hostile_case
     before = c.inputs_snapshot()
@@ -931,7 +933,9 @@ def test_cancelled_merge_leaves_nothing(hostile_case, after):
 
 def test_cancel_at_the_last_moment_leaves_nothing(hostile_case):
     """should_stop() turns True only at the final check, after every shard has been written."""
-    from worker.engine import Cancelled, LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine import Cancelled, LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
+    from worker.engine.run import merge
 
     c = hostile_case
 

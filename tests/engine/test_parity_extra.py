@@ -115,7 +115,9 @@ def test_row_chunks_give_the_same_bits(name, parity_root, tmp_path):
     rows of a per-expert tensor): each output element is still the same dot product, so the bits are PEFT's."""
     import torch
 
-    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine import LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
+    from worker.engine.run import merge
 
     case = build_case(name, torch.bfloat16, parity_root)
     out = tmp_path / "merged"

@@ -66,8 +66,9 @@ def _weight_ranges(model_dir: Path, dtypes=("U8", "I8", "F8_E4M3")) -> list[tupl
 
 
 def _refused(base_dir: Path, adapter: Path, tmp_path: Path, *words: str) -> str:
-    from worker.engine import LocalDirSink, LocalDirSource, merge
+    from worker.engine import LocalDirSink, LocalDirSource
     from worker.engine.errors import EngineError
+    from worker.engine.run import merge
 
     spy = SpySource(base_dir)
     out = tmp_path / "out"
@@ -132,8 +133,9 @@ def test_other_schemes_refused_by_name(models, tmp_path, method, shown):
 
 
 def test_scheme_refused_before_any_weight_file_is_opened(models, tmp_path):
-    from worker.engine import LocalDirSink, LocalDirSource, merge
+    from worker.engine import LocalDirSink, LocalDirSource
     from worker.engine.errors import PlanError
+    from worker.engine.run import merge
 
     base = _copy(models, "base", tmp_path)
     _edit_config(base, quantization_config={"quant_method": "gptq", "bits": 4})

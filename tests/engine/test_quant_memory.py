@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.synth import Shape, make_adapter, make_model
-from tests.engine.test_memory import ROOT, SCRIPT
+from tests.engine.test_memory import ROOT, SCRIPT, memory_model
 
 
 def test_a_virtual_tensor_is_dequantized_in_bounded_sub_blocks(tmp_path, monkeypatch):
@@ -52,10 +51,8 @@ def test_a_virtual_tensor_is_dequantized_in_bounded_sub_blocks(tmp_path, monkeyp
 def test_fp8_base_peak_memory_is_bounded_by_the_budget_not_the_model(tmp_path_factory):
     from tests.support.quant_models import quantize_checkpoint
 
+    base, adapter = memory_model(tmp_path_factory)
     root = tmp_path_factory.mktemp("memory-fp8")
-    shape = Shape("mem", hidden=1024, intermediate=2816, layers=8, heads=16, kv_heads=4, vocab=32000, shards=2)
-    base = make_model(shape, root)
-    adapter = make_adapter(shape, root, base)
     q = quantize_checkpoint(base, root / "fp8", "fp8", fp8_block=(128, 128), only=r"layers\.")
     out = subprocess.run([sys.executable, "-c", SCRIPT, str(q), str(adapter), str(root / "out")],
                          capture_output=True, text=True, cwd=ROOT, check=True)

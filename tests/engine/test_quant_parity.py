@@ -65,7 +65,9 @@ def _variant(dense, name: str, dtype: torch.dtype = torch.bfloat16):
 
 
 def _engine_merge(base: Path, adapter: Path, out: Path, **options) -> None:
-    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine import LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
+    from worker.engine.run import merge
 
     merge(LocalDirSource(base), LocalDirSource(adapter), LocalDirSink(out), MergeOptions(device="cpu", **options))
 
@@ -256,8 +258,10 @@ def test_keep_quantization_writes_fp8_back(dense, name, tmp_path):
     from transformers import AutoModelForCausalLM
     from transformers.integrations.finegrained_fp8 import Fp8Quantize
 
-    from worker.engine import LocalDirSink, LocalDirSource, MergeOptions, merge
+    from worker.engine import LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
     from worker.engine.quant import keep_quantization
+    from worker.engine.run import merge
 
     quantized, adapter, expected = _variant(dense, name)
     out = tmp_path / "out"

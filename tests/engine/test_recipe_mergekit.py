@@ -22,7 +22,8 @@ import torch
 from tests.support.models import fixture_root, peft_merge
 from tests.support.recipe_models import load_state, recipe_set
 from tests.support.tensor_compare import ulp_distance
-from worker.engine import LocalDirSink, LocalDirSource, MergeOptions
+from worker.engine import LocalDirSink, LocalDirSource
+from worker.engine.plan import MergeOptions
 from worker.engine.recipe.planner import OpenedRef
 from worker.engine.recipe.recipe import parse_recipe
 from worker.engine.recipe.run import merge_recipe

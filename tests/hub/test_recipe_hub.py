@@ -14,7 +14,8 @@ from huggingface_hub import HfApi, snapshot_download
 from tests.support.hubseed import ALICE, _drain_capture, merged_commits, seed
 from tests.support.recipe_models import load_state, make_finetune
 from worker.cli import main
-from worker.engine import LocalDirSink, LocalDirSource, MergeOptions
+from worker.engine import LocalDirSink, LocalDirSource
+from worker.engine.plan import MergeOptions
 from worker.engine.recipe.planner import OpenedRef
 from worker.engine.recipe.recipe import parse_recipe
 from worker.engine.recipe.run import merge_recipe

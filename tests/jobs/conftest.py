@@ -8,13 +8,6 @@ from worker import migrate
 from worker.jobs import Database, JobStore, SecretBox
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 def db(database_url) -> Database:
     migrate.upgrade(database_url)

@@ -14,9 +14,9 @@ import pytest
 from huggingface_hub import HfApi
 
 from hubdouble import Fault
-from tests.support.hubseed import ALICE, merged_commits, seeded_model  # noqa: F401
+from tests.support.hubseed import ALICE, merged_commits, seed, seeded_model  # noqa: F401
 from tests.support.services import need_service
-from tests.support.stack import Stack
+from tests.support.stack import Stack, module_stack
 
 pytestmark = [pytest.mark.reliability, pytest.mark.slow, pytest.mark.xdist_group("stack-faults")]
 
@@ -86,60 +86,73 @@ def test_redis_restart_loses_no_job(make_stack, postgres_url, reliability):
         redis.wait()
 
 
-def test_postgres_connections_dropped_mid_job(make_stack, postgres_url, redis_url, reliability):
-    rec = reliability("every PostgreSQL connection of the service killed twice mid-job",
-                      "worker reconnects, progress writes resume, job finishes")
-    stack = make_stack(postgres_url, redis_url)
-    stack.start_worker()
-    _slow(stack, 0.2)
-    job_id = stack.submit("alice/pg-drop")
-    dbname = postgres_url.rsplit("/", 1)[1]
-    kills = 0
-    for threshold in (1, 6):
-        stack.wait(job_id, lambda j, threshold=threshold: j.status == "running" and j.tensors_done >= threshold)
-        with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
-            kills += conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchone()[0]
-    before = stack.job(job_id).tensors_done
-    job = stack.wait(job_id)
-    assert job.status == "succeeded", job.error
-    assert job.tensors_done == job.tensors_total > before
-    assert len(merged_commits(stack.hub, "alice/pg-drop")) == 1
-    rec.observed(f"{kills} connections killed; job {job.status}, progress {before} -> {job.tensors_done}/{job.tensors_total}")
+class TestOnOneStack:
+    """Faults that need no settings of their own share one stack (a worker's start-up costs seconds); each uses its
+    own target repos, and the Hub's faults and seeded repos are restored after each (tests/support/stack.py). A class,
+    not the module: the stack is gone before the tests below start theirs on the same Redis database."""
+
+    @pytest.fixture(scope="class")
+    def shared_stack(self, tmp_path_factory, seeded_model):  # noqa: F811
+        with module_stack(tmp_path_factory, seeded_model) as stack:
+            yield stack
+
+    @pytest.fixture
+    def plain_stack(self, shared_stack, seeded_model):  # noqa: F811
+        yield shared_stack
+        shared_stack.hub.faults.clear()
+        seed(shared_stack.hub, seeded_model)  # a deleted seeded repo (the adapter) comes back for the next test
+
+    def test_postgres_connections_dropped_mid_job(self, plain_stack, reliability):
+        rec = reliability("every PostgreSQL connection of the service killed twice mid-job",
+                          "worker reconnects, progress writes resume, job finishes")
+        stack = plain_stack
+        _slow(stack, 0.2)
+        job_id = stack.submit("alice/pg-drop")
+        dbname = stack.settings.database_url.rsplit("/", 1)[1]
+        kills = 0
+        for threshold in (1, 6):
+            stack.wait(job_id, lambda j, threshold=threshold: j.status == "running" and j.tensors_done >= threshold)
+            with psycopg.connect("host=127.0.0.1 user=postgres dbname=postgres", autocommit=True) as conn:
+                kills += conn.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,)).fetchone()[0]
+        before = stack.job(job_id).tensors_done
+        job = stack.wait(job_id)
+        assert job.status == "succeeded", job.error
+        assert job.tensors_done == job.tensors_total > before
+        assert len(merged_commits(stack.hub, "alice/pg-drop")) == 1
+        rec.observed(f"{kills} connections killed; job {job.status}, progress {before} -> {job.tensors_done}/{job.tensors_total}")
 
 
-def test_transient_hub_faults_are_retried(make_stack, postgres_url, redis_url, reliability):
-    rec = reliability("Hub: reset mid-read, truncated body, 429, 503 on upload, 500 on commit",
-                      "all retried; job succeeds with 1 commit")
-    stack = make_stack(postgres_url, redis_url)
-    stack.start_worker()
-    h = stack.hub
-    faults = [
-        h.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*model-00002", kind="reset", after_bytes=4096, start_after=1, times=1)),
-        h.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*model-00001", kind="truncate", after_bytes=2000, start_after=1, times=1)),
-        h.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*model-00003", kind="status", status=429, headers={"Retry-After": "0"}, start_after=1, times=1)),
-        h.faults.add(Fault(method="PUT", path=r"/__lfs/upload/", kind="status", status=503, times=1)),
-        h.faults.add(Fault(method="POST", path=r"/api/models/alice/hub-faults/commit/", kind="status", status=500, times=1)),
-    ]
-    job = stack.wait(stack.submit("alice/hub-faults"))
-    assert job.status == "succeeded", job.error
-    assert [f.hits for f in faults] == [1, 1, 1, 1, 1]
-    assert len(merged_commits(h, "alice/hub-faults")) == 1
-    rec.observed(f"{sum(f.hits for f in faults)} faults hit; {job.status}, 1 commit")
+    def test_transient_hub_faults_are_retried(self, plain_stack, reliability):
+        rec = reliability("Hub: reset mid-read, truncated body, 429, 503 on upload, 500 on commit",
+                          "all retried; job succeeds with 1 commit")
+        stack = plain_stack
+        h = stack.hub
+        faults = [
+            h.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*model-00002", kind="reset", after_bytes=4096, start_after=1, times=1)),
+            h.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*model-00001", kind="truncate", after_bytes=2000, start_after=1, times=1)),
+            h.faults.add(Fault(method="GET", path=r"/alice/base/resolve/.*model-00003", kind="status", status=429, headers={"Retry-After": "0"}, start_after=1, times=1)),
+            h.faults.add(Fault(method="PUT", path=r"/__lfs/upload/", kind="status", status=503, times=1)),
+            h.faults.add(Fault(method="POST", path=r"/api/models/alice/hub-faults/commit/", kind="status", status=500, times=1)),
+        ]
+        job = stack.wait(stack.submit("alice/hub-faults"))
+        assert job.status == "succeeded", job.error
+        assert [f.hits for f in faults] == [1, 1, 1, 1, 1]
+        assert len(merged_commits(h, "alice/hub-faults")) == 1
+        rec.observed(f"{sum(f.hits for f in faults)} faults hit; {job.status}, 1 commit")
 
 
-def test_permanent_hub_errors_fail_fast_with_a_clear_message(make_stack, postgres_url, redis_url, reliability):
-    rec = reliability("Hub: adapter deleted (404); target namespace not writable (403)",
-                      "job failed with one clear line, no commit, no repo left")
-    stack = make_stack(postgres_url, redis_url)
-    stack.start_worker()
-    forbidden = stack.wait(stack.submit("bob/nope"))
-    HfApi(endpoint=stack.hub.url).delete_repo("alice/adapter", token=ALICE)
-    missing = stack.wait(stack.submit("alice/never"))
-    assert missing.status == "failed" and missing.error.startswith("alice/adapter: repository not found")
-    assert forbidden.status == "failed" and "cannot create the repository in 'bob'" in forbidden.error
-    assert "\n" not in missing.error + forbidden.error
-    assert not stack.hub.has_repo("alice/never") and not stack.hub.has_repo("bob/nope")
-    rec.observed(f"failed: {missing.error[:60]}... / failed: {forbidden.error[:60]}...")
+    def test_permanent_hub_errors_fail_fast_with_a_clear_message(self, plain_stack, reliability):
+        rec = reliability("Hub: adapter deleted (404); target namespace not writable (403)",
+                          "job failed with one clear line, no commit, no repo left")
+        stack = plain_stack
+        forbidden = stack.wait(stack.submit("bob/nope"))
+        HfApi(endpoint=stack.hub.url).delete_repo("alice/adapter", token=ALICE)
+        missing = stack.wait(stack.submit("alice/never"))
+        assert missing.status == "failed" and missing.error.startswith("alice/adapter: repository not found")
+        assert forbidden.status == "failed" and "cannot create the repository in 'bob'" in forbidden.error
+        assert "\n" not in missing.error + forbidden.error
+        assert not stack.hub.has_repo("alice/never") and not stack.hub.has_repo("bob/nope")
+        rec.observed(f"failed: {missing.error[:60]}... / failed: {forbidden.error[:60]}...")
 
 
 def test_a_stalled_hub_times_out_instead_of_hanging(make_stack, postgres_url, redis_url, reliability):

@@ -28,13 +28,6 @@ from worker.settings import Settings
 KEY = "test-secret-key-for-lorafold-0123"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'jobs.db'}"
-    return request.getfixturevalue("postgres_url")
-
-
 @pytest.fixture
 def store(database_url) -> JobStore:
     migrate.upgrade(database_url)
@@ -42,9 +35,8 @@ def store(database_url) -> JobStore:
 
 
 @pytest.fixture
-def pg_store(postgres_url) -> JobStore:
-    migrate.upgrade(postgres_url)
-    return JobStore(Database(postgres_url), SecretBox(KEY))
+def pg_store(migrated_postgres_url) -> JobStore:
+    return JobStore(Database(migrated_postgres_url), SecretBox(KEY))
 
 
 def _job(store: JobStore, target: str, **kw) -> str:

@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -191,12 +190,10 @@ def _service(data: Path):
 
 
 def _stop(worker: subprocess.Popen) -> None:
-    worker.send_signal(signal.SIGTERM)
+    from tests.support.stack import stop_gracefully
+
     try:
-        worker.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
+        stop_gracefully(worker, timeout=20)
     except KeyboardInterrupt:  # a second Ctrl-C: do not wait any longer
         worker.kill()
 

@@ -13,7 +13,7 @@ import torch
 from huggingface_hub import HfApi
 
 from hubdouble import HubDouble
-from tests.support.models import make_adapter, make_base, peft_merge
+from tests.support.models import _cached, _fingerprint, fixture_root, make_adapter, make_base, peft_merge
 
 ALICE = "hf_alice_0123456789abcdef"
 BOB = "hf_bob_0123456789abcdef"
@@ -30,24 +30,29 @@ class Seeded:
 
 @pytest.fixture(scope="session")
 def seeded_model(tmp_path_factory) -> Seeded:
-    """A 4-layer llama (~26 MB bf16, 3 shards), a rank-8 adapter naming `alice/base`, and PEFT's merge of them."""
-    root = tmp_path_factory.mktemp("hub_model")
-    base = make_base(
-        "llama", torch.bfloat16, root / "base", shards=3,
-        hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-        vocab_size=4096,
-    )
-    adapter = make_adapter(
-        base, root / "adapter", dtype=torch.bfloat16, r=8, lora_alpha=16,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
-    cfg_path = adapter / "adapter_config.json"
+    """A 4-layer llama (~26 MB bf16, 3 shards), a rank-8 adapter naming `alice/base`, and PEFT's merge of them;
+    built once per test run (the run's fixture_root, shared by the xdist workers)."""
+    root = fixture_root(tmp_path_factory) / "hub_model"
+    fingerprint = _fingerprint({"hub_model": HUB_MODEL, "adapter": HUB_ADAPTER})
+    base = _cached(root / "base", fingerprint, lambda d: make_base("llama", torch.bfloat16, d, shards=3, **HUB_MODEL))
+    adapter = _cached(root / "adapter", fingerprint, lambda d: _hub_adapter(base, d))
+    expected = _cached(root / "expected", fingerprint, lambda d: peft_merge(base, adapter, d, dtype=torch.bfloat16))
+    shards = sorted(base.glob("*.safetensors"))
+    return Seeded(base, adapter, expected, sum(p.stat().st_size for p in shards), [p.stat().st_size for p in shards])
+
+
+HUB_MODEL = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                 num_key_value_heads=4, vocab_size=4096)
+HUB_ADAPTER = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                       "down_proj"])
+
+
+def _hub_adapter(base: Path, out: Path) -> None:
+    make_adapter(base, out, dtype=torch.bfloat16, **HUB_ADAPTER)
+    cfg_path = out / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg["base_model_name_or_path"] = "alice/base"
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    expected = peft_merge(base, adapter, root / "expected", dtype=torch.bfloat16)
-    shards = sorted(base.glob("*.safetensors"))
-    return Seeded(base, adapter, expected, sum(p.stat().st_size for p in shards), [p.stat().st_size for p in shards])
 
 
 def seed(hub: HubDouble, model: Seeded, *, base_repo: str = "alice/base", adapter_repo: str = "alice/adapter",

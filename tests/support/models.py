@@ -154,14 +154,21 @@ def _versions() -> dict[str, str]:
 
 
 def fixture_root(tmp_path_factory) -> Path:
-    """Where test modules build cases: ``$LORAFOLD_FIXTURE_CACHE`` when set (a persistent cache across runs,
-    safe to share between xdist workers), else a fresh session temp dir."""
+    """Where test modules build cases: ``$LORAFOLD_FIXTURE_CACHE`` when set (a persistent cache across runs), else
+    one folder of this test run, shared by every module and every xdist worker of the run: a model one of them built
+    (``_cached`` stamps and locks it; ``recipe_models._atomic`` renames) is reused by the others instead of built
+    again per module and per worker."""
     env = os.environ.get("LORAFOLD_FIXTURE_CACHE")
     if env:
         path = Path(env)
         path.mkdir(parents=True, exist_ok=True)
         return path
-    return tmp_path_factory.mktemp("lorafold-models")
+    run = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's basetemp is <the run's basetemp>/popen-gwN
+        run = run.parent
+    path = run / "lorafold-models"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 # --------------------------------------------------------------------------------------------------------------

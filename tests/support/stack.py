@@ -77,12 +77,7 @@ class Stack:
     def stop_worker(self) -> None:
         if self.worker is None:
             return
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
-            self.worker.wait()
+        stop_gracefully(self.worker)
         self.worker = None
 
     def submit(self, target: str, *, token: str = ALICE, adapter: str = "alice/adapter") -> str:
@@ -109,11 +104,7 @@ class Stack:
     def kill_worker(self) -> None:
         if self.worker is None:
             return
-        try:
-            os.killpg(self.worker.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.worker.wait()
+        kill_group(self.worker)
         self.worker = None
 
     def close(self) -> None:
@@ -122,10 +113,30 @@ class Stack:
         self.hub.stop()
 
 
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a process started with `start_new_session=True` and everything it started (a worker, its pool
+    children, their job processes) at once: a test's end needs no graceful shutdown, which takes seconds."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def stop_gracefully(proc: subprocess.Popen, timeout: float = 30) -> None:
+    """SIGTERM (a Celery worker's warm shutdown: running jobs end first), then SIGKILL after `timeout` seconds."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def module_stack(tmp_path_factory, seeded, **env):
     """A started Stack on a database and Redis of its own, for every test of one module."""
-    with postgres_database() as database_url, redis_database() as broker_url:
+    with postgres_database(migrated=True) as database_url, redis_database() as broker_url:
         stack = Stack(database_url, broker_url, tmp_path_factory.mktemp("stack"), seeded, **env)
         try:
             stack.start_worker()

@@ -7,17 +7,16 @@ import json
 import pytest
 from sqlalchemy import select
 
+from tests.support.services import DATABASES, database_url_for
 from web import schemas
 from worker.jobs import Credential, Job, JobLog, JobStatus
 
 from .helpers import ALICE, BOB, CAROL, READER, bearer, unique
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'web.db'}"
-    return request.getfixturevalue("postgres_url")
+@pytest.fixture(params=DATABASES)
+def database_url(request, tmp_path):  # both databases, unlike most web tests (tests/web/conftest.py)
+    return database_url_for(request, tmp_path)
 
 
 def create(client, token=ALICE, **body):

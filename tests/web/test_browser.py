@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from hubdouble import HubDouble
+from tests.support.stack import kill_group
 from web import create_app
 from worker import migrate
 from worker.settings import Settings
@@ -80,7 +80,7 @@ def stack(tmp_path):
                LORAFOLD_WORK_DIR=str(tmp_path / "work"), PYTHONPATH=str(ROOT))
     log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, cwd=ROOT, stdout=log,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, start_new_session=True)
     settings = Settings.from_env(env)
     app = create_app(settings)  # the real wiring: Celery enqueue by task name, HubClient on HF_ENDPOINT
     live = LiveServer(app)
@@ -88,12 +88,7 @@ def stack(tmp_path):
         yield hub, live, tmp_path / "worker.log", database_url
     finally:
         live.stop()
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+        kill_group(worker)
         log.close()
         hub.stop()
 

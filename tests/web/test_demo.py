@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.stack import kill_group
+
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("worker")]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,7 +43,7 @@ def _start(state: Path, port: int, hub_port: int, log: Path) -> subprocess.Popen
     deadline = time.monotonic() + 120
     while "Ctrl-C stops the demo" not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            _kill_group(proc)
+            kill_group(proc)
             raise AssertionError(f"the demo did not start:\n{log.read_text()[-3000:]}")
         time.sleep(0.3)
     return proc
@@ -57,20 +59,12 @@ def _call(url: str, body: dict | None = None) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def _stop(proc: subprocess.Popen) -> int:
     proc.send_signal(signal.SIGINT)  # what Ctrl-C sends to the demo (a terminal sends it to the whole group)
     try:
         return proc.wait(timeout=40)
     except subprocess.TimeoutExpired:
-        _kill_group(proc)
+        kill_group(proc)
         raise
     finally:
         try:  # nothing of the demo may outlive the test (a stray worker holds pytest's output pipe open)

@@ -7,6 +7,7 @@ import time
 import pytest
 from sqlalchemy import func, select
 
+from tests.support.services import DATABASES, database_url_for
 from worker.jobs import Delivery, Job, Rule
 
 from .helpers import ALICE, BOB, bearer, sign_in
@@ -16,11 +17,9 @@ SHA1 = "575db8b7a51b6f85eb06eee540738584589f131c"
 SHA2 = "8c1d0f7e1ab2c3d4e5f60718293a4b5c6d7e8f90"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request, tmp_path):
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'web.db'}"
-    return request.getfixturevalue("postgres_url")
+@pytest.fixture(params=DATABASES)
+def database_url(request, tmp_path):  # both databases, unlike most web tests (tests/web/conftest.py)
+    return database_url_for(request, tmp_path)
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ def run_convert_command(args) -> int:
         hub = _hub(args.token) if adapter_ref.is_hub else None
         adapter = open_source(adapter_ref, hub, stack)
         if base_text is None:
-            from ..engine.plan import load_spec
+            from ..engine.adapter_config import load_spec
 
             base_text = load_spec(adapter)[0].base_model_name_or_path
         if not base_text:

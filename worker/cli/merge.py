@@ -7,21 +7,18 @@ is imported (seconds on a cold or loaded machine), so a typo fails in a fraction
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-from ..engine.errors import AdapterSpecError, FormatError, SourceError
+from ..engine.adapter_config import load_spec
+from ..engine.errors import SourceError
 from ..engine.io import LocalDirSource, Progress
-from ..engine.spec import CONFIG_NAME, AdapterSpec
+from ..engine.spec import AdapterSpec
 from ..locations import Ref, is_repo_id, parse_ref
 from .args import EXIT_OK, UsageError, parse_size
 
 EXIT_NOTHING_CHANGED = 0  # a re-publish of identical weights is not an error (see README "Publishing")
-_ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
-_MAX_CONFIG_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -122,28 +119,13 @@ def check_merge_args(args) -> Checked:
 
 
 def read_local_adapter_spec(folder) -> AdapterSpec:
-    """The adapter config of a local folder, checked like the engine checks it (worker/engine/plan.load_spec),
-    without importing torch."""
-    label = str(folder)
-    names = {p.name for p in os.scandir(folder) if p.is_file()}
-    if CONFIG_NAME not in names:
-        if "config.json" in names:
-            raise AdapterSpecError(f"{label}: has config.json but no adapter_config.json: this is a model, not a PEFT adapter")
-        raise AdapterSpecError(f"{label}: no adapter_config.json: not a PEFT adapter")
-    path = os.path.join(folder, CONFIG_NAME)
-    if os.path.getsize(path) > _MAX_CONFIG_BYTES:
-        raise FormatError(f"{CONFIG_NAME}: too large for an adapter config")
+    """A local adapter's config, read and checked by the engine's own reader (worker/engine/adapter_config.py),
+    which imports no torch."""
+    source = LocalDirSource(folder)
     try:
-        with open(path, "rb") as f:
-            cfg = json.loads(f.read().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise FormatError(f"{label}/{CONFIG_NAME}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise FormatError(f"{label}/{CONFIG_NAME}: JSON nested too deeply") from None
-    spec = AdapterSpec.from_config(cfg, f"{label}/{CONFIG_NAME}")
-    if not names & set(_ADAPTER_WEIGHTS):
-        raise AdapterSpecError(f"{label}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
-    return spec
+        return load_spec(source)[0]
+    finally:
+        source.close()
 
 
 def _hub(token):
@@ -175,8 +157,9 @@ def run_merge_command(args) -> int:
             choice, base_ref = _original_of_quantized(args, base_ref, hub, stack)
         base = choice.source if choice is not None and choice.source is not None else open_source(base_ref, hub, stack)
         # Only now the engine (and torch): everything above failed fast if it was going to.
-        from ..engine import MergeOptions, merge
         from ..engine.card import Lineage
+        from ..engine.plan import MergeOptions
+        from ..engine.run import merge
 
         options = MergeOptions(device=args.device, dtype=args.dtype, max_shard_size=checked.max_shard_size, verify=args.verify,
                                formats=checked.formats, gguf_outtype=args.outtype or "f16",
@@ -204,8 +187,6 @@ def run_merge_command(args) -> int:
 
 def _base_named_by_adapter(args, adapter, hub, token):
     """No --base: the adapter's adapter_config.json names it; returns (base_ref, hub), opening a Hub client if needed."""
-    from ..engine.plan import load_spec
-
     spec, _ = load_spec(adapter)
     if not spec.base_model_name_or_path:
         raise SourceError("no --base given and adapter_config.json names no base_model_name_or_path")

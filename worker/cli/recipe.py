@@ -56,7 +56,7 @@ def _options(args):
         raise UsageError("--out is empty (an unset variable?); name the output folder")
     if args.push_to is not None and not is_repo_id(args.push_to.strip()):
         raise UsageError(f"--push-to {args.push_to!r} is not a Hub repo id (OWNER/NAME)")
-    from ..engine import MergeOptions
+    from ..engine.plan import MergeOptions
 
     return MergeOptions(
         device=args.device, dtype=args.dtype,
@@ -148,7 +148,7 @@ def run_recipe_command(args, seed: int | None) -> int:
 
 
 def run_sum_command(args, adapters: list[tuple[str, float]]) -> int:
-    from ..engine.plan import load_spec
+    from ..engine.adapter_config import load_spec
     from ..engine.recipe.card import CardInput
     from ..engine.recipe.run import merge_adapters
     from .merge import TerminalReporter, _fmt_bytes, open_source

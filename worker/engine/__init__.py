@@ -5,52 +5,63 @@ through a `ModelSink` and telling a `Reporter`. It imports nothing from Flask, C
 huggingface_hub (tests/test_boundaries.py enforces it), so the CLI, the Celery worker and the tests all call it
 the same way:
 
-    from worker.engine import LocalDirSource, LocalDirSink, MergeOptions, merge
+    from worker.engine import LocalDirSink, LocalDirSource
+    from worker.engine.plan import MergeOptions
+    from worker.engine.run import merge
     result = merge(LocalDirSource(base), LocalDirSource(adapter), LocalDirSink(out), MergeOptions(dtype="auto"))
 
-Names are loaded lazily, so `worker.engine.spec` / `.errors` / `.io` (which need no torch) can be used by the
-web process, which never imports torch.
+This package exports only what needs no torch: the sources, sinks and reporters (io.py), the errors, the adapter
+config (adapter_config.py, spec.py) and the model card's lineage. The web process and the CLI's fast checks import
+them without loading torch (tests/test_boundaries.py checks it). What needs torch is imported from its own module:
+`run` (merge, MergeResult, VERSION), `plan` (MergeOptions, MergePlan, plan_merge), `recipe.run`.
 """
 
-from importlib import import_module
+from .adapter_config import load_spec
+from .card import Lineage
+from .errors import (
+    AdapterSpecError,
+    Cancelled,
+    EngineError,
+    FormatError,
+    NumericError,
+    OutputError,
+    PlanError,
+    SourceError,
+    UnsupportedAdapterError,
+)
+from .io import (
+    FileEntry,
+    LocalDirSink,
+    LocalDirSource,
+    ModelSink,
+    ModelSource,
+    NullReporter,
+    Progress,
+    Published,
+    Reporter,
+)
+from .spec import AdapterSpec
 
-_EXPORTS = {
-    "Lineage": ".card",
-    "AdapterSpecError": ".errors",
-    "Cancelled": ".errors",
-    "EngineError": ".errors",
-    "FormatError": ".errors",
-    "NumericError": ".errors",
-    "OutputError": ".errors",
-    "PlanError": ".errors",
-    "SourceError": ".errors",
-    "UnsupportedAdapterError": ".errors",
-    "FileEntry": ".io",
-    "LocalDirSink": ".io",
-    "LocalDirSource": ".io",
-    "ModelSink": ".io",
-    "ModelSource": ".io",
-    "NullReporter": ".io",
-    "Progress": ".io",
-    "Published": ".io",
-    "Reporter": ".io",
-    "VERSION": ".merge",
-    "MergeResult": ".merge",
-    "merge": ".merge",
-    "MergeOptions": ".plan",
-    "MergePlan": ".plan",
-    "load_spec": ".plan",
-    "plan_merge": ".plan",
-    "AdapterSpec": ".spec",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'worker.engine' has no attribute {name!r}")
-    value = getattr(import_module(module, __name__), name)
-    globals()[name] = value
-    return value
+__all__ = [
+    "AdapterSpec",
+    "AdapterSpecError",
+    "Cancelled",
+    "EngineError",
+    "FileEntry",
+    "FormatError",
+    "Lineage",
+    "LocalDirSink",
+    "LocalDirSource",
+    "ModelSink",
+    "ModelSource",
+    "NullReporter",
+    "NumericError",
+    "OutputError",
+    "PlanError",
+    "Progress",
+    "Published",
+    "Reporter",
+    "SourceError",
+    "UnsupportedAdapterError",
+    "load_spec",
+]

@@ -53,7 +53,7 @@ class Device:
         self.torch_device = torch_device
         self._ready = threading.Event()
 
-    # set-up, overlapped with planning (merge.py runs warm_up on a thread)
+    # set-up, overlapped with planning (run.py runs warm_up on a thread)
     def warm_up(self) -> None:
         self._ready.set()
 

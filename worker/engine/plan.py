@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .adapter_config import load_spec
 from .checkpoint import read_header
 from .checkpoint import read_json as _read_json
 from .checkpoint import weight_files as _weight_files
@@ -19,13 +20,12 @@ from .io import FileEntry, ModelSource
 from .mapping import AdapterMapper, Mapping
 from .quant import present_as_16bit
 from .safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES, FileHeader, build_header
-from .spec import CONFIG_NAME, AdapterSpec
+from .spec import AdapterSpec
 from .tensors import AdapterWeights
 from .variants import Op
 
 INDEX_NAME = SAFETENSORS_INDEX
 SINGLE_NAME = SAFETENSORS_SINGLE
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # written anew: the model card replaces the base's README (it reads only its head, card.CARD_HEAD_BYTES), and
 # .gitattributes is the Hub's own business (its LFS rules are made per commit)
 _NEVER_COPY = {"README.md", ".gitattributes"}
@@ -140,18 +140,6 @@ class MergePlan:
         return f"{len(self.tensors)} tensors in {len(self.shards)} shard(s), {n} changed by the adapter, {shown} to write"
 
 
-def load_spec(adapter: ModelSource) -> tuple[AdapterSpec, FileEntry]:
-    """The adapter's config and its weights file; cheap (used by the web form's validation too)."""
-    files = {f.path: f for f in adapter.files()}
-    if CONFIG_NAME not in files:
-        if "config.json" in files:
-            raise AdapterSpecError(f"{adapter.label}: has config.json but no adapter_config.json: this is a model, not a PEFT adapter")
-        raise AdapterSpecError(f"{adapter.label}: no adapter_config.json: not a PEFT adapter")
-    spec = AdapterSpec.from_config(_read_json(adapter, files[CONFIG_NAME], "adapter config"), f"{adapter.label}/{CONFIG_NAME}")
-    for name in ADAPTER_WEIGHTS:
-        if name in files:
-            return spec, files[name]
-    raise AdapterSpecError(f"{adapter.label}: no adapter_model.safetensors or adapter_model.bin next to adapter_config.json")
 
 
 def _checked_files(base: ModelSource) -> dict[str, FileEntry]:
@@ -165,51 +153,44 @@ def _checked_files(base: ModelSource) -> dict[str, FileEntry]:
     return files
 
 
-def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | None = None) -> MergePlan:
-    options = options or MergeOptions()
-    base = present_as_16bit(base)  # a quantized base is read as the 16-bit model it stands for (engine/quant)
-    spec, weights_entry = load_spec(adapter)
-    adapter_weights = AdapterWeights(adapter, weights_entry)
+@dataclass(frozen=True)
+class ModelLayout:
+    """A safetensors model as every planner first reads it, from headers alone (this one, the recipe planner)."""
 
-    files = _checked_files(base)
-    weight_names, sharded = _weight_files(base, files)
-    config = _read_json(base, files["config.json"], "model config") if "config.json" in files else {}
-    headers: dict[str, FileHeader] = {name: read_header(base, files[name]) for name in weight_names}
+    source: ModelSource
+    files: dict[str, FileEntry]  # every file, by its checked name
+    weight_names: list[str]  # the safetensors weight files, in order
+    sharded: bool  # has an index
+    config: dict  # config.json; {} without one
+    headers: dict[str, FileHeader]
+    slots: dict[str, BaseSlot]  # where each tensor lies
 
-    slots = _base_slots(base, headers)
 
-    mapping = AdapterMapper(
-        spec,
-        adapter_weights.infos,
-        {n: s.shape for n, s in slots.items()},
-        {n: s.dtype for n, s in slots.items()},
-        config,
-    ).run()
+def read_layout(source: ModelSource, files: dict[str, FileEntry] | None = None) -> ModelLayout:
+    """`source`'s weight files, config.json and headers (`files`: its `_checked_files`, when the caller has them)."""
+    files = _checked_files(source) if files is None else files
+    weight_names, sharded = _weight_files(source, files)
+    config = _read_json(source, files["config.json"], "model config") if "config.json" in files else {}
+    headers: dict[str, FileHeader] = {name: read_header(source, files[name]) for name in weight_names}
+    return ModelLayout(source, files, weight_names, sharded, config, headers, base_slots(source, headers))
 
-    override = OUTPUT_DTYPES.get(options.dtype)
 
-    def out_dtype(dtype: str) -> str:
-        return override if override and dtype in ("F32", "F16", "BF16") else dtype
-
-    tensors = _out_tensors(mapping, headers, slots, weight_names, out_dtype)
-
-    shards, write_index = _layout(tensors, headers, weight_names, sharded, options.max_shard_size)
-
-    config_patch = dict(mapping.config_patch)
-    if override:
-        config_patch["dtype"] = options.dtype
-    copy_files, skipped = files_to_copy(files, set(weight_names) | {INDEX_NAME}, options.max_copy_bytes)
-    notes = list(getattr(base, "notes", ())) + list(mapping.notes)  # the skipped files are told apart, as warnings (merge.py)
+def assemble_plan(layout: ModelLayout, tensors: dict[str, OutTensor], options: MergeOptions, config_patch: dict,
+                  notes: list[str], spec: AdapterSpec | None = None, adapter: ModelSource | None = None,
+                  adapter_weights: AdapterWeights | None = None) -> MergePlan:
+    """The output tensors laid out in shards, with the base's other files to copy: the last step of every planner."""
+    shards, write_index = _layout(tensors, layout.headers, layout.weight_names, layout.sharded, options.max_shard_size)
+    copy_files, skipped = files_to_copy(layout.files, set(layout.weight_names) | {INDEX_NAME}, options.max_copy_bytes)
     return MergePlan(
-        spec=spec,
+        spec=spec,  # type: ignore[arg-type]  # None for a recipe: no one adapter
         options=options,
-        base=base,
-        adapter=adapter,
-        adapter_weights=adapter_weights,
+        base=layout.source,
+        adapter=adapter,  # type: ignore[arg-type]
+        adapter_weights=adapter_weights,  # type: ignore[arg-type]
         tensors=tensors,
         shards=shards,
         write_index=write_index,
-        config=config or None,
+        config=layout.config or None,
         config_patch=config_patch,
         copy_files=copy_files,
         skipped_files=skipped,
@@ -217,7 +198,36 @@ def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | 
     )
 
 
-def _base_slots(base: ModelSource, headers: dict[str, FileHeader]) -> dict[str, BaseSlot]:
+def plan_merge(base: ModelSource, adapter: ModelSource, options: MergeOptions | None = None) -> MergePlan:
+    options = options or MergeOptions()
+    base = present_as_16bit(base)  # a quantized base is read as the 16-bit model it stands for (engine/quant)
+    spec, weights_entry = load_spec(adapter)
+    adapter_weights = AdapterWeights(adapter, weights_entry)
+    layout = read_layout(base)
+    slots = layout.slots
+
+    mapping = AdapterMapper(
+        spec,
+        adapter_weights.infos,
+        {n: s.shape for n, s in slots.items()},
+        {n: s.dtype for n, s in slots.items()},
+        layout.config,
+    ).run()
+
+    override = OUTPUT_DTYPES.get(options.dtype)
+
+    def out_dtype(dtype: str) -> str:
+        return override if override and dtype in ("F32", "F16", "BF16") else dtype
+
+    tensors = _out_tensors(mapping, layout.headers, slots, layout.weight_names, out_dtype)
+    config_patch = dict(mapping.config_patch)
+    if override:
+        config_patch["dtype"] = options.dtype
+    notes = list(getattr(base, "notes", ())) + list(mapping.notes)  # the skipped files are told apart, as warnings (run.py)
+    return assemble_plan(layout, tensors, options, config_patch, notes, spec, adapter, adapter_weights)
+
+
+def base_slots(base: ModelSource, headers: dict[str, FileHeader]) -> dict[str, BaseSlot]:
     """Where each base tensor lies; a name in two shards is refused (which one would the output keep?)."""
     slots: dict[str, BaseSlot] = {}
     for fname, header in headers.items():

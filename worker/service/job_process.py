@@ -235,6 +235,24 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def leave(code: int) -> None:
+    """End the job process without the interpreter's teardown, as multiprocessing's children end.
+
+    The job is over and its row written; what is left is freeing a heap that holds torch, which took 1.5-3.5 s on a
+    busy 2-core machine, and the pool child waits for this process before it takes the next job, so every job paid
+    it. Pooled database connections are closed and logs flushed first; the job's temporary folders are already gone
+    (context managers), and nothing of ours runs at exit."""
+    from ..jobs.db import close_all
+
+    try:
+        close_all()
+    finally:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))

@@ -23,9 +23,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..engine import Lineage, MergeOptions, merge
+from ..engine import Lineage
+from ..engine.adapter_config import ADAPTER_WEIGHTS, CONFIG_NAME, load_spec
 from ..engine.errors import EngineError, OutputError, PlanError, SourceError
-from ..engine.plan import load_spec
+from ..engine.plan import MergeOptions
+from ..engine.run import merge
 from ..hub import HubClient
 from ..hub.original import choose_base
 from ..hub.sink import MARKER, rule_claim
@@ -270,12 +272,11 @@ def find_marker_commit(hub: HubClient, repo: str, job_id: str) -> str | None:
 
 
 def _check_adapter_push(hub: HubClient, adapter, files: set[str], req: MergeRequest) -> None:
-    if "adapter_config.json" not in files:
+    if CONFIG_NAME not in files:
         raise Skipped(f"{req.adapter}@{adapter.revision[:12]} has no adapter_config.json: not a LoRA adapter")
-    if not files & {"adapter_model.safetensors", "adapter_model.bin"}:
+    if not files & set(ADAPTER_WEIGHTS):
         raise Skipped(f"{req.adapter}@{adapter.revision[:12]} has adapter_config.json but no adapter weights")
-    touched = hub.last_commits(req.adapter, ["adapter_config.json", "adapter_model.safetensors",
-                                                   "adapter_model.bin"], adapter.revision)
+    touched = hub.last_commits(req.adapter, [CONFIG_NAME, *ADAPTER_WEIGHTS], adapter.revision)
     if touched is None:  # without the details, merge rather than skip
         return
     if touched and all(t is not None for t in touched) and adapter.revision not in touched:

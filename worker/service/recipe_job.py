@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from ..engine import MergeOptions
+from ..engine.plan import MergeOptions
 from ..engine.recipe.card import CardInput
 from ..engine.recipe.planner import OpenedRef
 from ..engine.recipe.run import DEFAULT_SEED, merge_recipe

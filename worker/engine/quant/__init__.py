@@ -33,6 +33,7 @@ def __getattr__(name: str):
 def present_as_16bit(base: ModelSource) -> ModelSource:
     # the planner's own rules for which files hold the weights
     from ..checkpoint import read_header, read_json, weight_files
+    from ..plan import base_slots
     from .source import Piece, QuantizedSource
 
     if isinstance(base, QuantizedSource):
@@ -45,13 +46,7 @@ def present_as_16bit(base: ModelSource) -> ModelSource:
         return base
     weight_names, sharded = weight_files(base, files)
     headers: dict[str, FileHeader] = {name: read_header(base, files[name]) for name in weight_names}
-    tensors: dict[str, Piece] = {}
-    for fname, header in headers.items():
-        for name, info in header.tensors.items():
-            if name in tensors:
-                raise PlanError(f"{base.label}: tensor {name!r} appears in both {tensors[name].file} and {fname}")
-            offset, nbytes = header.absolute(info)
-            tensors[name] = Piece(name, fname, offset, nbytes, info.dtype, info.shape)
+    tensors = {name: Piece(name, s.file, s.offset, s.nbytes, s.dtype, s.shape) for name, s in base_slots(base, headers).items()}
     dtype = model_dtype(config)
     if scheme.method == "bnb-4bit":
         from .bnb import build_4bit

@@ -12,24 +12,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import SourceError
 from ..io import ModelSource
 from ..plan import (
-    INDEX_NAME,
     BaseSlot,
     MergeOptions,
     MergePlan,
+    ModelLayout,
     OutTensor,
     _checked_files,
-    _layout,
-    _read_json,
-    _weight_files,
-    files_to_copy,
+    assemble_plan,
     plan_merge,
+    read_layout,
 )
 from ..safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES
 from ..spec import CONFIG_NAME
-from ..tensors import read_header
 from ..variants import DoraRescale, Replace, TokenRows
 from .recipe import Recipe, RecipeError, layer_fraction
 from .source import ADDITIVE_OPS, AdapterSum, Combine, InputModel, MethodArgs
@@ -46,35 +42,17 @@ class OpenedRef:
     adapter: ModelSource | None = None
 
 
-@dataclass
-class _Layout:
-    files: dict
-    weight_names: list[str]
-    sharded: bool
-    headers: dict
-    config: dict
-
-
-def _scan(source: ModelSource, what: str) -> tuple[_Layout, dict[str, BaseSlot]]:
+def _scan(source: ModelSource, what: str) -> tuple[ModelLayout, dict[str, BaseSlot]]:
     files = _checked_files(source)
     if CONFIG_NAME in files and "config.json" not in files:
         raise RecipeError(
             f"recipe input {what} is a LoRA adapter, not a model: write it as BASE+{what} (the model it was trained on)"
         )
-    weight_names, sharded = _weight_files(source, files)
-    config = _read_json(source, files["config.json"], "model config") if "config.json" in files else {}
-    headers = {name: read_header(source, files[name]) for name in weight_names}
-    slots: dict[str, BaseSlot] = {}
-    for fname, header in headers.items():
-        for name, info in header.tensors.items():
-            if name in slots:
-                raise SourceError(f"{source.label}: tensor {name!r} appears in both {slots[name].file} and {fname}")
-            offset, nbytes = header.absolute(info)
-            slots[name] = BaseSlot(fname, offset, nbytes, info.dtype, info.shape)
-    return _Layout(files, weight_names, sharded, headers, config), slots
+    layout = read_layout(source, files)
+    return layout, layout.slots
 
 
-def open_input(ref: OpenedRef, options: MergeOptions, shared: dict | None = None) -> tuple[InputModel, _Layout]:
+def open_input(ref: OpenedRef, options: MergeOptions, shared: dict | None = None) -> tuple[InputModel, ModelLayout]:
     scans = shared.setdefault("scans", {}) if shared is not None else {}
     if id(ref.model) not in scans:  # a model shared by two inputs has its headers read once
         scans[id(ref.model)] = _scan(ref.model, ref.text.partition("+")[0])
@@ -138,21 +116,15 @@ def _out_dtype(options: MergeOptions, recipe_dtype: str | None, dtype: str) -> s
     return override if override else dtype
 
 
-def _finish_plan(layout_source: ModelSource, layout: _Layout, tensors: dict[str, OutTensor], options: MergeOptions,
-                 out_override: str | None, notes: list[str]) -> MergePlan:
-    shards, write_index = _layout(tensors, layout.headers, layout.weight_names, layout.sharded, options.max_shard_size)
+def _finish_plan(layout: ModelLayout, tensors: dict[str, OutTensor], options: MergeOptions, out_override: str | None,
+                 notes: list[str]) -> MergePlan:
     config_patch: dict[str, object] = {}
     if out_override is not None:
         name = _DTYPE_NAMES[out_override]
         current = layout.config.get("dtype", layout.config.get("torch_dtype"))
         if current != name:
             config_patch["dtype"] = name
-    copy_files, skipped = files_to_copy(layout.files, set(layout.weight_names) | {INDEX_NAME}, options.max_copy_bytes)
-    return MergePlan(
-        spec=None, options=options, base=layout_source, adapter=None, adapter_weights=None,  # type: ignore[arg-type]
-        tensors=tensors, shards=shards, write_index=write_index, config=layout.config or None,
-        config_patch=config_patch, copy_files=copy_files, skipped_files=skipped, notes=notes,
-    )
+    return assemble_plan(layout, tensors, options, config_patch, notes)
 
 
 def plan_recipe(recipe: Recipe, refs: dict[str, OpenedRef], options: MergeOptions, seed: int = 0) -> tuple[MergePlan, list[InputModel]]:
@@ -186,7 +158,7 @@ def plan_recipe(recipe: Recipe, refs: dict[str, OpenedRef], options: MergeOption
             op = Combine(f"recipe ({recipe.method})", name, tuple(opened), args, whole)
             tensors[name] = OutTensor(name, out_override or slot.dtype, slot.shape, None, (op,), shard=fname)
     notes = [f"recipe: {recipe.method} of {len(opened)} inputs, computed in float32 and rounded once"]
-    return _finish_plan(refs[layout_input.ref.text].model, layout, tensors, options, out_override, notes), opened
+    return _finish_plan(layout, tensors, options, out_override, notes), opened
 
 
 def _needs_whole(args: MethodArgs) -> bool:
@@ -229,7 +201,7 @@ def plan_adapter_sum(base: ModelSource, adapters: Sequence[tuple[str, ModelSourc
     tensors = {name: _summed_tensor(name, t, inputs, options) for name, t in plans[0].tensors.items()}
     override = OUTPUT_DTYPES.get(options.dtype)
     notes = [f"{len(adapters)} adapters summed with weights {', '.join(f'{w:g}' for _, _, w in adapters)} in float32, rounded once"]
-    merged = _finish_plan(base, layout, tensors, options, override, notes)
+    merged = _finish_plan(layout, tensors, options, override, notes)
     return merged, [m for _, m in inputs]
 
 

@@ -1,42 +1,21 @@
 """A recipe or a multi-adapter sum, start to finish: check the output, plan, stream, add small files, publish.
 
-The same steps as `merge.merge` (which folds one adapter): the sink is prepared before anything is planned, the
-executor streams the plan, the index and the card are written, the sink publishes in one step (a folder rename
-or one Hub commit), and any failure aborts the sink so nothing finished-looking is left.
+The steps are merge()'s own (`run.run_plan`: the sink is prepared before anything is planned, the executor streams
+the plan, the index and the card are written, the sink publishes in one step (a folder rename or one Hub commit),
+and any failure aborts the sink so nothing finished-looking is left); this module brings the planner and the card.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 
-import torch
-
-from .. import __getattr__ as _engine_export
-from ..errors import Cancelled, EngineError
-from ..execute import Executor
-from ..io import ModelSink, ModelSource, NullReporter, Progress, Reporter
-from ..memory import MemorySampler, peak_rss_bytes
-from ..merge import (
-    VERSION,
-    MergeResult,
-    _base_card_head,
-    _copy_small_files,
-    _not_copied,
-    _write_index,
-    open_device,
-    warm_up,
-)
+from ..io import ModelSink, ModelSource, Reporter
 from ..plan import MergeOptions, MergePlan
+from ..run import VERSION, MergeResult, _base_card_head, run_plan, write_card_file
 from .card import CardInput, build_recipe_card
 from .planner import OpenedRef, plan_adapter_sum, plan_recipe
 from .recipe import Recipe, recipe_for_adapters
 from .source import InputModel
-
-# Loading the submodule `worker.engine.merge` binds the package attribute `merge` to the module, but the package
-# exports the function of that name (worker/engine/__init__.py): bind it back, or `from worker.engine import merge`
-# imported after this module would get the module.
-_engine_export("merge")
 
 #: DARE's default seed (`--seed`): the same recipe and seed give the same bytes
 DEFAULT_SEED = 0
@@ -94,57 +73,13 @@ def merge_adapters(
 
 def _run(planner: Callable[[], tuple[MergePlan, list[InputModel]]], card: Callable[[MergePlan], str], sink: ModelSink,
          options: MergeOptions, reporter: Reporter | None, sources: list[ModelSource], message: str) -> MergeResult:
-    reporter = reporter or NullReporter()
-    started = time.monotonic()
-    timings: dict[str, float] = {}
-    device = open_device(options)
+    """merge()'s steps (run.run_plan) with this planner and card; the inputs' own reads count in bytes_read."""
     inputs: list[InputModel] = []
-    try:
-        with MemorySampler(reporter, device.torch_device) as sampler:
-            warm = warm_up(device, sampler)
-            reporter.progress(Progress("plan"))
-            sink.prepare()
-            plan, inputs = planner()
-            timings["plan"] = time.monotonic() - started
-            reporter.log("info", f"plan: {plan.summary()} on {device.torch_device}")
-            for note in plan.notes:
-                reporter.log("info", note)
-            for skipped in plan.skipped_files:
-                reporter.log("warning", _not_copied(skipped))
-            t0 = time.monotonic()
-            _copy_small_files(plan, sink)
-            warm.join()
-            stats = Executor(plan, sink, device, reporter).run()
-            timings["merge"] = time.monotonic() - t0
-            t0 = time.monotonic()
-            reporter.progress(Progress("finish", stats.tensors_done, len(plan.tensors), stats.bytes_written, plan.bytes_total))
-            _write_index(plan, sink)
-            path = sink.work_dir / "README.md"
-            path.write_text(card(plan))
-            sink.file_written("README.md", path)
-            if reporter.should_stop():
-                raise Cancelled()
-            published = sink.finish(message, "")
-            timings["finish"] = time.monotonic() - t0
-    except BaseException as exc:
-        sink.abort()
-        if isinstance(exc, torch.cuda.OutOfMemoryError):
-            raise EngineError(f"CUDA out of memory while merging ({exc}); try --device cpu") from exc
-        raise
-    finally:
-        for source in sources:
-            source.close()
-    return MergeResult(
-        seconds=time.monotonic() - started,
-        peak_rss_bytes=max(sampler.peak_rss, peak_rss_bytes()),
-        peak_vram_bytes=sampler.peak_vram,
-        bytes_read=stats.bytes_read + sum(m.bytes_read for m in inputs),
-        bytes_written=stats.bytes_written,
-        tensors=len(plan.tensors),
-        tensors_merged=len(plan.merged),
-        shards=len(plan.shards),
-        device=str(device.torch_device),
-        timings=timings,
-        result=published,
-        notes=plan.notes + [_not_copied(f) for f in plan.skipped_files],
-    )
+
+    def plan() -> MergePlan:
+        merged, opened = planner()
+        inputs.extend(opened)
+        return merged
+
+    return run_plan(plan, lambda merged, _device: write_card_file(sink, card(merged)), sink, options, reporter, sources,
+                    message, inputs_read=lambda: sum(m.bytes_read for m in inputs))

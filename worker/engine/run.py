@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from . import device as device_mod
 from .card import CARD_HEAD_BYTES, Lineage, build_card
-from .errors import EngineError, SourceError
+from .errors import Cancelled, EngineError, SourceError
 from .execute import Executor, select_device
 from .files import SkippedFile
 from .io import ModelSink, ModelSource, NullReporter, Progress, Published, Reporter
@@ -60,6 +61,42 @@ def merge(
     that looks finished is left behind.
     """
     options = options or MergeOptions()
+    return run_plan(
+        lambda: _plan_with_formats(base, adapter, options),
+        lambda plan, device: _write_card(plan, sink, lineage, device),
+        sink,
+        options,
+        reporter,
+        [base, adapter],
+        commit_message or f"Merge {adapter.label} into {base.label} with lorafold",
+        commit_description,
+    )
+
+
+def _plan_with_formats(base: ModelSource, adapter: ModelSource, options: MergeOptions) -> MergePlan:
+    plan = plan_merge(base, adapter, options)
+    if "gguf" in options.formats:  # the GGUF header, tokenizer included, decided before any weight is read
+        from .gguf import attach as attach_gguf
+
+        attach_gguf(plan)
+    return plan
+
+
+def run_plan(
+    planner: Callable[[], MergePlan],
+    write_card: Callable[[MergePlan, torch.device], None],
+    sink: ModelSink,
+    options: MergeOptions,
+    reporter: Reporter | None,
+    sources: list[ModelSource],
+    message: str,
+    description: str = "",
+    inputs_read: Callable[[], int] = lambda: 0,
+) -> MergeResult:
+    """Every merge's steps, whatever plans it (merge() here; recipes and adapter sums in recipe/run.py): prepare the
+    sink, plan while the device warms up, copy the small files, stream, write the index and the card, publish in
+    one step. On any failure the sink is aborted; the sources are closed in every case. `inputs_read`: bytes the
+    planner's own readers fetched (a recipe's inputs), added to the executor's count."""
     reporter = reporter or NullReporter()
     started = time.monotonic()
     timings: dict[str, float] = {}
@@ -69,11 +106,7 @@ def merge(
             warm = warm_up(device, sampler)
             reporter.progress(Progress("plan"))
             sink.prepare()
-            plan = plan_merge(base, adapter, options)
-            if "gguf" in options.formats:  # the GGUF header, tokenizer included, decided before any weight is read
-                from .gguf import attach as attach_gguf
-
-                attach_gguf(plan)
+            plan = planner()
             timings["plan"] = time.monotonic() - started
             reporter.log("info", f"plan: {plan.summary()} on {device.torch_device}")
             for note in plan.notes:
@@ -89,30 +122,25 @@ def merge(
             t0 = time.monotonic()
             reporter.progress(Progress("finish", stats.tensors_done, len(plan.tensors), stats.bytes_written, plan.bytes_total))
             _write_index(plan, sink)
-            _write_card(plan, sink, lineage, device.torch_device)
+            write_card(plan, device.torch_device)
             if reporter.should_stop():
-                from .errors import Cancelled
-
                 raise Cancelled()
-            message = commit_message or f"Merge {adapter.label} into {base.label} with lorafold"
-            published = sink.finish(message, commit_description)
+            published = sink.finish(message, description)
             timings["finish"] = time.monotonic() - t0
     except BaseException as exc:
         sink.abort()
-        if isinstance(exc, (EngineError, KeyboardInterrupt)):
-            raise
         if isinstance(exc, torch.cuda.OutOfMemoryError):
             raise EngineError(f"CUDA out of memory while merging ({exc}); try --device cpu") from exc
         raise
     finally:
-        base.close()
-        adapter.close()
+        for source in sources:
+            source.close()
     return MergeResult(
         seconds=time.monotonic() - started,
         peak_rss_bytes=max(sampler.peak_rss, peak_rss_bytes()),
         peak_vram_bytes=sampler.peak_vram,
         peak_vram_nvml_bytes=sampler.peak_vram_nvml,
-        bytes_read=stats.bytes_read,
+        bytes_read=stats.bytes_read + inputs_read(),
         bytes_written=stats.bytes_written,
         tensors=len(plan.tensors),
         tensors_merged=len(plan.merged),
@@ -234,6 +262,11 @@ def _write_card(plan: MergePlan, sink: ModelSink, lineage: Lineage | None, devic
         from .gguf import card_section
 
         text = text.rstrip("\n") + "\n\n" + card_section(plan.gguf, plan.shards == [])
+    write_card_file(sink, text)
+
+
+def write_card_file(sink: ModelSink, text: str) -> None:
+    """The model card, as the output's README.md."""
     path = sink.work_dir / "README.md"
     path.write_text(text)
     sink.file_written("README.md", path)
