@@ -50,6 +50,9 @@ def job_json(job: Job) -> dict:
         "from_quantized": job.from_quantized or "original",
         "keep_quantization": bool(job.keep_quantization),
         "base_quantization": job.base_quantization,
+        "formats": (job.formats or "safetensors").split(","),
+        "gguf_outtype": job.gguf_outtype or "f16",
+        "gguf_files": job.gguf_files or [],
         "rule_id": job.rule_id,
         **({"recipe": job.recipe} if job.recipe is not None else {}),
         "progress": {
@@ -95,6 +98,8 @@ def rule_json(rule: Rule, secret: str | None = None) -> dict:
         **({"recipe": rule.recipe} if rule.recipe is not None else {}),
         "from_quantized": rule.from_quantized or "original",
         "keep_quantization": bool(rule.keep_quantization),
+        "formats": (rule.formats or "safetensors").split(","),
+        "gguf_outtype": rule.gguf_outtype or "f16",
         "enabled": bool(rule.enabled),
         "created_at": iso(rule.created_at),
         "webhook_url": webhook_url(rule.id),

@@ -139,6 +139,8 @@ class Job(Base):
     bytes_written: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     timings: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # the GGUF files the job published, once it has: [{"name", "type", "size"}] (the job page; issue 14)
+    gguf_files: Mapped[list | None] = mapped_column(JSON, nullable=True)
     queue_wait_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # enqueued → a worker took it
     startup_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # worker took it → first log line
 

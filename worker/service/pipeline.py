@@ -16,6 +16,10 @@ config names is replaced by its 16-bit original (worker/hub/original.py) unless 
 A rule's job never looks for an original, since its token reads only what the owner named: a bitsandbytes base
 is dequantized (the owner names the original as the rule's base to merge into it). The job row records which of
 these happened (`base_quantization`, shown on the job page) and the model card says it too.
+
+Output formats (issue 14) go as on the CLI (--format/--outtype): `req.formats` and `req.gguf_outtype` become the
+engine's MergeOptions, so the GGUF files land in the same commit as the safetensors (or alone); the published
+files, types and sizes go into the job's stats for the job page. A recipe job with GGUF is refused in one line.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from ..engine.plan import load_spec
 from ..hub import HubClient
 from ..hub.original import choose_base
 from ..hub.sink import MARKER, rule_claim
-from ..jobs.request import Attempt, MergeRequest
+from ..jobs.request import Attempt, MergeRequest, formats_problem
 from ..locations import check_revision, is_repo_id
 from ..settings import Settings
 from .watched_sink import WatchedSink
@@ -80,6 +84,10 @@ def run_job(
     if landed:
         reporter.log("info", f"an earlier attempt already committed {landed[:12]} to {req.target}; not merging again")
         return Outcome(req.target, landed, f"{hub.endpoint}/{req.target}", reused=True)
+    problem = formats_problem(req.formats, req.gguf_outtype, recipe=req.recipe is not None,
+                              keep_quantization=req.keep_quantization)
+    if problem is not None:  # the doors refuse these before queueing; a row written otherwise fails in one line
+        raise PlanError(problem[1])
     if req.recipe is not None:
         from .recipe_job import run_recipe_job  # imports this module: loaded here, when a recipe job runs
 
@@ -138,7 +146,9 @@ def run_job(
             reporter,
             before_commit=_recheck_stale(req, adapter, committed_at, is_stale),
         )
-        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size)
+        # as the CLI's --format/--outtype: GGUF files beside (or instead of) the safetensors, in the same commit
+        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size,
+                               formats=req.formats, gguf_outtype=req.gguf_outtype)
         result = merge(
             base,
             adapter,
@@ -172,6 +182,7 @@ def run_job(
             "seconds": result.seconds,
             "timings": {**result.timings, "hub_retries": hub.retries},  # retries: read by web/metrics.py
             "base_quantization": how[:500] if how else None,
+            "gguf_files": result.gguf_files or None,  # name, type, size of each GGUF file published (the job page)
         },
     )
 
