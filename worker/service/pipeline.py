@@ -72,6 +72,10 @@ def run_job(
     is_stale: Callable[[object], bool] = lambda committed_at: False,
 ) -> Outcome:
     req, job_id = attempt.request, attempt.job_id
+    problem = formats_problem(req.formats, req.gguf_outtype, recipe=req.recipe is not None,
+                              keep_quantization=req.keep_quantization)
+    if problem is not None:  # the doors refuse these before queueing; a row written otherwise fails in one line
+        raise PlanError(problem[1])
     hub = HubClient(
         settings.hf_endpoint,
         token,
@@ -84,10 +88,6 @@ def run_job(
     if landed:
         reporter.log("info", f"an earlier attempt already committed {landed[:12]} to {req.target}; not merging again")
         return Outcome(req.target, landed, f"{hub.endpoint}/{req.target}", reused=True)
-    problem = formats_problem(req.formats, req.gguf_outtype, recipe=req.recipe is not None,
-                              keep_quantization=req.keep_quantization)
-    if problem is not None:  # the doors refuse these before queueing; a row written otherwise fails in one line
-        raise PlanError(problem[1])
     if req.recipe is not None:
         from .recipe_job import run_recipe_job  # imports this module: loaded here, when a recipe job runs
 
