@@ -303,7 +303,14 @@ def card_preview(checked: Checked, hub) -> str | None:
     lineage = Lineage(checked.base, checked.base_sha, inp.adapter, info.sha, True, True,
                       quantized_base=quant.quantized if quant else None,
                       quantized_base_revision=quant.quantized_sha if quant else None)
-    return build_card(lineage, settings, info.spec.summary(), _base_card(hub, checked.base, checked.base_sha), version)
+    if checked.gguf is not None:
+        settings["gguf"] = checked.gguf.line
+    text = build_card(lineage, settings, info.spec.summary(), _base_card(hub, checked.base, checked.base_sha), version)
+    if checked.gguf is not None:  # as the engine's merge() appends it (worker/engine/merge.py)
+        from worker.engine.gguf import card_section
+
+        text = text.rstrip("\n") + "\n\n" + card_section(checked.gguf.layout, "safetensors" not in inp.formats)
+    return text
 
 
 def _base_card(hub, base: str, sha: str | None) -> str | None:

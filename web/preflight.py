@@ -307,6 +307,7 @@ class GgufPreview:
     outtype: str
     nbytes: int  # from the base's tensor shapes: the merged tensors' shapes, unless the adapter resizes them
     line: str
+    layout: object = field(default=None, repr=False, compare=False)  # the engine's GgufLayout (the card's section)
 
 
 def gguf_preview(base_src, base: str, shapes: dict, outtype: str) -> GgufPreview:
@@ -323,7 +324,7 @@ def gguf_preview(base_src, base: str, shapes: dict, outtype: str) -> GgufPreview
         layout = build_layout(base_src, files, config, shapes, outtype)
     except EngineError as exc:
         raise InspectError("formats", f"GGUF: {exc}") from None
-    return GgufPreview(tuple(f.name for f in layout.files), outtype, layout.nbytes, layout.describe())
+    return GgufPreview(tuple(f.name for f in layout.files), outtype, layout.nbytes, layout.describe(), layout)
 
 
 def base_gguf_preview(hub, base: str, sha: str | None, outtype: str) -> GgufPreview:

@@ -236,4 +236,7 @@ def merge_again_url(job: Job) -> str:
     args = {"adapter": job.adapter_repo, "target": job.target_repo}
     if job.base_repo:
         args["base"] = job.base_repo
+    if job.formats and job.formats != "safetensors":  # the same output choice (forms.FORMAT_CHOICES) and GGUF type
+        args["formats"] = {"gguf": "gguf", "safetensors,gguf": "both"}.get(job.formats, "safetensors")
+        args["gguf_outtype"] = job.gguf_outtype
     return url_for("ui.merge_form", **args)

@@ -54,7 +54,7 @@ def merge_form():
     caller = session_caller()
     form = MergeForm()
     if request.method == "GET":
-        for name in ("adapter", "base", "target"):
+        for name in ("adapter", "base", "target", "formats", "gguf_outtype"):
             if request.args.get(name):
                 getattr(form, name).data = request.args[name][:200]
         return render_template("merge.html", form=form, preview=None, token_page=token_page())

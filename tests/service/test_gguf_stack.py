@@ -13,6 +13,7 @@ worker process, Redis, PostgreSQL and the Hub double, which also delivers webhoo
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from dataclasses import replace
@@ -142,6 +143,8 @@ def test_form_preview_names_the_gguf_file_and_its_size_then_queues_gguf_only(liv
     assert p["ok"], p
     preview = p["preview"]["gguf"]
     assert (preview["files"], preview["type"]) == (["model-BF16.gguf"], "BF16")
+    card = p["preview"]["card"]  # the card the merge will publish: its GGUF section too
+    assert "| `model-BF16.gguf` | BF16 |" in card and "llama-cli -m model-BF16.gguf" in card
     assert client.get("/merge/preview.json?adapter=alice/gadapter&target=alice/g-form").json["preview"]["gguf"] is None
 
     page = client.get("/merge").get_data(as_text=True)
@@ -155,7 +158,12 @@ def test_form_preview_names_the_gguf_file_and_its_size_then_queues_gguf_only(liv
     assert not list(local.glob("*.safetensors"))
     # the preview's size is the size the worker wrote: the engine's own layout, from the same headers
     assert (local / "model-BF16.gguf").stat().st_size == preview["size_bytes"]
-    assert "GGUF only, BF16" in client.get(f"/jobs/{job.id}").get_data(as_text=True)
+    job_page = client.get(f"/jobs/{job.id}").get_data(as_text=True)
+    assert "GGUF only, BF16" in job_page and "<code>model-BF16.gguf</code>" in job_page
+    # "Change and merge again" opens the form with the same output choice
+    again = re.search(r'id="again-link" href="([^"]+)"', job_page).group(1).replace("&amp;", "&")
+    form_page = client.get(again).get_data(as_text=True)
+    assert re.search(r'<option selected value="gguf">', form_page) and re.search(r'<option selected value="bf16">', form_page)
 
 
 def test_gguf_on_an_unknown_architecture_is_refused_before_queueing(live):
@@ -175,6 +183,16 @@ def test_gguf_on_an_unknown_architecture_is_refused_before_queueing(live):
     r = client.post("/merge", data={"adapter": "alice/gadapter", "base": "alice/gmystery", "target": "alice/g-m2",
                                     "dtype": "auto", "formats": "both", "csrf_token": csrf_from(page)})
     assert r.status_code == 422 and "MysteryForCausalLM" in r.get_data(as_text=True)
+    rules_page = client.get("/rules").get_data(as_text=True)
+    r = client.post("/rules", data={"watch": "alice/other-lora", "base": "alice/gmystery", "formats": "gguf",
+                                    "gguf_outtype": "f16", "dtype": "auto", "csrf_token": csrf_from(rules_page)})
+    assert r.status_code == 422 and "MysteryForCausalLM" in r.get_data(as_text=True)
+    r = client.post("/rules", data={"watch": "alice/form-lora", "base": "alice/gbase", "formats": "both",
+                                    "gguf_outtype": "q8_0", "dtype": "auto", "csrf_token": csrf_from(rules_page)})
+    assert r.status_code == 201, r.get_data(as_text=True)[:500]
+    rules = {x["watch"]: x for x in _api(live, "GET", "/api/v1/rules").json()["rules"]}
+    assert (rules["alice/form-lora"]["formats"], rules["alice/form-lora"]["gguf_outtype"]) == (["safetensors", "gguf"], "q8_0")
+    assert "safetensors + GGUF Q8_0" in client.get("/rules").get_data(as_text=True)
     assert _jobs(live) == before
     # safetensors alone does not need llama.cpp to know the architecture
     ok = _api(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "base": "alice/gmystery",

@@ -345,6 +345,16 @@
         if (job.result.commit) $("result-commit-link").href = root.dataset.hubUrl + job.result.repo + "/commit/" + job.result.commit;
       }
       if (job.adapter_sha) setText("adapter-sha", job.adapter_sha.slice(0, 12));
+      var gguf = $("job-gguf-files");
+      if (gguf && job.gguf_files && job.gguf_files.length && !gguf.children.length) {  // published: name, type, size
+        job.gguf_files.forEach(function (f) {
+          var li = document.createElement("li"), code = document.createElement("code");
+          code.textContent = f.name;
+          li.appendChild(code);
+          li.appendChild(document.createTextNode(" " + f.type + ", " + formatBytes(f.size)));
+          gguf.appendChild(li);
+        });
+      }
       if (job.base_quantization) {  // the worker's word on a quantized base: original, dequantized or FP8 kept
         setText("base-quant", job.base_quantization);
         $("base-quant").hidden = $("base-quant-label").hidden = false;
