@@ -160,7 +160,9 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
     _check_target(caller, hub, inp, target, (adapter, base_id), errors)
     preflight = gguf = None
     if info is not None and base_info is not None and quant_ok:
-        found = attempt(_preflight, hub, adapter, info, base_id, base_sha, inp)
+        # a base read through its quantization (dequantized, FP8) has packed headers: its GGUF layout is the worker's
+        plain = quant is None or quant.quantized is not None
+        found = attempt(_preflight, hub, adapter, info, base_id, base_sha, inp, gguf_check=plain)
         preflight, gguf = found if found is not None else (None, None)
     errors.sort(key=lambda e: FIELDS.index(e.field) if e.field in FIELDS else 99)
     return errors, Checked(inp, info, base_id, base_sha, bool(base_info and base_info.private), preflight, quant, gguf)
@@ -194,8 +196,8 @@ def _check_target(caller: Caller, hub, inp: MergeInput, target: str, inputs: tup
         _check_existing_target(hub, inp, errors)
 
 
-def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str,
-               inp: MergeInput) -> tuple[Preflight, GgufPreview | None]:
+def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str, inp: MergeInput,
+               gguf_check: bool = True) -> tuple[Preflight, GgufPreview | None]:
     """The headers' verdict (preflight.py), read at the commits the checks above resolved; with GGUF asked, the
     engine's GGUF layout from the same headers (architecture, tokenizer, vocabulary; the files and their size)."""
     try:
@@ -210,7 +212,7 @@ def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str,
     try:
         pf = check_fit(adapter_src, base_src, adapter=adapter, base=base, spec=info.spec, dtype=inp.dtype)
         gguf = None
-        if "gguf" in inp.formats and pf.shapes:
+        if "gguf" in inp.formats and gguf_check and pf.shapes:
             gguf = gguf_preview(base_src, base, pf.shapes, inp.gguf_outtype)
         return pf, gguf
     finally:

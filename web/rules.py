@@ -147,9 +147,11 @@ def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked 
             info = inspect_repo(hub, base, base_rev if inp.base else None, field="base" if inp.base else "bases",
                                 revision_field="base_revision")
             # a scheme lorafold cannot read, or keep_quantization on a base that is not FP8, would fail every push
-            quantized_base(hub, base, info.sha, from_config=False, from_quantized="dequantize",
-                           keep_quantization=inp.keep_quantization)
-            if "gguf" in inp.formats:  # an architecture or tokenizer llama.cpp cannot take would fail every push
+            quant = quantized_base(hub, base, info.sha, from_config=False, from_quantized="dequantize",
+                                   keep_quantization=inp.keep_quantization)
+            # an architecture or tokenizer llama.cpp cannot take would fail every push (a quantized base's packed
+            # headers are laid out by the worker, after dequantizing)
+            if "gguf" in inp.formats and quant is None:
                 base_gguf_preview(hub, base, info.sha, inp.gguf_outtype)
         except InspectError as exc:
             errors.append(exc if exc.field != "base" or inp.base else InspectError("bases", exc.message))
