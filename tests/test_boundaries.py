@@ -72,6 +72,14 @@ def test_engine_exports_are_not_shadowed_by_its_modules():
     assert all(getattr(engine, name) is not None for name in engine.__all__)
 
 
+def test_the_web_lays_out_gguf_files_without_torch():
+    """The check before queueing a GGUF merge (web/preflight.py gguf_preview) runs the engine's own GGUF layout
+    (architecture, tokenizer, vocabulary, file names and sizes; issue 14): it must stay torch-free."""
+    out = _fresh("import sys, worker.engine.gguf.layout, worker.engine.gguf, web.preflight;"
+                 "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    assert out == "[]", out
+
+
 def test_web_never_imports_torch_or_the_engine():
     for path in (ROOT / "web").rglob("*.py"):
         bad = [m for m in _imports(path) if m.split(".")[0] == "torch" or m.startswith(("worker.engine.execute", "worker.engine.run", "worker.engine.plan", "worker.service.tasks", "worker.service.runner", "worker.service.pipeline", "worker.service.job_process"))]

@@ -18,9 +18,11 @@ from wtforms import (
 from wtforms.validators import DataRequired, Length, Optional, Regexp
 
 from worker.engine.recipe.recipe import METHODS
-from worker.jobs.request import FROM_QUANTIZED
+from worker.jobs.request import FROM_QUANTIZED, GGUF_OUTTYPES
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+#: the form's output choice → MergeRequest.formats (the API takes the list itself)
+FORMAT_CHOICES = {"safetensors": ("safetensors",), "gguf": ("gguf",), "both": ("safetensors", "gguf")}
 _DTYPE_CHOICES = list(DTYPES)  # plain values (labels = values): no tuples, which WTForms 3.3 deprecates
 
 
@@ -43,6 +45,8 @@ class MergeForm(FlaskForm):
     create_pr = BooleanField("Open a pull request instead of committing to main")
     from_quantized = SelectField("4-bit base", choices=list(FROM_QUANTIZED), default="original")
     keep_quantization = BooleanField("Keep FP8 (an FP8 base's merge written back in FP8)")
+    formats = SelectField("Output", choices=list(FORMAT_CHOICES), default="safetensors")
+    gguf_outtype = SelectField("GGUF type", choices=list(GGUF_OUTTYPES), default="f16")
 
 
 class RecipeRow(Form):
@@ -87,6 +91,8 @@ class RuleForm(FlaskForm):
     private = BooleanField("Private")
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
     keep_quantization = BooleanField("Keep FP8")  # a rule's bitsandbytes base is always dequantized (pipeline.py)
+    formats = SelectField("Output", choices=list(FORMAT_CHOICES), default="safetensors")
+    gguf_outtype = SelectField("GGUF type", choices=list(GGUF_OUTTYPES), default="f16")
     token = PasswordField("Personal access token", validators=[Optional(), Length(max=512)])
     recipe = TextAreaField("Recipe", validators=[Optional(), Length(max=60_000)])
 

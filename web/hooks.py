@@ -63,6 +63,7 @@ def hub_hook(rule_id: str):
         base_allowed=tuple(rule.bases) if not rule.base and rule.bases else None, target=target,
         private=rule.private, dtype=rule.dtype, overwrite=True, rule_id=rule.id, recipe=rule.recipe,
         from_quantized=rule.from_quantized or "original", keep_quantization=bool(rule.keep_quantization),
+        formats=tuple((rule.formats or "safetensors").split(",")), gguf_outtype=rule.gguf_outtype or "f16",
     )
     job_request = JobRequest(
         owner=rule.owner, owner_id=rule.owner_id, namespace_id=rule.target_namespace_id, door="webhook", merge=merge,

@@ -16,11 +16,11 @@ from worker.engine.card import Lineage, build_card
 from worker.engine.errors import EngineError
 from worker.engine.files import WEIGHT_SUFFIXES
 from worker.jobs import Job, JobRequest, JobStatus, MergeRequest, submit
-from worker.jobs.request import FROM_QUANTIZED
+from worker.jobs.request import FORMATS, FROM_QUANTIZED, formats_problem
 
 from . import jobs
 from .auth import Caller
-from .forms import DTYPES
+from .forms import DTYPES, FORMAT_CHOICES
 from .hubcheck import (
     AdapterInfo,
     InspectError,
@@ -31,7 +31,7 @@ from .hubcheck import (
     inspect_adapter,
     inspect_repo,
 )
-from .preflight import BaseQuantization, Preflight, check_fit, quantized_base
+from .preflight import BaseQuantization, GgufPreview, Preflight, check_fit, gguf_preview, quantized_base
 from .schemas import JobCreate, parse
 from .services import services
 
@@ -53,6 +53,8 @@ class MergeInput:
     seed: int | None = None  # DARE's seed, with a recipe
     from_quantized: str = "original"  # a bitsandbytes base the config names: its 16-bit original, or dequantize
     keep_quantization: bool = False  # an FP8 base's merge written back in FP8
+    formats: tuple[str, ...] = ("safetensors",)  # of request.FORMATS: safetensors, GGUF for llama.cpp, or both
+    gguf_outtype: str = "f16"  # the GGUF files' type (request.GGUF_OUTTYPES)
     # The form pre-fills the base from the adapter's config: that base is the config's, not a choice of the user's,
     # so a QLoRA adapter's 4-bit base still goes to its 16-bit original (an explicit API `base` is used as given).
     base_prefilled: bool = False
@@ -60,7 +62,9 @@ class MergeInput:
     @classmethod
     def from_json(cls, body: object) -> MergeInput:
         """Strict: web/schemas.py JobCreate (the model openapi.py publishes); 422 naming the field otherwise."""
-        return cls(**parse(JobCreate, body).model_dump())
+        fields = parse(JobCreate, body).model_dump()
+        fields["formats"] = tuple(f for f in FORMATS if f in fields["formats"])  # in FORMATS order, as the CLI's
+        return cls(**fields)
 
     @classmethod
     def from_form(cls, form) -> MergeInput:
@@ -73,7 +77,9 @@ class MergeInput:
                    base=text("base"), base_revision=text("base_revision"), private=private,
                    dtype=form.dtype.data or "auto", overwrite=bool(form.overwrite.data),
                    create_pr=bool(form.create_pr.data), from_quantized=form.from_quantized.data or "original",
-                   keep_quantization=bool(form.keep_quantization.data), base_prefilled=True)
+                   keep_quantization=bool(form.keep_quantization.data), base_prefilled=True,
+                   formats=FORMAT_CHOICES.get(form.formats.data or "safetensors", ("?",)),
+                   gguf_outtype=form.gguf_outtype.data or "f16")
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class Checked:
     base_private: bool = False
     preflight: Preflight | None = None
     quantization: BaseQuantization | None = None  # a quantized base: what the worker will do with it
+    gguf: GgufPreview | None = None  # GGUF asked: the files the worker will write
 
 
 def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]:
@@ -114,6 +121,9 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
         errors.append(InspectError("dtype", f"dtype must be one of {', '.join(DTYPES)}"))
     if inp.from_quantized not in FROM_QUANTIZED:
         errors.append(InspectError("from_quantized", f"from_quantized must be one of {', '.join(FROM_QUANTIZED)}"))
+    problem = formats_problem(inp.formats, inp.gguf_outtype, keep_quantization=inp.keep_quantization)
+    if problem is not None:
+        errors.append(InspectError(*problem))
     if errors:
         return errors, Checked(inp)
 
@@ -148,11 +158,14 @@ def check(caller: Caller, inp: MergeInput) -> tuple[list[InspectError], Checked]
         private = bool((info and info.private) or (base_info and base_info.private))
     inp = replace(inp, private=private)
     _check_target(caller, hub, inp, target, (adapter, base_id), errors)
-    preflight = None
+    preflight = gguf = None
     if info is not None and base_info is not None and quant_ok:
-        preflight = attempt(_preflight, hub, adapter, info, base_id, base_sha, inp.dtype)
+        # a base read through its quantization (dequantized, FP8) has packed headers: its GGUF layout is the worker's
+        plain = quant is None or quant.quantized is not None
+        found = attempt(_preflight, hub, adapter, info, base_id, base_sha, inp, gguf_check=plain)
+        preflight, gguf = found if found is not None else (None, None)
     errors.sort(key=lambda e: FIELDS.index(e.field) if e.field in FIELDS else 99)
-    return errors, Checked(inp, info, base_id, base_sha, bool(base_info and base_info.private), preflight, quant)
+    return errors, Checked(inp, info, base_id, base_sha, bool(base_info and base_info.private), preflight, quant, gguf)
 
 
 def _inspect_base(hub, base_id: str | None, base_at: str | None, from_config: bool,
@@ -183,8 +196,10 @@ def _check_target(caller: Caller, hub, inp: MergeInput, target: str, inputs: tup
         _check_existing_target(hub, inp, errors)
 
 
-def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str, dtype: str) -> Preflight:
-    """The headers' verdict (preflight.py), read at the commits the checks above resolved."""
+def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str, inp: MergeInput,
+               gguf_check: bool = True) -> tuple[Preflight, GgufPreview | None]:
+    """The headers' verdict (preflight.py), read at the commits the checks above resolved; with GGUF asked, the
+    engine's GGUF layout from the same headers (architecture, tokenizer, vocabulary; the files and their size)."""
     try:
         adapter_src = hub.source(adapter, info.sha, max_total_bytes=services().settings.max_adapter_bytes)
     except EngineError as exc:
@@ -195,7 +210,11 @@ def _preflight(hub, adapter: str, info: AdapterInfo, base: str, base_sha: str, d
         adapter_src.close()
         raise InspectError("base", str(exc)) from None
     try:
-        return check_fit(adapter_src, base_src, adapter=adapter, base=base, spec=info.spec, dtype=dtype)
+        pf = check_fit(adapter_src, base_src, adapter=adapter, base=base, spec=info.spec, dtype=inp.dtype)
+        gguf = None
+        if "gguf" in inp.formats and gguf_check and pf.shapes:
+            gguf = gguf_preview(base_src, base, pf.shapes, inp.gguf_outtype)
+        return pf, gguf
     finally:
         adapter_src.close()
         base_src.close()
@@ -239,6 +258,7 @@ def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | Non
         overwrite=inp.overwrite or inp.create_pr, create_pr=inp.create_pr,
         recipe=inp.recipe, seed=inp.seed,  # a recipe: the normalised text recipes.check() put there
         from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization,
+        formats=tuple(inp.formats), gguf_outtype=inp.gguf_outtype,
     )
     request = JobRequest(
         owner=caller.name, door=door, merge=merge, idempotency_key=idempotency_key, owner_id=caller.id,
@@ -285,7 +305,14 @@ def card_preview(checked: Checked, hub) -> str | None:
     lineage = Lineage(checked.base, checked.base_sha, inp.adapter, info.sha, True, True,
                       quantized_base=quant.quantized if quant else None,
                       quantized_base_revision=quant.quantized_sha if quant else None)
-    return build_card(lineage, settings, info.spec.summary(), _base_card(hub, checked.base, checked.base_sha), version)
+    if checked.gguf is not None:
+        settings["gguf"] = checked.gguf.line
+    text = build_card(lineage, settings, info.spec.summary(), _base_card(hub, checked.base, checked.base_sha), version)
+    if checked.gguf is not None:  # as the engine's merge() appends it (worker/engine/merge.py)
+        from worker.engine.gguf import card_section
+
+        text = text.rstrip("\n") + "\n\n" + card_section(checked.gguf.layout, "safetensors" not in inp.formats)
+    return text
 
 
 def _base_card(hub, base: str, sha: str | None) -> str | None:

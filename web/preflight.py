@@ -57,6 +57,7 @@ class Preflight:
     shards: int
     checked: bool  # False when the shape check was left to the worker (see `skipped`)
     skipped: tuple[str, ...] = field(default_factory=tuple)
+    shapes: dict = field(default_factory=dict, repr=False, compare=False)  # the base's tensor name -> shape
 
 
 def read_header(source, path: str, size: int) -> FileHeader:
@@ -149,7 +150,8 @@ def check_fit(adapter_src, base_src, *, adapter: str, base: str, spec: AdapterSp
         more = f" (and {len(problems) - SHOWN} more)" if len(problems) > SHOWN else ""
         raise InspectError("base", f"{base} does not fit the adapter {adapter}: {'; '.join(problems[:SHOWN])}{more}. "
                                    "Is this the adapter's base model?")
-    return Preflight(base_bytes, _out_bytes(shapes, dtype), len(shapes), len(changed), len(shards), True, tuple(skipped))
+    return Preflight(base_bytes, _out_bytes(shapes, dtype), len(shapes), len(changed), len(shards), True, tuple(skipped),
+                     {name: shape for name, (shape, _) in shapes.items()})
 
 
 def _fit(pairs, shapes, spec: AdapterSpec, skipped: list[str]) -> tuple[list[str], set[str]]:
@@ -292,3 +294,55 @@ def quantized_base(hub, base: str, sha: str | None, *, from_config: bool, from_q
                                 "names", choice.repo_id, choice.revision, base, sha)
     return BaseQuantization(f"base is {words}; no 16-bit original found: dequantizing, the merge is written in "
                             f"{out_dtype}", base, sha)
+
+
+# --- GGUF output (issue 14): the engine's own layout, before queueing ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class GgufPreview:
+    """The GGUF files the merge will write (names, type, approximate total size), in one line for the form."""
+
+    files: tuple[str, ...]
+    outtype: str
+    nbytes: int  # from the base's tensor shapes: the merged tensors' shapes, unless the adapter resizes them
+    line: str
+    layout: object = field(default=None, repr=False, compare=False)  # the engine's GgufLayout (the card's section)
+
+
+def gguf_preview(base_src, base: str, shapes: dict, outtype: str) -> GgufPreview:
+    """What the worker's planner decides before reading any weight (worker/engine/gguf/layout.py build_layout, the
+    same torch-free function): an architecture llama.cpp does not know, a tensor with no llama.cpp name, a
+    tokenizer it cannot represent or a vocabulary larger than the embedding is refused here, as InspectError on
+    `formats`, so the job is not queued to fail. `base_src` is the base's open source at the resolved commit."""
+    from worker.engine.checkpoint import read_json
+    from worker.engine.gguf.layout import build_layout
+
+    try:
+        files = {f.path: f for f in base_src.files()}
+        config = read_json(base_src, files["config.json"], "model config") if "config.json" in files else {}
+        layout = build_layout(base_src, files, config, shapes, outtype)
+    except EngineError as exc:
+        raise InspectError("formats", f"GGUF: {exc}") from None
+    return GgufPreview(tuple(f.name for f in layout.files), outtype, layout.nbytes, layout.describe(), layout)
+
+
+def base_gguf_preview(hub, base: str, sha: str | None, outtype: str) -> GgufPreview:
+    """gguf_preview for a base alone (a rule names its bases before any adapter is pushed): its headers' shapes."""
+    try:
+        src = hub.source(base, sha)
+    except EngineError as exc:
+        raise InspectError("base", str(exc)) from None
+    try:
+        files = {f.path: f.size for f in src.files()}
+        shards = _base_shards(src, base, files)
+        if len(shards) > MAX_SHARDS:
+            raise InspectError("formats", f"GGUF: {base} has {len(shards)} shards; too many to check before queueing")
+        with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(shards)) or 1) as pool:
+            headers = list(pool.map(lambda shard: read_header(src, shard, files[shard]), shards))
+        shapes = {name: info.shape for h in headers for name, info in h.tensors.items()}
+        return gguf_preview(src, base, shapes, outtype)
+    except EngineError as exc:
+        raise InspectError("base", str(exc)) from None
+    finally:
+        src.close()

@@ -50,6 +50,9 @@ def job_json(job: Job) -> dict:
         "from_quantized": job.from_quantized or "original",
         "keep_quantization": bool(job.keep_quantization),
         "base_quantization": job.base_quantization,
+        "formats": (job.formats or "safetensors").split(","),
+        "gguf_outtype": job.gguf_outtype or "f16",
+        "gguf_files": job.gguf_files or [],
         "rule_id": job.rule_id,
         **({"recipe": job.recipe} if job.recipe is not None else {}),
         "progress": {
@@ -95,6 +98,8 @@ def rule_json(rule: Rule, secret: str | None = None) -> dict:
         **({"recipe": rule.recipe} if rule.recipe is not None else {}),
         "from_quantized": rule.from_quantized or "original",
         "keep_quantization": bool(rule.keep_quantization),
+        "formats": (rule.formats or "safetensors").split(","),
+        "gguf_outtype": rule.gguf_outtype or "f16",
         "enabled": bool(rule.enabled),
         "created_at": iso(rule.created_at),
         "webhook_url": webhook_url(rule.id),
@@ -231,4 +236,7 @@ def merge_again_url(job: Job) -> str:
     args = {"adapter": job.adapter_repo, "target": job.target_repo}
     if job.base_repo:
         args["base"] = job.base_repo
+    if job.formats and job.formats != "safetensors":  # the same output choice (forms.FORMAT_CHOICES) and GGUF type
+        args["formats"] = {"gguf": "gguf", "safetensors,gguf": "both"}.get(job.formats, "safetensors")
+        args["gguf_outtype"] = job.gguf_outtype
     return url_for("ui.merge_form", **args)

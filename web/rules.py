@@ -27,15 +27,15 @@ from sqlalchemy import and_, delete, or_, select
 
 from worker.jobs import Credential, Delivery, Rule
 from worker.jobs.models import utcnow
-from worker.jobs.request import FROM_QUANTIZED
+from worker.jobs.request import FORMATS, FROM_QUANTIZED, formats_problem
 from worker.locations import is_repo_id
 from worker.redact import register
 
 from .auth import Caller, identify, login_required, session_caller
 from .errors import HubUnavailable, NotFound
-from .forms import DTYPES, ActionForm, RuleForm
+from .forms import DTYPES, FORMAT_CHOICES, ActionForm, RuleForm
 from .hubcheck import Identity, InspectError, can_write, check_repo_id, check_rev, inspect_repo
-from .preflight import quantized_base
+from .preflight import base_gguf_preview, quantized_base
 from .rule_targets import DEFAULT_TARGET, parse_template, render_target, split_watch, target_collision
 from .schemas import RuleCreate, parse
 from .services import services
@@ -59,6 +59,8 @@ class RuleInput:
     dtype: str = "auto"
     from_quantized: str = "original"  # stored for the rule's jobs, which dequantize a bitsandbytes base either way
     keep_quantization: bool = False
+    formats: tuple[str, ...] = ("safetensors",)  # the jobs' output formats (request.FORMATS order)
+    gguf_outtype: str = "f16"
     token: str | None = field(default=None, repr=False)  # a personal access token for the rule (never printed)
     recipe: object = None  # a recipe rule (web/recipes.py check_rule): YAML text or a mapping, normalised there
 
@@ -68,6 +70,7 @@ class RuleInput:
         values = parse(RuleCreate, body).model_dump()
         values["bases"] = tuple(values["bases"]) if values["bases"] is not None else None
         values["watch"] = values["watch"] or ""
+        values["formats"] = tuple(f for f in FORMATS if f in values["formats"])
         return cls(**values)
 
     @classmethod
@@ -79,7 +82,9 @@ class RuleInput:
         return cls(watch=text("watch") or "", target=text("target") or DEFAULT_TARGET, base=text("base"),
                    base_revision=text("base_revision"), bases=bases, private=bool(form.private.data),
                    dtype=form.dtype.data or "auto", keep_quantization=bool(form.keep_quantization.data),
-                   token=text("token"), recipe=text("recipe"))
+                   token=text("token"), recipe=text("recipe"),
+                   formats=FORMAT_CHOICES.get(form.formats.data or "safetensors", ("?",)),
+                   gguf_outtype=form.gguf_outtype.data or "f16")
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,10 @@ def check(caller: Caller, inp: RuleInput) -> list[InspectError]:
 
 
 def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked | None]:
+    problem = formats_problem(inp.formats, inp.gguf_outtype, recipe=inp.recipe is not None,
+                              keep_quantization=inp.keep_quantization)
+    if problem is not None:
+        return [InspectError(*problem)], None
     if inp.recipe is not None:
         from . import recipes
 
@@ -138,8 +147,12 @@ def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked 
             info = inspect_repo(hub, base, base_rev if inp.base else None, field="base" if inp.base else "bases",
                                 revision_field="base_revision")
             # a scheme lorafold cannot read, or keep_quantization on a base that is not FP8, would fail every push
-            quantized_base(hub, base, info.sha, from_config=False, from_quantized="dequantize",
-                           keep_quantization=inp.keep_quantization)
+            quant = quantized_base(hub, base, info.sha, from_config=False, from_quantized="dequantize",
+                                   keep_quantization=inp.keep_quantization)
+            # an architecture or tokenizer llama.cpp cannot take would fail every push (a quantized base's packed
+            # headers are laid out by the worker, after dequantizing)
+            if "gguf" in inp.formats and quant is None:
+                base_gguf_preview(hub, base, info.sha, inp.gguf_outtype)
         except InspectError as exc:
             errors.append(exc if exc.field != "base" or inp.base else InspectError("bases", exc.message))
     return errors, (None if errors else Checked(token, identity, target_ns or ""))
@@ -234,6 +247,7 @@ def create(caller: Caller, inp: RuleInput) -> tuple[Rule, str]:
                     base_revision=inp.base_revision if inp.base else None,
                     bases=list(_check_bases(inp, [])) if inp.bases else None, private=inp.private, dtype=inp.dtype,
                     from_quantized=inp.from_quantized, keep_quantization=inp.keep_quantization,
+                    formats=",".join(inp.formats), gguf_outtype=inp.gguf_outtype,
                     recipe=checked.recipe, secret_encrypted=svc.box.seal(secret), credential_id=cred.id)
         s.add(rule)
     return rule, secret

@@ -21,6 +21,7 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from worker.engine.recipe.recipe import MAX_INPUTS, METHODS
+from worker.jobs.request import formats_problem
 
 from .errors import Unprocessable
 from .rule_targets import DEFAULT_TARGET
@@ -34,6 +35,8 @@ REVISION = r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}"  # a branch, tag or commit sha (
 ID = r"^[0-9a-f]{32}$"
 Dtype = Literal["auto", "bfloat16", "float16", "float32"]
 FromQuantized = Literal["original", "dequantize"]  # worker/jobs/request.py FROM_QUANTIZED, the CLI's --from-quantized
+Format = Literal["safetensors", "gguf"]  # worker/jobs/request.py FORMATS, the CLI's --format
+GgufOuttype = Literal["f16", "bf16", "q8_0"]  # worker/jobs/request.py GGUF_OUTTYPES, the CLI's --outtype
 Status = Literal["queued", "running", "succeeded", "failed", "cancelled", "skipped"]
 
 
@@ -109,6 +112,24 @@ _KEEP_QUANTIZATION = ("FP8 block-scaled base: write the merge back in FP8 (merge
                       "block scheme); refused for other bases")
 
 
+_FORMATS = ("the files to publish: [\"safetensors\"] (default), [\"gguf\"] (llama.cpp, Ollama, LM Studio) or both "
+            "in one commit. GGUF needs an architecture and tokenizer llama.cpp supports (checked before queueing); "
+            "not with recipe or keep_quantization")
+_GGUF_OUTTYPE = "the GGUF files' type (the CLI's --outtype): f16, bf16 or q8_0 (about half the size of f16)"
+
+
+def _formats_field():
+    return Field(default_factory=lambda: ["safetensors"], min_length=1, max_length=2, description=_FORMATS)
+
+
+def _check_formats(req) -> None:
+    """The combinations a field's own schema cannot refuse, in the words every door uses (request.py)."""
+    problem = formats_problem(tuple(req.formats), req.gguf_outtype, recipe=req.recipe is not None,
+                              keep_quantization=req.keep_quantization)
+    if problem is not None:
+        raise Unprocessable(problem[1], field=problem[0])
+
+
 def _one_of_adapter_or_recipe(schema: dict) -> None:
     schema["oneOf"] = [{"required": ["adapter"]}, {"required": ["recipe"]}]
 
@@ -135,12 +156,15 @@ class JobCreate(_Request):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="with recipe: DARE's random seed (default 0)")
     from_quantized: FromQuantized = Field("original", description=_FROM_QUANTIZED)
     keep_quantization: bool = Field(False, description=_KEEP_QUANTIZATION)
+    formats: list[Format] = _formats_field()
+    gguf_outtype: GgufOuttype = Field("f16", description=_GGUF_OUTTYPE)
 
     empty_is_none: ClassVar[frozenset[str]] = frozenset({"adapter_revision", "base", "base_revision"})
 
     def check_fields(self) -> None:
         """What a field's own schema cannot say: an adapter or a recipe, not both; the adapter's fields without
         a recipe."""
+        _check_formats(self)
         if self.recipe is None:
             if self.adapter is None:
                 raise Unprocessable("adapter is required (or recipe, for a merge recipe)", field="adapter")
@@ -182,6 +206,8 @@ class RuleCreate(_Request):
     dtype: Dtype = "auto"
     from_quantized: FromQuantized = Field("original", description=_FROM_QUANTIZED)
     keep_quantization: bool = Field(False, description=_KEEP_QUANTIZATION)
+    formats: list[Format] = _formats_field()
+    gguf_outtype: GgufOuttype = Field("f16", description=_GGUF_OUTTYPE)
     token: str | None = Field(None, max_length=MAX_TOKEN, repr=False,
                               description="a personal access token for the rule to keep; required when the "
                                           "caller's token is an OAuth sign-in token (those expire)")
@@ -192,6 +218,7 @@ class RuleCreate(_Request):
     empty_is_none: ClassVar[frozenset[str]] = frozenset({"base", "base_revision", "token"})
 
     def check_fields(self) -> None:
+        _check_formats(self)
         if self.recipe is None and self.watch is None:
             raise Unprocessable("watch is required (or recipe, for a recipe rule)", field="watch")
 
@@ -238,7 +265,9 @@ _TYPE_MESSAGES = {
     "string_type": lambda name, ctx: f"{name} must be a string",
     "string_too_long": lambda name, ctx: f"{name} is longer than {ctx.get('max_length')} characters",
     "literal_error": lambda name, ctx: f"{name} must be one of {ctx.get('expected', '').replace(chr(39), '')}",
-    "list_type": lambda name, ctx: f"{name} must be a list of repo ids",
+    "list_type": lambda name, ctx: (f"{name} must be a list of formats (safetensors, gguf)" if name == "formats"
+                                    else f"{name} must be a list of repo ids"),
+    "too_short": lambda name, ctx: f"{name}: at least {ctx.get('min_length')} item",
     "too_long": lambda name, ctx: f"{name}: at most {ctx.get('max_length')} items",
     "int_type": lambda name, ctx: f"{name} must be an integer",
     "greater_than_equal": lambda name, ctx: f"{name} must be at least {ctx.get('ge')}",
@@ -320,6 +349,13 @@ class JobResult(BaseModel):
     url: str | None
 
 
+class GgufFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    type: str = Field(description="F16, BF16 or Q8_0")
+    size: int = Field(description="bytes")
+
+
 class Job(BaseModel):
     id: str = Field(pattern=ID)
     status: Status
@@ -341,6 +377,9 @@ class Job(BaseModel):
     keep_quantization: bool | None = absent()
     base_quantization: str | None = Field(None, description="how a quantized base was read: merged into its 16-bit "
                                                             "original, dequantized, or kept in FP8 (null: a 16-bit base)")
+    formats: list[Format] | None = absent()
+    gguf_outtype: GgufOuttype | None = absent()
+    gguf_files: list[GgufFile] | None = absent(description="the GGUF files published (empty until the job succeeds)")
     rule_id: str | None = None
     recipe: str | None = absent(description="a recipe job's recipe (normalised YAML)")
     progress: JobProgress
@@ -376,6 +415,8 @@ class Rule(BaseModel):
     recipe: str | None = absent(description="a recipe rule's recipe (normalised YAML)")
     from_quantized: FromQuantized | None = absent()
     keep_quantization: bool | None = absent()
+    formats: list[Format] | None = absent()
+    gguf_outtype: GgufOuttype | None = absent()
     enabled: bool | None = absent()
     credential_warning: str | None = Field(None, description="set when the stored token has expired or expires "
                                                              "within 7 days")

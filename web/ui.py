@@ -7,7 +7,7 @@ from flask import Blueprint, jsonify, redirect, render_template, request, url_fo
 from . import jobs, merge, recipes
 from .auth import login_required, session_caller
 from .errors import Unprocessable
-from .forms import ActionForm, MergeForm, RecipeForm
+from .forms import FORMAT_CHOICES, ActionForm, MergeForm, RecipeForm
 from .hubcheck import InspectError, check_repo_id, check_rev, inspect_adapter
 from .present import job_json, job_label, job_times, log_json, merge_again_url, retry_advice, state_text
 from .schemas import MAX_STRING
@@ -54,7 +54,7 @@ def merge_form():
     caller = session_caller()
     form = MergeForm()
     if request.method == "GET":
-        for name in ("adapter", "base", "target"):
+        for name in ("adapter", "base", "target", "formats", "gguf_outtype"):
             if request.args.get(name):
                 getattr(form, name).data = request.args[name][:200]
         return render_template("merge.html", form=form, preview=None, token_page=token_page())
@@ -92,6 +92,9 @@ def preview_json(checked: merge.Checked, caller) -> dict:
         "jobs_ahead": merge.jobs_ahead(),
         "card": merge.card_preview(checked, services().hub(caller.token)),
         "base_quantization": checked.quantization.line if checked.quantization else None,
+        # GGUF asked: the files the worker will write (the engine's layout from the headers) and their size
+        "gguf": {"files": list(checked.gguf.files), "type": checked.gguf.outtype.upper(),
+                 "size_bytes": checked.gguf.nbytes} if checked.gguf else None,
     }
 
 
@@ -127,7 +130,9 @@ def merge_preview():
                            base=args["base"] or None, base_revision=args["base_revision"] or None,
                            private=None if private in (None, "") else private in ("1", "true", "on"),
                            dtype=args["dtype"] or "auto", base_prefilled=True,
-                           from_quantized=request.args.get("from_quantized", "").strip()[:20] or "original", **flags)
+                           from_quantized=request.args.get("from_quantized", "").strip()[:20] or "original",
+                           formats=FORMAT_CHOICES.get(request.args.get("formats", "").strip() or "safetensors", ("?",)),
+                           gguf_outtype=request.args.get("gguf_outtype", "").strip()[:20] or "f16", **flags)
     errors, checked = merge.check(caller, inp)
     if errors:
         return jsonify(ok=False, errors=[{"field": e.field, "message": e.message} for e in errors])

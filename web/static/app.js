@@ -117,6 +117,8 @@
       q.push("create_pr=" + ($("create_pr").checked ? "1" : "0"));
       q.push("from_quantized=" + encodeURIComponent($("from_quantized").value));
       q.push("keep_quantization=" + ($("keep_quantization").checked ? "1" : "0"));
+      q.push("formats=" + encodeURIComponent(($("formats") || {}).value || "safetensors"));
+      q.push("gguf_outtype=" + encodeURIComponent(($("gguf_outtype") || {}).value || "f16"));
       return form.dataset.previewUrl + "?" + q.join("&");
     }
 
@@ -148,6 +150,8 @@
         setText("pv-card", p.card || "");
         setText("pv-quant", p.base_quantization || "");  // a quantized base: its original, dequantized or FP8 kept
         $("pv-quant").hidden = $("pv-quant-label").hidden = !p.base_quantization;
+        setText("pv-gguf", p.gguf ? p.gguf.files.join(", ") + ", " + p.gguf.type + ", about " + formatBytes(p.gguf.size_bytes) : "");
+        $("pv-gguf").hidden = $("pv-gguf-label").hidden = !p.gguf;  // GGUF asked: the files the worker will write
         $("pv-facts").hidden = false;
       }).catch(function () { if (mine === pseq) { panel.classList.remove("busy"); setText("pv-state", ""); } });
     }
@@ -158,7 +162,7 @@
     adapter.addEventListener("change", lookup);
     revision.addEventListener("change", lookup);
     ["base", "base_revision", "target", "dtype", "overwrite", "create_pr", "private", "from_quantized",
-     "keep_quantization"].forEach(function (n) {
+     "keep_quantization", "formats", "gguf_outtype"].forEach(function (n) {
       $(n).addEventListener("change", schedulePreview);
     });
     // After a refused submit the server's messages are already under their fields: do not say them twice.
@@ -341,6 +345,16 @@
         if (job.result.commit) $("result-commit-link").href = root.dataset.hubUrl + job.result.repo + "/commit/" + job.result.commit;
       }
       if (job.adapter_sha) setText("adapter-sha", job.adapter_sha.slice(0, 12));
+      var gguf = $("job-gguf-files");
+      if (gguf && job.gguf_files && job.gguf_files.length && !gguf.children.length) {  // published: name, type, size
+        job.gguf_files.forEach(function (f) {
+          var li = document.createElement("li"), code = document.createElement("code");
+          code.textContent = f.name;
+          li.appendChild(code);
+          li.appendChild(document.createTextNode(" " + f.type + ", " + formatBytes(f.size)));
+          gguf.appendChild(li);
+        });
+      }
       if (job.base_quantization) {  // the worker's word on a quantized base: original, dequantized or FP8 kept
         setText("base-quant", job.base_quantization);
         $("base-quant").hidden = $("base-quant-label").hidden = false;

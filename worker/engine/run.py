@@ -39,6 +39,7 @@ class MergeResult:
     max_verify_error: float | None = None
     peak_vram_nvml_bytes: int | None = None  # the driver's count for this process (NVML), when it could tell
     notes: list[str] = field(default_factory=list)
+    gguf_files: list[dict] = field(default_factory=list)  # each GGUF file written: name, type, size (bytes)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -150,6 +151,8 @@ def run_plan(
         result=published,
         max_verify_error=stats.max_verify_error,
         notes=plan.notes + [_not_copied(f) for f in plan.skipped_files],
+        gguf_files=[{"name": f.name, "type": plan.gguf.outtype.upper(), "size": f.size}
+                    for f in (plan.gguf.files if plan.gguf is not None else [])],
     )
 
 

@@ -109,6 +109,9 @@ class Job(Base):
     # a bitsandbytes base: merge into its 16-bit original or its dequantized weights; an FP8 base: write FP8 back
     from_quantized: Mapped[str] = mapped_column(String(16), default="original", server_default="original")
     keep_quantization: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # the output formats, comma-joined ("safetensors", "gguf", "safetensors,gguf") and the GGUF type (issue 14)
+    formats: Mapped[str] = mapped_column(String(32), default="safetensors", server_default="safetensors")
+    gguf_outtype: Mapped[str] = mapped_column(String(8), default="f16", server_default="f16")
     # how the base was read, once the worker knows (one line for the job page: original / dequantized / kept FP8)
     base_quantization: Mapped[str | None] = mapped_column(String(500), nullable=True)
 
@@ -136,6 +139,8 @@ class Job(Base):
     bytes_written: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     timings: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    # the GGUF files the job published, once it has: [{"name", "type", "size"}] (the job page; issue 14)
+    gguf_files: Mapped[list | None] = mapped_column(JSON, nullable=True)
     queue_wait_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # enqueued → a worker took it
     startup_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)  # worker took it → first log line
 
@@ -200,6 +205,9 @@ class Rule(Base):
     # the jobs' quantized-base options (a rule's job dequantizes a bitsandbytes base: it never looks for originals)
     from_quantized: Mapped[str] = mapped_column(String(16), default="original", server_default="original")
     keep_quantization: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # the jobs' output formats and GGUF type (comma-joined, as Job.formats)
+    formats: Mapped[str] = mapped_column(String(32), default="safetensors", server_default="safetensors")
+    gguf_outtype: Mapped[str] = mapped_column(String(8), default="f16", server_default="f16")
     secret_encrypted: Mapped[str] = mapped_column(Text)
     credential_id: Mapped[str | None] = mapped_column(ForeignKey("credentials.id", ondelete="SET NULL"), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

@@ -14,6 +14,26 @@ from dataclasses import dataclass
 
 #: what a merge does when its base is a bitsandbytes repo (the CLI's --from-quantized; worker/hub/original.py)
 FROM_QUANTIZED = ("original", "dequantize")
+#: the output formats a merge may write (the CLI's --format): safetensors, gguf, or both in one commit
+FORMATS = ("safetensors", "gguf")
+#: GGUF types (the CLI's --outtype; worker/engine/gguf/layout.py OUTTYPES, which tests keep equal to this)
+GGUF_OUTTYPES = ("f16", "bf16", "q8_0")
+
+
+def formats_problem(formats: object, gguf_outtype: object, *, recipe: bool = False,
+                    keep_quantization: bool = False) -> tuple[str, str] | None:
+    """(field, one line) when these output options cannot run, as the CLI's check_formats refuses them; None when
+    they can. Every door asks this before queueing (the API's 422, the form's and the rules page's field errors)."""
+    if (not isinstance(formats, (list, tuple)) or not formats or any(f not in FORMATS for f in formats)
+            or len(set(formats)) != len(formats)):
+        return "formats", "formats must be [\"safetensors\"], [\"gguf\"] or [\"safetensors\", \"gguf\"]"
+    if gguf_outtype not in GGUF_OUTTYPES:
+        return "gguf_outtype", f"gguf_outtype must be one of {', '.join(GGUF_OUTTYPES)}"
+    if "gguf" in formats and recipe:
+        return "formats", "GGUF output is for single-adapter merges for now; merge the recipe, then convert its output"
+    if "gguf" in formats and keep_quantization:
+        return "formats", "keep_quantization writes FP8 safetensors; it cannot be combined with GGUF output"
+    return None
 
 
 @dataclass(frozen=True)
@@ -29,7 +49,10 @@ class MergeRequest:
     `from_quantized` / `keep_quantization` are the CLI's --from-quantized / --keep-quantization: a bitsandbytes
     base the adapter config names is merged into its 16-bit original ("original") or its dequantized weights
     ("dequantize"); an FP8 base's merge is written back in FP8. A rule's job never looks for an original (its token
-    reads only the bases the owner named): it dequantizes, whatever `from_quantized` says."""
+    reads only the bases the owner named): it dequantizes, whatever `from_quantized` says.
+
+    `formats` / `gguf_outtype` are the CLI's --format / --outtype (issue 14): the merge is written as safetensors,
+    as GGUF for llama.cpp, or both in one commit; GGUF files are split at the CLI's default (not split)."""
 
     adapter: str
     target: str
@@ -47,6 +70,8 @@ class MergeRequest:
     base_allowed: tuple[str, ...] | None = None  # a rule's allow-list of bases (see Job.base_allowed)
     recipe: str | None = None  # a merge recipe's normalised YAML: the job runs it instead of an adapter merge
     seed: int | None = None  # DARE's random seed (None: the engine's default, 0)
+    formats: tuple[str, ...] = ("safetensors",)  # of FORMATS, in that order
+    gguf_outtype: str = "f16"  # one of GGUF_OUTTYPES; used when "gguf" is in formats
 
     @property
     def namespace(self) -> str:

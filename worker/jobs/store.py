@@ -152,6 +152,7 @@ class JobStore:
                 from_quantized=job.from_quantized, keep_quantization=job.keep_quantization,
                 rule_id=job.rule_id, base_allowed=tuple(job.base_allowed) if job.base_allowed else None,
                 recipe=job.recipe, seed=job.recipe_seed,
+                formats=tuple((job.formats or "safetensors").split(",")), gguf_outtype=job.gguf_outtype or "f16",
             )
             return Attempt(job_id=job.id, door=job.door, attempts=job.attempts, request=request), token
 

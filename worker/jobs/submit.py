@@ -80,6 +80,8 @@ def submit(
                 recipe_seed=m.seed,
                 from_quantized=m.from_quantized,
                 keep_quantization=m.keep_quantization,
+                formats=",".join(m.formats),
+                gguf_outtype=m.gguf_outtype,
                 status=JobStatus.queued.value,
                 credential_id=cred_id,
                 rule_id=m.rule_id,

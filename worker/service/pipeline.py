@@ -16,6 +16,10 @@ config names is replaced by its 16-bit original (worker/hub/original.py) unless 
 A rule's job never looks for an original, since its token reads only what the owner named: a bitsandbytes base
 is dequantized (the owner names the original as the rule's base to merge into it). The job row records which of
 these happened (`base_quantization`, shown on the job page) and the model card says it too.
+
+Output formats (issue 14) go as on the CLI (--format/--outtype): `req.formats` and `req.gguf_outtype` become the
+engine's MergeOptions, so the GGUF files land in the same commit as the safetensors (or alone); the published
+files, types and sizes go into the job's stats for the job page. A recipe job with GGUF is refused in one line.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ..engine.run import merge
 from ..hub import HubClient
 from ..hub.original import choose_base
 from ..hub.sink import MARKER, rule_claim
-from ..jobs.request import Attempt, MergeRequest
+from ..jobs.request import Attempt, MergeRequest, formats_problem
 from ..locations import check_revision, is_repo_id
 from ..settings import Settings
 from .watched_sink import WatchedSink
@@ -70,6 +74,10 @@ def run_job(
     is_stale: Callable[[object], bool] = lambda committed_at: False,
 ) -> Outcome:
     req, job_id = attempt.request, attempt.job_id
+    problem = formats_problem(req.formats, req.gguf_outtype, recipe=req.recipe is not None,
+                              keep_quantization=req.keep_quantization)
+    if problem is not None:  # the doors refuse these before queueing; a row written otherwise fails in one line
+        raise PlanError(problem[1])
     hub = HubClient(
         settings.hf_endpoint,
         token,
@@ -140,7 +148,9 @@ def run_job(
             reporter,
             before_commit=_recheck_stale(req, adapter, committed_at, is_stale),
         )
-        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size)
+        # as the CLI's --format/--outtype: GGUF files beside (or instead of) the safetensors, in the same commit
+        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size,
+                               formats=req.formats, gguf_outtype=req.gguf_outtype)
         result = merge(
             base,
             adapter,
@@ -174,6 +184,7 @@ def run_job(
             "seconds": result.seconds,
             "timings": {**result.timings, "hub_retries": hub.retries},  # retries: read by web/metrics.py
             "base_quantization": how[:500] if how else None,
+            "gguf_files": result.gguf_files or None,  # name, type, size of each GGUF file published (the job page)
         },
     )
 

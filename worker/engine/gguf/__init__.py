@@ -7,8 +7,12 @@ files only, before any weight is read); the executor then streams every merged c
 
 from __future__ import annotations
 
-from ..plan import MergePlan
+from typing import TYPE_CHECKING
+
 from .layout import OUTTYPES, GgufLayout, build_layout
+
+if TYPE_CHECKING:  # the plan (and torch) only for the type: the layout is torch-free (the web sizes GGUF files)
+    from ..plan import MergePlan
 
 __all__ = ["OUTTYPES", "GgufLayout", "attach"]
 

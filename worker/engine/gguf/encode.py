@@ -13,19 +13,9 @@ from __future__ import annotations
 import torch
 from gguf import GGMLQuantizationType as Q
 
-QK8_0 = 32  # values per Q8_0 block: one float16 scale then 32 int8 (ggml-common.h block_q8_0)
-Q8_0_BLOCK_BYTES = 2 + QK8_0
+from .sizes import Q8_0_BLOCK_BYTES, QK8_0, row_nbytes  # noqa: F401 - row_nbytes re-exported
+
 _SLICE_ELEMS = 1 << 20
-
-
-def row_nbytes(qtype: Q, cols: int) -> int:
-    if qtype == Q.F32:
-        return cols * 4
-    if qtype in (Q.F16, Q.BF16):
-        return cols * 2
-    if qtype == Q.Q8_0:
-        return cols // QK8_0 * Q8_0_BLOCK_BYTES
-    raise ValueError(f"unsupported GGUF type {qtype!r}")
 
 
 def permute_heads(rows: torch.Tensor, n_head: int) -> torch.Tensor:

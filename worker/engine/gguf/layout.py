@@ -20,7 +20,7 @@ from gguf.gguf_writer import WriterState
 from ..errors import PlanError
 from ..io import ModelSource
 from .arch import SKIPPED_SUFFIXES, Arch, arch_of, heads, write_hparams
-from .encode import QK8_0, row_nbytes
+from .sizes import QK8_0, row_nbytes
 from .vocab import load_vocab
 
 #: --outtype → (type of the weight matrices, general.file_type)

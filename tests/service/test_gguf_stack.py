@@ -1,0 +1,257 @@
+"""GGUF output through the service's doors on the real stack (issue 14): the web app served over HTTP, a Celery
+worker process, Redis, PostgreSQL and the Hub double, which also delivers webhooks. One stack serves the module.
+
+- an API job with formats [safetensors, gguf] and q8_0: one commit whose every file (GGUF included) equals what
+  `lorafold merge --format safetensors,gguf --outtype q8_0 --push-to` publishes, byte for byte; the job JSON and
+  page list the GGUF files, the card says how to run them with llama-cli;
+- a webhook rule with formats [gguf]: the push's job publishes the GGUF file alone;
+- bad values are a 422 in one line; GGUF on an architecture llama.cpp does not know is a 422 before queueing (no
+  job row), on the API, the form and the rules page alike;
+- the form's preview names the GGUF file and its size before queueing (the size the worker then writes).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import requests
+from huggingface_hub import HfApi, snapshot_download
+from sqlalchemy import func, select
+
+from tests.engine.gguf_fixtures import build
+from tests.support.hubseed import ALICE, merged_commits
+from tests.support.stack import module_stack
+from tests.web.helpers import LiveServer, csrf_from, sign_in
+from web import create_app
+from worker.cli import main
+from worker.jobs import Job
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-gguf")]
+
+
+class _Lazy:
+    """A WSGI app filled in once the server's port is known (the app needs its public URL for webhook URLs)."""
+
+    app = None
+
+    def __call__(self, environ, start_response):
+        return self.app(environ, start_response)
+
+
+def _named_base(adapter: Path, base: str) -> Path:
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    return adapter
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gguf-stack")
+    built = build(root, "llama", "bpe")  # Llama 3's byte-level BPE tokenizer: a real vocabulary in the GGUF
+    adapter = _named_base(built.adapter, "alice/gbase")
+    mystery = shutil.copytree(built.base, root / "mystery")
+    cfg = json.loads((mystery / "config.json").read_text())
+    cfg["architectures"] = ["MysteryForCausalLM"]
+    (mystery / "config.json").write_text(json.dumps(cfg))
+    return dict(base=built.base, adapter=adapter, mystery=mystery)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, models):
+    with module_stack(tmp_path_factory, None) as stack:
+        api = HfApi(endpoint=stack.hub.url)
+        for repo, folder in (("alice/gbase", models["base"]), ("alice/gadapter", models["adapter"]),
+                             ("alice/gmystery", models["mystery"])):
+            api.create_repo(repo, token=ALICE)
+            api.upload_folder(repo_id=repo, folder_path=str(folder), token=ALICE, commit_message="seed")
+        lazy = _Lazy()
+        server = LiveServer(lazy)
+        lazy.app = create_app(replace(stack.settings, public_url=server.url, rate_limit="100000/minute"))
+        stack.web, stack.app = server.url, lazy.app
+        try:
+            yield stack
+        finally:
+            server.stop()
+
+
+@pytest.fixture
+def cli_env(live, monkeypatch, tmp_path):
+    """`lorafold merge` in this process, against the stack's Hub double."""
+    monkeypatch.setenv("HF_ENDPOINT", live.hub.url)
+    monkeypatch.setenv("LORAFOLD_WORK_DIR", str(tmp_path))
+
+
+def _api(live, method, path, **kw):
+    return requests.request(method, live.web + path, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60, **kw)
+
+
+def _download(live, repo: str, where: Path) -> Path:
+    return Path(snapshot_download(repo, endpoint=live.hub.url, token=ALICE, local_dir=where))
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and ".cache" not in p.parts and p.name != ".gitattributes"}
+
+
+def _jobs(live) -> int:
+    with live.db.session() as s:
+        return s.scalar(select(func.count()).select_from(Job))
+
+
+def test_api_job_publishes_both_formats_in_one_commit_exactly_as_the_cli(live, cli_env, tmp_path):
+    r = _api(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "target": "alice/g-api",
+                                                  "formats": ["safetensors", "gguf"], "gguf_outtype": "q8_0"})
+    assert r.status_code == 202, r.text
+    job = live.wait(r.json()["id"])
+    assert job.status == "succeeded", job.error
+    assert len(merged_commits(live.hub, "alice/g-api")) == 1
+
+    assert main(["merge", "alice/gadapter", "--push-to", "alice/g-cli", "--format", "safetensors,gguf",
+                 "--outtype", "q8_0", "--token", ALICE, "--quiet"]) == 0
+    service, cli = _download(live, "alice/g-api", tmp_path / "api"), _download(live, "alice/g-cli", tmp_path / "cli")
+    got, want = _files(service), _files(cli)
+    assert sorted(got) == sorted(want) and "model-Q8_0.gguf" in got and "model.safetensors" in got
+    assert [name for name in got if got[name] != want[name]] == []
+
+    shown = _api(live, "GET", f"/api/v1/jobs/{job.id}").json()
+    assert (shown["formats"], shown["gguf_outtype"]) == (["safetensors", "gguf"], "q8_0")
+    gguf_size = (service / "model-Q8_0.gguf").stat().st_size
+    assert shown["gguf_files"] == [{"name": "model-Q8_0.gguf", "type": "Q8_0", "size": gguf_size}]
+    card = (service / "README.md").read_text()
+    assert "## GGUF (llama.cpp)" in card and "llama-cli -m model-Q8_0.gguf" in card
+    assert f"| `model-Q8_0.gguf` | Q8_0 | {gguf_size / 1e6:.1f} MB |" in card
+
+    client = live.app.test_client()
+    sign_in(client, ALICE)
+    page = client.get(f"/jobs/{job.id}").get_data(as_text=True)
+    assert "safetensors and GGUF, Q8_0" in page and "<code>model-Q8_0.gguf</code> Q8_0" in page
+
+
+def test_form_preview_names_the_gguf_file_and_its_size_then_queues_gguf_only(live, tmp_path):
+    client = live.app.test_client()
+    sign_in(client, ALICE)
+    p = client.get("/merge/preview.json?adapter=alice/gadapter&target=alice/g-form&formats=gguf"
+                   "&gguf_outtype=bf16").json
+    assert p["ok"], p
+    preview = p["preview"]["gguf"]
+    assert (preview["files"], preview["type"]) == (["model-BF16.gguf"], "BF16")
+    card = p["preview"]["card"]  # the card the merge will publish: its GGUF section too
+    assert "| `model-BF16.gguf` | BF16 |" in card and "llama-cli -m model-BF16.gguf" in card
+    assert client.get("/merge/preview.json?adapter=alice/gadapter&target=alice/g-form").json["preview"]["gguf"] is None
+
+    page = client.get("/merge").get_data(as_text=True)
+    assert 'id="formats"' in page and 'id="gguf_outtype"' in page
+    r = client.post("/merge", data={"adapter": "alice/gadapter", "target": "alice/g-form", "dtype": "auto",
+                                    "formats": "gguf", "gguf_outtype": "bf16", "csrf_token": csrf_from(page)})
+    assert r.status_code == 302, r.get_data(as_text=True)[:500]
+    job = live.wait(r.headers["Location"].rstrip("/").split("/")[-1])
+    assert job.status == "succeeded", job.error
+    local = _download(live, "alice/g-form", tmp_path / "form")
+    assert not list(local.glob("*.safetensors"))
+    # the preview's size is the size the worker wrote: the engine's own layout, from the same headers
+    assert (local / "model-BF16.gguf").stat().st_size == preview["size_bytes"]
+    job_page = client.get(f"/jobs/{job.id}").get_data(as_text=True)
+    assert "GGUF only, BF16" in job_page and "<code>model-BF16.gguf</code>" in job_page
+    # "Change and merge again" opens the form with the same output choice
+    again = re.search(r'id="again-link" href="([^"]+)"', job_page).group(1).replace("&amp;", "&")
+    form_page = client.get(again).get_data(as_text=True)
+    assert re.search(r'<option selected value="gguf">', form_page) and re.search(r'<option selected value="bf16">', form_page)
+
+
+def test_gguf_on_an_unknown_architecture_is_refused_before_queueing(live):
+    before = _jobs(live)
+    r = _api(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "base": "alice/gmystery",
+                                                  "target": "alice/g-mystery", "formats": ["gguf"]})
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["field"] == "formats" and "MysteryForCausalLM" in error["message"] and "\n" not in error["message"]
+    rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/other-lora", "base": "alice/gmystery",
+                                                      "formats": ["safetensors", "gguf"]})
+    assert rule.status_code == 422 and "MysteryForCausalLM" in rule.json()["error"]["message"], rule.text
+
+    client = live.app.test_client()
+    sign_in(client, ALICE)
+    page = client.get("/merge").get_data(as_text=True)
+    r = client.post("/merge", data={"adapter": "alice/gadapter", "base": "alice/gmystery", "target": "alice/g-m2",
+                                    "dtype": "auto", "formats": "both", "csrf_token": csrf_from(page)})
+    assert r.status_code == 422 and "MysteryForCausalLM" in r.get_data(as_text=True)
+    rules_page = client.get("/rules").get_data(as_text=True)
+    r = client.post("/rules", data={"watch": "alice/other-lora", "base": "alice/gmystery", "formats": "gguf",
+                                    "gguf_outtype": "f16", "dtype": "auto", "csrf_token": csrf_from(rules_page)})
+    assert r.status_code == 422 and "MysteryForCausalLM" in r.get_data(as_text=True)
+    r = client.post("/rules", data={"watch": "alice/form-lora", "base": "alice/gbase", "formats": "both",
+                                    "gguf_outtype": "q8_0", "dtype": "auto", "csrf_token": csrf_from(rules_page)})
+    assert r.status_code == 201, r.get_data(as_text=True)[:500]
+    rules = {x["watch"]: x for x in _api(live, "GET", "/api/v1/rules").json()["rules"]}
+    assert (rules["alice/form-lora"]["formats"], rules["alice/form-lora"]["gguf_outtype"]) == (["safetensors", "gguf"], "q8_0")
+    assert "safetensors + GGUF Q8_0" in client.get("/rules").get_data(as_text=True)
+    assert _jobs(live) == before
+    # safetensors alone does not need llama.cpp to know the architecture
+    ok = _api(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "base": "alice/gmystery",
+                                                   "target": "alice/g-mystery"})
+    assert ok.status_code == 202, ok.text
+
+
+@pytest.mark.parametrize(("body", "field", "words"), [
+    ({"formats": ["onnx"]}, "formats", "formats must be one of safetensors or gguf"),
+    ({"formats": []}, "formats", "formats: at least 1 item"),
+    ({"formats": "gguf"}, "formats", "formats must be a list of formats"),
+    ({"formats": ["gguf", "gguf"]}, "formats", "formats must be"),
+    ({"formats": ["gguf"], "gguf_outtype": "q4_0"}, "gguf_outtype", "gguf_outtype must be one of f16, bf16 or q8_0"),
+    ({"formats": ["gguf"], "keep_quantization": True}, "formats", "cannot be combined with GGUF"),
+    ({"formats": ["gguf"], "recipe": "merge_method: linear\nmodels:\n  - model: alice/gbase\n", "adapter": None},
+     "formats", "GGUF output is for single-adapter merges"),
+])
+def test_bad_output_options_are_one_line_422s(live, body, field, words):
+    before = _jobs(live)
+    payload = {"adapter": "alice/gadapter", "target": "alice/g-bad", **body}
+    payload = {k: v for k, v in payload.items() if v is not None}
+    for path, extra in (("/api/v1/jobs", {}), ("/api/v1/rules", {"watch": "alice/x-lora", "base": "alice/gbase"})):
+        sent = {**payload, **extra}
+        if path.endswith("rules"):
+            sent.pop("adapter", None)
+            if "recipe" in sent:
+                sent.pop("watch"), sent.pop("base")
+        r = _api(live, "POST", path, json=sent)
+        assert r.status_code == 422, (path, r.text)
+        error = r.json()["error"]
+        assert error["field"] == field and words in error["message"] and "\n" not in error["message"], (path, error)
+    assert _jobs(live) == before
+
+
+def test_a_gguf_rule_publishes_the_gguf_file_of_each_push(live, models, tmp_path):
+    rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/gpush", "base": "alice/gbase",
+                                                      "formats": ["gguf"], "gguf_outtype": "q8_0"})
+    assert rule.status_code == 201, rule.text
+    rule = rule.json()
+    assert (rule["formats"], rule["gguf_outtype"]) == (["gguf"], "q8_0")
+    live.hub.add_webhook("alice", rule["webhook_url"], [{"type": "model", "name": "alice/gpush"}], secret=rule["secret"])
+    api = HfApi(endpoint=live.hub.url)
+    api.create_repo("alice/gpush", token=ALICE)
+    api.upload_folder(repo_id="alice/gpush", folder_path=str(models["adapter"]), token=ALICE, commit_message="train")
+    sha = live.hub.head("alice/gpush")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        deliveries = _api(live, "GET", f"/api/v1/rules/{rule['id']}").json()["deliveries"]
+        hit = [d for d in deliveries if d.get("new_sha") == sha and d.get("job_id")]
+        if hit:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the push made no job")
+    job = live.wait(hit[0]["job_id"])
+    assert job.status == "succeeded", job.error
+    assert (job.formats, job.gguf_outtype) == ("gguf", "q8_0")
+    local = _download(live, "alice/gpush-merged", tmp_path / "rule")
+    assert sorted(p.name for p in local.glob("*.gguf")) == ["model-Q8_0.gguf"]
+    assert not list(local.glob("*.safetensors"))
+    assert job.gguf_files == [{"name": "model-Q8_0.gguf", "type": "Q8_0",
+                               "size": (local / "model-Q8_0.gguf").stat().st_size}]
