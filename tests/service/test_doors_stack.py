@@ -22,39 +22,18 @@ from huggingface_hub import HfApi, snapshot_download
 from hubdouble import Fault
 from tests.support.hubseed import ALICE, BOB, merged_commits, seeded_model  # noqa: F401
 from tests.support.models import assert_models_match
-from tests.support.stack import module_stack
-from tests.web.helpers import LiveServer, csrf_from, sign_in
-from web import create_app
+from tests.support.stack import module_stack, serve_web
+from tests.web.helpers import csrf_from, sign_in
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-doors")]
-
-
-class _Lazy:
-    """A WSGI app filled in once the server's port is known (the app needs its public URL for webhook URLs)."""
-
-    app = None
-
-    def __call__(self, environ, start_response):
-        return self.app(environ, start_response)
 
 
 @pytest.fixture(scope="module")
 def shared_live(tmp_path_factory, seeded_model):  # noqa: F811
     """One stack and web server for the module (each test has its own targets; the webhook test runs last)."""
-    with module_stack(tmp_path_factory, seeded_model) as stack:
+    with module_stack(tmp_path_factory, seeded_model) as stack, serve_web(stack):
         stack.hub.add_user("bob", token=BOB)
-        lazy = _Lazy()
-        server = LiveServer(lazy)
-        from dataclasses import replace
-
-        settings = replace(stack.settings, public_url=server.url, rate_limit="100000/minute")
-        lazy.app = create_app(settings)
-        stack.web = server.url
-        stack.app = lazy.app
-        try:
-            yield stack
-        finally:
-            server.stop()
+        yield stack
 
 
 @pytest.fixture

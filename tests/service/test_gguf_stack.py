@@ -16,7 +16,6 @@ import json
 import re
 import shutil
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,36 +25,20 @@ from sqlalchemy import func, select
 
 from tests.engine.gguf_fixtures import build
 from tests.support.hubseed import ALICE, merged_commits
-from tests.support.stack import module_stack
-from tests.web.helpers import LiveServer, csrf_from, sign_in
-from web import create_app
+from tests.support.models import name_adapter_base
+from tests.support.stack import module_stack, serve_web
+from tests.web.helpers import csrf_from, sign_in
 from worker.cli import main
 from worker.jobs import Job
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-gguf")]
 
 
-class _Lazy:
-    """A WSGI app filled in once the server's port is known (the app needs its public URL for webhook URLs)."""
-
-    app = None
-
-    def __call__(self, environ, start_response):
-        return self.app(environ, start_response)
-
-
-def _named_base(adapter: Path, base: str) -> Path:
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = base
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    return adapter
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-stack")
     built = build(root, "llama", "bpe")  # Llama 3's byte-level BPE tokenizer: a real vocabulary in the GGUF
-    adapter = _named_base(built.adapter, "alice/gbase")
+    adapter = name_adapter_base(built.adapter, "alice/gbase")
     mystery = shutil.copytree(built.base, root / "mystery")
     cfg = json.loads((mystery / "config.json").read_text())
     cfg["architectures"] = ["MysteryForCausalLM"]
@@ -65,20 +48,9 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, models):
-    with module_stack(tmp_path_factory, None) as stack:
-        api = HfApi(endpoint=stack.hub.url)
-        for repo, folder in (("alice/gbase", models["base"]), ("alice/gadapter", models["adapter"]),
-                             ("alice/gmystery", models["mystery"])):
-            api.create_repo(repo, token=ALICE)
-            api.upload_folder(repo_id=repo, folder_path=str(folder), token=ALICE, commit_message="seed")
-        lazy = _Lazy()
-        server = LiveServer(lazy)
-        lazy.app = create_app(replace(stack.settings, public_url=server.url, rate_limit="100000/minute"))
-        stack.web, stack.app = server.url, lazy.app
-        try:
-            yield stack
-        finally:
-            server.stop()
+    repos = {"alice/gbase": models["base"], "alice/gadapter": models["adapter"], "alice/gmystery": models["mystery"]}
+    with module_stack(tmp_path_factory, None) as stack, serve_web(stack, repos):
+        yield stack
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,30 +21,12 @@ import torch
 from huggingface_hub import HfApi, snapshot_download
 
 from tests.support.hubseed import ALICE
-from tests.support.models import assert_models_match, make_adapter, make_base, peft_merge
+from tests.support.models import assert_models_match, make_adapter, make_base, name_adapter_base, peft_merge
 from tests.support.quant_models import oracle_dequantize, quantize_checkpoint
-from tests.support.stack import module_stack
-from tests.web.helpers import LiveServer
-from web import create_app
+from tests.support.stack import module_stack, serve_web
 from worker.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-quant")]
-
-
-class _Lazy:
-    """A WSGI app filled in once the server's port is known (the app needs its public URL for webhook URLs)."""
-
-    app = None
-
-    def __call__(self, environ, start_response):
-        return self.app(environ, start_response)
-
-
-def _with_adapter_base(adapter: Path, base: str) -> Path:
-    cfg = json.loads((adapter / "adapter_config.json").read_text())
-    cfg["base_model_name_or_path"] = base
-    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
-    return adapter
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +35,10 @@ def models(tmp_path_factory):
     base = make_base("llama", torch.bfloat16, root / "base", shards=2)
     quantized = quantize_checkpoint(base, root / "quantized", "nf4", nested=True)
     (quantized / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: alice/qbase\n---\n# 4-bit\n")
-    qlora = _with_adapter_base(make_adapter(base, root / "qlora", dtype=torch.bfloat16, r=4, lora_alpha=8,
+    qlora = name_adapter_base(make_adapter(base, root / "qlora", dtype=torch.bfloat16, r=4, lora_alpha=8,
                                             target_modules=["q_proj", "v_proj", "down_proj"]), "alice/qbase-bnb-4bit")
     fp8 = quantize_checkpoint(base, root / "fp8", "fp8", fp8_block=(16, 16))
-    fp8_lora = _with_adapter_base(make_adapter(base, root / "fp8-lora", dtype=torch.bfloat16, r=4, lora_alpha=8,
+    fp8_lora = name_adapter_base(make_adapter(base, root / "fp8-lora", dtype=torch.bfloat16, r=4, lora_alpha=8,
                                                target_modules=["q_proj", "o_proj"], seed=7), "alice/fp8base")
     return dict(
         base=base, quantized=quantized, qlora=qlora, fp8=fp8, fp8_lora=fp8_lora,
@@ -69,20 +50,10 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, models):
-    with module_stack(tmp_path_factory, None) as stack:
-        api = HfApi(endpoint=stack.hub.url)
-        for repo, folder in (("alice/qbase", models["base"]), ("alice/qbase-bnb-4bit", models["quantized"]),
-                             ("alice/qlora", models["qlora"]), ("alice/fp8base", models["fp8"])):
-            api.create_repo(repo, token=ALICE)
-            api.upload_folder(repo_id=repo, folder_path=str(folder), token=ALICE, commit_message="seed")
-        lazy = _Lazy()
-        server = LiveServer(lazy)
-        lazy.app = create_app(replace(stack.settings, public_url=server.url, rate_limit="100000/minute"))
-        stack.web = server.url
-        try:
-            yield stack
-        finally:
-            server.stop()
+    repos = {"alice/qbase": models["base"], "alice/qbase-bnb-4bit": models["quantized"], "alice/qlora": models["qlora"],
+             "alice/fp8base": models["fp8"]}
+    with module_stack(tmp_path_factory, None) as stack, serve_web(stack, repos):
+        yield stack
 
 
 @pytest.fixture

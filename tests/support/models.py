@@ -396,6 +396,14 @@ def _perturb_(model: torch.nn.Module, seed: int, adapter_dtype: torch.dtype | No
             p.data = vals.to(target)
 
 
+def name_adapter_base(adapter: Path, base: str) -> Path:
+    """Point `adapter`'s adapter_config.json at `base` (a Hub id in the stack tests) and return its folder."""
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = base
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    return adapter
+
+
 def make_adapter(
     base_dir: Path,
     out_dir: Path,

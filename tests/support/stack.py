@@ -143,3 +143,37 @@ def module_stack(tmp_path_factory, seeded, **env):
             yield stack
         finally:
             stack.close()
+
+
+class _LateApp:
+    """A WSGI app filled in once the server's port is known (the app needs its public URL for webhook URLs)."""
+
+    app = None
+
+    def __call__(self, environ, start_response):
+        return self.app(environ, start_response)
+
+
+@contextmanager
+def serve_web(stack: Stack, repos: dict[str, Path] | None = None):
+    """`stack` with the web app on a live port (`stack.web`: its URL, `stack.app`: the Flask app), after uploading
+    `repos` (repo id → folder) to the stack's Hub as alice: the doors' stack tests share this set-up."""
+    from dataclasses import replace
+
+    from huggingface_hub import HfApi
+
+    from tests.web.helpers import LiveServer
+    from web import create_app
+
+    api = HfApi(endpoint=stack.hub.url)
+    for repo, folder in (repos or {}).items():
+        api.create_repo(repo, token=ALICE)
+        api.upload_folder(repo_id=repo, folder_path=str(folder), token=ALICE, commit_message="seed")
+    late = _LateApp()
+    server = LiveServer(late)
+    late.app = create_app(replace(stack.settings, public_url=server.url, rate_limit="100000/minute"))
+    stack.web, stack.app = server.url, late.app
+    try:
+        yield stack
+    finally:
+        server.stop()
