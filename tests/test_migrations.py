@@ -28,17 +28,12 @@ def test_upgrade_from_empty_matches_the_models(backend, tmp_path, request):
     migrate.upgrade(url)  # idempotent
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
-def test_0005_quant_options_keeps_old_rows_and_round_trips_the_options(backend, tmp_path, request):
-    """Rows written before 0005 read as the CLI's defaults (original, no FP8 kept); a request's options go into the
-    row and come back to the runner unchanged (issue 12)."""
+def _old_rows_then_head(url: str, revision: str) -> None:
+    """Migrate to `revision`, write a job ('old') and a rule ('r1') as that schema had them, then migrate to head."""
     from alembic import command
     from sqlalchemy import text
 
-    from worker.jobs import Database, JobRequest, JobStore, MergeRequest, Rule, SecretBox, submit
-
-    url = f"sqlite:///{tmp_path / 'q.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
-    command.upgrade(migrate.alembic_config(url), "0004")
+    command.upgrade(migrate.alembic_config(url), revision)
     with make_engine(url).begin() as conn:
         conn.execute(text("INSERT INTO jobs (id, owner, namespace, door, adapter_repo, target_repo, private, dtype, "
                           "overwrite, create_pr, status, attempts, cancel_requested, tensors_done, tensors_total, "
@@ -48,6 +43,17 @@ def test_0005_quant_options_keeps_old_rows_and_round_trips_the_options(backend, 
                           "enabled) VALUES ('r1', 'alice', 'alice/x', '{namespace}/{name}-merged', false, 'auto', 's', "
                           "'2026-11-01', true)"))
     migrate.upgrade(url)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_0005_quant_options_keeps_old_rows_and_round_trips_the_options(backend, tmp_path, request):
+    """Rows written before 0005 read as the CLI's defaults (original, no FP8 kept); a request's options go into the
+    row and come back to the runner unchanged (issue 12)."""
+
+    from worker.jobs import Database, JobRequest, JobStore, MergeRequest, Rule, SecretBox, submit
+
+    url = f"sqlite:///{tmp_path / 'q.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
+    _old_rows_then_head(url, "0004")
     assert ScriptDirectory.from_config(migrate.alembic_config(url)).get_revision("0005_quant_options").down_revision == "0004"
     db, box = Database(url), SecretBox("test-secret-key-for-lorafold")
     store = JobStore(db, box)
@@ -67,22 +73,11 @@ def test_0005_quant_options_keeps_old_rows_and_round_trips_the_options(backend, 
 def test_0007_gguf_formats_keeps_old_rows_and_round_trips_the_formats(backend, tmp_path, request):
     """Rows written before 0007 read as safetensors only (F16 when GGUF is later asked); a request's formats and
     GGUF type go into the row and come back to the runner unchanged, on jobs and on rules (issue 14)."""
-    from alembic import command
-    from sqlalchemy import text
 
     from worker.jobs import Database, JobRequest, JobStore, MergeRequest, Rule, SecretBox, submit
 
     url = f"sqlite:///{tmp_path / 'g.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
-    command.upgrade(migrate.alembic_config(url), "0006_job_recipe")
-    with make_engine(url).begin() as conn:
-        conn.execute(text("INSERT INTO jobs (id, owner, namespace, door, adapter_repo, target_repo, private, dtype, "
-                          "overwrite, create_pr, status, attempts, cancel_requested, tensors_done, tensors_total, "
-                          "bytes_done, bytes_total, created_at) VALUES ('old', 'alice', 'alice', 'api', 'alice/a', "
-                          "'alice/t', false, 'auto', false, false, 'queued', 0, false, 0, 0, 0, 0, '2026-11-01')"))
-        conn.execute(text("INSERT INTO rules (id, owner, watch, target, private, dtype, secret_encrypted, created_at, "
-                          "enabled) VALUES ('r1', 'alice', 'alice/x', '{namespace}/{name}-merged', false, 'auto', 's', "
-                          "'2026-11-01', true)"))
-    migrate.upgrade(url)
+    _old_rows_then_head(url, "0006_job_recipe")
     script = ScriptDirectory.from_config(migrate.alembic_config(url))
     assert script.get_revision("0007_gguf_formats").down_revision == "0006_job_recipe"
     db, box = Database(url), SecretBox("test-secret-key-for-lorafold")
