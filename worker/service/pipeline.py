@@ -176,16 +176,8 @@ def run_job(
         published.link,
         adapter.revision,
         base.revision,
-        {
-            "peak_rss_bytes": result.peak_rss_bytes,
-            "peak_vram_bytes": result.peak_vram_bytes,
-            "bytes_read": result.bytes_read,
-            "bytes_written": result.bytes_written,
-            "seconds": result.seconds,
-            "timings": {**result.timings, "hub_retries": hub.retries},  # retries: read by web/metrics.py
-            "base_quantization": how[:500] if how else None,
-            "gguf_files": result.gguf_files or None,  # name, type, size of each GGUF file published (the job page)
-        },
+        job_stats(result, hub.retries, base_quantization=how[:500] if how else None,
+                  gguf_files=result.gguf_files or None),  # each GGUF file published: name, type, size (job page)
     )
 
 
@@ -294,3 +286,14 @@ def _check_adapter_push(hub: HubClient, adapter, files: set[str], req: MergeRequ
         raise Skipped(f"{req.adapter}@{adapter.revision[:12]} did not change the adapter (e.g. a README-only commit)")
 
 
+def job_stats(result, hub_retries: int, **extra) -> dict:
+    """A merge's statistics as the job row keeps them (`extra`: what one kind of job adds, e.g. its GGUF files)."""
+    return {
+        "peak_rss_bytes": result.peak_rss_bytes,
+        "peak_vram_bytes": result.peak_vram_bytes,
+        "bytes_read": result.bytes_read,
+        "bytes_written": result.bytes_written,
+        "seconds": result.seconds,
+        "timings": {**result.timings, "hub_retries": hub_retries},  # retries: read by web/metrics.py
+        **extra,
+    }

@@ -30,6 +30,7 @@ from .pipeline import (
     Skipped,
     _check_adapter_push,
     _recheck_stale,
+    job_stats,
 )
 from .watched_sink import WatchedSink
 
@@ -95,7 +96,7 @@ def run_recipe_job(attempt: Attempt, hub: HubClient, settings: Settings, reporte
     published = result.result
     return Outcome(published.repo or req.target, published.commit or "", published.link,
                    pushed.revision if pushed is not None else None, base.revision if base is not None else None,
-                   job_stats(result, hub))
+                   job_stats(result, hub.retries))
 
 
 def _revision(req: MergeRequest, part: HubPart) -> str | None:
@@ -144,15 +145,3 @@ def _params(parameters: dict) -> str:
     import json
 
     return json.dumps(parameters, sort_keys=True) if parameters else ""
-
-
-def job_stats(result, hub: HubClient) -> dict:
-    """A merge's statistics as the job row keeps them (as pipeline.run_job records them)."""
-    return {
-        "peak_rss_bytes": result.peak_rss_bytes,
-        "peak_vram_bytes": result.peak_vram_bytes,
-        "bytes_read": result.bytes_read,
-        "bytes_written": result.bytes_written,
-        "seconds": result.seconds,
-        "timings": {**result.timings, "hub_retries": hub.retries},  # retries: read by web/metrics.py
-    }
