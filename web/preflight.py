@@ -31,6 +31,7 @@ from worker.engine.safetensors_format import (
     parse_header,
 )
 from worker.engine.spec import AdapterSpec
+from worker.jobs.request import request_words
 
 from .hubcheck import InspectError
 
@@ -260,7 +261,7 @@ def quantized_base(hub, base: str, sha: str | None, *, from_config: bool, from_q
         config = read_json(src, files["config.json"], "model config") if "config.json" in files else {}
         scheme = detect(config, set(files), base)  # PlanError naming GPTQ, AWQ, HQQ, ... with the advice
     except EngineError as exc:
-        raise InspectError("base", str(exc).replace("with --base", "as the base")) from None
+        raise InspectError("base", request_words(str(exc))) from None
     finally:
         src.close()
     if scheme is None:
@@ -285,8 +286,7 @@ def quantized_base(hub, base: str, sha: str | None, *, from_config: bool, from_q
     try:
         choice = choose_base(hub, base, sha, from_quantized="original")
     except EngineError as exc:  # an original that exists but cannot be read, or does not fit
-        message = str(exc).replace("--from-quantized dequantize", 'from_quantized "dequantize"')
-        raise InspectError("base", message.replace("pass --base", "choose the base")) from None
+        raise InspectError("base", request_words(str(exc))) from None
     if choice.source is not None:
         choice.source.close()
     if choice.quantized:

@@ -229,8 +229,8 @@ def job_label(job: Job) -> str:
 
 
 def merge_again_url(job: Job) -> str:
-    """The form, pre-filled with this job's adapter, base and target (to change what made it fail); the recipe
-    form with its recipe and target for a recipe job."""
+    """The form, pre-filled with this job's adapter, base, target and options (output formats, quantized-base
+    options), to change what made it fail; the recipe form with its recipe and target for a recipe job."""
     if job.recipe is not None:
         return url_for("ui.recipe_form", job=job.id)
     args = {"adapter": job.adapter_repo, "target": job.target_repo}
@@ -239,4 +239,8 @@ def merge_again_url(job: Job) -> str:
     if job.formats and job.formats != "safetensors":  # the same output choice (forms.FORMAT_CHOICES) and GGUF type
         args["formats"] = {"gguf": "gguf", "safetensors,gguf": "both"}.get(job.formats, "safetensors")
         args["gguf_outtype"] = job.gguf_outtype
+    if job.from_quantized and job.from_quantized != "original":  # the quantized-base options, as the job had them
+        args["from_quantized"] = job.from_quantized
+    if job.keep_quantization:
+        args["keep_quantization"] = "1"
     return url_for("ui.merge_form", **args)

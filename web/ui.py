@@ -54,9 +54,10 @@ def merge_form():
     caller = session_caller()
     form = MergeForm()
     if request.method == "GET":
-        for name in ("adapter", "base", "target", "formats", "gguf_outtype"):
+        for name in ("adapter", "base", "target", "formats", "gguf_outtype", "from_quantized"):
             if request.args.get(name):
                 getattr(form, name).data = request.args[name][:200]
+        form.keep_quantization.data = request.args.get("keep_quantization") in ("1", "true", "on")
         return render_template("merge.html", form=form, preview=None, token_page=token_page())
     if form.validate_on_submit():
         inp = merge.MergeInput.from_form(form)

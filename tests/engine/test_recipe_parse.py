@@ -110,12 +110,47 @@ def test_yaml_aliases_cannot_blow_up():
     import json
 
     gradient = "[" + ", ".join(["0.5"] * 256) + "]"
-    conds = ", ".join([f"{{value: &g {gradient}}}"] + ["{value: *g}"] * 255)
+    conds = ", ".join([f"{{value: &g {gradient}}}"] + ["{value: *g}"] * 150)
     r = parse_recipe(f"merge_method: linear\nmodels: [a]\nparameters:\n  weight: [{conds}]\n")
     assert len(json.dumps(r.parameters)) < 2_000_000
     deeper = "merge_method: linear\nmodels: [a]\nparameters:\n  weight: [{value: &c [{value: 1}]}, {value: *c}]\n"
     with pytest.raises(RecipeError, match="must be a number"):
         parse_recipe(deeper)
+
+
+# 10 kB of YAML whose aliases expand to 8 million values: refused at MAX_VALUES, before any check walks them
+ALIAS_BOMB = ("merge_method: ties\nbase_model: org/base\nmodels:\n  - model: org/ft\n    parameters:\n"
+              "      weight: &c [" + ",".join(["{filter: x, value: &g [" + ",".join(["0.5"] * 256) + "]}"]
+                                          + ["{filter: x, value: *g}"] * 255) + "]\n      density: *c\n"
+              + "".join(f"  - model: org/m{i}\n    parameters: {{weight: *c, density: *c}}\n" for i in range(63)))
+
+
+@pytest.mark.parametrize("text", [ALIAS_BOMB, "merge_method: linear\nmodels: &m [a, *m]\n"])
+def test_alias_bombs_are_refused_fast_in_one_line(text):
+    import time
+
+    assert len(ALIAS_BOMB) < 12_000
+    start = time.perf_counter()
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(text)
+    assert time.perf_counter() - start < 0.5
+    assert str(err.value) == "recipe: more than 50000 values once its YAML aliases are expanded; too large"
+
+
+def test_cli_refuses_an_alias_bomb_fast(tmp_path, capsys):
+    """`lorafold merge --recipe` shares the parser's bound with the service: exit 1, one error line, well under 1 s."""
+    import time
+
+    from worker.cli import main
+
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    start = time.perf_counter()
+    assert main(["merge", "--recipe", str(bomb), "--out", str(tmp_path / "o")]) == 1
+    assert time.perf_counter() - start < 1.0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == "error: recipe: more than 50000 values once its YAML aliases are expanded; too large"
+    assert not (tmp_path / "o").exists()
 
 
 def test_huge_or_binary_recipes():

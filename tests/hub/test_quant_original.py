@@ -208,6 +208,29 @@ def test_gated_original_fails_with_advice_instead_of_silently_dequantizing(hub, 
     assert rc == 0, capsys.readouterr().err
 
 
+def test_a_service_job_gives_the_same_advice_in_its_own_words(hub, qlora):
+    """The job's one line names the request field a form or API user set (`from_quantized`), not the CLI flag."""
+    from worker.engine.errors import SourceError
+    from worker.jobs import Attempt, MergeRequest
+    from worker.service.pipeline import run_job
+    from worker.settings import Settings
+
+    _seed(hub, {"alice/base": qlora["base"], "alice/base-bnb-4bit": qlora["quantized"]})
+    hub.set_gated("alice/base")
+    carol = "hf_carol_0123456789abcdef"
+    hub.add_user("carol", token=carol)
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("carol/adapter", token=carol)
+    api.upload_folder(repo_id="carol/adapter", folder_path=str(qlora["adapter"]), token=carol)
+    request = MergeRequest(adapter="carol/adapter", target="carol/merged-job")
+    with pytest.raises(SourceError) as err:
+        run_job(Attempt(job_id="job-q3", door="api", attempts=1, request=request), carol,
+                Settings.from_env(device="cpu"), _Reporter())
+    message = str(err.value)
+    assert "alice/base" in message and "gated" in message and 'set from_quantized to "dequantize"' in message, message
+    assert "--" not in message and err.value.args == (err.value.message,)
+
+
 def test_keep_quantization_publishes_a_sharded_fp8_base_to_the_hub(hub, qlora, tmp_path, capsys):
     """The Hub sink uploads and deletes each finished shard: the FP8 index's total_size must not need them back."""
     fp8 = quantize_checkpoint(qlora["base"], tmp_path / "fp8", "fp8", fp8_block=(16, 16))

@@ -199,3 +199,30 @@ def test_a_rule_is_refused_at_once_when_its_base_would_fail_every_push(client, q
     assert r.status_code == 422 and r.json["error"]["field"] == "bases" and "GPTQ" in r.json["error"]["message"]
     r = post(base="alice/q-bnb-4bit")  # dequantized by the rule's jobs (a rule never looks for originals)
     assert r.status_code == 201 and r.json["from_quantized"] == "original" and r.json["keep_quantization"] is False
+
+
+def test_change_and_merge_again_keeps_the_quantized_base_options(client, quant_repos, db):
+    """The failed job's "Change and merge again" link opens the form with the options the job had, as it does the
+    output formats: a user fixing the target does not silently lose from_quantized / keep_quantization."""
+    import html
+    import re
+
+    sign_in(client)
+    for body, selected, checked in (
+        ({"adapter": "alice/qlora", "from_quantized": "dequantize"}, "dequantize", False),
+        ({"adapter": "alice/fp8-lora", "keep_quantization": True}, "original", True),
+        ({"adapter": "alice/qlora"}, "original", False),
+    ):
+        r = client.post("/api/v1/jobs", json={"target": f"alice/{unique()}", **body}, headers=bearer(ALICE))
+        assert r.status_code == 202, r.json
+        with db.session() as s:
+            s.get(Job, r.json["id"]).status = "failed"
+        page = client.get(f"/jobs/{r.json['id']}").get_data(as_text=True)
+        href = html.unescape(re.search(r'id="again-link" href="([^"]+)"', page).group(1))
+        assert ("from_quantized=dequantize" in href) == (selected == "dequantize")
+        assert ("keep_quantization=1" in href) == checked
+        form = client.get(href).get_data(as_text=True)
+        assert re.search(rf'<option selected value="{selected}">|<option value="{selected}" selected', form), href
+        box = re.search(r'<input[^>]*id="keep_quantization"[^>]*>', form).group(0)
+        assert ("checked" in box) == checked, box
+        assert f'value="{body["adapter"]}"' in form

@@ -90,6 +90,7 @@ def _ref(text: str, what: str):
 
 
 def run_recipe_command(args, seed: int | None) -> int:
+    recipe = _read_recipe(args.recipe)  # torch-free: a bad recipe fails before torch is imported
     # torch and the engine only now: `lorafold merge` checks its plain arguments without them (issue 11)
     from ..engine.recipe.card import CardInput
     from ..engine.recipe.planner import OpenedRef
@@ -97,7 +98,6 @@ def run_recipe_command(args, seed: int | None) -> int:
     from .merge import TerminalReporter, _fmt_bytes, open_source
 
     options = _options(args)
-    recipe = _read_recipe(args.recipe)
     with ExitStack() as stack:
         # every location resolved before anything is opened: a typo fails without a network round-trip
         resolved = []

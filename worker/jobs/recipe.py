@@ -27,9 +27,6 @@ from ..engine.recipe.recipe import (
 )
 from ..locations import check_revision, is_repo_id
 
-#: values a recipe may hold once its YAML aliases are expanded: a 10 kB recipe whose aliases repeat lists of
-#: conditions expands to millions of values, which the parser then checks one by one (seconds of a web process)
-MAX_VALUES = 50_000
 #: the key order of a normalised recipe (mergekit's own order in its examples)
 _ORDER = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
 
@@ -69,13 +66,7 @@ def job_recipe(value: object) -> JobRecipe:
         raise RecipeError("recipe: give the recipe as YAML text or as a JSON object")
     if len(value) > MAX_RECIPE_BYTES:
         raise RecipeError(f"recipe: {len(value)} characters is too large for a recipe")
-    try:
-        _bounded(yaml.safe_load(value), [MAX_VALUES])
-    except yaml.YAMLError:
-        pass  # the parser says what is wrong with it, in its words
-    except RecursionError:
-        raise RecipeError("recipe: nested too deeply") from None
-    parse_recipe(value)  # every check of the engine's parser, on what the user wrote
+    parse_recipe(value)  # every check of the engine's parser (aliases' expansion bounded first), on what the user wrote
     data = yaml.safe_load(value)
     out = {}
     for key in _ORDER:
@@ -106,20 +97,6 @@ def _check_values(recipe: Recipe) -> None:
                     _scalar(value, name)
                 except RecipeError as exc:
                     raise RecipeError(f"{exc} ({where})") from None
-
-
-def _bounded(node: object, budget: list[int]) -> None:
-    """Walk `node` as expanded (an alias counts each time it is used), giving up past the budget."""
-    budget[0] -= 1
-    if budget[0] < 0:
-        raise RecipeError(f"recipe: more than {MAX_VALUES} values once its YAML aliases are expanded; too large")
-    if isinstance(node, dict):
-        for key, child in node.items():
-            _bounded(key, budget)
-            _bounded(child, budget)
-    elif isinstance(node, list):
-        for child in node:
-            _bounded(child, budget)
 
 
 def _model_entry(entry: object, i: int) -> dict:

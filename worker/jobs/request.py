@@ -19,6 +19,36 @@ FORMATS = ("safetensors", "gguf")
 #: GGUF types (the CLI's --outtype; worker/engine/gguf/layout.py OUTTYPES, which tests keep equal to this)
 GGUF_OUTTYPES = ("f16", "bf16", "q8_0")
 
+#: The engine and the Hub client speak the CLI's words (`--from-quantized dequantize`); a form or API user set the
+#: request's fields instead. (CLI phrase, field phrase), longest phrases first: `request_words` rewrites a message
+#: for a service job, at the pipeline (worker/service/pipeline.py) and the web's checks (web/preflight.py).
+_REQUEST_WORDS = (
+    ("pass --base or --from-quantized dequantize", 'choose the base, or set from_quantized to "dequantize"'),
+    ("pass --from-quantized dequantize", 'set from_quantized to "dequantize"'),
+    ("--from-quantized dequantize", 'from_quantized "dequantize"'),
+    ("pass the 16-bit base model with --base", "choose the 16-bit base model as the base"),
+    ("pass the 16-bit base with --base", "choose the 16-bit base as the base"),
+    ("pass --base", "choose the base"),
+    ("with --base", "as the base"),
+    ("--from-quantized", "from_quantized"),
+    ("--keep-quantization", "keep_quantization"),
+    ("--format", "formats"),
+    ("--outtype", "gguf_outtype"),
+    ("pass --overwrite", "set overwrite"),
+    ("--overwrite", "overwrite"),
+    ("--create-pr", "create_pr"),
+    ("--max-shard-size", "max_shard_size"),
+    ("--dtype", "dtype"),
+)
+
+
+def request_words(message: str) -> str:
+    """`message` (an engine or Hub error or log line) with the CLI's option names replaced by the request fields
+    a form or API user set: one wording per door, without the engine knowing which door it serves."""
+    for cli, field in _REQUEST_WORDS:
+        message = message.replace(cli, field)
+    return message
+
 
 def formats_problem(formats: object, gguf_outtype: object, *, recipe: bool = False,
                     keep_quantization: bool = False) -> tuple[str, str] | None:

@@ -35,7 +35,7 @@ from ..engine.run import merge
 from ..hub import HubClient
 from ..hub.original import choose_base
 from ..hub.sink import MARKER, rule_claim
-from ..jobs.request import Attempt, MergeRequest, formats_problem
+from ..jobs.request import Attempt, MergeRequest, formats_problem, request_words
 from ..locations import check_revision, is_repo_id
 from ..settings import Settings
 from .watched_sink import WatchedSink
@@ -72,6 +72,26 @@ def run_job(
     *,
     on_resolved: Callable[..., None] = lambda **kw: None,
     is_stale: Callable[[object], bool] = lambda committed_at: False,
+) -> Outcome:
+    """Run one job; an engine or Hub error leaves in the request's words (`from_quantized "dequantize"`, not the
+    CLI's `--from-quantized dequantize`): the user of a service job set fields, not flags."""
+    try:
+        return _run_job(attempt, token, settings, reporter, on_resolved=on_resolved, is_stale=is_stale)
+    except EngineError as exc:
+        words = request_words(exc.message)
+        if words != exc.message:
+            exc.message, exc.args = words, (words,)
+        raise
+
+
+def _run_job(
+    attempt: Attempt,
+    token: str | None,
+    settings: Settings,
+    reporter,
+    *,
+    on_resolved: Callable[..., None],
+    is_stale: Callable[[object], bool],
 ) -> Outcome:
     req, job_id = attempt.request, attempt.job_id
     problem = formats_problem(req.formats, req.gguf_outtype, recipe=req.recipe is not None,
@@ -124,7 +144,7 @@ def run_job(
             choice = choose_base(hub, base_id, base_revision, from_quantized=req.from_quantized)
             base_id, base_revision = choice.repo_id, choice.revision
             if choice.note:
-                reporter.log("info", choice.note)
+                reporter.log("info", request_words(choice.note))
         base = choice.source if choice is not None and choice.source is not None else hub.source(base_id, base_revision)
         on_resolved(base_repo=base_id, base_sha=base.revision)
         base, how = _read_quantized(base, choice, req, reporter)

@@ -51,6 +51,10 @@ _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32"
 MAX_RECIPE_BYTES = 1 << 20
 MAX_INPUTS = 64
 MAX_LIST = 256  # values in a gradient, conditions in a parameter
+#: values (keys, items, scalars) a recipe may hold once its YAML aliases are expanded: aliases repeat a value
+#: without copying it, so 10 kB of YAML can expand to millions of values, which the checks below (and a service's
+#: normaliser, worker/jobs/recipe.py) would then walk one by one for seconds. The one bound, for CLI and service.
+MAX_VALUES = 50_000
 _LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
 
 
@@ -279,7 +283,25 @@ def _load_yaml(text: str) -> dict:
         raise RecipeError("recipe: nested too deeply") from None
     if not isinstance(data, dict):
         raise RecipeError("recipe: expected a mapping with merge_method, models, ...")
+    check_expanded_size(data)
     return data
+
+
+def check_expanded_size(data: object) -> None:
+    """RecipeError (one line) when `data`, walked as expanded (an alias counts each time it is used), holds more
+    than MAX_VALUES values. Iterative and stopping at the bound, so a self-referencing alias ends it too."""
+    budget = MAX_VALUES
+    stack = [data]
+    while stack:
+        node = stack.pop()
+        budget -= 1
+        if budget < 0:
+            raise RecipeError(f"recipe: more than {MAX_VALUES} values once its YAML aliases are expanded; too large")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _check_top_keys(data: dict) -> None:
