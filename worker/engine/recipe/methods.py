@@ -14,6 +14,7 @@ element-wise and run on row chunks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 
@@ -32,11 +33,10 @@ def linear(xs: Iterable[torch.Tensor], weights: Sequence[float], normalize: bool
     buffer as the sum reaches it (the first may be `out` itself); `out` may be the caller's float32 buffer.
     Where a weight is 1 the product is skipped (x·1 is x, bit for bit), and so are the kernels' scalar-tensor
     paths: the same IEEE operations, fewer passes over memory."""
-    w = torch.tensor(list(weights), dtype=torch.float32)
+    w = None  # the weights as float32 0-dim tensors, made only for a weight addcmul needs
     result = out
     for i, (x, c) in enumerate(zip(xs, weights, strict=True)):
         if i == 0:
-            w = w.to(x.device)
             if result is None:
                 result = x.clone() if c == 1 else x * float(c)
             elif c == 1:
@@ -47,11 +47,19 @@ def linear(xs: Iterable[torch.Tensor], weights: Sequence[float], normalize: bool
         elif c == 1:
             result.add_(x)  # acc + x·1: the same sum addcmul makes
         else:
+            if w is None:
+                w = torch.tensor(list(weights), dtype=torch.float32, device=x.device)
             result.addcmul_(x, w[i])
     assert result is not None
     if normalize:
-        scale_down(result, float(w.sum()))
+        scale_down(result, _float32_sum(tuple(weights)))
     return result
+
+
+@functools.lru_cache(maxsize=256)
+def _float32_sum(weights: tuple[float, ...]) -> float:
+    """Σ w_i as torch sums the float32 weights (the divisor mergekit uses), once per set of weights, not per block."""
+    return float(torch.tensor(list(weights), dtype=torch.float32).sum())
 
 
 def scale_down(x: torch.Tensor, divisor: float) -> None:
@@ -116,6 +124,7 @@ def task_arithmetic(
     lam: float,
     out: torch.Tensor | None = None,
     deltas: torch.Tensor | None = None,
+    agree_buf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """base + λ·Σ w_i·m_i⊙(x_i − base) [/ Σ w_i], with TIES' sign election when `consensus`.
 
@@ -125,7 +134,8 @@ def task_arithmetic(
     of those only (1 where none agrees).
 
     `xs` may be produced lazily (each read into one reused buffer as its delta is taken); `deltas` may be the
-    caller's (n, *base.shape) float32 buffer and `out` its result buffer (may not be `base`).
+    caller's (n, *base.shape) float32 buffer, `agree_buf` another for the sign election, and `out` its result
+    buffer (may not be `base`).
     """
     n = len(weights)
     if deltas is None:
@@ -138,13 +148,19 @@ def task_arithmetic(
             d.mul_(float(c))
     w = torch.tensor(list(weights), dtype=torch.float32, device=base.device).reshape(n, *([1] * base.dim()))
     if consensus:
-        majority = (deltas.sum(dim=0) >= 0).to(torch.float32) * 2 - 1
-        agree = deltas.sign() == majority
+        # mergekit's sign election, `(Σδ >= 0) * 2 - 1`, `sign(δ) == majority`, `Σ δ·agree`, `Σ w·agree` with
+        # zeros replaced by 1, with every mask held as float32 0/1 (torch's bool kernels are several times
+        # slower): the same values into the same products and sums.
+        if out is None:
+            out = base.new_empty(base.shape)
+        agree = torch.sign(deltas, out=deltas.new_empty(deltas.shape) if agree_buf is None else agree_buf)
+        majority = torch.ge(torch.sum(deltas, dim=0, out=out), 0, out=out).mul_(2).sub_(1)
+        torch.eq(agree, majority, out=agree)
         mixed = torch.sum(deltas.mul_(agree), dim=0, out=out)
         if normalize:
-            divisor = (w * agree).sum(dim=0)
-            divisor[divisor == 0] = 1
-            mixed /= divisor
+            divisor = torch.sum(agree.mul_(w), dim=0, out=deltas[0])
+            divisor.add_(torch.eq(divisor, 0, out=agree[0]))  # 0 → 1, any other value + 0 unchanged
+            mixed.div_(divisor)
     else:
         mixed = torch.sum(deltas, dim=0, out=out)
         if normalize:

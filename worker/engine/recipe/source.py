@@ -233,6 +233,7 @@ class Combine(Op):
         methods.task_arithmetic(
             base, xs, a.weights, masks, consensus=a.method.endswith("ties"), normalize=a.normalize,
             rescale=a.rescale, lam=a.lam, out=w, deltas=deltas,
+            agree_buf=ctx.scratch.get("combine-agree", deltas.shape) if a.method.endswith("ties") else None,
         )
 
 
