@@ -112,12 +112,13 @@ class InputModel:
         nbytes = (r1 - r0) * row_bytes
         mapper = getattr(self.source, "map_range", None)
         if mapper is not None and nbytes and device.type == "cpu":
+            self.bytes_read += nbytes
             win = self._window
             if win is not None and win[0] == name and win[1] <= r0 and r1 <= win[2]:
                 return win[3][(r0 - win[1]) * row_bytes : (r1 - win[1]) * row_bytes], None
             self._drop_window()
-            w1 = min(n_rows, r0 + max(r1 - r0, _WINDOW_BYTES // max(1, row_bytes)))
-            self.bytes_read += (w1 - r0) * row_bytes
+            # a whole number of blocks like this one, so that the blocks that follow tile the window
+            w1 = min(n_rows, r0 + max(1, _WINDOW_BYTES // max(1, nbytes)) * (r1 - r0))
             view, handle = mapper(slot.file, slot.offset + r0 * row_bytes, (w1 - r0) * row_bytes)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # a copy-on-write mapping: torch never writes into it
