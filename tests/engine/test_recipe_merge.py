@@ -272,3 +272,38 @@ def test_cli_recipe_errors_are_one_line(sets, tmp_path, capsys):
     recipe.write_text(f"merge_method: ties\nbase_model: {m['base']}\nmodels:\n  - model: {m['ft1']}\n    parameters: {{weight: 1, density: 0.5}}\n")
     assert main(["merge", "--recipe", str(recipe), "--out", str(tmp_path / "o"), "--device", "cpu", "--seed", "3"]) == 0
     assert "Merged 2 inputs (ties)" in capsys.readouterr().out
+
+
+def _with_nan(model: Path, out: Path) -> tuple[Path, str]:
+    """A copy of `model` with one NaN in the middle of its first 2-D tensor (beyond the first row chunk)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, out)
+    shard = sorted(out.glob("*.safetensors"))[0]
+    tensors = load_file(shard)
+    name = next(k for k, v in sorted(tensors.items()) if v.dim() == 2 and v.numel() > 64)
+    t = tensors[name].clone()
+    t.view(-1)[t.numel() // 2 + 3] = float("nan")
+    tensors[name] = t
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return out, name
+
+
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_a_nan_or_an_overflow_in_a_recipe_is_one_clear_error(sets, tmp_path, method):
+    """The numeric check of every block: a NaN read from an input, or a weighted sum beyond the output dtype's
+    range, stops the merge with one line naming the tensor (no file is published)."""
+    m = sets[torch.bfloat16]
+    bad, name = _with_nan(m["ft1"], tmp_path / "nan")
+    density = "density: 1.0, " if method == "ties" else ""
+    head = f"base_model: {m['base']}\nmodels:\n  - model: {m['base']}\n" if method == "ties" else "models:\n"
+    text = (f"merge_method: {method}\n{head}"
+            f"  - model: {bad}\n    parameters: {{{density}weight: 0.5}}\n  - model: {m['ft2']}\n    parameters: {{{density}weight: 0.5}}\n")
+    with pytest.raises(EngineError, match=rf"merged tensor {name} contains NaN or Inf in BF16") as err:
+        _recipe(text, tmp_path / "out", chunk_bytes=1024)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+    huge = (f"merge_method: linear\nmodels:\n  - model: {m['ft1']}\n    parameters: {{weight: 3.0e+38}}\n"
+            f"  - model: {m['ft2']}\n    parameters: {{weight: 1.0}}\nparameters:\n  normalize: false\n")
+    with pytest.raises(EngineError, match=r"contains NaN or Inf in BF16"):
+        _recipe(huge, tmp_path / "out2", chunk_bytes=1024)

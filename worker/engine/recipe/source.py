@@ -27,6 +27,12 @@ from . import methods
 #: ops whose effect is W + Δ with Δ independent of W: the only ones a weighted sum of adapters can scale
 ADDITIVE_OPS = (LoraDelta, ExpertDelta, ConvDelta, BiasDelta)
 
+#: bytes of one input mapped at a time for the row blocks read from a local file (one madvise per window)
+_WINDOW_BYTES = 8 << 20
+#: float32 elements per block: linear keeps the sum and one input's rows (2 x 512 KB); the task-arithmetic
+#: methods keep the base, one input and n deltas
+_LINEAR_BLOCK = 1 << 17
+_DELTAS_BLOCK = 1 << 16
 
 class InputModel:
     """One input of a recipe: tensor slots of a model, plus the folding plan of its adapter when it has one."""
@@ -43,6 +49,7 @@ class InputModel:
         self.adapter = adapter
         self._ctx: Ctx | None = None
         self._bufs: dict[str, torch.Tensor] = {}
+        self._window: tuple[str, int, int, torch.Tensor, object] | None = None  # (tensor, r0, r1, bytes, release handle)
         self.bytes_read = 0
 
     def _buffer(self, key: str, n: int, dtype: torch.dtype) -> torch.Tensor:
@@ -65,45 +72,24 @@ class InputModel:
             self._ctx = Ctx(self.plan.adapter_weights, device)
         return self._ctx
 
-    def rows(self, name: str, r0: int, r1: int, device: torch.device) -> torch.Tensor:
+    def rows(self, name: str, r0: int, r1: int, device: torch.device, out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows [r0, r1) of tensor `name` in float32 on `device`, the adapter folded in (float32, unrounded).
 
-        On the CPU the result lives in this input's reused buffer: valid until the next call. (Converting to float32
-        first is faster than letting the arithmetic read bf16: torch's mixed-dtype kernels are not vectorised.)"""
+        On the CPU the result lives in `out` when given (the caller's reused block buffer), else in this input's
+        reused buffer: valid until the next call. (Converting to float32 first is faster than letting the
+        arithmetic read bf16: torch's mixed-dtype kernels are not vectorised.)"""
         slot = self.slots[name]
-        n_rows = slot.shape[0] if slot.shape else 1
-        row_bytes = slot.nbytes // max(1, n_rows)
-        nbytes = (r1 - r0) * row_bytes
         shape = (r1 - r0, *slot.shape[1:]) if slot.shape else (1,)
-        mapper = getattr(self.source, "map_range", None)
-        handle = None
-        if mapper is not None and nbytes and device.type == "cpu":
-            # a local file: converted straight from the page cache (no copy into a read buffer first)
-            view, handle = mapper(slot.file, slot.offset + r0 * row_bytes, nbytes)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # a copy-on-write mapping: torch never writes into it
-                raw = torch.frombuffer(view, dtype=torch.uint8)
-        else:
-            key = (slot.file, slot.offset + r0 * row_bytes, nbytes)
-            hit = self._shared.get(id(self.source))
-            if hit is not None and hit[0] == key:
-                raw = hit[1]  # read by another input of this chunk (valid until that input's next read)
-                nbytes = 0
-            else:
-                raw = self._buffer("raw", max(key[2], 1), torch.uint8)
-                if key[2]:
-                    self.source.read_into(slot.file, key[1], as_view(raw, key[2]))
-                self._shared[id(self.source)] = (key, raw)
-        self.bytes_read += nbytes
-        src = interpret(raw, slot.dtype, shape)
+        src, handle = self._raw(name, r0, r1, device)
+        src = interpret(src, slot.dtype, shape)
         ops = self.ops(name)
         if device.type == "cpu":
-            x = self._buffer("f32", src.numel(), torch.float32).view(shape)
+            x = out.view(shape) if out is not None else self._buffer("f32", src.numel(), torch.float32).view(shape)
             x.copy_(src)
         else:
             x = src.to(device=device, dtype=torch.float32)
         if handle is not None:
-            del src, raw
+            del src
             self.source.release_range(handle)  # drop the pages from this process: RSS stays one chunk per input
         if ops:
             ctx = self.ctx(device)
@@ -112,7 +98,54 @@ class InputModel:
                 op.apply(x, r0, r1, ctx, torch.float32)
         return x
 
+    def _raw(self, name: str, r0: int, r1: int, device: torch.device) -> tuple[torch.Tensor, object]:
+        """The stored bytes of rows [r0, r1) and the mapping to release once they are converted (None: nothing to
+        release now).
+
+        A local file is read straight from the page cache through a window of `_WINDOW_BYTES` mapped once for the
+        many small blocks the arithmetic asks for (cache-sized blocks: one madvise per window, not per block);
+        the window's pages are dropped when the next window is mapped. A request as large as a window (a whole
+        tensor) is mapped for itself and released at once."""
+        slot = self.slots[name]
+        n_rows = slot.shape[0] if slot.shape else 1
+        row_bytes = slot.nbytes // max(1, n_rows)
+        nbytes = (r1 - r0) * row_bytes
+        mapper = getattr(self.source, "map_range", None)
+        if mapper is not None and nbytes and device.type == "cpu":
+            self.bytes_read += nbytes
+            win = self._window
+            if win is not None and win[0] == name and win[1] <= r0 and r1 <= win[2]:
+                return win[3][(r0 - win[1]) * row_bytes : (r1 - win[1]) * row_bytes], None
+            self._drop_window()
+            # a whole number of blocks like this one, so that the blocks that follow tile the window
+            w1 = min(n_rows, r0 + max(1, _WINDOW_BYTES // max(1, nbytes)) * (r1 - r0))
+            view, handle = mapper(slot.file, slot.offset + r0 * row_bytes, (w1 - r0) * row_bytes)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a copy-on-write mapping: torch never writes into it
+                raw = torch.frombuffer(view, dtype=torch.uint8)
+            if w1 == r1:  # the request is the window: released after its conversion
+                return raw, handle
+            self._window = (name, r0, w1, raw, handle)
+            return raw[: nbytes], None
+        key = (slot.file, slot.offset + r0 * row_bytes, nbytes)
+        hit = self._shared.get(id(self.source))
+        if hit is not None and hit[0] == key:
+            return hit[1], None  # read by another input of this chunk (valid until that input's next read)
+        raw = self._buffer("raw", max(key[2], 1), torch.uint8)
+        if key[2]:
+            self.source.read_into(slot.file, key[1], as_view(raw, key[2]))
+        self._shared[id(self.source)] = (key, raw)
+        self.bytes_read += nbytes
+        return raw, None
+
+    def _drop_window(self) -> None:
+        if self._window is not None:
+            handle = self._window[4]
+            self._window = None
+            self.source.release_range(handle)
+
     def close(self) -> None:
+        self._drop_window()
         self.source.close()
         if self.adapter is not None:
             self.adapter.close()
@@ -152,20 +185,45 @@ class Combine(Op):
     def keys(self):
         return ()
 
+    @property
+    def block_elems(self) -> int:
+        """The executor's float32 block for this op on the CPU: small enough that the block, one input's rows and
+        the deltas stay in a core's L2 cache across the several passes the method makes over them."""
+        return _LINEAR_BLOCK if self.args.method == "linear" else _DELTAS_BLOCK
+
     def apply(self, w, r0, r1, ctx, dtype):
+        try:
+            self._apply(w, r0, r1, ctx)
+        finally:
+            rows = self.inputs[0].slots[self.name].shape[:1] or (1,)
+            if r1 >= rows[0]:  # the tensor is done: no input keeps a window of it mapped
+                for inp in self.inputs:
+                    inp._drop_window()
+
+    def _apply(self, w, r0, r1, ctx):
         device = w.device
         a = self.args
+        shape = tuple(w.shape)
         if a.method == "linear":
-            xs = [inp.rows(self.name, r0, r1, device) for inp in self.inputs]
-            methods.linear(xs, a.weights, a.normalize, out=w.view(xs[0].shape))
+            x = ctx.scratch.get("combine-x", shape)
+            xs = (inp.rows(self.name, r0, r1, device, out=w if i == 0 else x) for i, inp in enumerate(self.inputs))
+            methods.linear(xs, a.weights, a.normalize, out=w)
             return
-        xs = [inp.rows(self.name, r0, r1, device) for inp in self.inputs]
         if a.method == "slerp":
-            out = methods.slerp(a.t, xs[0], xs[1])
+            xs = [inp.rows(self.name, r0, r1, device, out=ctx.scratch.get(f"combine-{i}", shape)) for i, inp in enumerate(self.inputs)]
+            methods.slerp(a.t, xs[0], xs[1], out=w)
+            return
+        base = self.inputs[0].rows(self.name, r0, r1, device, out=ctx.scratch.get("combine-base", shape))
+        others = self.inputs[1:]
+        deltas = ctx.scratch.get("combine-deltas", (len(others), *shape))
+        if not self.whole:  # density 1: no masks, each input read into one buffer as its delta is taken
+            x = ctx.scratch.get("combine-x", shape)
+            xs = (inp.rows(self.name, r0, r1, device, out=x) for inp in others)
+            masks: list[torch.Tensor | None] = [None] * len(others)
         else:
-            base, others = xs[0], xs[1:]
+            xs = [inp.rows(self.name, r0, r1, device, out=ctx.scratch.get(f"combine-{i}", shape)) for i, inp in enumerate(others)]
             masks = []
-            for i, (x, density) in enumerate(zip(others, a.densities, strict=True)):
+            for i, (x, density) in enumerate(zip(xs, a.densities, strict=True)):
                 if a.method == "ties":
                     masks.append(methods.magnitude_mask(x - base, density))
                 elif a.method.startswith("dare"):
@@ -173,11 +231,11 @@ class Combine(Op):
                     masks.append(None if m is None else m.to(device))
                 else:
                     masks.append(None)
-            out = methods.task_arithmetic(
-                base, others, a.weights, masks, consensus=a.method.endswith("ties"), normalize=a.normalize,
-                rescale=a.rescale, lam=a.lam,
-            )
-        w.copy_(out.reshape(w.shape))
+        methods.task_arithmetic(
+            base, xs, a.weights, masks, consensus=a.method.endswith("ties"), normalize=a.normalize,
+            rescale=a.rescale, lam=a.lam, out=w, deltas=deltas,
+            agree_buf=ctx.scratch.get("combine-agree", deltas.shape) if a.method.endswith("ties") else None,
+        )
 
 
 def _generator(seed: int, tensor: str, index: int) -> torch.Generator:
