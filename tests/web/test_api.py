@@ -453,7 +453,8 @@ ALIAS_BOMB = ("merge_method: ties\nbase_model: alice/base\nmodels:\n  - model: a
     (ALIAS_BOMB, "recipe", "more than 50000 values once its YAML aliases are expanded"),
     (LINEAR.replace("dtype:", "colour: red\ndtype:"), "recipe", "unknown key 'colour'"),
     (LINEAR.replace("linear", "frankenmerge"), "recipe", "unknown merge_method 'frankenmerge'"),
-    (LINEAR.replace("linear", "passthrough"), "recipe", "'passthrough' is not supported"),
+    (LINEAR.replace("linear", "breadcrumbs"), "recipe", "'breadcrumbs' is not supported"),
+    (LINEAR.replace("linear", "passthrough"), "recipe", "passthrough takes exactly one model, got 3"),
     (LINEAR.replace("{weight: 0.2}\n  - model: alice/base+", "{}\n  - model: alice/base+"), "recipe",
      "missing weight for alice/recipe-ft@main"),
     (LINEAR.replace("{weight: 0.6}", "{weight: 0.6, colour: 1}"), "recipe", "unknown parameter 'colour'"),
@@ -497,6 +498,7 @@ def test_openapi_describes_the_recipe(client):
     kinds = body["properties"]["recipe"]["anyOf"]
     obj = next(k for k in kinds if k.get("type") == "object")
     assert obj["properties"]["merge_method"]["enum"] == ["linear", "task_arithmetic", "ties", "dare_linear",
-                                                         "dare_ties", "slerp"]
+                                                         "dare_ties", "slerp", "passthrough"]
+    assert obj["properties"]["slices"]["items"]["properties"]["sources"]["maxItems"] == 1
     assert any(k.get("type") == "string" for k in kinds)
     assert "recipe" in spec["components"]["schemas"]["Job"]["properties"]

@@ -46,7 +46,10 @@ def pinned_recipe(recipe: Recipe, inputs: Sequence[CardInput]) -> str:
     data = yaml.safe_load(recipe.text)
     if isinstance(data.get("base_model"), str):
         data["base_model"] = _pinned(data["base_model"], pins)
-    for entry in data.get("models") or []:
+    entries = list(data.get("models") or [])
+    for sl in data.get("slices") or []:  # passthrough's slices: each source names a model too
+        entries += sl.get("sources") or [] if isinstance(sl, dict) else []
+    for entry in entries:
         if isinstance(entry, dict) and isinstance(entry.get("model"), str):
             entry["model"] = _pinned(entry["model"], pins)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=False).rstrip("\n")
