@@ -92,13 +92,15 @@ def frankenmerge(m: dict, dtype: str, scaled: bool) -> str:
     scale = ("    parameters:\n      scale: [{filter: o_proj, value: 0.5}, {filter: mlp, value: [1.0, 0.25]}, {value: 1.0}]\n"
              if scaled else "")
     src_scale = "        parameters: {scale: 0.7}\n" if scaled else ""
+    # the first slice's scale reaches the embeddings too (mergekit plans them with the first slice's parameters)
+    first = "    parameters: {scale: [{filter: embed_tokens, value: 2.0}, {filter: q_proj, value: [3.0, 0.1]}]}\n" if scaled else ""
     return f"""
 merge_method: passthrough
 slices:
   - sources:
       - model: {m['base']}
         layer_range: [0, 3]
-  - sources:
+{first}  - sources:
       - model: {m['ft1']}
         layer_range: [1, 4]
 {src_scale}{scale}  - sources:
@@ -125,6 +127,8 @@ def test_frankenmerge_equals_mergekit_byte_for_byte(mergekit, sets, tmp_path, dt
     name = "model.layers.{}.self_attn.q_proj.weight"
     assert torch.equal(ours[name.format(3)], (ft1[name.format(1)] * (0.7 if scaled else 1.0)).to(ours[name.format(3)].dtype))
     assert torch.equal(ours["lm_head.weight"], base["lm_head.weight"])
+    embed = base["model.embed_tokens.weight"]
+    assert torch.equal(ours["model.embed_tokens.weight"], (embed * 2.0).to(embed.dtype) if scaled else embed)
     cfg_ours = json.loads((ours_dir / "config.json").read_text())
     assert cfg_ours["num_hidden_layers"] == cfg_theirs["num_hidden_layers"] == 8
     # mergekit leaves layer_types at the input's length (4), which transformers refuses to load; lorafold rebuilds it
@@ -181,6 +185,7 @@ out_dtype: float32
     ("slices:\n  - sources:\n      - {model: A, layer_range: [0, 2]}\n    residual_weight: 0.5\n", "'residual_weight' is not supported"),
     ("slices:\n  - sources:\n      - {model: A, layer_range: [0, 2]}\nmodels: [A]\n", "slices or models, not both"),
     ("models: [A, B]\n", "exactly one model, got 2"),
+    ("base_model: B\nmodels: [A]\n", "a base_model other than that model"),
     ("slices: []\n", "slices must be a non-empty list"),
 ])
 def test_bad_slices_are_one_line(body, message):
@@ -251,3 +256,14 @@ def test_a_job_keeps_the_slices_and_reads_their_hub_repos():
                    "parameters: {scale: abc}}\n")
     with pytest.raises(RecipeError, match="not a Hub repo id"):
         job_recipe("merge_method: passthrough\nslices:\n  - sources:\n      - {model: /etc/x, layer_range: [0, 2]}\n")
+
+
+def test_passthrough_of_one_model_copies_it(mergekit, sets, tmp_path):
+    m = sets["bfloat16"]
+    text = f"merge_method: passthrough\nmodels:\n  - model: {m['ft1']}\nout_dtype: bfloat16\n"
+    ours_dir = lorafold(text, tmp_path / "lorafold")
+    ours, theirs = load_state(ours_dir), load_state(mergekit(text, tmp_path / "mergekit", "bfloat16")[0])
+    ft1 = load_state(m["ft1"])
+    assert set(ours) == set(theirs) == set(ft1)
+    assert all(torch.equal(ours[k], theirs[k]) and torch.equal(ours[k], ft1[k]) for k in ours)
+    assert json.loads((ours_dir / "config.json").read_text())["num_hidden_layers"] == 4

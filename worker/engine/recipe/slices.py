@@ -40,6 +40,9 @@ def parse_passthrough(data: dict, method: str, base: ModelRef | None) -> tuple[t
         )
     if data.get("slices") is None:
         slices = _whole_model(data.get("models"))
+        if base is not None and base.text != slices[0].ref.text:
+            raise RecipeError("recipe: passthrough with models copies one model; a base_model other than that model "
+                              "would be a second input, which passthrough does not take (use slices)")
     else:
         slices = _slices(data["slices"])
     inputs: dict[str, RecipeInput] = {}
