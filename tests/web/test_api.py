@@ -442,6 +442,29 @@ def test_a_recipe_job_is_normalised_checked_and_queued(client, enqueued, db, rec
     assert r.status_code == 202 and client.get(f"/api/v1/jobs/{r.json['id']}", headers=bearer(ALICE)).json["private"]
 
 
+FRANKEN = """
+merge_method: passthrough
+base_model: alice/base
+slices:
+  - sources:
+      - {model: alice/base, layer_range: [0, 1]}
+  - sources:
+      - {model: alice/recipe-ft@main, layer_range: [0, 1], parameters: {scale: 0.5}}
+"""
+
+
+def test_a_passthrough_job_is_queued_and_its_ranges_checked(client, enqueued, db, recipe_repos):
+    r = client.post("/api/v1/jobs", json={"recipe": FRANKEN, "target": f"alice/{unique()}"}, headers=bearer(ALICE))
+    assert r.status_code == 202, r.json
+    job = client.get(f"/api/v1/jobs/{r.json['id']}", headers=bearer(ALICE)).json
+    assert "slices:" in job["recipe"] and "alice/recipe-ft@main" in job["recipe"] and enqueued == [job["id"]]
+    r = client.post("/api/v1/jobs", json={"recipe": FRANKEN.replace("[0, 1], param", "[0, 2], param"),
+                                          "target": f"alice/{unique()}"}, headers=bearer(ALICE))
+    assert r.status_code == 422, r.json
+    assert "layer_range [0, 2] is out of range: the model has 1 layers" in r.json["error"]["message"]
+    assert r.json["error"]["field"] == "recipe" and len(enqueued) == 1
+
+
 # 10 kB of YAML whose aliases expand to 8 million values (a web process would check them for seconds)
 ALIAS_BOMB = ("merge_method: ties\nbase_model: alice/base\nmodels:\n  - model: alice/recipe-ft\n    parameters:\n"
               "      weight: &c [" + ",".join(["{filter: x, value: &g [" + ",".join(["0.5"] * 256) + "]}"]
