@@ -120,7 +120,7 @@ def test_passthrough_slices_from_the_hub_read_by_ranges(hub, seeded_model, finet
     assert json.loads((tmp_path / "dl" / "config.json").read_text())["num_hidden_layers"] == 2 * n - 1
     card = (tmp_path / "dl" / "README.md").read_text()
     sha = api.repo_info("alice/ft1", token=ALICE).sha
-    assert f"alice/ft1@{sha}" in card
+    assert f"alice/ft1@{sha}" in card and "Its layers are the layer ranges of the recipe's slices" in card
 
     local_text = (text.replace("alice/base+alice/adapter", f"{seeded_model.base_dir}+{seeded_model.adapter_dir}")
                   .replace("alice/base", str(seeded_model.base_dir)).replace("alice/ft1", str(finetunes[0])))

@@ -75,14 +75,20 @@ def build_recipe_card(recipe: Recipe, inputs: Sequence[CardInput], seed: int | N
 
     recipe_yaml = pinned_recipe(recipe, inputs)
     fence = "`" * max(3, max((len(r) for r in re.findall(r"`+", recipe_yaml)), default=0) + 1)
+    how = (
+        "Its layers are the layer ranges of the recipe's slices, one after another: every tensor was streamed from "
+        "its input (LoRA adapters folded on the fly, in float32), renamed to its new layer and copied (scaled where "
+        "the recipe says so), as mergekit's passthrough writes it."
+        if recipe.method == "passthrough" else
+        "Every input was streamed tensor by tensor (LoRA adapters folded on the fly, in float32), combined in float32 "
+        "and rounded once to the output dtype. mergekit run on the recipe below with `dtype: float32` (and "
+        "`out_dtype`) computes the same; with a 16-bit `dtype` it rounds at every step of task arithmetic, TIES and DARE."
+    )
     body = [
         "",
         "# Merged model",
         "",
-        f"This model was made by [lorafold]({LORAFOLD_URL}) {version} with the `{recipe.method}` method. Every input "
-        "was streamed tensor by tensor (LoRA adapters folded on the fly, in float32), combined in float32 and rounded "
-        "once to the output dtype. mergekit run on the recipe below with `dtype: float32` (and `out_dtype`) computes "
-        "the same; with a 16-bit `dtype` it rounds at every step of task arithmetic, TIES and DARE.",
+        f"This model was made by [lorafold]({LORAFOLD_URL}) {version} with the `{recipe.method}` method. {how}",
         "",
         "## Inputs",
         "",
