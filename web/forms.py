@@ -65,7 +65,8 @@ _CHOICE = ["default", "true", "false"]
 class RecipeForm(FlaskForm):
     """The merge page's recipe mode: rows of model[+adapter] and weight, a method and its parameters, or YAML."""
 
-    method = SelectField("Method", choices=list(METHODS), default="linear")
+    # passthrough stacks layer ranges (`slices`), which rows of whole models cannot say: it runs from pasted YAML
+    method = SelectField("Method", choices=[m for m in METHODS if m != "passthrough"], default="linear")
     base_model = StringField("Base model", validators=[Optional(), Length(max=200)])
     rows = FieldList(FormField(RecipeRow), min_entries=3, max_entries=RECIPE_ROWS)
     normalize = SelectField("normalize", choices=_CHOICE, default="default")

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from worker.engine.errors import EngineError
-from worker.engine.recipe.recipe import RecipeError
+from worker.engine.recipe.recipe import _LAYER_RE, RecipeError
 from worker.engine.safetensors_format import MERGEABLE_DTYPES
 from worker.jobs.recipe import HubPart, JobRecipe, job_recipe
 
@@ -164,7 +164,11 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], dtype: str) -> Fit:
             shapes[key] = {n: (i.shape, i.dtype) for h in headers for n, i in h.tensors.items()}
             if key == layout_key:
                 shard_count = len(shards)
-        _compare(models, shapes, layout_key)
+        if recipe.method == "passthrough":
+            out_shapes = _sliced(job, sha, shapes)
+        else:
+            _compare(models, shapes, layout_key)
+            out_shapes = shapes[layout_key]
         skipped: list[str] = []
         for inp in recipe.inputs:
             if inp.ref.adapter is None:
@@ -176,8 +180,37 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], dtype: str) -> Fit:
         for src in sources.values():
             src.close()
     out_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(recipe.out_dtype or "", "auto")
-    return Fit(_out_bytes(shapes[layout_key], dtype if dtype != "auto" else out_dtype), len(shapes[layout_key]),
+    return Fit(_out_bytes(out_shapes, dtype if dtype != "auto" else out_dtype), len(out_shapes),
                shard_count, not skipped, tuple(skipped))
+
+
+def _sliced(job: JobRecipe, sha: dict, shapes: dict) -> dict:
+    """passthrough: the output's tensors from the slices' headers (their layer ranges checked against each model's
+    layers); the worker's planner (worker/engine/recipe/passthrough.py) checks that the inputs' layers match."""
+    out: dict[str, tuple] = {}
+    for i, s in enumerate(job.recipe.slices):
+        part = next(p for p in job.parts if p.input == s.ref.text and p.role != "adapter")
+        model = shapes[(part.repo, sha[(part.repo.lower(), part.revision, False)])]
+        layers: dict[int, list[str]] = {}
+        for name in model:
+            m = _LAYER_RE.search(name)
+            if m is None:
+                if i == 0:
+                    out.setdefault(name, model[name])
+            else:
+                layers.setdefault(int(m.group(1)), []).append(name)
+        count = max(layers) + 1 if layers else 0
+        end = count if s.end is None else s.end
+        if end > count:
+            raise InspectError(FIELD, f"recipe: slices[{i}] ({s.ref.text}): layer_range [{s.start}, {end}] is out of "
+                                      f"range: the model has {count} layers (0..{count - 1}), so end is at most {count}")
+        for layer in range(s.start, end):
+            out.update({f"{i}:{name}": model[name] for name in layers.get(layer, [])})
+        for name, (_, dt) in model.items():
+            if dt not in MERGEABLE_DTYPES:
+                raise InspectError(FIELD, f"recipe: tensor {name} of {s.ref.text} is {dt}: passthrough copies "
+                                          "float16, bfloat16 and float32 weights")
+    return out
 
 
 def _compare(models: dict, shapes: dict, layout_key) -> None:

@@ -78,13 +78,24 @@ RECIPE_OBJECT = {
             "properties": {"model": _MODEL_TEXT, "parameters": {
                 "type": "object", "description": "this model's weight, density (numbers, gradients over the layers, "
                                                  "or lists of {filter, value})"}}}},
+        "slices": {"type": "array", "minItems": 1, "description": "passthrough only: the output's layers, slice by "
+                                                                  "slice (instead of models)", "items": {
+            "type": "object", "required": ["sources"], "additionalProperties": False, "properties": {
+                "sources": {"type": "array", "minItems": 1, "maxItems": 1, "items": {
+                    "type": "object", "required": ["model", "layer_range"], "additionalProperties": False,
+                    "properties": {"model": _MODEL_TEXT,
+                                   "layer_range": {"type": "array", "minItems": 2, "maxItems": 2,
+                                                   "items": {"type": "integer", "minimum": 0},
+                                                   "description": "[start, end): layers start..end-1 of the model"},
+                                   "parameters": {"type": "object", "description": "scale"}}}},
+                "parameters": {"type": "object", "description": "scale"}}}},
         "parameters": {"type": "object", "description": "normalize, rescale, lambda, int8_mask, t; weight and "
-                                                        "density for every model"},
+                                                        "density for every model; scale for passthrough"},
         "dtype": {"type": "string", "enum": _RECIPE_DTYPES},
         "out_dtype": {"type": "string", "enum": _RECIPE_DTYPES},
         "tokenizer_source": {"type": "string", "enum": ["base"]},
     },
-    "required": ["merge_method", "models"],
+    "required": ["merge_method"],
     "additionalProperties": False,
 }
 RecipeText = Annotated[str, Field(max_length=MAX_RECIPE_TEXT, description="mergekit's YAML recipe")]

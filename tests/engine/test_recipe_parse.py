@@ -67,8 +67,9 @@ def test_out_dtype_wins_over_dtype():
     "text, message",
     [
         ("merge_method: frankenmerge\nmodels: [a]\n", "unknown merge_method 'frankenmerge'"),
-        ("merge_method: passthrough\nmodels: [a]\n", "merge_method 'passthrough' is not supported"),
-        ("merge_method: linear\nslices: []\n", "'slices' is not supported"),
+        ("merge_method: breadcrumbs\nmodels: [a]\n", "merge_method 'breadcrumbs' is not supported"),
+        ("merge_method: linear\nslices: []\n", "slices are supported with merge_method passthrough only"),
+        ("merge_method: linear\nmodules: {}\n", "'modules' is not supported"),
         ("merge_method: linear\nmodels: [a, b]\nparameters: {weight: 1}\nmystery: 1\n", "unknown key 'mystery'"),
         ("merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n", "missing weight for b"),
         ("merge_method: linear\nmodels:\n  - model: a\n    weight: 1\n", "models[0]: unknown key 'weight'"),

@@ -89,3 +89,44 @@ def test_a_recipe_from_the_hub_reads_by_ranges_once_and_commits_once(hub, seeded
     merge_recipe(r, refs, LocalDirSink(tmp_path / "local"), MergeOptions(device="cpu"))
     a, b = load_state(local), load_state(tmp_path / "local")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_passthrough_slices_from_the_hub_read_by_ranges(hub, seeded_model, finetunes, tmp_path, capsys):
+    """A frankenmerge of Hub inputs (one with an adapter folded in) reads only ranges, pins each slice's input in the
+    card, and gives the bytes the same recipe gives on the local folders."""
+    import json
+
+    seed(hub, seeded_model)
+    api = HfApi(endpoint=hub.url)
+    api.create_repo("alice/ft1", token=ALICE)
+    api.upload_folder(repo_id="alice/ft1", folder_path=str(finetunes[0]), token=ALICE, commit_message="seed")
+    _drain_capture()
+    capsys.readouterr()
+    n = json.loads((seeded_model.base_dir / "config.json").read_text())["num_hidden_layers"]
+    text = (f"merge_method: passthrough\nbase_model: alice/base\nslices:\n"
+            f"  - sources:\n      - {{model: alice/base+alice/adapter, layer_range: [0, {n}]}}\n"
+            f"  - sources:\n      - {{model: alice/ft1, layer_range: [1, {n}], parameters: {{scale: 0.5}}}}\n")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    hub.clear_log()
+    rc = main(["merge", "--recipe", str(recipe), "--push-to", "alice/franken", "--token", ALICE, "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "(passthrough)" in out
+    for repo in ("alice/base", "alice/ft1"):  # the models' shards by ranges (the small adapter is fetched whole)
+        gets = [r for r in hub.request_log if r.method == "GET" and f"/{repo}/resolve/" in r.path and r.path.endswith(".safetensors")]
+        assert gets and all(r.range for r in gets), repo
+    local = snapshot_download("alice/franken", endpoint=hub.url, token=ALICE, local_dir=tmp_path / "dl")
+    assert json.loads((tmp_path / "dl" / "config.json").read_text())["num_hidden_layers"] == 2 * n - 1
+    card = (tmp_path / "dl" / "README.md").read_text()
+    sha = api.repo_info("alice/ft1", token=ALICE).sha
+    assert f"alice/ft1@{sha}" in card and "Its layers are the layer ranges of the recipe's slices" in card
+
+    local_text = (text.replace("alice/base+alice/adapter", f"{seeded_model.base_dir}+{seeded_model.adapter_dir}")
+                  .replace("alice/base", str(seeded_model.base_dir)).replace("alice/ft1", str(finetunes[0])))
+    r = parse_recipe(local_text)
+    refs = {i.ref.text: OpenedRef(i.ref.text, LocalDirSource(i.ref.model), LocalDirSource(i.ref.adapter) if i.ref.adapter else None)
+            for i in r.inputs}
+    merge_recipe(r, refs, LocalDirSink(tmp_path / "local"), MergeOptions(device="cpu"))
+    a, b = load_state(local), load_state(tmp_path / "local")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -442,6 +442,29 @@ def test_a_recipe_job_is_normalised_checked_and_queued(client, enqueued, db, rec
     assert r.status_code == 202 and client.get(f"/api/v1/jobs/{r.json['id']}", headers=bearer(ALICE)).json["private"]
 
 
+FRANKEN = """
+merge_method: passthrough
+base_model: alice/base
+slices:
+  - sources:
+      - {model: alice/base, layer_range: [0, 1]}
+  - sources:
+      - {model: alice/recipe-ft@main, layer_range: [0, 1], parameters: {scale: 0.5}}
+"""
+
+
+def test_a_passthrough_job_is_queued_and_its_ranges_checked(client, enqueued, db, recipe_repos):
+    r = client.post("/api/v1/jobs", json={"recipe": FRANKEN, "target": f"alice/{unique()}"}, headers=bearer(ALICE))
+    assert r.status_code == 202, r.json
+    job = client.get(f"/api/v1/jobs/{r.json['id']}", headers=bearer(ALICE)).json
+    assert "slices:" in job["recipe"] and "alice/recipe-ft@main" in job["recipe"] and enqueued == [job["id"]]
+    r = client.post("/api/v1/jobs", json={"recipe": FRANKEN.replace("[0, 1], param", "[0, 2], param"),
+                                          "target": f"alice/{unique()}"}, headers=bearer(ALICE))
+    assert r.status_code == 422, r.json
+    assert "layer_range [0, 2] is out of range: the model has 1 layers" in r.json["error"]["message"]
+    assert r.json["error"]["field"] == "recipe" and len(enqueued) == 1
+
+
 # 10 kB of YAML whose aliases expand to 8 million values (a web process would check them for seconds)
 ALIAS_BOMB = ("merge_method: ties\nbase_model: alice/base\nmodels:\n  - model: alice/recipe-ft\n    parameters:\n"
               "      weight: &c [" + ",".join(["{filter: x, value: &g [" + ",".join(["0.5"] * 256) + "]}"]
@@ -453,7 +476,8 @@ ALIAS_BOMB = ("merge_method: ties\nbase_model: alice/base\nmodels:\n  - model: a
     (ALIAS_BOMB, "recipe", "more than 50000 values once its YAML aliases are expanded"),
     (LINEAR.replace("dtype:", "colour: red\ndtype:"), "recipe", "unknown key 'colour'"),
     (LINEAR.replace("linear", "frankenmerge"), "recipe", "unknown merge_method 'frankenmerge'"),
-    (LINEAR.replace("linear", "passthrough"), "recipe", "'passthrough' is not supported"),
+    (LINEAR.replace("linear", "breadcrumbs"), "recipe", "'breadcrumbs' is not supported"),
+    (LINEAR.replace("linear", "passthrough"), "recipe", "passthrough takes exactly one model, got 3"),
     (LINEAR.replace("{weight: 0.2}\n  - model: alice/base+", "{}\n  - model: alice/base+"), "recipe",
      "missing weight for alice/recipe-ft@main"),
     (LINEAR.replace("{weight: 0.6}", "{weight: 0.6, colour: 1}"), "recipe", "unknown parameter 'colour'"),
@@ -497,6 +521,7 @@ def test_openapi_describes_the_recipe(client):
     kinds = body["properties"]["recipe"]["anyOf"]
     obj = next(k for k in kinds if k.get("type") == "object")
     assert obj["properties"]["merge_method"]["enum"] == ["linear", "task_arithmetic", "ties", "dare_linear",
-                                                         "dare_ties", "slerp"]
+                                                         "dare_ties", "slerp", "passthrough"]
+    assert obj["properties"]["slices"]["items"]["properties"]["sources"]["maxItems"] == 1
     assert any(k.get("type") == "string" for k in kinds)
     assert "recipe" in spec["components"]["schemas"]["Job"]["properties"]

@@ -28,7 +28,7 @@ from ..engine.recipe.recipe import (
 from ..locations import check_revision, is_repo_id
 
 #: the key order of a normalised recipe (mergekit's own order in its examples)
-_ORDER = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source")
+_ORDER = ("merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source")
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,8 @@ def job_recipe(value: object) -> JobRecipe:
             out[key] = _ref(data[key], "base_model").text
         elif key == "models":
             out[key] = [_model_entry(entry, i) for i, entry in enumerate(data[key])]
+        elif key == "slices":
+            out[key] = [_slice_entry(entry, i) for i, entry in enumerate(data[key])]
         else:
             out[key] = data[key]
     text = yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
@@ -90,6 +92,7 @@ def _check_values(recipe: Recipe) -> None:
     """Every parameter value read as its parameter's type now: the parser leaves text values (`weight: "0.5"`) to
     plan time, which for a job is minutes later, in the worker."""
     scopes = [("parameters", recipe.parameters)] + [(i.ref.text, i.parameters) for i in recipe.inputs]
+    scopes += [(f"slices[{n}]", p) for n, s in enumerate(recipe.slices) for p in (s.parameters, s.slice_parameters)]
     for where, params in scopes:
         for name, setting in params.items():
             for value in _scalars(setting):
@@ -103,6 +106,20 @@ def _model_entry(entry: object, i: int) -> dict:
     if isinstance(entry, str):
         entry = {"model": entry}
     out = {"model": _ref(entry["model"], f"models[{i}]").text}
+    if entry.get("parameters"):
+        out["parameters"] = entry["parameters"]
+    return out
+
+
+def _slice_entry(entry: dict, i: int) -> dict:
+    """A passthrough slice (the parser checked its shape: one source with model and layer_range)."""
+    sources = []
+    for j, src in enumerate(entry["sources"]):
+        one = {"model": _ref(src["model"], f"slices[{i}].sources[{j}]").text, "layer_range": list(src["layer_range"])}
+        if src.get("parameters"):
+            one["parameters"] = src["parameters"]
+        sources.append(one)
+    out: dict = {"sources": sources}
     if entry.get("parameters"):
         out["parameters"] = entry["parameters"]
     return out

@@ -46,7 +46,10 @@ def pinned_recipe(recipe: Recipe, inputs: Sequence[CardInput]) -> str:
     data = yaml.safe_load(recipe.text)
     if isinstance(data.get("base_model"), str):
         data["base_model"] = _pinned(data["base_model"], pins)
-    for entry in data.get("models") or []:
+    entries = list(data.get("models") or [])
+    for sl in data.get("slices") or []:  # passthrough's slices: each source names a model too
+        entries += sl.get("sources") or [] if isinstance(sl, dict) else []
+    for entry in entries:
         if isinstance(entry, dict) and isinstance(entry.get("model"), str):
             entry["model"] = _pinned(entry["model"], pins)
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=False).rstrip("\n")
@@ -72,14 +75,20 @@ def build_recipe_card(recipe: Recipe, inputs: Sequence[CardInput], seed: int | N
 
     recipe_yaml = pinned_recipe(recipe, inputs)
     fence = "`" * max(3, max((len(r) for r in re.findall(r"`+", recipe_yaml)), default=0) + 1)
+    how = (
+        "Its layers are the layer ranges of the recipe's slices, one after another: every tensor was streamed from "
+        "its input (LoRA adapters folded on the fly, in float32), renamed to its new layer and copied (scaled where "
+        "the recipe says so), as mergekit's passthrough writes it."
+        if recipe.method == "passthrough" else
+        "Every input was streamed tensor by tensor (LoRA adapters folded on the fly, in float32), combined in float32 "
+        "and rounded once to the output dtype. mergekit run on the recipe below with `dtype: float32` (and "
+        "`out_dtype`) computes the same; with a 16-bit `dtype` it rounds at every step of task arithmetic, TIES and DARE."
+    )
     body = [
         "",
         "# Merged model",
         "",
-        f"This model was made by [lorafold]({LORAFOLD_URL}) {version} with the `{recipe.method}` method. Every input "
-        "was streamed tensor by tensor (LoRA adapters folded on the fly, in float32), combined in float32 and rounded "
-        "once to the output dtype. mergekit run on the recipe below with `dtype: float32` (and `out_dtype`) computes "
-        "the same; with a 16-bit `dtype` it rounds at every step of task arithmetic, TIES and DARE.",
+        f"This model was made by [lorafold]({LORAFOLD_URL}) {version} with the `{recipe.method}` method. {how}",
         "",
         "## Inputs",
         "",

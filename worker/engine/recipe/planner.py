@@ -129,6 +129,8 @@ def _finish_plan(layout: ModelLayout, tensors: dict[str, OutTensor], options: Me
 
 def plan_recipe(recipe: Recipe, refs: dict[str, OpenedRef], options: MergeOptions, seed: int = 0) -> tuple[MergePlan, list[InputModel]]:
     """The recipe as a MergePlan whose every tensor is one `Combine` op over the inputs (base first)."""
+    if recipe.method == "passthrough":
+        return _plan_passthrough(recipe, refs, options)
     order = list(recipe.inputs)
     if recipe.method != "linear":  # base first: the methods take it apart from the others
         order.sort(key=lambda i: not i.is_base)
@@ -159,6 +161,15 @@ def plan_recipe(recipe: Recipe, refs: dict[str, OpenedRef], options: MergeOption
             tensors[name] = OutTensor(name, out_override or slot.dtype, slot.shape, None, (op,), shard=fname)
     notes = [f"recipe: {recipe.method} of {len(opened)} inputs, computed in float32 and rounded once"]
     return _finish_plan(layout, tensors, options, out_override, notes), opened
+
+
+def _plan_passthrough(recipe: Recipe, refs: dict[str, OpenedRef], options: MergeOptions
+                      ) -> tuple[MergePlan, list[InputModel]]:
+    from .passthrough import plan_passthrough
+
+    shared: dict = {}
+    opened = {i.ref.text: open_input(refs[i.ref.text], options, shared) for i in recipe.inputs}
+    return plan_passthrough(recipe, opened, options), [m for m, _ in opened.values()]
 
 
 def _needs_whole(args: MethodArgs) -> bool:

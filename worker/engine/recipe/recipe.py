@@ -33,11 +33,11 @@ METHODS: dict[str, tuple[dict[str, Any], dict[str, Any], bool]] = {
     "dare_linear": ({"weight": None, "density": 1.0}, {**_GTA_SHARED, "rescale": True}, True),
     "dare_ties": ({"weight": None, "density": 1.0}, {**_GTA_SHARED, "rescale": True}, True),
     "slerp": ({}, {"t": None}, True),
+    # a layer-slice copy (slices.py): each output tensor is one input tensor, times `scale` when given
+    "passthrough": ({"scale": None}, {}, False),
 }
 #: mergekit methods lorafold knows of but does not run, with the reason (refused by name)
 _NOT_SUPPORTED = {
-    "passthrough": "passthrough builds a model from layer slices of others; the output's layers are not the "
-    "base's, which the streaming plan needs",
     "breadcrumbs": "not implemented (magnitude-outlier sparsification)",
     "breadcrumbs_ties": "not implemented (magnitude-outlier sparsification)",
     "della": "not implemented", "della_linear": "not implemented", "model_stock": "not implemented",
@@ -45,7 +45,7 @@ _NOT_SUPPORTED = {
     "sce": "not implemented", "nearswap": "not implemented", "arcee_fusion": "not implemented",
     "ram": "not implemented", "task_adapter": "not implemented",
 }
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+_TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 _MODEL_KEYS = {"model", "parameters"}
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 MAX_RECIPE_BYTES = 1 << 20
@@ -75,6 +75,18 @@ class RecipeInput:
 
 
 @dataclass(frozen=True)
+class Slice:
+    """One entry of mergekit's `slices`: layers [start, end) of one input, in the output's order. `end` None: every
+    layer of the model (passthrough written with `models:`, one model)."""
+
+    ref: ModelRef
+    start: int
+    end: int | None
+    parameters: dict[str, Any] = field(default_factory=dict)  # the source's own
+    slice_parameters: dict[str, Any] = field(default_factory=dict)  # the slice's (below the source's in precedence)
+
+
+@dataclass(frozen=True)
 class Recipe:
     method: str
     base: ModelRef | None
@@ -83,6 +95,7 @@ class Recipe:
     out_dtype: str | None  # safetensors code (F32/F16/BF16) or None: each tensor keeps the layout model's dtype
     tokenizer_source: str | None
     text: str  # the recipe as given, for the model card
+    slices: tuple[Slice, ...] = ()  # passthrough: the output's layers, slice by slice (slices.py)
 
     @property
     def layout(self) -> RecipeInput:
@@ -248,6 +261,11 @@ def parse_recipe(text: str | bytes) -> Recipe:
     tokenizer_source = _tokenizer_source(data)
     params = _top_parameters(data, method)
     base = _ref(data["base_model"], "base_model") if data.get("base_model") is not None else None
+    if method == "passthrough" or data.get("slices") is not None:
+        from .slices import parse_passthrough  # imports this module
+
+        inputs, slices = parse_passthrough(data, method, base)
+        return Recipe(method, base, inputs, params, out_dtype, tokenizer_source, text, slices)
     inputs = _inputs(data.get("models"), base, method)
     if METHODS[method][2] and base is None:
         raise RecipeError(f"recipe: {method} needs base_model")
@@ -306,8 +324,8 @@ def check_expanded_size(data: object) -> None:
 
 def _check_top_keys(data: dict) -> None:
     for key in data:
-        if key in ("slices", "modules"):
-            raise RecipeError(f"recipe: {key!r} is not supported: lorafold merges whole models layer for layer (use models)")
+        if key == "modules":
+            raise RecipeError("recipe: 'modules' is not supported: lorafold merges models with one stack of layers")
         if key in ("tokenizer", "chat_template"):
             raise RecipeError(f"recipe: {key!r} is not supported (the output keeps the base's tokenizer files)")
         if key not in _TOP_KEYS:
