@@ -336,7 +336,12 @@ def test_property_cli_mutated_base_gives_peft_result_or_one_error_line(hostile_m
     expected = _PEFT_CACHE["expected"]
     names = sorted(json.loads((hostile_models.base / "model.safetensors.index.json").read_text())["weight_map"])
     rename, moved = _mutation(data.draw, names)
-    extra = data.draw(st.sampled_from([None, "model.layers.5.self_attn.q_proj", "model.layers.0.self_attn.u_proj"]))
+    # An extra adapter module the base lacks must fail the merge; one that a rename has just created in the base
+    # (o_proj renamed to u_proj) is a real target, and the merge rightly applies it: not an "extra" then.
+    renamed = {r for r in map(rename, names) if r}
+    absent = [m for m in ("model.layers.5.self_attn.q_proj", "model.layers.0.self_attn.u_proj")
+              if not {f"{m}.weight", f"backbone.{m}.weight", f"{m.removeprefix('model.')}.weight"} & renamed]
+    extra = data.draw(st.sampled_from([None, *absent]))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = Path(shutil.copytree(hostile_models.base, tmp / "base"))
