@@ -15,18 +15,17 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import pytest
 import requests
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import snapshot_download
 from sqlalchemy import func, select
 
 from tests.engine.gguf_fixtures import build
 from tests.support.hubseed import ALICE, merged_commits
 from tests.support.models import name_adapter_base
-from tests.support.stack import module_stack, serve_web
+from tests.support.stack import module_stack, push_for_rule, serve_web
 from tests.web.helpers import csrf_from, sign_in
 from worker.cli import main
 from worker.jobs import Job
@@ -205,21 +204,7 @@ def test_a_gguf_rule_publishes_the_gguf_file_of_each_push(live, models, tmp_path
     assert rule.status_code == 201, rule.text
     rule = rule.json()
     assert (rule["formats"], rule["gguf_outtype"]) == (["gguf"], "q8_0")
-    live.hub.add_webhook("alice", rule["webhook_url"], [{"type": "model", "name": "alice/gpush"}], secret=rule["secret"])
-    api = HfApi(endpoint=live.hub.url)
-    api.create_repo("alice/gpush", token=ALICE)
-    api.upload_folder(repo_id="alice/gpush", folder_path=str(models["adapter"]), token=ALICE, commit_message="train")
-    sha = live.hub.head("alice/gpush")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        deliveries = _api(live, "GET", f"/api/v1/rules/{rule['id']}").json()["deliveries"]
-        hit = [d for d in deliveries if d.get("new_sha") == sha and d.get("job_id")]
-        if hit:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the push made no job")
-    job = live.wait(hit[0]["job_id"])
+    job = push_for_rule(live, rule, "alice/gpush", models["adapter"])
     assert job.status == "succeeded", job.error
     assert (job.formats, job.gguf_outtype) == ("gguf", "q8_0")
     local = _download(live, "alice/gpush-merged", tmp_path / "rule")

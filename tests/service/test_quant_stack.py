@@ -12,18 +12,17 @@ worker process, Redis, PostgreSQL and the Hub double, which also delivers webhoo
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
 import requests
 import torch
-from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub import snapshot_download
 
 from tests.support.hubseed import ALICE
 from tests.support.models import assert_models_match, make_adapter, make_base, name_adapter_base, peft_merge
 from tests.support.quant_models import oracle_dequantize, quantize_checkpoint
-from tests.support.stack import module_stack, serve_web
+from tests.support.stack import module_stack, push_for_rule, serve_web
 from worker.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-quant")]
@@ -125,21 +124,7 @@ def test_rule_keeps_fp8_on_a_webhook_push(live, models, cli_env, tmp_path):
     assert rule.status_code == 201, rule.text
     rule = rule.json()
     assert rule["keep_quantization"] is True
-    live.hub.add_webhook("alice", rule["webhook_url"], [{"type": "model", "name": "alice/fp8-lora"}], secret=rule["secret"])
-    api = HfApi(endpoint=live.hub.url)
-    api.create_repo("alice/fp8-lora", token=ALICE)
-    api.upload_folder(repo_id="alice/fp8-lora", folder_path=str(models["fp8_lora"]), token=ALICE, commit_message="train")
-    sha = live.hub.head("alice/fp8-lora")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        deliveries = _api(live, "GET", f"/api/v1/rules/{rule['id']}").json()["deliveries"]
-        hit = [d for d in deliveries if d.get("new_sha") == sha and d.get("job_id")]
-        if hit:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the push made no job")
-    job = live.wait(hit[0]["job_id"])
+    job = push_for_rule(live, rule, "alice/fp8-lora", models["fp8_lora"])
     assert job.status == "succeeded", job.error
     assert job.keep_quantization and job.base_quantization.startswith("FP8 kept: ")
     assert "re-quantized with the base's block scheme" in job.base_quantization

@@ -177,3 +177,24 @@ def serve_web(stack: Stack, repos: dict[str, Path] | None = None):
         yield stack
     finally:
         server.stop()
+
+
+def push_for_rule(stack: Stack, rule: dict, repo: str, folder: Path, timeout: float = 60.0) -> Job:
+    """Register `rule`'s webhook on the stack's Hub for `repo`, push `folder` to it as alice, and return the finished
+    job the delivery made (read back through the API, as a user would find it)."""
+    import requests
+    from huggingface_hub import HfApi
+
+    stack.hub.add_webhook("alice", rule["webhook_url"], [{"type": "model", "name": repo}], secret=rule["secret"])
+    api = HfApi(endpoint=stack.hub.url)
+    api.create_repo(repo, token=ALICE)
+    api.upload_folder(repo_id=repo, folder_path=str(folder), token=ALICE, commit_message="train")
+    sha = stack.hub.head(repo)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = requests.get(f"{stack.web}/api/v1/rules/{rule['id']}", headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+        hit = [d for d in r.json()["deliveries"] if d.get("new_sha") == sha and d.get("job_id")]
+        if hit:
+            return stack.wait(hit[0]["job_id"])
+        time.sleep(0.2)
+    raise AssertionError(f"the push to {repo} made no job")
