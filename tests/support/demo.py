@@ -190,7 +190,7 @@ def _service(data: Path):
 
 
 def _stop(worker: subprocess.Popen) -> None:
-    from tests.support.stack import stop_gracefully
+    from tests.support.procs import stop_gracefully
 
     try:
         stop_gracefully(worker, timeout=20)

@@ -11,7 +11,6 @@ group at once: a test's end needs no graceful Celery shutdown (tests that stop t
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 from hubdouble import HubDouble
 from tests.support.hubseed import ALICE, seed
+from tests.support.procs import kill_group, stop_gracefully
 from tests.support.services import postgres_database, redis_database
 from worker import migrate
 from worker.jobs import Database, Job, JobRequest, JobStore, MergeRequest, SecretBox, submit
@@ -111,26 +111,6 @@ class Stack:
         self.kill_worker()
         self._log.close()
         self.hub.stop()
-
-
-def kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL a process started with `start_new_session=True` and everything it started (a worker, its pool
-    children, their job processes) at once: a test's end needs no graceful shutdown, which takes seconds."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
-def stop_gracefully(proc: subprocess.Popen, timeout: float = 30) -> None:
-    """SIGTERM (a Celery worker's warm shutdown: running jobs end first), then SIGKILL after `timeout` seconds."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @contextmanager

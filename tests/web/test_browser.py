@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from hubdouble import HubDouble
-from tests.support.stack import kill_group
+from tests.support.procs import kill_group
 from web import create_app
 from worker import migrate
 from worker.settings import Settings

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.stack import kill_group
+from tests.support.procs import kill_group
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("worker")]
 
