@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reset", action="store_true", help="delete the demo's state (var/demo) and exit")
     args = parser.parse_args(argv)
     data = Path(os.environ.get("LORAFOLD_DEMO_DIR", "var/demo"))
+    # Ctrl-C stops the demo even when it was started with SIGINT ignored (a background job of a non-interactive
+    # shell, `nohup ... &`, CI runners): Python raises KeyboardInterrupt only if SIGINT was not ignored at start.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if args.reset:
         shutil.rmtree(data, ignore_errors=True)
         print(f"demo state removed ({data}); `make demo` starts from scratch")
