@@ -192,7 +192,8 @@ def test_job_resolves_the_original_too(hub, qlora, tmp_path):
     assert 'quantized_base: "alice/base-bnb-4bit"' in (local / "README.md").read_text()
 
 
-def test_gated_original_fails_with_advice_instead_of_silently_dequantizing(hub, qlora, capsys):
+def _carol_adapter_on_a_gated_original(hub, qlora) -> str:
+    """carol's adapter for alice's 4-bit repo whose 16-bit original is gated (carol may not read it); her token."""
     _seed(hub, {"alice/base": qlora["base"], "alice/base-bnb-4bit": qlora["quantized"]})
     hub.set_gated("alice/base")
     carol = "hf_carol_0123456789abcdef"
@@ -200,6 +201,11 @@ def test_gated_original_fails_with_advice_instead_of_silently_dequantizing(hub, 
     api = HfApi(endpoint=hub.url)
     api.create_repo("carol/adapter", token=carol)
     api.upload_folder(repo_id="carol/adapter", folder_path=str(qlora["adapter"]), token=carol)
+    return carol
+
+
+def test_gated_original_fails_with_advice_instead_of_silently_dequantizing(hub, qlora, capsys):
+    carol = _carol_adapter_on_a_gated_original(hub, qlora)
     capsys.readouterr()
     rc = main(["merge", "carol/adapter", "--push-to", "carol/merged", "--token", carol, "-q"])
     err = capsys.readouterr().err
@@ -216,13 +222,7 @@ def test_a_service_job_gives_the_same_advice_in_its_own_words(hub, qlora):
     from worker.service.pipeline import run_job
     from worker.settings import Settings
 
-    _seed(hub, {"alice/base": qlora["base"], "alice/base-bnb-4bit": qlora["quantized"]})
-    hub.set_gated("alice/base")
-    carol = "hf_carol_0123456789abcdef"
-    hub.add_user("carol", token=carol)
-    api = HfApi(endpoint=hub.url)
-    api.create_repo("carol/adapter", token=carol)
-    api.upload_folder(repo_id="carol/adapter", folder_path=str(qlora["adapter"]), token=carol)
+    carol = _carol_adapter_on_a_gated_original(hub, qlora)
     request = MergeRequest(adapter="carol/adapter", target="carol/merged-job")
     with pytest.raises(SourceError) as err:
         run_job(Attempt(job_id="job-q3", door="api", attempts=1, request=request), carol,

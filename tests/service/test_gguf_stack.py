@@ -18,14 +18,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import requests
-from huggingface_hub import snapshot_download
 from sqlalchemy import func, select
 
 from tests.engine.gguf_fixtures import build
 from tests.support.hubseed import ALICE, merged_commits
 from tests.support.models import name_adapter_base
-from tests.support.stack import module_stack, push_for_rule, serve_web
+from tests.support.stack import api_call, download, module_stack, push_for_rule, serve_web
 from tests.web.helpers import csrf_from, sign_in
 from worker.cli import main
 from worker.jobs import Job
@@ -52,21 +50,6 @@ def live(tmp_path_factory, models):
         yield stack
 
 
-@pytest.fixture
-def cli_env(live, monkeypatch, tmp_path):
-    """`lorafold merge` in this process, against the stack's Hub double."""
-    monkeypatch.setenv("HF_ENDPOINT", live.hub.url)
-    monkeypatch.setenv("LORAFOLD_WORK_DIR", str(tmp_path))
-
-
-def _api(live, method, path, **kw):
-    return requests.request(method, live.web + path, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60, **kw)
-
-
-def _download(live, repo: str, where: Path) -> Path:
-    return Path(snapshot_download(repo, endpoint=live.hub.url, token=ALICE, local_dir=where))
-
-
 def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
             if p.is_file() and ".cache" not in p.parts and p.name != ".gitattributes"}
@@ -78,7 +61,7 @@ def _jobs(live) -> int:
 
 
 def test_api_job_publishes_both_formats_in_one_commit_exactly_as_the_cli(live, cli_env, tmp_path):
-    r = _api(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "target": "alice/g-api",
+    r = api_call(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "target": "alice/g-api",
                                                   "formats": ["safetensors", "gguf"], "gguf_outtype": "q8_0"})
     assert r.status_code == 202, r.text
     job = live.wait(r.json()["id"])
@@ -87,12 +70,12 @@ def test_api_job_publishes_both_formats_in_one_commit_exactly_as_the_cli(live, c
 
     assert main(["merge", "alice/gadapter", "--push-to", "alice/g-cli", "--format", "safetensors,gguf",
                  "--outtype", "q8_0", "--token", ALICE, "--quiet"]) == 0
-    service, cli = _download(live, "alice/g-api", tmp_path / "api"), _download(live, "alice/g-cli", tmp_path / "cli")
+    service, cli = download(live, "alice/g-api", tmp_path / "api"), download(live, "alice/g-cli", tmp_path / "cli")
     got, want = _files(service), _files(cli)
     assert sorted(got) == sorted(want) and "model-Q8_0.gguf" in got and "model.safetensors" in got
     assert [name for name in got if got[name] != want[name]] == []
 
-    shown = _api(live, "GET", f"/api/v1/jobs/{job.id}").json()
+    shown = api_call(live, "GET", f"/api/v1/jobs/{job.id}").json()
     assert (shown["formats"], shown["gguf_outtype"]) == (["safetensors", "gguf"], "q8_0")
     gguf_size = (service / "model-Q8_0.gguf").stat().st_size
     assert shown["gguf_files"] == [{"name": "model-Q8_0.gguf", "type": "Q8_0", "size": gguf_size}]
@@ -125,7 +108,7 @@ def test_form_preview_names_the_gguf_file_and_its_size_then_queues_gguf_only(liv
     assert r.status_code == 302, r.get_data(as_text=True)[:500]
     job = live.wait(r.headers["Location"].rstrip("/").split("/")[-1])
     assert job.status == "succeeded", job.error
-    local = _download(live, "alice/g-form", tmp_path / "form")
+    local = download(live, "alice/g-form", tmp_path / "form")
     assert not list(local.glob("*.safetensors"))
     # the preview's size is the size the worker wrote: the engine's own layout, from the same headers
     assert (local / "model-BF16.gguf").stat().st_size == preview["size_bytes"]
@@ -139,12 +122,12 @@ def test_form_preview_names_the_gguf_file_and_its_size_then_queues_gguf_only(liv
 
 def test_gguf_on_an_unknown_architecture_is_refused_before_queueing(live):
     before = _jobs(live)
-    r = _api(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "base": "alice/gmystery",
+    r = api_call(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "base": "alice/gmystery",
                                                   "target": "alice/g-mystery", "formats": ["gguf"]})
     assert r.status_code == 422, r.text
     error = r.json()["error"]
     assert error["field"] == "formats" and "MysteryForCausalLM" in error["message"] and "\n" not in error["message"]
-    rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/other-lora", "base": "alice/gmystery",
+    rule = api_call(live, "POST", "/api/v1/rules", json={"watch": "alice/other-lora", "base": "alice/gmystery",
                                                       "formats": ["safetensors", "gguf"]})
     assert rule.status_code == 422 and "MysteryForCausalLM" in rule.json()["error"]["message"], rule.text
 
@@ -161,12 +144,12 @@ def test_gguf_on_an_unknown_architecture_is_refused_before_queueing(live):
     r = client.post("/rules", data={"watch": "alice/form-lora", "base": "alice/gbase", "formats": "both",
                                     "gguf_outtype": "q8_0", "dtype": "auto", "csrf_token": csrf_from(rules_page)})
     assert r.status_code == 201, r.get_data(as_text=True)[:500]
-    rules = {x["watch"]: x for x in _api(live, "GET", "/api/v1/rules").json()["rules"]}
+    rules = {x["watch"]: x for x in api_call(live, "GET", "/api/v1/rules").json()["rules"]}
     assert (rules["alice/form-lora"]["formats"], rules["alice/form-lora"]["gguf_outtype"]) == (["safetensors", "gguf"], "q8_0")
     assert "safetensors + GGUF Q8_0" in client.get("/rules").get_data(as_text=True)
     assert _jobs(live) == before
     # safetensors alone does not need llama.cpp to know the architecture
-    ok = _api(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "base": "alice/gmystery",
+    ok = api_call(live, "POST", "/api/v1/jobs", json={"adapter": "alice/gadapter", "base": "alice/gmystery",
                                                    "target": "alice/g-mystery"})
     assert ok.status_code == 202, ok.text
 
@@ -191,7 +174,7 @@ def test_bad_output_options_are_one_line_422s(live, body, field, words):
             sent.pop("adapter", None)
             if "recipe" in sent:
                 sent.pop("watch"), sent.pop("base")
-        r = _api(live, "POST", path, json=sent)
+        r = api_call(live, "POST", path, json=sent)
         assert r.status_code == 422, (path, r.text)
         error = r.json()["error"]
         assert error["field"] == field and words in error["message"] and "\n" not in error["message"], (path, error)
@@ -199,7 +182,7 @@ def test_bad_output_options_are_one_line_422s(live, body, field, words):
 
 
 def test_a_gguf_rule_publishes_the_gguf_file_of_each_push(live, models, tmp_path):
-    rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/gpush", "base": "alice/gbase",
+    rule = api_call(live, "POST", "/api/v1/rules", json={"watch": "alice/gpush", "base": "alice/gbase",
                                                       "formats": ["gguf"], "gguf_outtype": "q8_0"})
     assert rule.status_code == 201, rule.text
     rule = rule.json()
@@ -207,7 +190,7 @@ def test_a_gguf_rule_publishes_the_gguf_file_of_each_push(live, models, tmp_path
     job = push_for_rule(live, rule, "alice/gpush", models["adapter"])
     assert job.status == "succeeded", job.error
     assert (job.formats, job.gguf_outtype) == ("gguf", "q8_0")
-    local = _download(live, "alice/gpush-merged", tmp_path / "rule")
+    local = download(live, "alice/gpush-merged", tmp_path / "rule")
     assert sorted(p.name for p in local.glob("*.gguf")) == ["model-Q8_0.gguf"]
     assert not list(local.glob("*.safetensors"))
     assert job.gguf_files == [{"name": "model-Q8_0.gguf", "type": "Q8_0",

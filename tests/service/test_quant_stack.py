@@ -15,14 +15,12 @@ import json
 from pathlib import Path
 
 import pytest
-import requests
 import torch
-from huggingface_hub import snapshot_download
 
 from tests.support.hubseed import ALICE
 from tests.support.models import assert_models_match, make_adapter, make_base, name_adapter_base, peft_merge
 from tests.support.quant_models import oracle_dequantize, quantize_checkpoint
-from tests.support.stack import module_stack, push_for_rule, serve_web
+from tests.support.stack import api_call, download, module_stack, push_for_rule, serve_web
 from worker.cli import main
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("stack-quant")]
@@ -55,27 +53,12 @@ def live(tmp_path_factory, models):
         yield stack
 
 
-@pytest.fixture
-def cli_env(live, monkeypatch, tmp_path):
-    """`lorafold merge` in this process, against the stack's Hub double."""
-    monkeypatch.setenv("HF_ENDPOINT", live.hub.url)
-    monkeypatch.setenv("LORAFOLD_WORK_DIR", str(tmp_path))
-
-
-def _api(live, method, path, **kw):
-    return requests.request(method, live.web + path, headers={"Authorization": f"Bearer {ALICE}"}, timeout=60, **kw)
-
-
 def _job(live, body: dict):
-    r = _api(live, "POST", "/api/v1/jobs", json=body)
+    r = api_call(live, "POST", "/api/v1/jobs", json=body)
     assert r.status_code == 202, r.text
     job = live.wait(r.json()["id"])
     assert job.status == "succeeded", job.error
     return job
-
-
-def _download(live, repo: str, where: Path) -> Path:
-    return Path(snapshot_download(repo, endpoint=live.hub.url, token=ALICE, local_dir=where))
 
 
 def _assert_same_files(a: Path, b: Path) -> None:
@@ -94,13 +77,13 @@ def test_api_job_merges_into_the_16bit_original_exactly_as_the_cli(live, models,
     assert job.base_repo == "alice/qbase" and job.from_quantized == "original"
     assert job.base_quantization == ("merged into the 16-bit original alice/qbase of the quantized base "
                                      "alice/qbase-bnb-4bit (from_quantized: original)")
-    shown = _api(live, "GET", f"/api/v1/jobs/{job.id}").json()
+    shown = api_call(live, "GET", f"/api/v1/jobs/{job.id}").json()
     assert shown["base_quantization"] == job.base_quantization and shown["base"] == "alice/qbase"
-    logs = " ".join(line["message"] for line in _api(live, "GET", f"/api/v1/jobs/{job.id}/logs").json()["logs"])
+    logs = " ".join(line["message"] for line in api_call(live, "GET", f"/api/v1/jobs/{job.id}/logs").json()["logs"])
     assert "merging into its 16-bit original alice/qbase" in logs
 
     assert main(["merge", "alice/qlora", "--push-to", "alice/q-cli", "--token", ALICE, "--quiet"]) == 0
-    service, cli = _download(live, "alice/q-api", tmp_path / "api"), _download(live, "alice/q-cli", tmp_path / "cli")
+    service, cli = download(live, "alice/q-api", tmp_path / "api"), download(live, "alice/q-cli", tmp_path / "cli")
     _assert_same_files(service, cli)
     assert_models_match(service, models["expected_original"], max_ulps=0)
     card = (service / "README.md").read_text()
@@ -111,7 +94,7 @@ def test_api_dequantize_option(live, models, tmp_path):
     job = _job(live, {"adapter": "alice/qlora", "target": "alice/q-deq", "from_quantized": "dequantize"})
     assert job.base_repo == "alice/qbase-bnb-4bit"
     assert job.base_quantization.startswith("dequantized the quantized base alice/qbase-bnb-4bit: bitsandbytes 4-bit")
-    local = _download(live, "alice/q-deq", tmp_path / "deq")
+    local = download(live, "alice/q-deq", tmp_path / "deq")
     assert_models_match(local, models["expected_dequantized"], max_ulps=0)
     card = (local / "README.md").read_text()
     assert "quantized_base" not in card and "base quantization" in card
@@ -119,7 +102,7 @@ def test_api_dequantize_option(live, models, tmp_path):
 
 
 def test_rule_keeps_fp8_on_a_webhook_push(live, models, cli_env, tmp_path):
-    rule = _api(live, "POST", "/api/v1/rules", json={"watch": "alice/fp8-lora", "base": "alice/fp8base",
+    rule = api_call(live, "POST", "/api/v1/rules", json={"watch": "alice/fp8-lora", "base": "alice/fp8base",
                                                       "keep_quantization": True})
     assert rule.status_code == 201, rule.text
     rule = rule.json()
@@ -131,8 +114,8 @@ def test_rule_keeps_fp8_on_a_webhook_push(live, models, cli_env, tmp_path):
 
     assert main(["merge", "alice/fp8-lora", "--base", "alice/fp8base", "--keep-quantization", "--push-to",
                  "alice/fp8-cli", "--token", ALICE, "--quiet"]) == 0
-    service = _download(live, "alice/fp8-lora-merged", tmp_path / "rule")
-    cli = _download(live, "alice/fp8-cli", tmp_path / "cli")
+    service = download(live, "alice/fp8-lora-merged", tmp_path / "rule")
+    cli = download(live, "alice/fp8-cli", tmp_path / "cli")
     for name in ("config.json", "model.safetensors.index.json",
                  *sorted(p.name for p in models["fp8"].glob("*.safetensors"))):
         assert (service / name).read_bytes() == (cli / name).read_bytes(), name

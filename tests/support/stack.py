@@ -162,7 +162,6 @@ def serve_web(stack: Stack, repos: dict[str, Path] | None = None):
 def push_for_rule(stack: Stack, rule: dict, repo: str, folder: Path, timeout: float = 60.0) -> Job:
     """Register `rule`'s webhook on the stack's Hub for `repo`, push `folder` to it as alice, and return the finished
     job the delivery made (read back through the API, as a user would find it)."""
-    import requests
     from huggingface_hub import HfApi
 
     stack.hub.add_webhook("alice", rule["webhook_url"], [{"type": "model", "name": repo}], secret=rule["secret"])
@@ -172,9 +171,23 @@ def push_for_rule(stack: Stack, rule: dict, repo: str, folder: Path, timeout: fl
     sha = stack.hub.head(repo)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        r = requests.get(f"{stack.web}/api/v1/rules/{rule['id']}", headers={"Authorization": f"Bearer {ALICE}"}, timeout=60)
+        r = api_call(stack, "GET", f"/api/v1/rules/{rule['id']}")
         hit = [d for d in r.json()["deliveries"] if d.get("new_sha") == sha and d.get("job_id")]
         if hit:
             return stack.wait(hit[0]["job_id"])
         time.sleep(0.2)
     raise AssertionError(f"the push to {repo} made no job")
+
+
+def api_call(stack: Stack, method: str, path: str, token: str = ALICE, **kw):
+    """One request to the stack's web app (`serve_web`) as `token`'s user."""
+    import requests
+
+    return requests.request(method, stack.web + path, headers={"Authorization": f"Bearer {token}"}, timeout=60, **kw)
+
+
+def download(stack: Stack, repo: str, where: Path) -> Path:
+    """`repo` from the stack's Hub, as alice, into `where`."""
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(repo, endpoint=stack.hub.url, token=ALICE, local_dir=where))
