@@ -99,6 +99,10 @@ class Op:
     def keys(self) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def read_bytes(self, r0: int, r1: int) -> int:
+        """Bytes the op reads by itself for rows [r0, r1) (a recipe's inputs), held against the in-flight budget."""
+        return 0
+
     def apply(self, w: torch.Tensor, r0: int, r1: int, ctx: Ctx, dtype: torch.dtype) -> None:
         raise NotImplementedError
 
@@ -115,6 +119,31 @@ class Replace(Op):
 
     def apply(self, w, r0, r1, ctx, dtype):
         w.copy_(ctx.rows(self.key, r0, r1))
+
+
+#: the fewest rows (or columns) of B @ A computed at once. A CPU BLAS (MKL on AMD EPYC, measured) takes other
+#: kernels for a product only a few rows or columns wide, whose float32 sums come out in another order than the
+#: whole product PEFT computes (2–11 wide differed there, 12 and more agreed): a narrow part is computed inside a
+#: wider block and sliced out, so every row range gives the whole product's bits.
+MIN_PRODUCT_ROWS = 16
+
+
+def product_part(B: torch.Tensor, A: torch.Tensor, part: slice, ctx: Ctx, columns: bool = False) -> torch.Tensor:
+    """Rows `part` of B @ A (columns when `columns`), float32, in a reused scratch buffer, with the bits of the
+    whole product (see MIN_PRODUCT_ROWS)."""
+    full = A.shape[1] if columns else B.shape[0]
+    lo, hi = part.start, part.stop
+    wlo, whi = lo, hi
+    if hi - lo < MIN_PRODUCT_ROWS and B.device.type == "cpu":
+        whi = min(full, max(hi, lo + MIN_PRODUCT_ROWS))
+        wlo = max(0, min(lo, whi - MIN_PRODUCT_ROWS))
+    if columns:
+        d = ctx.scratch.get("delta", (B.shape[0], whi - wlo))
+        torch.matmul(B, A[:, wlo:whi], out=d)
+        return d[:, lo - wlo : hi - wlo]
+    d = ctx.scratch.get("delta", (whi - wlo, A.shape[1]))
+    torch.matmul(B[wlo:whi], A, out=d)
+    return d[lo - wlo : hi - wlo]
 
 
 @dataclass(frozen=True)
@@ -138,19 +167,18 @@ class LoraDelta(Op):
     def apply(self, w, r0, r1, ctx, dtype):
         A, B = ctx.f32(self.a), ctx.f32(self.b)
         if self.transposed:
-            d = ctx.scratch.get("delta", (B.shape[0], r1 - r0))
-            torch.matmul(B, A[:, r0:r1], out=d)
+            d = product_part(B, A, slice(r0, r1), ctx, columns=True)
             d.mul_(self.scaling)
             d = d.T
         else:
-            if not self.round_delta and _power_of_two(self.scaling) and w.device.type == "cpu":
+            if (not self.round_delta and _power_of_two(self.scaling) and w.device.type == "cpu"
+                    and r1 - r0 >= min(MIN_PRODUCT_ROWS, B.shape[0])):
                 # PEFT rounds B@A, then s·(B@A), then W + that. With s a power of two the product is exact, and a
                 # BLAS kernel finishes each output tile in registers before adding C: addmm_ gives the same bits
                 # without writing and re-reading a delta matrix (the parity table checks it, bit for bit).
                 w.addmm_(B[r0:r1], A, alpha=self.scaling)
                 return
-            d = ctx.scratch.get("delta", (r1 - r0, A.shape[1]))
-            torch.matmul(B[r0:r1], A, out=d)
+            d = product_part(B, A, slice(r0, r1), ctx)
             d.mul_(self.scaling)
         if self.round_delta:
             ctx.round_to(d, dtype)
@@ -187,10 +215,7 @@ class ExpertDelta(Op):
 
     def _add_expert(self, w2: torch.Tensor, ctx: Ctx, e: int, rows: slice | None, dtype) -> None:
         Be, Ae = self.factors(ctx, e)
-        if rows is not None:
-            Be = Be[rows]
-        d = ctx.scratch.get("delta", (Be.shape[0], Ae.shape[1]))
-        torch.matmul(Be, Ae, out=d)
+        d = product_part(Be, Ae, rows or slice(0, Be.shape[0]), ctx)
         d.mul_(self.scaling)
         if self.transposed:  # runtime param (E, in', out'): ΔP[e] = (Be @ Ae).T
             d = d.T
@@ -246,10 +271,7 @@ class StackedExpertDelta(Op):
 
 def _add_rounded_delta(w2, B, A, scaling, rows, ctx: Ctx, dtype) -> None:
     """w2 += round(s · (B[rows] @ A)): PEFT's ParamWrapper merge for one expert (`delta.to(dtype)` first)."""
-    if rows is not None:
-        B = B[rows]
-    d = ctx.scratch.get("delta", (B.shape[0], A.shape[1]))
-    torch.matmul(B, A, out=d)
+    d = product_part(B, A, rows or slice(0, B.shape[0]), ctx)
     d.mul_(scaling)
     ctx.round_to(d, dtype)
     w2.add_(d)
