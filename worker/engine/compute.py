@@ -162,6 +162,13 @@ class Compute:
 
     def _merge(self, t: OutTensor, r0: int, src, out, out_dtype, shape):
         """Apply the ops in float32, block by block, in place; round to the output dtype between and after ops."""
+        if len(t.ops) == 1 and src is None and not self.discrete:
+            # an op that reads its own inputs may do the whole chunk in one compiled pass (recipe/fused.py),
+            # the same bits and check as the blocks below; None when it cannot here
+            one_pass = getattr(t.ops[0], "one_pass", None)
+            flag = one_pass(out, r0, r0 + shape[0], overflow(out_dtype)) if one_pass is not None else None
+            if flag is not None:
+                return flag
         whole = not all(op.chunkable for op in t.ops)
         if whole and not self.discrete and torch.get_num_threads() != self.threads:
             # Convolutions and norms over a whole tensor reduce in an order that depends on the thread count:

@@ -131,6 +131,7 @@ class Executor:
                 if item.copy is not None:
                     continue  # the copy thread's
                 cost = (item.read.nbytes if item.read else 0) + item.out_nbytes
+                cost += sum(op.read_bytes(item.r0, item.r1) for op in item.t.ops)  # a recipe reads its inputs itself
                 if not self.budget.acquire(cost, self.failed):
                     return
                 pending = pool.submit(self._read, item) if pool else _Ready(self._read(item))

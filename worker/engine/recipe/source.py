@@ -20,9 +20,9 @@ import torch
 
 from ..io import ModelSource
 from ..plan import BaseSlot, MergePlan
-from ..tensors import as_view, interpret
-from ..variants import BiasDelta, ConvDelta, Ctx, ExpertDelta, LoraDelta, Op
-from . import methods
+from ..tensors import as_view, interpret, torch_dtype
+from ..variants import BiasDelta, ConvDelta, Ctx, ExpertDelta, LoraDelta, Op, rows_per_chunk
+from . import fused, methods
 
 #: ops whose effect is W + Δ with Δ independent of W: the only ones a weighted sum of adapters can scale
 ADDITIVE_OPS = (LoraDelta, ExpertDelta, ConvDelta, BiasDelta)
@@ -33,6 +33,8 @@ _WINDOW_BYTES = 8 << 20
 #: methods keep the base, one input and n deltas
 _LINEAR_BLOCK = 1 << 17
 _DELTAS_BLOCK = 1 << 16
+#: elements per call of the one-pass kernel (it keeps nothing but a 2048-element sum in cache)
+_ONE_PASS_ELEMS = 1 << 20
 
 class InputModel:
     """One input of a recipe: tensor slots of a model, plus the folding plan of its adapter when it has one."""
@@ -185,6 +187,14 @@ class Combine(Op):
     def keys(self):
         return ()
 
+    def read_bytes(self, r0, r1):
+        total = 0
+        for inp in self.inputs:
+            slot = inp.slots[self.name]
+            rows = slot.shape[0] if slot.shape else 1
+            total += slot.nbytes * (r1 - r0) // max(1, rows)
+        return total
+
     @property
     def block_elems(self) -> int:
         """The executor's float32 block for this op on the CPU: small enough that the block, one input's rows and
@@ -195,10 +205,46 @@ class Combine(Op):
         try:
             self._apply(w, r0, r1, ctx)
         finally:
-            rows = self.inputs[0].slots[self.name].shape[:1] or (1,)
-            if r1 >= rows[0]:  # the tensor is done: no input keeps a window of it mapped
-                for inp in self.inputs:
-                    inp._drop_window()
+            self._done_with(r1)
+
+    def _done_with(self, r1: int) -> None:
+        rows = self.inputs[0].slots[self.name].shape[:1] or (1,)
+        if r1 >= rows[0]:  # the tensor is done: no input keeps a window of it mapped
+            for inp in self.inputs:
+                inp._drop_window()
+
+    def one_pass(self, out: torch.Tensor, r0: int, r1: int, overflow: float) -> torch.Tensor | None:
+        """Rows [r0, r1) of a linear merge straight from the inputs' stored bytes into `out` (its output dtype) in
+        one compiled pass per block (recipe/fused.py), with the executor's numeric flag; None where that kernel
+        does not apply (another method, an input with an adapter folded in, mixed input dtypes, no kernel)."""
+        a = self.args
+        if a.method != "linear" or self.whole or any(inp.ops(self.name) for inp in self.inputs):
+            return None
+        stored = {inp.slots[self.name].dtype for inp in self.inputs}
+        if len(stored) != 1:
+            return None
+        kernel = fused.kernel(torch_dtype(stored.pop()), out.dtype)
+        if kernel is None:
+            return None
+        cpu = torch.device("cpu")
+        shape = tuple(out.shape)
+        per_row = out[:1].numel()
+        step = rows_per_chunk(shape, _ONE_PASS_ELEMS)
+        divisor = methods._float32_sum(tuple(a.weights)) if a.normalize else 1.0
+        top = 0
+        try:
+            for b0 in range(r0, r1, step):
+                b1 = min(r1, b0 + step)
+                raws = [inp._raw(self.name, b0, b1, cpu) for inp in self.inputs]
+                dest = out[b0 - r0 : b1 - r0]
+                top = max(top, kernel([raw.data_ptr() for raw, _ in raws], a.weights, divisor, dest, (b1 - b0) * per_row))
+                for inp, (_, handle) in zip(self.inputs, raws, strict=True):
+                    if handle is not None:
+                        inp.source.release_range(handle)
+                del raws
+        finally:
+            self._done_with(r1)
+        return torch.tensor(int(top >= fused.float_bits(overflow)), dtype=torch.int8)
 
     def _apply(self, w, r0, r1, ctx):
         device = w.device

@@ -1,0 +1,88 @@
+/* The one-pass linear merge (see fused.py, which compiles this file with the machine's C compiler and loads it
+ * with ctypes). For each element: load every input's stored value (bfloat16, float16 or float32), convert to
+ * float32, sum the weighted terms in registers, divide when normalizing, fold |value| into the overflow check,
+ * round to the output dtype and store. Only plain C: no Python headers, no libraries.
+ *
+ * Two builds of the sum, because the bits must be torch's: `linear_fma` adds each term after the first as one
+ * fused multiply-add (what torch's vectorised CPU addcmul_ does on FMA hardware), `linear_mul_add` as a product
+ * then a sum (compiled with -ffp-contract=off, so the compiler cannot fuse them). fused.py keeps whichever agrees
+ * with torch on probe values. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define SUB 2048 /* float32 partial sums kept in the L1 cache */
+
+enum { BF16 = 0, F16 = 1, F32 = 2 };
+
+static inline float from_bits(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+static inline uint32_t to_bits(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+
+#ifdef __FLT16_MAX__
+#define HAVE_F16 1
+static inline float f16_load(const void *p, int64_t i) { _Float16 h; memcpy(&h, (const char *)p + 2 * i, 2); return (float)h; }
+static inline void f16_store(void *p, int64_t i, float v) { _Float16 h = (_Float16)v; memcpy((char *)p + 2 * i, &h, 2); }
+#else
+#define HAVE_F16 0
+static inline float f16_load(const void *p, int64_t i) { (void)p; (void)i; return NAN; }
+static inline void f16_store(void *p, int64_t i, float v) { (void)p; (void)i; (void)v; }
+#endif
+
+int lorafold_has_f16(void) { return HAVE_F16; }
+
+static inline float bf16_load(const void *p, int64_t i) {
+    uint16_t h; memcpy(&h, (const char *)p + 2 * i, 2); return from_bits((uint32_t)h << 16);
+}
+static inline float f32_load(const void *p, int64_t i) { float f; memcpy(&f, (const char *)p + 4 * i, 4); return f; }
+
+/* Round to nearest even, as c10::BFloat16 does (a NaN may come out as another NaN: the caller's check fails it). */
+static inline void bf16_store(void *p, int64_t i, float v) {
+    uint32_t u = to_bits(v);
+    uint16_t h = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    memcpy((char *)p + 2 * i, &h, 2);
+}
+static inline void f32_store(void *p, int64_t i, float v) { memcpy((char *)p + 4 * i, &v, 4); }
+
+#define LOAD_LOOP(LOAD, EXPR)                                 \
+    for (int64_t j = 0; j < m; j++) {                         \
+        float x = LOAD(a, s + j);                             \
+        acc[j] = EXPR;                                        \
+    }
+
+#define BODY(NAME, TERM)                                                                                          \
+    uint32_t NAME(const void *const *inputs, int64_t k, int kind, const float *weights, float divisor,            \
+                  void *out, int out_kind, int64_t n) {                                                           \
+        float acc[SUB];                                                                                           \
+        uint32_t top = 0;                                                                                         \
+        for (int64_t s = 0; s < n; s += SUB) {                                                                    \
+            int64_t m = n - s < SUB ? n - s : SUB;                                                                \
+            for (int64_t i = 0; i < k; i++) {                                                                     \
+                const void *a = inputs[i];                                                                        \
+                float w = weights[i];                                                                             \
+                if (i == 0) {                                                                                     \
+                    if (kind == BF16) LOAD_LOOP(bf16_load, x * w)                                                 \
+                    else if (kind == F16) LOAD_LOOP(f16_load, x * w)                                              \
+                    else LOAD_LOOP(f32_load, x * w)                                                               \
+                } else {                                                                                          \
+                    if (kind == BF16) LOAD_LOOP(bf16_load, TERM)                                                  \
+                    else if (kind == F16) LOAD_LOOP(f16_load, TERM)                                               \
+                    else LOAD_LOOP(f32_load, TERM)                                                                \
+                }                                                                                                 \
+            }                                                                                                     \
+            if (divisor != 1.0f)                                                                                  \
+                for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / divisor;                                        \
+            for (int64_t j = 0; j < m; j++) {                                                                     \
+                uint32_t u = to_bits(acc[j]) & 0x7FFFFFFFu;                                                       \
+                top = u > top ? u : top;                                                                          \
+            }                                                                                                     \
+            if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, acc[j]);                 \
+            else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, acc[j]);              \
+            else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, acc[j]);                                   \
+        }                                                                                                         \
+        return top;                                                                                               \
+    }
+
+/* The first term is x·w in both (torch: 0 + x·w rounds once, as x·w does). The weights and divisor are float32. */
+BODY(linear_fma, fmaf(x, w, acc[j]))
+BODY(linear_mul_add, acc[j] + x * w)
