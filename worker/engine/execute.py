@@ -83,6 +83,10 @@ class Executor:
     def _fail(self, exc: BaseException) -> None:
         self.errors.append(exc)
         self.failed.set()
+        for source in (self.plan.base, self.plan.adapter):  # reads in flight stop retrying (a stalled Hub)
+            cancel = getattr(source, "cancel", None)
+            if cancel is not None:
+                cancel()
 
     def _count_read(self, n: int) -> None:
         with self._read_lock:

@@ -10,6 +10,7 @@ resumes where it broke, a `create_commit`), so the loop is ours, and small.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -43,12 +44,14 @@ def with_retries(
     transient: Callable[[BaseException], bool] = is_transient,
     on_retry: Callable[[BaseException], None] = lambda exc: None,
     landed: Callable[[BaseException], T | None] | None = None,
+    stop: threading.Event | None = None,
 ) -> T:
     """`call()`, tried again up to `retries` more times while it fails transiently; the last error propagates.
 
     `landed(exc)`, when given, runs after every failure before anything else: a timeout or a 5xx can hide a write
     that succeeded (a commit), and what it returns (not None) is then the result. `on_retry` counts retries (for
-    /metrics)."""
+    /metrics). Once `stop` is set (the merge has already failed elsewhere) the last error propagates instead of
+    another try, and a wait in progress ends at once: a failed job does not keep retrying reads nobody will use."""
     done = 0
     while True:
         try:
@@ -58,8 +61,11 @@ def with_retries(
                 found = landed(exc)
                 if found is not None:
                     return found
-            if done >= retries or not transient(exc):
+            if done >= retries or not transient(exc) or (stop is not None and stop.is_set()):
                 raise
             done += 1
             on_retry(exc)
-            time.sleep(backoff(done, exc, first_wait))
+            if stop is None:
+                time.sleep(backoff(done, exc, first_wait))
+            elif stop.wait(backoff(done, exc, first_wait)):
+                raise

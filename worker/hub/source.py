@@ -78,13 +78,20 @@ class HubSource:
         self._downloaded: dict[str, Path] = {}
         self._lock = threading.Lock()
         self.retries_made = 0  # transient failures retried (summed per job by HubClient.retries, for /metrics)
+        self._cancelled = threading.Event()
 
     # --- ModelSource ------------------------------------------------------------------------------------------
 
     def files(self) -> list[FileEntry]:
         return list(self._files)
 
+    def cancel(self) -> None:
+        """The merge has failed: reads in flight stop retrying (their last error is raised), and none starts."""
+        self._cancelled.set()
+
     def read_into(self, path: str, offset: int, out: memoryview) -> None:
+        if self._cancelled.is_set():
+            raise SourceError(f"{self.repo_id}/{path}: not read, the merge has already failed")
         local = self._downloaded.get(path)
         if local is not None:
             self._read_local_copy(local, path, offset, out)
@@ -102,7 +109,7 @@ class HubSource:
                 done += self._get_range(url, path, offset + done, offset + len(view) - 1, view[done:])
 
         try:
-            with_retries(read_rest, retries=self.retries, on_retry=self._count_retry,
+            with_retries(read_rest, retries=self.retries, on_retry=self._count_retry, stop=self._cancelled,
                          transient=lambda exc: is_transient(exc) or isinstance(exc, _ShortRead))
         except SourceError:
             raise

@@ -242,6 +242,12 @@ class QuantizedSource:
             self._cache_bytes = 0
         self.inner.close()
 
+    def cancel(self) -> None:
+        """The merge has failed: the real source stops retrying reads (where it can)."""
+        cancel = getattr(self.inner, "cancel", None)
+        if cancel is not None:
+            cancel()
+
     # --- for the dequantizers ---------------------------------------------------------------------------------
 
     def read(self, piece: Piece, offset: int, nbytes: int) -> torch.Tensor:
