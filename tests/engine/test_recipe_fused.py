@@ -164,3 +164,28 @@ def test_without_a_compiler_the_eager_path_gives_the_same_bytes(sets, tmp_path, 
         fused._checked_kernel.cache_clear()
     assert _files(tmp_path / "eager") == _files(tmp_path / "one-pass")
     assert not (tmp_path / "empty-cache").exists()
+
+
+def test_a_library_is_never_loaded_from_a_folder_others_can_write(tmp_path, monkeypatch):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("LORAFOLD_CACHE_DIR", str(shared))
+    fused._library.cache_clear()
+    fused._checked_kernel.cache_clear()
+    try:
+        assert fused.kernel(torch.bfloat16, torch.bfloat16) is None
+        assert list(shared.iterdir()) == []
+        # a damaged library in a private folder is compiled again, neither trusted nor fatal
+        private = tmp_path / "private"
+        private.mkdir(mode=0o700)
+        monkeypatch.setenv("LORAFOLD_CACHE_DIR", str(private))
+        lib = fused.library_path(fused._compiler())
+        lib.write_bytes(b"not a library")
+        lib.chmod(0o700)
+        fused._library.cache_clear()
+        assert fused.kernel(torch.bfloat16, torch.float32) is not None
+        assert lib.read_bytes()[:4] == b"\x7fELF"
+    finally:
+        fused._library.cache_clear()
+        fused._checked_kernel.cache_clear()

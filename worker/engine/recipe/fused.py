@@ -73,17 +73,25 @@ def _cpu_id() -> str:
         return platform.processor()
 
 
+def library_path(cc: list[str]) -> Path:
+    """Where the kernel compiled by `cc` for this source and this processor is cached."""
+    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), " ".join(cc + _FLAGS).encode(), platform.machine().encode(),
+                                     _cpu_id().encode()]))
+    return _cache_dir() / f"linear-{key.hexdigest()[:20]}.so"
+
+
 def _compile() -> ctypes.CDLL | None:
     cc = _compiler()
     if cc is None:
         log.debug("no C compiler: the linear merge keeps torch's eager path")
         return None
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(cc + _FLAGS).encode(), platform.machine().encode(), _cpu_id().encode()]))
-    folder = _cache_dir()
-    lib = folder / f"linear-{key.hexdigest()[:20]}.so"
-    if not lib.exists():
-        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    lib = library_path(cc)
+    folder = lib.parent
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not _private(folder):
+        log.debug("%s is writable by others: the linear kernel is not loaded from it", folder)
+        return None
+    if not lib.exists() or not _private(lib) or not _load(lib):
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
         os.close(fd)
         try:
@@ -94,11 +102,14 @@ def _compile() -> ctypes.CDLL | None:
             else:
                 log.debug("compiling %s failed: %s", _SOURCE.name, done.stderr.decode(errors="replace")[-500:])
                 return None
+            os.chmod(tmp, 0o700)
             os.replace(tmp, lib)  # atomic: a concurrent process sees the whole library or none
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    dll = ctypes.CDLL(str(lib))
+    dll = _load(lib)
+    if dll is None:
+        return None
     for name in ("linear_fma", "linear_mul_add"):
         fn = getattr(dll, name)
         fn.restype = ctypes.c_uint32
@@ -106,6 +117,19 @@ def _compile() -> ctypes.CDLL | None:
                        ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     dll.lorafold_has_f16.restype = ctypes.c_int
     return dll
+
+
+def _private(path: Path) -> bool:
+    """Ours and writable by nobody else: a library is code, loaded only from where no one else could have put it."""
+    st = path.stat()
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+def _load(lib: Path) -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(str(lib))
+    except OSError:  # a truncated or foreign file: compiled again
+        return None
 
 
 @functools.cache
