@@ -30,19 +30,24 @@ class TokenForm(FlaskForm):
     token = PasswordField("Hugging Face token", validators=[DataRequired(), Length(max=512)])
 
 
-class MergeForm(FlaskForm):
-    adapter = StringField("Adapter repo", validators=[DataRequired(), Length(max=200)])
-    adapter_revision = StringField("Adapter revision", validators=[Optional(), Length(max=200)])
-    base = StringField("Base model", validators=[Optional(), Length(max=200)])
-    base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
+class _PublishForm(FlaskForm):
+    """Where and how both merge modes publish."""
+
     target = StringField("Target repo", validators=[DataRequired(), Length(max=200)])
     private = BooleanField("Private")
     # "1" until the user touches the checkbox (the page's JS sets "0"): an unticked box then means "as private as
-    # the adapter and the base", so a private adapter is never published publicly by a box left at its default
+    # the inputs", so a private adapter is never published publicly by a box left at its default
     private_auto = HiddenField(default="1")
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
     overwrite = BooleanField("Overwrite the weights already there")
     create_pr = BooleanField("Open a pull request instead of committing to main")
+
+
+class MergeForm(_PublishForm):
+    adapter = StringField("Adapter repo", validators=[DataRequired(), Length(max=200)])
+    adapter_revision = StringField("Adapter revision", validators=[Optional(), Length(max=200)])
+    base = StringField("Base model", validators=[Optional(), Length(max=200)])
+    base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
     from_quantized = SelectField("4-bit base", choices=list(FROM_QUANTIZED), default="original")
     keep_quantization = BooleanField("Keep FP8 (an FP8 base's merge written back in FP8)")
     formats = SelectField("Output", choices=list(FORMAT_CHOICES), default="safetensors")
@@ -62,7 +67,7 @@ RECIPE_ROWS = 16
 _CHOICE = ["default", "true", "false"]
 
 
-class RecipeForm(FlaskForm):
+class RecipeForm(_PublishForm):
     """The merge page's recipe mode: rows of model[+adapter] and weight, a method and its parameters, or YAML."""
 
     # passthrough stacks layer ranges (`slices`), which rows of whole models cannot say: it runs from pasted YAML
@@ -75,12 +80,6 @@ class RecipeForm(FlaskForm):
     t = StringField("t", validators=[Optional(), Length(max=40)])
     seed = StringField("Seed", validators=[Optional(), Regexp(r"^\d{1,18}$", message="seed: a whole number")])
     yaml = TextAreaField("Recipe YAML", validators=[Optional(), Length(max=60_000)])
-    target = StringField("Target repo", validators=[DataRequired(), Length(max=200)])
-    private = BooleanField("Private")
-    private_auto = HiddenField(default="1")
-    dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
-    overwrite = BooleanField("Overwrite the weights already there")
-    create_pr = BooleanField("Open a pull request instead of committing to main")
 
 
 class RuleForm(FlaskForm):

@@ -57,16 +57,21 @@ class RecipeChecked:
     fit: Fit | None = None
 
 
+def _parsed(recipe, errors: list[InspectError]):
+    """The recipe as a job carries it, or None with the parser's one line added to `errors`."""
+    try:
+        return job_recipe(recipe)
+    except RecipeError as exc:
+        errors.append(InspectError(FIELD, str(exc)))
+        return None
+
+
 def check(caller, inp) -> tuple[list[InspectError], RecipeChecked]:
     """Every reason this recipe request cannot be queued (empty when it can), and what was learnt."""
     from . import merge  # merge imports this module lazily (merge.check hands recipes here)
 
     errors: list[InspectError] = []
-    try:
-        job = job_recipe(inp.recipe)
-    except RecipeError as exc:
-        errors.append(InspectError(FIELD, str(exc)))
-        job = None
+    job = _parsed(inp.recipe, errors)
     target = None
     try:
         target = check_repo_id(inp.target, "target", "target")
@@ -393,11 +398,7 @@ def check_rule(caller, inp, rule_token):
     from .rules import Checked
 
     errors: list[InspectError] = []
-    try:
-        job = job_recipe(inp.recipe)
-    except RecipeError as exc:
-        errors.append(InspectError(FIELD, str(exc)))
-        job = None
+    job = _parsed(inp.recipe, errors)
     if inp.watch:
         errors.append(InspectError("watch", "a recipe rule watches the adapters its recipe folds in "
                                             "(MODEL+ADAPTER inputs); leave watch out"))

@@ -8,17 +8,45 @@ which may start uploading it) the moment its last item lands, whoever wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from .errors import Cancelled
 from .io import ModelSink, Progress, Reporter
 from .items import Item
 from .plan import MergePlan
+
+
+class ProgressThrottle:
+    """Progress reports at most every 0.1 s (unless forced), and from one thread at a time: reporters need not be
+    thread-safe, and a writer thread never waits for another's report unless it must report (force)."""
+
+    def __init__(self, every: float = 0.1):
+        self.every = every
+        self._last = 0.0
+        self._lock = threading.Lock()
+        self._reporting = threading.Lock()
+
+    @contextlib.contextmanager
+    def turn(self, force: bool) -> Iterator[bool]:
+        """True when this call reports: the body runs alone, and the next report waits `every` seconds."""
+        now = time.monotonic()
+        with self._lock:
+            due = force or now - self._last >= self.every
+            if due:
+                self._last = now
+        if not due or not self._reporting.acquire(blocking=force):
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._reporting.release()
 
 
 class ShardWriter:
@@ -45,8 +73,7 @@ class ShardWriter:
         self._opening: dict[str, threading.Lock] = {}
         self.bytes_written = 0
         self.tensors_done = 0
-        self._last_progress = 0.0
-        self._reporting = threading.Lock()
+        self._throttle = ProgressThrottle()
 
     def start(self) -> None:
         """A shard without tensors is finished before anything else starts."""
@@ -126,20 +153,11 @@ class ShardWriter:
         self.progress(tensor)
 
     def progress(self, current: str, force: bool = False) -> None:
-        """At most every 0.1 s, and one thread at a time: reporters need not be thread-safe."""
-        now = time.monotonic()
-        with self._lock:
-            if not force and now - self._last_progress < 0.1:
-                return
-            self._last_progress = now
-        if not self._reporting.acquire(blocking=force):
-            return
-        try:
-            with self._lock:
-                done, written = self.tensors_done, self.bytes_written
-            self.reporter.progress(Progress("merge", done, len(self.plan.tensors), written, self.plan.bytes_total, current))
-        finally:
-            self._reporting.release()
+        with self._throttle.turn(force) as go:
+            if go:
+                with self._lock:
+                    done, written = self.tensors_done, self.bytes_written
+                self.reporter.progress(Progress("merge", done, len(self.plan.tensors), written, self.plan.bytes_total, current))
 
     def close(self) -> None:
         with self._lock:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 import warnings
 from collections import Counter
 
@@ -19,7 +18,7 @@ import torch
 from ..io import ModelSink, Progress, Reporter
 from ..items import Item
 from ..plan import MergePlan
-from ..shard_writer import ShardWriter, pwrite_all
+from ..shard_writer import ProgressThrottle, ShardWriter, pwrite_all
 from ..tensors import torch_dtype
 from .encode import encode_rows
 from .layout import GgufLayout, GgufTensor
@@ -38,8 +37,7 @@ class GgufWriter:
         self._left_in_tensor = Counter(i.t.name for i in items if i.t.name in layout.by_source)
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
-        self._reporting = threading.Lock()
-        self._last_progress = 0.0
+        self._throttle = ProgressThrottle()
         self.gguf_bytes = 0
         self.gguf_tensors = 0
 
@@ -105,18 +103,10 @@ class GgufWriter:
         if self.shards is not None:
             self.shards.progress(current, force)
             return
-        now = time.monotonic()
-        with self._lock:
-            if not force and now - self._last_progress < 0.1:
-                return
-            self._last_progress = now
-        if not self._reporting.acquire(blocking=force):
-            return
-        try:
-            self.reporter.progress(Progress("merge", self.gguf_tensors, len(self.layout.by_source), self.gguf_bytes,
-                                            self.layout.nbytes, current))
-        finally:
-            self._reporting.release()
+        with self._throttle.turn(force) as go:
+            if go:
+                self.reporter.progress(Progress("merge", self.gguf_tensors, len(self.layout.by_source), self.gguf_bytes,
+                                                self.layout.nbytes, current))
 
     def close(self) -> None:
         if self.shards is not None:

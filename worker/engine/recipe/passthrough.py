@@ -23,9 +23,8 @@ from dataclasses import dataclass, replace
 
 from ..plan import MergeOptions, MergePlan, ModelLayout, OutTensor, assemble_plan
 from ..safetensors_format import MERGEABLE_DTYPES, OUTPUT_DTYPES
-from ..variants import Op
 from .recipe import Recipe, RecipeError, Slice, resolve
-from .source import InputModel
+from .source import InputModel, InputsOp
 
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|block|layer)\.)(\d+)(\..*)$")
 _EMBED = re.compile(r"embed|(?:^|\.)(?:wte|wpe)(?:\.|$)")
@@ -33,7 +32,7 @@ _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 @dataclass(frozen=True, eq=False)
-class LayerCopy(Op):
+class LayerCopy(InputsOp):
     """An output tensor that is one input's tensor `src` (renamed), times `scale` when given, in float32.
     (`module`, the Op's first field, says where it comes from in messages.)"""
 
@@ -44,12 +43,6 @@ class LayerCopy(Op):
     whole: bool  # a folded op of the input needs the whole tensor
     needs_base = False
 
-    @property
-    def chunkable(self):  # type: ignore[override]
-        return not self.whole
-
-    def keys(self):
-        return ()
 
     def apply(self, w, r0, r1, ctx, dtype):
         x = self.input.rows(self.src, r0, r1, w.device)

@@ -167,8 +167,21 @@ class MethodArgs:
     seed: int = 0
 
 
+class InputsOp(Op):
+    """An op that reads a recipe's inputs itself: no adapter keys of the merge's own; row chunks unless `whole`."""
+
+    whole: bool  # a method or a folded op of an input needs the whole tensor
+
+    @property
+    def chunkable(self):  # type: ignore[override]
+        return not self.whole
+
+    def keys(self):
+        return ()
+
+
 @dataclass(frozen=True, eq=False)
-class Combine(Op):
+class Combine(InputsOp):
     """A recipe's output tensor: rows of every input (base first for the methods that have one) combined in float32.
 
     `inputs[0]` is the base for task arithmetic, TIES, DARE and SLERP; for linear every input is an addend.
@@ -180,12 +193,6 @@ class Combine(Op):
     whole: bool  # the method or a folded op needs the whole tensor
     needs_base = False
 
-    @property
-    def chunkable(self):  # type: ignore[override]
-        return not self.whole
-
-    def keys(self):
-        return ()
 
     def read_bytes(self, r0, r1):
         total = 0
@@ -292,7 +299,7 @@ def _generator(seed: int, tensor: str, index: int) -> torch.Generator:
 
 
 @dataclass(frozen=True, eq=False)
-class AdapterSum(Op):
+class AdapterSum(InputsOp):
     """W' = W + Σ_k w_k · Δ_k in float32, rounded once by the executor: several adapters folded into one base.
 
     Each Δ_k is its adapter's own additive ops (LoRA with its scaling, rank/alpha pattern, rsLoRA; lora_bias; conv;
@@ -303,12 +310,6 @@ class AdapterSum(Op):
     parts: tuple[tuple[float, InputModel], ...]
     whole: bool
 
-    @property
-    def chunkable(self):  # type: ignore[override]
-        return not self.whole
-
-    def keys(self):
-        return ()
 
     def apply(self, w, r0, r1, ctx, dtype):
         d = None
