@@ -129,18 +129,26 @@ models:
 """
 
 
+def _seed_finetune(live, seeded, tmp_path) -> Path:
+    """alice/ft on the Hub (a fine-tune of alice/base), and its local folder."""
+    from tests.support.recipe_models import make_finetune
+
+    ft = make_finetune(seeded.base_dir, tmp_path / "ft", seed=401)
+    if not live.hub.has_repo("alice/ft"):
+        api = HfApi(endpoint=live.hub.url)
+        api.create_repo("alice/ft", token=ALICE)
+        api.upload_folder(repo_id="alice/ft", folder_path=str(ft), token=ALICE, commit_message="seed")
+    return ft
+
+
 def test_api_recipe_job_publishes_the_clis_bytes_in_one_commit(live, seeded_model, tmp_path):  # noqa: F811
     """A linear recipe of two models and a model+adapter input, through the API, the worker and the Hub double:
     one commit, every input pinned in the card, tensors equal bit for bit to `lorafold merge --recipe` on the same
     inputs as local folders."""
-    from tests.support.recipe_models import load_state, make_finetune
+    from tests.support.recipe_models import load_state
     from worker.cli import main
 
-    ft = make_finetune(seeded_model.base_dir, tmp_path / "ft", seed=401)
-    api = HfApi(endpoint=live.hub.url)
-    if not live.hub.has_repo("alice/ft"):
-        api.create_repo("alice/ft", token=ALICE)
-        api.upload_folder(repo_id="alice/ft", folder_path=str(ft), token=ALICE, commit_message="seed")
+    ft = _seed_finetune(live, seeded_model, tmp_path)
     live.hub.clear_log()
     r = _api(live, "POST", "/api/v1/jobs", json={"recipe": RECIPE, "target": "alice/from-recipe"})
     assert r.status_code == 202, r.text
@@ -170,6 +178,40 @@ def test_api_recipe_job_publishes_the_clis_bytes_in_one_commit(live, seeded_mode
     a, b = load_state(published), load_state(tmp_path / "cli")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert (published / "config.json").read_bytes() == (seeded_model.base_dir / "config.json").read_bytes()
+
+
+PASSTHROUGH = """\
+merge_method: passthrough
+slices:
+  - sources:
+      - model: alice/base
+        layer_range: [0, 3]
+  - sources:
+      - model: alice/ft
+        layer_range: [2, 4]
+"""
+
+
+def test_api_passthrough_job_stacks_layers_as_the_cli_does(live, seeded_model, tmp_path):  # noqa: F811
+    """A frankenmerge (passthrough with slices) through the API and the worker: 3 + 2 of the 4-layer inputs, one
+    commit, the config's layer count updated, tensors equal to `lorafold merge --recipe` on the local folders."""
+    from tests.support.recipe_models import load_state
+    from worker.cli import main
+
+    ft = _seed_finetune(live, seeded_model, tmp_path)
+    r = _api(live, "POST", "/api/v1/jobs", json={"recipe": PASSTHROUGH, "target": "alice/stacked"})
+    assert r.status_code == 202, r.text
+    job = live.wait(r.json()["id"])
+    assert job.status == "succeeded", job.error
+    assert len(merged_commits(live.hub, "alice/stacked")) == 1
+    local = tmp_path / "passthrough.yaml"
+    local.write_text(PASSTHROUGH.replace("alice/base", str(seeded_model.base_dir)).replace("alice/ft", str(ft)))
+    assert main(["merge", "--recipe", str(local), "--out", str(tmp_path / "cli"), "--device", "cpu", "--quiet"]) == 0
+    published = Path(snapshot_download("alice/stacked", endpoint=live.hub.url, token=ALICE, local_dir=tmp_path / "dl"))
+    a, b = load_state(published), load_state(tmp_path / "cli")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((published / "config.json").read_text())["num_hidden_layers"] == 5
+    assert "model.layers.4.mlp.down_proj.weight" in a and "model.layers.5.mlp.down_proj.weight" not in a
 
 
 def test_webhook_pushes_merge_each_new_adapter_commit_once(live, seeded_model, tmp_path):  # noqa: F811
