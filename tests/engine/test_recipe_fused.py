@@ -56,6 +56,25 @@ def test_the_kernel_equals_the_eager_sum_bit_for_bit(in_dtype, out_dtype):
             assert top == fused.float_bits(float(exact.abs().max())), (n, weights)
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=IDS)
+def test_the_task_arithmetic_kernel_equals_the_eager_method_bit_for_bit(in_dtype, out_dtype):
+    k = fused.task_arithmetic_kernel(in_dtype, out_dtype)
+    assert k is not None
+    cases = [((0.5, 0.3, 0.2), True, 1.0), ((1.0, 1.0), False, 0.7), ((0.7, -1.25), True, 1.3), ((2.0,), False, 1.0),
+             ((0.5, -0.5), True, 1.0)]  # the last: weights summing to 0, normalize falls back to 1
+    for n in (1, 7, 2048, 2049, 50_001):
+        for weights, normalize, lam in cases:
+            xs = [_values(in_dtype, n, 10 * n + i + 50) for i in range(len(weights) + 1)]
+            f32 = [x.float() for x in xs]
+            exact = methods.task_arithmetic(f32[0], f32[1:], weights, [None] * len(weights), consensus=False,
+                                            normalize=normalize, rescale=False, lam=lam)
+            got = torch.empty(n, dtype=out_dtype)
+            top = k([x.data_ptr() for x in xs], weights, fused.task_arithmetic_divisor(weights, normalize), lam, got, n)
+            assert torch.equal(got.view(torch.uint8), exact.to(out_dtype).view(torch.uint8)), (n, weights)
+            assert top == fused.float_bits(float(exact.abs().max())), (n, weights)
+
+
 def test_a_nan_input_is_the_largest_magnitude():
     k = fused.kernel(torch.bfloat16, torch.bfloat16)
     x = torch.ones(4099, dtype=torch.bfloat16)
@@ -92,28 +111,32 @@ def calls(monkeypatch):
     for a in DTYPES:  # the kernels' first-use checks run before counting
         for b in DTYPES:
             fused.kernel(a, b)
+            fused.task_arithmetic_kernel(a, b)
     seen = []
-    real = fused.LinearKernel.__call__
+    for cls in (fused.LinearKernel, fused.TaskArithmeticKernel):
+        def counted(self, addrs, *args, _real=cls.__call__):
+            seen.append(len(addrs))
+            return _real(self, addrs, *args)
 
-    def counted(self, addrs, *args):
-        seen.append(len(addrs))
-        return real(self, addrs, *args)
-
-    monkeypatch.setattr(fused.LinearKernel, "__call__", counted)
+        monkeypatch.setattr(cls, "__call__", counted)
     return seen
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "dare_linear"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_a_linear_recipe_takes_one_pass_and_publishes_the_eager_bytes(sets, tmp_path, monkeypatch, calls, dtype):
+def test_a_recipe_takes_one_pass_and_publishes_the_eager_bytes(sets, tmp_path, monkeypatch, calls, dtype, method):
     m = sets[dtype]
-    text = (f"merge_method: linear\nmodels:\n  - model: {m['ft1']}\n    parameters: {{weight: 0.5}}\n"
-            f"  - model: {m['ft2']}\n    parameters: {{weight: 0.3}}\n  - model: {m['base']}\n    parameters: {{weight: 1.0}}\n"
+    head = "" if method == "linear" else f"base_model: {m['base']}\nparameters:\n  lambda: 0.9\n  normalize: true\n"
+    density = "" if method == "linear" else "density: 1.0, "
+    text = (f"merge_method: {method}\n{head}models:\n  - model: {m['ft1']}\n    parameters: {{{density}weight: 0.5}}\n"
+            f"  - model: {m['ft2']}\n    parameters: {{{density}weight: 0.3}}\n  - model: {m['ft3']}\n    parameters: {{{density}weight: 1.0}}\n"
             f"dtype: bfloat16\n")
+    want_inputs = 3 if method == "linear" else 4
     for name, source, opts in (("mapped", LocalDirSource, {}), ("chunks", LocalDirSource, {"chunk_bytes": 1024}),
                                ("ranged", RangedOnly, {"chunk_bytes": 4096})):
         del calls[:]
         _run(text, tmp_path / name, source, **opts)
-        assert calls and set(calls) == {3}, name
+        assert calls and set(calls) == {want_inputs}, name
     monkeypatch.setenv("LORAFOLD_FUSED_KERNEL", "0")
     del calls[:]
     _run(text, tmp_path / "eager", LocalDirSource)

@@ -115,6 +115,9 @@ def _compile() -> ctypes.CDLL | None:
         fn.restype = ctypes.c_uint32
         fn.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_float),
                        ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
+    dll.task_arithmetic.restype = ctypes.c_uint32
+    dll.task_arithmetic.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.c_int, ctypes.POINTER(ctypes.c_float),
+                                    ctypes.c_float, ctypes.c_float, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64]
     dll.lorafold_has_f16.restype = ctypes.c_int
     return dll
 
@@ -214,5 +217,75 @@ def _agrees(k: LinearKernel, in_dtype: torch.dtype, out_dtype: torch.dtype) -> b
         finite = exact[exact.isfinite()]
         expect_top = float(finite.abs().max()) if finite.numel() == exact.numel() else None
         if expect_top is not None and top != float_bits(expect_top):
+            return False
+    return True
+
+
+class TaskArithmeticKernel:
+    """Task arithmetic at density 1 (task_arithmetic, dare_linear) in one pass: `addrs[0]` is the base, the others
+    the models with `weights`; returns the largest magnitude's float32 bits, as LinearKernel does."""
+
+    def __init__(self, fn, in_dtype: torch.dtype, out_dtype: torch.dtype, zero_start: bool):
+        self._fn = fn
+        self._kinds = (KINDS[in_dtype], KINDS[out_dtype])
+        self.zero_start = zero_start
+
+    def __call__(self, addrs: list[int], weights, divisor: float, lam: float, out: torch.Tensor, n: int) -> int:
+        assert out.is_contiguous() and out.numel() >= n and KINDS[out.dtype] == self._kinds[1]
+        assert len(weights) == len(addrs) - 1
+        if n == 0:
+            return 0
+        k = len(addrs)
+        return int(self._fn((ctypes.c_void_p * k)(*addrs), k, self._kinds[0], (ctypes.c_float * max(1, k - 1))(*weights),
+                            divisor, lam, int(self.zero_start), out.data_ptr(), self._kinds[1], n))
+
+
+def task_arithmetic_divisor(weights, normalize: bool) -> float:
+    """The divisor methods.task_arithmetic uses: Σw as torch sums the (n, 1) float32 weights, 1 when not normalizing
+    or when that sum is ~0."""
+    if not normalize:
+        return 1.0
+    w = torch.tensor(list(weights), dtype=torch.float32).reshape(len(weights), 1)
+    divisor = float(w.sum(dim=0))
+    return divisor if abs(divisor) >= 1e-8 else 1.0
+
+
+def task_arithmetic_kernel(in_dtype: torch.dtype, out_dtype: torch.dtype) -> TaskArithmeticKernel | None:
+    """The one-pass task arithmetic kernel, proven equal to methods.task_arithmetic here; else None."""
+    if in_dtype not in KINDS or out_dtype not in KINDS or os.environ.get("LORAFOLD_FUSED_KERNEL", "1") == "0":
+        return None
+    return _checked_ta(in_dtype, out_dtype)
+
+
+@functools.cache
+def _checked_ta(in_dtype: torch.dtype, out_dtype: torch.dtype) -> TaskArithmeticKernel | None:
+    dll = _library()
+    if dll is None or (torch.float16 in (in_dtype, out_dtype) and not dll.lorafold_has_f16()):
+        return None
+    for zero_start in (False, True):
+        k = TaskArithmeticKernel(dll.task_arithmetic, in_dtype, out_dtype, zero_start)
+        if _ta_agrees(k, in_dtype, out_dtype):
+            return k
+    log.debug("task arithmetic kernel disagrees with torch on this machine; using the eager path")
+    return None
+
+
+def _ta_agrees(k: TaskArithmeticKernel, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    from . import methods
+
+    n = 4099
+    cases = (((0.5, 0.5, 0.5), False, 1.0), ((0.7, -1.3), True, 0.6), ((1.0,), False, 1.0), ((0.3, 0.2, 0.25, 0.25), True, 1.7))
+    for weights, normalize, lam in cases:
+        xs = [_probe_values(in_dtype, n, 100 + seed) for seed in range(len(weights) + 1)]
+        f32 = [x.float() for x in xs]
+        exact = methods.task_arithmetic(f32[0], f32[1:], weights, [None] * len(weights), consensus=False,
+                                        normalize=normalize, rescale=False, lam=lam)
+        want = exact.to(out_dtype)
+        got = torch.empty(n, dtype=out_dtype)
+        top = k([x.data_ptr() for x in xs], weights, task_arithmetic_divisor(weights, normalize), lam, got, n)
+        both_nan = got.isnan() & want.isnan()
+        if not torch.equal(got[~both_nan].view(torch.uint8), want[~both_nan].view(torch.uint8)):
+            return False
+        if bool(exact.isfinite().all()) and top != float_bits(float(exact.abs().max())):
             return False
     return True

@@ -86,3 +86,47 @@ static inline void f32_store(void *p, int64_t i, float v) { memcpy((char *)p + 4
 /* The first term is x·w in both (torch: 0 + x·w rounds once, as x·w does). The weights and divisor are float32. */
 BODY(linear_fma, fmaf(x, w, acc[j]))
 BODY(linear_mul_add, acc[j] + x * w)
+
+/* Task arithmetic at density 1 (task_arithmetic, dare_linear): base + λ·(Σ w_i·(x_i − base)) [/ divisor].
+ * inputs[0] is the base, inputs[1..k) the models, weights[i-1] theirs. Each delta is rounded, then scaled
+ * (methods.task_arithmetic's `x - base`, `*= w`), the deltas summed in order (from +0 when `zero_start`, as a
+ * reduction may start), divided, scaled by λ and added to the base: every step one float32 rounding, in the
+ * order of the eager ops. fused.py keeps the variant that equals them on this machine. */
+uint32_t task_arithmetic(const void *const *inputs, int64_t k, int kind, const float *weights, float divisor,
+                         float lam, int zero_start, void *out, int out_kind, int64_t n) {
+    float acc[SUB], b[SUB];
+    uint32_t top = 0;
+    for (int64_t s = 0; s < n; s += SUB) {
+        int64_t m = n - s < SUB ? n - s : SUB;
+        const void *base = inputs[0];
+        if (kind == BF16) for (int64_t j = 0; j < m; j++) b[j] = bf16_load(base, s + j);
+        else if (kind == F16) for (int64_t j = 0; j < m; j++) b[j] = f16_load(base, s + j);
+        else for (int64_t j = 0; j < m; j++) b[j] = f32_load(base, s + j);
+        for (int64_t i = 1; i < k; i++) {
+            const void *a = inputs[i];
+            float w = weights[i - 1];
+            int first = i == 1 && !zero_start;
+#define TA_LOOP(LOAD)                                                      \
+            for (int64_t j = 0; j < m; j++) {                              \
+                float d = (LOAD(a, s + j) - b[j]) * w;                     \
+                acc[j] = first ? d : (i == 1 ? 0.0f + d : acc[j] + d);     \
+            }
+            if (kind == BF16) TA_LOOP(bf16_load)
+            else if (kind == F16) TA_LOOP(f16_load)
+            else TA_LOOP(f32_load)
+#undef TA_LOOP
+        }
+        if (k == 1) for (int64_t j = 0; j < m; j++) acc[j] = 0.0f;
+        if (divisor != 1.0f) for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / divisor;
+        if (lam != 1.0f) for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * lam;
+        for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + b[j];
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u = to_bits(acc[j]) & 0x7FFFFFFFu;
+            top = u > top ? u : top;
+        }
+        if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, acc[j]);
+        else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, acc[j]);
+        else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, acc[j]);
+    }
+    return top;
+}

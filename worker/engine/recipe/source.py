@@ -221,30 +221,38 @@ class Combine(InputsOp):
                 inp._drop_window()
 
     def one_pass(self, out: torch.Tensor, r0: int, r1: int, overflow: float) -> torch.Tensor | None:
-        """Rows [r0, r1) of a linear merge straight from the inputs' stored bytes into `out` (its output dtype) in
-        one compiled pass per block (recipe/fused.py), with the executor's numeric flag; None where that kernel
-        does not apply (another method, an input with an adapter folded in, mixed input dtypes, no kernel)."""
+        """Rows [r0, r1) of a linear or density-1 task-arithmetic merge straight from the inputs' stored bytes into
+        `out` (its output dtype) in one compiled pass per block (recipe/fused.py), with the executor's numeric
+        flag; None where no kernel applies (another method, an input with an adapter folded in, mixed input
+        dtypes, no compiler)."""
         a = self.args
-        if a.method != "linear" or self.whole or any(inp.ops(self.name) for inp in self.inputs):
+        if self.whole or any(inp.ops(self.name) for inp in self.inputs):
             return None
         stored = {inp.slots[self.name].dtype for inp in self.inputs}
         if len(stored) != 1:
             return None
-        kernel = fused.kernel(torch_dtype(stored.pop()), out.dtype)
-        if kernel is None:
+        in_dtype = torch_dtype(stored.pop())
+        if a.method == "linear":
+            linear = fused.kernel(in_dtype, out.dtype)
+            divisor = methods._float32_sum(tuple(a.weights)) if a.normalize else 1.0
+            run = None if linear is None else (lambda addrs, dest, n: linear(addrs, a.weights, divisor, dest, n))
+        elif a.method in ("task_arithmetic", "dare_linear"):  # density 1 (else `whole`): no masks, no election
+            ta = fused.task_arithmetic_kernel(in_dtype, out.dtype)
+            divisor = fused.task_arithmetic_divisor(a.weights, a.normalize)
+            run = None if ta is None else (lambda addrs, dest, n: ta(addrs, a.weights, divisor, a.lam, dest, n))
+        else:
+            return None
+        if run is None:
             return None
         cpu = torch.device("cpu")
-        shape = tuple(out.shape)
         per_row = out[:1].numel()
-        step = rows_per_chunk(shape, _ONE_PASS_ELEMS)
-        divisor = methods._float32_sum(tuple(a.weights)) if a.normalize else 1.0
+        step = rows_per_chunk(tuple(out.shape), _ONE_PASS_ELEMS)
         top = 0
         try:
             for b0 in range(r0, r1, step):
                 b1 = min(r1, b0 + step)
                 raws = [inp._raw(self.name, b0, b1, cpu) for inp in self.inputs]
-                dest = out[b0 - r0 : b1 - r0]
-                top = max(top, kernel([raw.data_ptr() for raw, _ in raws], a.weights, divisor, dest, (b1 - b0) * per_row))
+                top = max(top, run([raw.data_ptr() for raw, _ in raws], out[b0 - r0 : b1 - r0], (b1 - b0) * per_row))
                 for inp, (_, handle) in zip(self.inputs, raws, strict=True):
                     if handle is not None:
                         inp.source.release_range(handle)
