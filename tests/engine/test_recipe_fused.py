@@ -178,13 +178,13 @@ def test_without_a_compiler_the_eager_path_gives_the_same_bytes(sets, tmp_path, 
     monkeypatch.setattr(fused, "_compiler", lambda: None)
     monkeypatch.setenv("LORAFOLD_CACHE_DIR", str(tmp_path / "empty-cache"))
     fused._library.cache_clear()
-    fused._checked_kernel.cache_clear()
+    fused._proven.cache_clear()
     try:
         assert fused.kernel(torch.float16, torch.float16) is None
         _run(text, tmp_path / "eager")
     finally:
         fused._library.cache_clear()
-        fused._checked_kernel.cache_clear()
+        fused._proven.cache_clear()
     assert _files(tmp_path / "eager") == _files(tmp_path / "one-pass")
     assert not (tmp_path / "empty-cache").exists()
 
@@ -195,7 +195,7 @@ def test_a_library_is_never_loaded_from_a_folder_others_can_write(tmp_path, monk
     shared.chmod(0o777)
     monkeypatch.setenv("LORAFOLD_CACHE_DIR", str(shared))
     fused._library.cache_clear()
-    fused._checked_kernel.cache_clear()
+    fused._proven.cache_clear()
     try:
         assert fused.kernel(torch.bfloat16, torch.bfloat16) is None
         assert list(shared.iterdir()) == []
@@ -211,4 +211,4 @@ def test_a_library_is_never_loaded_from_a_folder_others_can_write(tmp_path, monk
         assert lib.read_bytes()[:4] == b"\x7fELF"
     finally:
         fused._library.cache_clear()
-        fused._checked_kernel.cache_clear()
+        fused._proven.cache_clear()

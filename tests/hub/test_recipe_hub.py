@@ -43,6 +43,27 @@ dtype: bfloat16
 """
 
 
+def _push_recipe(hub, tmp_path, capsys, text: str, target: str) -> str:
+    """`lorafold merge --recipe` of `text` pushed to `target`, the Hub's request log cleared first; its stdout."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(text)
+    hub.clear_log()
+    rc = main(["merge", "--recipe", str(recipe), "--push-to", target, "--token", ALICE, "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    return out
+
+
+def _same_as_local(text: str, published, out) -> None:
+    """The recipe `text` (local folders) merged into `out` gives the published tensors bit for bit."""
+    r = parse_recipe(text)
+    refs = {i.ref.text: OpenedRef(i.ref.text, LocalDirSource(i.ref.model), LocalDirSource(i.ref.adapter) if i.ref.adapter else None)
+            for i in r.inputs}
+    merge_recipe(r, refs, LocalDirSink(out), MergeOptions(device="cpu"))
+    a, b = load_state(published), load_state(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_recipe_from_the_hub_reads_by_ranges_once_and_commits_once(hub, seeded_model, finetunes, tmp_path, capsys):
     seed(hub, seeded_model)
     api = HfApi(endpoint=hub.url)
@@ -51,12 +72,7 @@ def test_a_recipe_from_the_hub_reads_by_ranges_once_and_commits_once(hub, seeded
         api.upload_folder(repo_id=f"alice/ft{i}", folder_path=str(folder), token=ALICE, commit_message="seed")
     _drain_capture()
     capsys.readouterr()
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(RECIPE)
-    hub.clear_log()
-    rc = main(["merge", "--recipe", str(recipe), "--push-to", "alice/recipe-merged", "--token", ALICE, "--quiet"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
+    out = _push_recipe(hub, tmp_path, capsys, RECIPE, "alice/recipe-merged")
     assert "Merged 4 inputs (task_arithmetic)" in out
 
     commits = merged_commits(hub, "alice/recipe-merged")
@@ -83,12 +99,7 @@ def test_a_recipe_from_the_hub_reads_by_ranges_once_and_commits_once(hub, seeded
     text = (RECIPE.replace("alice/base+alice/adapter", f"{seeded_model.base_dir}+{seeded_model.adapter_dir}")
             .replace("alice/base", str(seeded_model.base_dir)).replace("alice/ft1", str(finetunes[0]))
             .replace("alice/ft2@main", str(finetunes[1])))
-    r = parse_recipe(text)
-    refs = {i.ref.text: OpenedRef(i.ref.text, LocalDirSource(i.ref.model), LocalDirSource(i.ref.adapter) if i.ref.adapter else None)
-            for i in r.inputs}
-    merge_recipe(r, refs, LocalDirSink(tmp_path / "local"), MergeOptions(device="cpu"))
-    a, b = load_state(local), load_state(tmp_path / "local")
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _same_as_local(text, local, tmp_path / "local")
 
 
 def test_passthrough_slices_from_the_hub_read_by_ranges(hub, seeded_model, finetunes, tmp_path, capsys):
@@ -106,12 +117,7 @@ def test_passthrough_slices_from_the_hub_read_by_ranges(hub, seeded_model, finet
     text = (f"merge_method: passthrough\nbase_model: alice/base\nslices:\n"
             f"  - sources:\n      - {{model: alice/base+alice/adapter, layer_range: [0, {n}]}}\n"
             f"  - sources:\n      - {{model: alice/ft1, layer_range: [1, {n}], parameters: {{scale: 0.5}}}}\n")
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(text)
-    hub.clear_log()
-    rc = main(["merge", "--recipe", str(recipe), "--push-to", "alice/franken", "--token", ALICE, "--quiet"])
-    out, err = capsys.readouterr()
-    assert rc == 0, err
+    out = _push_recipe(hub, tmp_path, capsys, text, "alice/franken")
     assert "(passthrough)" in out
     for repo in ("alice/base", "alice/ft1"):  # the models' shards by ranges (the small adapter is fetched whole)
         gets = [r for r in hub.request_log if r.method == "GET" and f"/{repo}/resolve/" in r.path and r.path.endswith(".safetensors")]
@@ -124,9 +130,4 @@ def test_passthrough_slices_from_the_hub_read_by_ranges(hub, seeded_model, finet
 
     local_text = (text.replace("alice/base+alice/adapter", f"{seeded_model.base_dir}+{seeded_model.adapter_dir}")
                   .replace("alice/base", str(seeded_model.base_dir)).replace("alice/ft1", str(finetunes[0])))
-    r = parse_recipe(local_text)
-    refs = {i.ref.text: OpenedRef(i.ref.text, LocalDirSource(i.ref.model), LocalDirSource(i.ref.adapter) if i.ref.adapter else None)
-            for i in r.inputs}
-    merge_recipe(r, refs, LocalDirSink(tmp_path / "local"), MergeOptions(device="cpu"))
-    a, b = load_state(local), load_state(tmp_path / "local")
-    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    _same_as_local(local_text, local, tmp_path / "local")

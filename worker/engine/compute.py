@@ -165,8 +165,7 @@ class Compute:
         if len(t.ops) == 1 and src is None and not self.discrete:
             # an op that reads its own inputs may do the whole chunk in one compiled pass (recipe/fused.py),
             # the same bits and check as the blocks below; None when it cannot here
-            one_pass = getattr(t.ops[0], "one_pass", None)
-            flag = one_pass(out, r0, r0 + shape[0], overflow(out_dtype)) if one_pass is not None else None
+            flag = t.ops[0].one_pass(out, r0, r0 + shape[0], overflow(out_dtype))
             if flag is not None:
                 return flag
         whole = not all(op.chunkable for op in t.ops)

@@ -103,6 +103,11 @@ class Op:
         """Bytes the op reads by itself for rows [r0, r1) (a recipe's inputs), held against the in-flight budget."""
         return 0
 
+    def one_pass(self, out: torch.Tensor, r0: int, r1: int, overflow: float) -> torch.Tensor | None:
+        """Rows [r0, r1) straight into `out` (the output dtype) with the numeric flag, for an op that reads its own
+        inputs and has a compiled kernel (recipe/fused.py); None: the executor's float32 blocks do it."""
+        return None
+
     def apply(self, w: torch.Tensor, r0: int, r1: int, ctx: Ctx, dtype: torch.dtype) -> None:
         raise NotImplementedError
 

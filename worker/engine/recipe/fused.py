@@ -160,89 +160,91 @@ def float_bits(value: float) -> int:
     return int(torch.tensor(value, dtype=torch.float32).view(torch.int32).item())
 
 
-class LinearKernel:
-    """Σ w_i·x_i [/ divisor] from inputs stored as `in_dtype` into an `out_dtype` tensor; returns the largest
-    magnitude as float32 bits (a NaN above every number), which the caller compares to the overflow bound.
-    ctypes releases the GIL for the call."""
+class _Kernel:
+    """One of the C kernels for a pair of dtypes, in one of its variants (which way torch rounds, found by
+    `_proven`). Calls return the largest magnitude of the float32 results as float32 bits (a NaN above every
+    number), which the caller compares to the overflow bound. ctypes releases the GIL for the call.
 
-    def __init__(self, fn, in_dtype: torch.dtype, out_dtype: torch.dtype, fused: bool):
+    Subclasses say which C functions are their variants, what they compute eagerly (`eager`, the path they must
+    equal), and the cases they are proven on (`PROBES`)."""
+
+    VARIANTS: tuple[tuple[str, bool], ...] = ()
+    PROBES: tuple = ()
+
+    def __init__(self, fn, in_dtype: torch.dtype, out_dtype: torch.dtype, variant: bool):
         self._fn = fn
         self._kinds = (KINDS[in_dtype], KINDS[out_dtype])
-        self.fused = fused
+        self.variant = variant
+
+    def _run(self, addrs: list[int], weights, scalars: tuple, out: torch.Tensor, n: int) -> int:
+        assert out.is_contiguous() and out.numel() >= n and KINDS[out.dtype] == self._kinds[1]
+        if n == 0:
+            return 0
+        k = len(addrs)
+        return int(self._fn((ctypes.c_void_p * k)(*addrs), k, self._kinds[0], (ctypes.c_float * max(1, len(weights)))(*weights),
+                            *scalars, out.data_ptr(), self._kinds[1], n))
+
+
+class LinearKernel(_Kernel):
+    """Σ w_i·x_i [/ divisor]. Variants: each term after the first added by a fused multiply-add, or not."""
+
+    VARIANTS = (("linear_fma", True), ("linear_mul_add", False))
+    #: (weights, normalize)
+    PROBES = (((0.3, 0.2, 0.25, 0.25), False), ((1.0, 0.7, -1.3), True), ((0.5, 0.5), True), ((1.0,), False))
 
     def __call__(self, addrs: list[int], weights, divisor: float, out: torch.Tensor, n: int) -> int:
-        assert out.is_contiguous() and out.numel() >= n and KINDS[out.dtype] == self._kinds[1]
-        if n == 0:
-            return 0
-        k = len(addrs)
-        return int(self._fn((ctypes.c_void_p * k)(*addrs), k, self._kinds[0], (ctypes.c_float * k)(*weights),
-                            divisor, out.data_ptr(), self._kinds[1], n))
+        return self._run(addrs, weights, (divisor,), out, n)
+
+    @staticmethod
+    def inputs(case) -> int:
+        return len(case[0])
+
+    @staticmethod
+    def eager(xs: list[torch.Tensor], case) -> torch.Tensor:
+        from . import methods
+
+        return methods.linear(xs, case[0], case[1])
+
+    def probe(self, addrs: list[int], case, out: torch.Tensor, n: int) -> int:
+        from . import methods
+
+        weights, normalize = case
+        return self(addrs, weights, methods._float32_sum(tuple(weights)) if normalize else 1.0, out, n)
 
 
-def kernel(in_dtype: torch.dtype, out_dtype: torch.dtype) -> LinearKernel | None:
-    """The fused linear kernel for these dtypes, proven equal to the eager path on this machine; else None
-    (also when LORAFOLD_FUSED_KERNEL=0: the eager path, for comparisons)."""
-    if in_dtype not in KINDS or out_dtype not in KINDS or os.environ.get("LORAFOLD_FUSED_KERNEL", "1") == "0":
-        return None
-    return _checked_kernel(in_dtype, out_dtype)
+class TaskArithmeticKernel(_Kernel):
+    """Task arithmetic at density 1 (task_arithmetic, dare_linear): `addrs[0]` is the base, the others the models
+    with `weights`. Variants: the deltas' sum taken from its first term, or from +0 (as a reduction may start)."""
 
-
-@functools.cache
-def _checked_kernel(in_dtype: torch.dtype, out_dtype: torch.dtype) -> LinearKernel | None:
-    dll = _library()
-    if dll is None or (torch.float16 in (in_dtype, out_dtype) and not dll.lorafold_has_f16()):
-        return None
-    for fn, fused in ((dll.linear_fma, True), (dll.linear_mul_add, False)):
-        k = LinearKernel(fn, in_dtype, out_dtype, fused)
-        if _agrees(k, in_dtype, out_dtype):
-            return k
-    log.debug("fused linear kernel disagrees with torch on this machine; using the eager path")
-    return None
-
-
-def _agrees(k: LinearKernel, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    from . import methods
-
-    n = 4099  # not a multiple of the sub-block or a vector width
-    for weights, normalize in (((0.3, 0.2, 0.25, 0.25), False), ((1.0, 0.7, -1.3), True), ((0.5, 0.5), True), ((1.0,), False)):
-        xs = [_probe_values(in_dtype, n, seed) for seed in range(len(weights))]
-        want = methods.linear([x.float() for x in xs], weights, normalize).to(out_dtype)
-        got = torch.empty(n, dtype=out_dtype)
-        divisor = methods._float32_sum(tuple(weights)) if normalize else 1.0
-        top = k([x.data_ptr() for x in xs], weights, divisor, got, n)
-        both_nan = got.isnan() & want.isnan()  # any NaN fails the merge; its bits do not matter
-        if not torch.equal(got[~both_nan].view(torch.uint8), want[~both_nan].view(torch.uint8)):
-            return False
-        exact = methods.linear([x.float() for x in xs], weights, normalize)
-        finite = exact[exact.isfinite()]
-        expect_top = float(finite.abs().max()) if finite.numel() == exact.numel() else None
-        if expect_top is not None and top != float_bits(expect_top):
-            return False
-    return True
-
-
-class TaskArithmeticKernel:
-    """Task arithmetic at density 1 (task_arithmetic, dare_linear) in one pass: `addrs[0]` is the base, the others
-    the models with `weights`; returns the largest magnitude's float32 bits, as LinearKernel does."""
-
-    def __init__(self, fn, in_dtype: torch.dtype, out_dtype: torch.dtype, zero_start: bool):
-        self._fn = fn
-        self._kinds = (KINDS[in_dtype], KINDS[out_dtype])
-        self.zero_start = zero_start
+    VARIANTS = (("task_arithmetic", False), ("task_arithmetic", True))
+    #: (weights, normalize, lambda)
+    PROBES = (((0.5, 0.5, 0.5), False, 1.0), ((0.7, -1.3), True, 0.6), ((1.0,), False, 1.0), ((0.3, 0.2, 0.25, 0.25), True, 1.7))
 
     def __call__(self, addrs: list[int], weights, divisor: float, lam: float, out: torch.Tensor, n: int) -> int:
-        assert out.is_contiguous() and out.numel() >= n and KINDS[out.dtype] == self._kinds[1]
         assert len(weights) == len(addrs) - 1
-        if n == 0:
-            return 0
-        k = len(addrs)
-        return int(self._fn((ctypes.c_void_p * k)(*addrs), k, self._kinds[0], (ctypes.c_float * max(1, k - 1))(*weights),
-                            divisor, lam, int(self.zero_start), out.data_ptr(), self._kinds[1], n))
+        return self._run(addrs, weights, (divisor, lam, int(self.variant)), out, n)
+
+    @staticmethod
+    def inputs(case) -> int:
+        return len(case[0]) + 1
+
+    @staticmethod
+    def eager(xs: list[torch.Tensor], case) -> torch.Tensor:
+        from . import methods
+
+        weights, normalize, lam = case
+        return methods.task_arithmetic(xs[0], xs[1:], weights, [None] * len(weights), consensus=False,
+                                       normalize=normalize, rescale=False, lam=lam)
+
+    def probe(self, addrs: list[int], case, out: torch.Tensor, n: int) -> int:
+        weights, normalize, lam = case
+        return self(addrs, weights, task_arithmetic_divisor(weights, normalize), lam, out, n)
 
 
+@functools.lru_cache(maxsize=256)
 def task_arithmetic_divisor(weights, normalize: bool) -> float:
     """The divisor methods.task_arithmetic uses: Σw as torch sums the (n, 1) float32 weights, 1 when not normalizing
-    or when that sum is ~0."""
+    or when that sum is ~0 (once per set of weights, not per block)."""
     if not normalize:
         return 1.0
     w = torch.tensor(list(weights), dtype=torch.float32).reshape(len(weights), 1)
@@ -250,40 +252,46 @@ def task_arithmetic_divisor(weights, normalize: bool) -> float:
     return divisor if abs(divisor) >= 1e-8 else 1.0
 
 
+def kernel(in_dtype: torch.dtype, out_dtype: torch.dtype) -> LinearKernel | None:
+    """The one-pass linear kernel for these dtypes, proven equal to the eager path on this machine; else None
+    (also when LORAFOLD_FUSED_KERNEL=0: the eager path, for comparisons)."""
+    return _wanted(LinearKernel, in_dtype, out_dtype)
+
+
 def task_arithmetic_kernel(in_dtype: torch.dtype, out_dtype: torch.dtype) -> TaskArithmeticKernel | None:
     """The one-pass task arithmetic kernel, proven equal to methods.task_arithmetic here; else None."""
+    return _wanted(TaskArithmeticKernel, in_dtype, out_dtype)
+
+
+def _wanted(cls, in_dtype: torch.dtype, out_dtype: torch.dtype):
     if in_dtype not in KINDS or out_dtype not in KINDS or os.environ.get("LORAFOLD_FUSED_KERNEL", "1") == "0":
         return None
-    return _checked_ta(in_dtype, out_dtype)
+    return _proven(cls, in_dtype, out_dtype)
 
 
 @functools.cache
-def _checked_ta(in_dtype: torch.dtype, out_dtype: torch.dtype) -> TaskArithmeticKernel | None:
+def _proven(cls, in_dtype: torch.dtype, out_dtype: torch.dtype):
+    """The first variant of `cls` that gives the eager path's bytes and largest magnitude on the probe values."""
     dll = _library()
     if dll is None or (torch.float16 in (in_dtype, out_dtype) and not dll.lorafold_has_f16()):
         return None
-    for zero_start in (False, True):
-        k = TaskArithmeticKernel(dll.task_arithmetic, in_dtype, out_dtype, zero_start)
-        if _ta_agrees(k, in_dtype, out_dtype):
+    for name, variant in cls.VARIANTS:
+        k = cls(getattr(dll, name), in_dtype, out_dtype, variant)
+        if _agrees(k, in_dtype, out_dtype):
             return k
-    log.debug("task arithmetic kernel disagrees with torch on this machine; using the eager path")
+    log.debug("%s disagrees with torch on this machine; using the eager path", cls.__name__)
     return None
 
 
-def _ta_agrees(k: TaskArithmeticKernel, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    from . import methods
-
-    n = 4099
-    cases = (((0.5, 0.5, 0.5), False, 1.0), ((0.7, -1.3), True, 0.6), ((1.0,), False, 1.0), ((0.3, 0.2, 0.25, 0.25), True, 1.7))
-    for weights, normalize, lam in cases:
-        xs = [_probe_values(in_dtype, n, 100 + seed) for seed in range(len(weights) + 1)]
-        f32 = [x.float() for x in xs]
-        exact = methods.task_arithmetic(f32[0], f32[1:], weights, [None] * len(weights), consensus=False,
-                                        normalize=normalize, rescale=False, lam=lam)
+def _agrees(k: _Kernel, in_dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
+    n = 4099  # not a multiple of the sub-block or a vector width
+    for case in k.PROBES:
+        xs = [_probe_values(in_dtype, n, seed) for seed in range(k.inputs(case))]
+        exact = k.eager([x.float() for x in xs], case)
         want = exact.to(out_dtype)
         got = torch.empty(n, dtype=out_dtype)
-        top = k([x.data_ptr() for x in xs], weights, task_arithmetic_divisor(weights, normalize), lam, got, n)
-        both_nan = got.isnan() & want.isnan()
+        top = k.probe([x.data_ptr() for x in xs], case, got, n)
+        both_nan = got.isnan() & want.isnan()  # any NaN fails the merge; its bits do not matter
         if not torch.equal(got[~both_nan].view(torch.uint8), want[~both_nan].view(torch.uint8)):
             return False
         if bool(exact.isfinite().all()) and top != float_bits(float(exact.abs().max())):
