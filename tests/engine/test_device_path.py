@@ -65,11 +65,16 @@ def llama_bf16(parity_root):  # noqa: F811
     return build_case(name, dtype, parity_root)
 
 
-def _breaks(case, tmp_path) -> bool:
-    """Whether a merge through the fake with a deliberate ordering bug fails or differs from the oracle."""
+SLOW = (0.003, 0.005)  # seconds: the lane a planted bug races against lags every chunk's math (~0.1 ms) for sure
+
+
+def _breaks(case, tmp_path, *, slow: str) -> bool:
+    """Whether a merge through the fake with a deliberate ordering bug fails or differs from the oracle. The `slow`
+    lane ("h2d" or "d2h") is the one the bug races: making it late for sure turns "breaks on most runs, depending on
+    how busy the machine is" into "breaks on every run"."""
     out = tmp_path / "broken"
     try:
-        with use_fake_device(seed=7, max_delay=0.003):
+        with use_fake_device(seed=7, max_delay=0.0, **{f"{slow}_delay": SLOW}):
             _merge(case, out)
     except EngineError:  # NaN read as data, or a numeric flag read before it was written
         return True
@@ -80,16 +85,22 @@ def _breaks(case, tmp_path) -> bool:
     return False
 
 
+@pytest.mark.parametrize("slow", ["h2d", "d2h"])
+def test_slow_lanes_alone_break_nothing(llama_bf16, tmp_path, slow):
+    """The control for the four tests below: the same slow lanes without a planted bug give the oracle's bits."""
+    assert not _breaks(llama_bf16, tmp_path, slow=slow)
+
+
 def test_fake_catches_math_reading_an_upload_before_its_fence(llama_bf16, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(FakeAsyncDevice, "compute_wait", lambda self, fence: None)
-        assert _breaks(llama_bf16, tmp_path)
+        assert _breaks(llama_bf16, tmp_path, slow="h2d")
 
 
 def test_fake_catches_a_staging_buffer_recycled_before_its_copy(llama_bf16, tmp_path):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(BufferPool, "put_after", lambda self, buf, fence: self.put(buf))
-        assert _breaks(llama_bf16, tmp_path)
+        assert _breaks(llama_bf16, tmp_path, slow="h2d")
 
 
 def test_fake_catches_a_writer_that_does_not_wait_for_the_download(llama_bf16, tmp_path):
@@ -97,7 +108,7 @@ def test_fake_catches_a_writer_that_does_not_wait_for_the_download(llama_bf16, t
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(fake_device._Fence, "wait", lambda self: None)
-        assert _breaks(llama_bf16, tmp_path)
+        assert _breaks(llama_bf16, tmp_path, slow="d2h")
 
 
 def test_fake_catches_a_device_buffer_overwritten_before_its_download(llama_bf16, tmp_path):
@@ -110,7 +121,7 @@ def test_fake_catches_a_device_buffer_overwritten_before_its_download(llama_bf16
             return real(self, msg)
 
         mp.setattr(compute_mod.Compute, "__call__", no_alternation)
-        assert _breaks(llama_bf16, tmp_path)
+        assert _breaks(llama_bf16, tmp_path, slow="d2h")
 
 
 def test_large_staging_buffers_are_exact_and_released():

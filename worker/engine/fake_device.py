@@ -45,18 +45,18 @@ class _Fence:
 
 
 class _Stream:
-    """One FIFO lane: copies run in order, each after a random delay."""
+    """One FIFO lane: copies run in order, each after a random delay in [lo, hi) seconds."""
 
-    def __init__(self, name: str, rng: random.Random, max_delay: float):
+    def __init__(self, name: str, rng: random.Random, delay: tuple[float, float]):
         self._q: queue.Queue = queue.Queue()
         self._rng = rng
-        self._max_delay = max_delay
+        self._lo, self._hi = delay
         self._thread = threading.Thread(target=self._run, name=f"fake-{name}", daemon=True)
         self._thread.start()
         self.error: BaseException | None = None
 
     def submit(self, fn, fence: _Fence) -> None:
-        self._q.put((fn, fence, self._rng.random() * self._max_delay))
+        self._q.put((fn, fence, self._lo + self._rng.random() * (self._hi - self._lo)))
 
     def _run(self) -> None:
         while True:
@@ -80,11 +80,22 @@ class _Stream:
 class FakeAsyncDevice(Device):
     discrete = True
 
-    def __init__(self, torch_device: torch.device | None = None, *, seed: int = 0, max_delay: float = 0.002):
+    def __init__(
+        self,
+        torch_device: torch.device | None = None,
+        *,
+        seed: int = 0,
+        max_delay: float = 0.002,
+        h2d_delay: tuple[float, float] | None = None,
+        d2h_delay: tuple[float, float] | None = None,
+    ):
+        """Each copy starts 0..`max_delay` s late; `h2d_delay`/`d2h_delay` set one lane's (min, max) instead. A test
+        that plants an ordering bug makes the lane it races against slow for sure (a few ms against ~0.1 ms of
+        math per chunk), so the bug shows on every run however loaded the machine is, not on most runs."""
         super().__init__(torch.device("cpu"))
         rng = random.Random(seed)
-        self._h2d = _Stream("h2d", random.Random(rng.random()), max_delay)
-        self._d2h = _Stream("d2h", random.Random(rng.random()), max_delay)
+        self._h2d = _Stream("h2d", random.Random(rng.random()), h2d_delay or (0.0, max_delay))
+        self._d2h = _Stream("d2h", random.Random(rng.random()), d2h_delay or (0.0, max_delay))
         self.compute_thread: int | None = None
         self.host_waits_in_compute = 0
         self.uploads = 0
