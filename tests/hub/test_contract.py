@@ -322,7 +322,7 @@ def test_downloads_at_revision_and_snapshot(hub, toy, tmp_path):
     assert sha256(open(os.path.join(snap, "model.safetensors"), "rb").read()) == sha256(toy["data"])
 
 
-def test_safetensors_metadata_single_and_sharded(api, hub, tmp_path):
+def test_safetensors_metadata_single_and_sharded(api, hub, toy, tmp_path):
     single = api.get_safetensors_metadata("alice/toy")
     assert not single.sharded and single.files_metadata["model.safetensors"].tensors["w"].shape == [N_FLOATS]
     ranged = hub.requests(method="GET", path=r"/alice/toy/resolve/main/model\.safetensors$")
