@@ -114,17 +114,20 @@ ORDER = ["starting", "resolve", "plan", "merge", "finish", "commit", "done"]
 
 
 def _spares(stack: Stack) -> list[int]:
-    """Idle warm spares under this stack's worker: `python -m worker.service.job_process --spare` processes."""
+    """Idle warm spares under this stack's worker: forked ones name themselves `lorafold-spare` (job_process.py),
+    exec'd ones run `python -m worker.service.job_process --spare`."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            comm = Path(f"/proc/{entry}/comm").read_bytes().strip()
             pgid = os.getpgid(int(entry))
         except OSError:
             continue
-        if b"worker.service.job_process" in cmd and b"--spare" in cmd and pgid == stack.worker.pid:
+        exec_spare = b"worker.service.job_process" in cmd and b"--spare" in cmd
+        if (comm == b"lorafold-spare" or exec_spare) and pgid == stack.worker.pid and _alive(int(entry)):
             found.append(int(entry))
     return found
 

@@ -60,6 +60,9 @@ def run_worker(queues: str = "gpu", concurrency: int = 1) -> int:
 
         stop_spare()
 
+    from ..service.job_process import preload
+
+    preload()  # torch and the engine, once, before the pool forks: each job process is then a fork, not a new Python
     app.worker_main(
         ["worker", "-Q", queues, "-c", str(concurrency), "--pool=prefork", "-l", "INFO", "-n", f"lorafold-{os.getpid()}@%h",
          "--without-gossip", "--without-mingle"]

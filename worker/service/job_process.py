@@ -7,14 +7,21 @@ billiard#389; seen here in CI). A process per job gives the same isolation witho
 
 Why a spare: a fresh Python that imports torch, the engine and the Hub client takes seconds (~10 s on a loaded
 2-core machine) before it writes the job's first log line, which a user watched as "queued · 0%". So each pool
-child starts the next job's process *before* the job arrives (`start_spare`, right after fork and right after each
-hand-over): it imports everything, initialises CUDA where the worker merges on CUDA, opens the database engine,
-says so on a pipe, then blocks on its stdin. The next spare is started once the process that took the job is warm
-(at once, for a spare that was ready): two interpreters importing torch side by side on a busy machine made the
-job's own start twice as slow. The task writes one line (the job id, whether the message was redelivered, when it was
+child keeps the next job's process ready *before* the job arrives (`start_spare`, right after fork and right after
+each hand-over): it initialises CUDA where the worker merges on CUDA, opens the database engine, says so on a pipe,
+then blocks on its stdin. The task writes one line (the job id, whether the message was redelivered, when it was
 picked up) and closes the pipe; the spare runs that one job and exits. A spare is never given a second job, so
-every job still starts from a clean process and returns its VRAM when it exits. The exec'd interpreter shares no
-memory with the pool child (no fork of a CUDA process anywhere).
+every job still starts from a clean process and returns its VRAM when it exits.
+
+How a spare is made (Linux): forked from the pool child. The Celery main process imports torch, the engine and the
+Hub client once, before it forks its pool (`preload`), and never initialises CUDA or runs a torch op (no OpenMP
+threads either), so a fork of a pool child is a ready Python with everything imported, in milliseconds, instead of
+an interpreter that spends 3-4 s of CPU importing torch for each job. CUDA is only ever initialised in the forked
+job process, which never forks. The child sheds what it inherited from Celery (signal handlers, stdout proxies,
+logging handlers; database connections are dropped by jobs/db.py's at-fork hook) before it does anything else,
+and it always ends in `os._exit`: it never returns into Celery's code. Elsewhere (or with
+LORAFOLD_JOB_START=exec) the spare is a fresh interpreter exec'd as `python -m worker.service.job_process --spare`.
+The next spare is started once the process that took the job is warm (at once, for a spare that was ready).
 
 The job process dies with its parent (PR_SET_PDEATHSIG, and EOF on its stdin while it waits): if the Celery child
 is killed, the message comes back (acks_late + reject_on_worker_lost) and the next attempt takes the job over. If
@@ -38,6 +45,7 @@ MAX_RESTARTS = 2
 SPARE_FLAG = "--spare"
 _PARENT_ENV = "LORAFOLD_JOB_PARENT"
 _READY_ENV = "LORAFOLD_JOB_READY_FD"
+SPARE_NAME, JOB_NAME = b"lorafold-spare", b"lorafold-job"  # /proc/PID/comm of a forked spare, then of its job
 
 _spare: subprocess.Popen | None = None  # this pool child's warm spare (one per worker slot)
 _store = None
@@ -50,7 +58,91 @@ class Stopped(BaseException):
 # --- the pool child's side ----------------------------------------------------------------------------------------
 
 
-def _spawn() -> subprocess.Popen:
+def _forks() -> bool:
+    return sys.platform == "linux" and os.environ.get("LORAFOLD_JOB_START", "fork") != "exec"
+
+
+def preload() -> None:
+    """In the Celery main process, before it forks its pool: what every job process needs, imported once (see the
+    module docstring). Importing torch starts no thread and touches no GPU; nothing here runs a torch op."""
+    if not _forks():
+        return
+    # huggingface_hub reads this when it is imported, which now happens here rather than in each job process:
+    # a job's Hub calls use the token its job names, never one found on the machine.
+    os.environ.setdefault("HF_HUB_DISABLE_IMPLICIT_TOKEN", "1")
+    import torch  # noqa: F401
+
+    from . import pipeline  # noqa: F401 - the engine and huggingface_hub
+
+
+class _Forked:
+    """A job process forked from this pool child: what the hand-over uses of subprocess.Popen, on os.waitpid."""
+
+    def __init__(self, pid: int, stdin_fd: int, ready_fd: int):
+        self.pid = pid
+        self.stdin = os.fdopen(stdin_fd, "wb", buffering=0)
+        self.ready_fd = ready_fd
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            while self.returncode is None:
+                _, status = os.waitpid(self.pid, 0)
+                self.returncode = os.waitstatus_to_exitcode(status)
+            return self.returncode
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            if time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"job process {self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _fork() -> _Forked:
+    stdin_r, stdin_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    parent = os.getpid()
+    try:
+        pid = os.fork()
+    except BaseException:
+        for fd in (stdin_r, stdin_w, ready_r, ready_w):
+            os.close(fd)
+        raise
+    if pid == 0:  # the job process: whatever happens, it ends here and never unwinds into Celery's code
+        code = 1
+        try:
+            os.close(stdin_w)
+            os.close(ready_r)
+            code = _forked_main(stdin_r, ready_w, parent)
+        except BaseException:  # noqa: BLE001 - reported, then the process ends with 1
+            try:
+                log.exception("job process failed before its job")
+            except BaseException:  # noqa: BLE001
+                pass
+        finally:
+            leave(code)
+    os.close(stdin_r)
+    os.close(ready_w)
+    return _Forked(pid, stdin_w, ready_r)
+
+
+def _spawn():
+    if _forks():
+        return _fork()
     ready_r, ready_w = os.pipe()
     env = dict(os.environ, **{_PARENT_ENV: str(os.getpid()), _READY_ENV: str(ready_w)})
     try:
@@ -172,21 +264,52 @@ def run_in_subprocess(job_id: str, *, redelivered: bool = False) -> int:
 # --- the job process's side ---------------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
+def _prctl(option: int, arg) -> None:
     if sys.platform != "linux":
         return
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(option, arg)
     except (OSError, AttributeError):
         pass
-    parent = os.environ.get(_PARENT_ENV, "")
+
+
+def _die_with_parent(parent: str) -> None:
+    _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     if parent.isdigit() and os.getppid() != int(parent):  # the parent died before the death signal was armed
         os._exit(0)
 
 
-def _warm_up(settings) -> None:
+def _shed_celery() -> None:
+    """A forked pool child's state that is Celery's, not this process's: its signal handlers and mask (SIGUSR1
+    would raise Celery's soft time limit here), its stdout/stderr proxies into its logger, its log handlers."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+                signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        if isinstance(logger, logging.Logger):
+            for handler in logger.handlers[:]:
+                logger.removeHandler(handler)  # not closed: the pool child still writes through them
+            logger.disabled = False
+            logger.propagate = True
+
+
+def _forked_main(stdin_fd: int, ready_fd: int, parent: int) -> int:
+    _shed_celery()
+    _prctl(15, SPARE_NAME)  # PR_SET_NAME: `ps` and the tests tell a spare from its pool child
+    _die_with_parent(str(parent))
+    with os.fdopen(stdin_fd, "rb") as orders:
+        return _serve(ready_fd, orders.readline)
+
+
+def _warm_up(settings, ready_fd: int | None) -> None:
     """Everything a job needs before its first line: torch, the engine, the Hub client, CUDA, the DB engine."""
     import torch
 
@@ -196,17 +319,16 @@ def _warm_up(settings) -> None:
     if settings.device != "cpu" and torch.cuda.is_available():
         torch.cuda.init()
     open_store(settings)
-    fd = os.environ.pop(_READY_ENV, "")
-    if fd.isdigit():
+    if ready_fd is not None:
         try:
-            os.write(int(fd), b"1")
-            os.close(int(fd))
+            os.write(ready_fd, b"1")
+            os.close(ready_fd)
         except OSError:
             pass
 
 
-def main(argv: list[str]) -> int:
-    _die_with_parent()
+def _serve(ready_fd: int | None, read_order) -> int:
+    """A spare's life: warm up, say so, wait for the one order, run that job."""
     from ..logging_setup import configure
 
     configure()
@@ -220,18 +342,30 @@ def main(argv: list[str]) -> int:
 
     settings = Settings.from_env()
     try:
-        if argv[:1] == [SPARE_FLAG]:
-            _warm_up(settings)
-            line = sys.stdin.readline()
-            if not line.strip():
-                return 0  # the pool child went away (or stopped) before giving this spare a job
-            order = json.loads(line)
-            job_id, redelivered, picked_at = order["job_id"], bool(order["redelivered"]), order.get("picked_at")
-        else:  # `python -m worker.service.job_process JOB_ID [--redelivered]`: one job, cold (debugging)
-            job_id, redelivered, picked_at = argv[0], "--redelivered" in argv[1:], None
+        _warm_up(settings, ready_fd)
+        line = read_order()
+        if not line.strip():
+            return 0  # the pool child went away (or stopped) before giving this spare a job
+        order = json.loads(line)
     except Stopped:
         return 0
-    execute_job(job_id, settings, redelivered=redelivered, picked_at=picked_at)
+    _prctl(15, JOB_NAME)
+    execute_job(order["job_id"], settings, redelivered=bool(order["redelivered"]), picked_at=order.get("picked_at"))
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == [SPARE_FLAG]:  # exec'd by a pool child that does not fork (see `_forks`)
+        _die_with_parent(os.environ.get(_PARENT_ENV, ""))
+        fd = os.environ.pop(_READY_ENV, "")
+        return _serve(int(fd) if fd.isdigit() else None, sys.stdin.readline)
+    # `python -m worker.service.job_process JOB_ID [--redelivered]`: one job, cold (debugging)
+    from ..logging_setup import configure
+    from ..settings import Settings
+    from .runner import execute_job
+
+    configure()
+    execute_job(argv[0], Settings.from_env(), redelivered="--redelivered" in argv[1:])
     return 0
 
 
