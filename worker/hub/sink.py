@@ -76,8 +76,12 @@ class HubSink:
         self._head: str | None = None
         self._existing: list[str] = []
         self._queue: queue.Queue = queue.Queue()
-        self._idle = threading.Event()
-        self._idle.set()
+        # Shards handed to the upload thread and not yet uploaded (or failed). A count, not an "idle" flag: the
+        # safetensors shards and the GGUF files of one merge come from two writers, and with a flag two shards
+        # handed at once both saw "idle", and `finish` could commit while the second was still uploading (a GGUF
+        # file missing from the commit, seen under load).
+        self._pending = 0
+        self._settled = threading.Condition()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._upload_loop, name="lorafold-upload", daemon=True)
         self._closed = False
@@ -133,11 +137,18 @@ class HubSink:
 
     def shard_written(self, name: str, path: Path) -> None:
         # Block until the previous shard is uploaded: this and the shard being written are all that is on disk.
-        while not self._idle.wait(0.2):
+        with self._settled:
+            while self._pending:
+                self._settled.wait(0.2)
+                self._raise_upload_error()
             self._raise_upload_error()
-        self._raise_upload_error()
-        self._idle.clear()
+            self._pending += 1
         self._queue.put((name, path))
+
+    def _wait_uploads(self) -> None:
+        with self._settled:
+            while self._pending:
+                self._settled.wait(0.2)
 
     def file_written(self, name: str, path: Path) -> None:
         self._ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
@@ -158,7 +169,9 @@ class HubSink:
             except BaseException as exc:  # noqa: BLE001
                 self._error = exc
             finally:
-                self._idle.set()
+                with self._settled:
+                    self._pending -= 1
+                    self._settled.notify_all()
 
     def _raise_upload_error(self) -> None:
         if self._error is not None:
@@ -177,8 +190,7 @@ class HubSink:
     # --- the end ------------------------------------------------------------------------------------------------
 
     def finish(self, message: str, description: str) -> Published:
-        while not self._idle.wait(0.2):
-            pass
+        self._wait_uploads()
         self._raise_upload_error()
         self._queue.put(None)
         new = {op.path_in_repo for op in self._ops + self._uploaded}
