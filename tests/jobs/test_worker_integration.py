@@ -201,3 +201,24 @@ def test_an_idle_spare_dies_with_its_pool_child_and_the_slot_gets_a_new_one(stac
     job = stack.wait(stack.submit("alice/after-child-died"))
     assert job.status == "succeeded", job.error
     assert int(job.worker.split(":")[1]) == fresh
+
+
+def test_an_exec_started_spare_runs_the_job_too(stack):
+    """LORAFOLD_JOB_START=exec (and any system but Linux): the spare is a fresh interpreter, `python -m
+    worker.service.job_process --spare`, instead of a fork of the pool child; it takes the job the same way."""
+    stack.stop_worker()
+    stack.env["LORAFOLD_JOB_START"] = "exec"
+    try:
+        stack.start_worker()
+        spare = _one_spare(stack)
+        assert b"--spare" in Path(f"/proc/{spare}/cmdline").read_bytes().split(b"\0")
+        job = stack.wait(stack.submit("alice/exec-started"))
+        assert job.status == "succeeded", job.error
+        assert int(job.worker.split(":")[1]) == spare
+        assert len(merged_commits(stack.hub, "alice/exec-started")) == 1
+    finally:
+        stack.stop_worker()
+        del stack.env["LORAFOLD_JOB_START"]
+        stack.start_worker()
+    forked = _one_spare(stack)
+    assert Path(f"/proc/{forked}/comm").read_bytes().strip() == b"lorafold-spare"
