@@ -1015,6 +1015,11 @@ def hostile_real_runs(hostile_models, tmp_path_factory):
     return runs
 
 
+# The four runs are one fixture: keep their tests on one xdist worker, or each worker that gets one runs all four.
+REAL_RUNS = pytest.mark.xdist_group("hostile-real-runs")
+
+
+@REAL_RUNS
 @pytest.mark.parametrize("name", ["truncated-shard", "malicious-pickle", "usage-error"])
 def test_real_executable(hostile_real_runs, name):
     c, rc, out, err, names, code, before = hostile_real_runs[name]
@@ -1023,6 +1028,7 @@ def test_real_executable(hostile_real_runs, name):
     assert not (c.tmp / "pwned").exists()
 
 
+@REAL_RUNS
 def test_symlink_to_device_in_base_does_not_fill_the_disk(hostile_real_runs):
     c, rc, out, err, names, code, before = hostile_real_runs["symlink-to-dev-zero"]
     assert "File too large" not in err, "lorafold copied from /dev/zero until the file size limit stopped it"
