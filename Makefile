@@ -38,10 +38,10 @@ demo-reset: $(STAMP)  ## forget the demo's Hub repos and jobs (var/demo): the ne
 	$(BIN)/python -m tests.support.demo --reset
 
 test: $(STAMP)  ## every test
-	$(BIN)/python -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 4 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow and not browser" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n 4 --dist loadgroup -m "not slow and not browser" $(PYTEST_ARGS)
 
 reliability: $(STAMP)  ## fault, load and hostile-input tests, then the table fault | expected | observed
 	$(BIN)/python -m tests.support.reliability_report
