@@ -86,7 +86,10 @@ class _Forked:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # already reaped elsewhere: its status is lost (Popen says 0 then too)
+                pid, status = self.pid, 0
             if pid:
                 self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
@@ -94,7 +97,10 @@ class _Forked:
     def wait(self, timeout: float | None = None) -> int:
         if timeout is None:
             while self.returncode is None:
-                _, status = os.waitpid(self.pid, 0)
+                try:
+                    _, status = os.waitpid(self.pid, 0)
+                except ChildProcessError:
+                    status = 0
                 self.returncode = os.waitstatus_to_exitcode(status)
             return self.returncode
         deadline = time.monotonic() + timeout
@@ -130,7 +136,7 @@ def _fork() -> _Forked:
             code = _forked_main(stdin_r, ready_w, parent)
         except BaseException:  # noqa: BLE001 - reported, then the process ends with 1
             try:
-                log.exception("job process failed before its job")
+                log.exception("job process failed")
             except BaseException:  # noqa: BLE001
                 pass
         finally:
