@@ -12,25 +12,16 @@ import threading
 import pytest
 from huggingface_hub import HfApi
 
-from hubdouble import Fault, HubDouble
+from hubdouble import Fault
+from tests.support.hubseed import ALICE, hub  # noqa: F401  (pytest fixture)
 from worker.hub.sink import HubSink
-
-TOKEN = "hf_owner_sink_uploads_0123456789"
-
-
-@pytest.fixture(scope="module")
-def hub():
-    double = HubDouble().start()
-    double.add_user("owner", token=TOKEN)
-    yield double
-    double.stop()
 
 
 @pytest.mark.parametrize("writers", [2, 4])
-def test_files_handed_over_at_once_are_all_in_the_commit(hub, writers):
-    repo = f"owner/at-once-{writers}"
+def test_files_handed_over_at_once_are_all_in_the_commit(hub, writers):  # noqa: F811
+    repo = f"alice/at-once-{writers}"
     hub.faults.add(Fault(method="POST", path=r"/preupload/", kind="delay", delay=0.3, times=None))
-    sink = HubSink(HfApi(endpoint=hub.url), repo, TOKEN)
+    sink = HubSink(HfApi(endpoint=hub.url), repo, ALICE)
     try:
         sink.prepare()
         names = [f"model-{i:05d}-of-{writers:05d}.safetensors" for i in range(1, writers + 1)]
