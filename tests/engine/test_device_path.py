@@ -286,6 +286,27 @@ def test_service_modules_import_without_torch():
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
+def test_what_the_worker_imports_before_it_forks_never_asks_cuda():
+    """Job processes are forks of the pool child (worker/service/job_process.py): CUDA must not be touched before
+    the fork, not even `torch.cuda.is_available()`, whose cudaGetDeviceCount initialises the driver in the parent and
+    leaves a forked child unable to use the GPU. `preload` (what the Celery main process imports) asks nothing."""
+    code = (
+        "import json, torch\n"
+        "calls = []\n"
+        "for name in ('is_available', 'device_count', 'init', '_lazy_init', 'current_device', 'set_device'):\n"
+        "    setattr(torch.cuda, name, lambda *a, _n=name, **k: calls.append(_n))\n"
+        "from worker.service import job_process\n"
+        "job_process.preload()\n"
+        "import sys\n"
+        "print(json.dumps([calls, 'worker.service.pipeline' in sys.modules, torch.cuda.is_initialized()]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LORAFOLD_JOB_START"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env, check=True)
+    calls, preloaded, initialised = json.loads(out.stdout.strip().splitlines()[-1])
+    assert preloaded, "preload imports the pipeline (the engine and huggingface_hub)"
+    assert calls == [] and not initialised, calls
+
+
 # --- the GPU script, rehearsed --------------------------------------------------------------------------------------
 
 
