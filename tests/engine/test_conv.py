@@ -10,7 +10,6 @@ import json
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
 from tests.support.tensor_compare import assert_models_match
@@ -47,6 +46,8 @@ def _perturb(model, seed):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("use_dora", [False, True])
 def test_conv_lora_matches_peft(tmp_path, dtype, use_dora, capsys):
+    from peft import LoraConfig, get_peft_model  # here, not at collection: ~6 s of CPU on every xdist worker
+
     torch.manual_seed(0)
     base = ConvNet().to(dtype)
     (tmp_path / "base").mkdir()
@@ -65,6 +66,8 @@ def test_conv_lora_matches_peft(tmp_path, dtype, use_dora, capsys):
 
 def test_grouped_conv_is_refused_like_peft_refuses_it(tmp_path, capsys):
     import warnings
+
+    from peft import LoraConfig, get_peft_model
 
     base = GroupedNet()
     (tmp_path / "base").mkdir()
