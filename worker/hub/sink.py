@@ -138,17 +138,17 @@ class HubSink:
     def shard_written(self, name: str, path: Path) -> None:
         # Block until the previous shard is uploaded: this and the shard being written are all that is on disk.
         with self._settled:
-            while self._pending:
-                self._settled.wait(0.2)
-                self._raise_upload_error()
-            self._raise_upload_error()
+            self._wait_uploads()
             self._pending += 1
         self._queue.put((name, path))
 
     def _wait_uploads(self) -> None:
+        """Until no upload is pending; an upload's failure is raised as soon as it is seen."""
         with self._settled:
             while self._pending:
                 self._settled.wait(0.2)
+                self._raise_upload_error()
+        self._raise_upload_error()
 
     def file_written(self, name: str, path: Path) -> None:
         self._ops.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path)))
@@ -191,7 +191,6 @@ class HubSink:
 
     def finish(self, message: str, description: str) -> Published:
         self._wait_uploads()
-        self._raise_upload_error()
         self._queue.put(None)
         new = {op.path_in_repo for op in self._ops + self._uploaded}
         deletes = [
