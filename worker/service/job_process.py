@@ -281,9 +281,9 @@ def _prctl(option: int, arg) -> None:
         pass
 
 
-def _die_with_parent(parent: str) -> None:
+def _die_with_parent(parent: int | None) -> None:
     _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if parent.isdigit() and os.getppid() != int(parent):  # the parent died before the death signal was armed
+    if parent is not None and os.getppid() != parent:  # the parent died before the death signal was armed
         os._exit(0)
 
 
@@ -310,7 +310,7 @@ def _shed_celery() -> None:
 def _forked_main(stdin_fd: int, ready_fd: int, parent: int) -> int:
     _shed_celery()
     _prctl(15, SPARE_NAME)  # PR_SET_NAME: `ps` and the tests tell a spare from its pool child
-    _die_with_parent(str(parent))
+    _die_with_parent(parent)
     with os.fdopen(stdin_fd, "rb") as orders:
         return _serve(ready_fd, orders.readline)
 
@@ -362,7 +362,8 @@ def _serve(ready_fd: int | None, read_order) -> int:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == [SPARE_FLAG]:  # exec'd by a pool child that does not fork (see `_forks`)
-        _die_with_parent(os.environ.get(_PARENT_ENV, ""))
+        parent = os.environ.get(_PARENT_ENV, "")
+        _die_with_parent(int(parent) if parent.isdigit() else None)
         fd = os.environ.pop(_READY_ENV, "")
         return _serve(int(fd) if fd.isdigit() else None, sys.stdin.readline)
     # `python -m worker.service.job_process JOB_ID [--redelivered]`: one job, cold (debugging)
