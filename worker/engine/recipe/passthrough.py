@@ -43,7 +43,6 @@ class LayerCopy(InputsOp):
     whole: bool  # a folded op of the input needs the whole tensor
     needs_base = False
 
-
     def apply(self, w, r0, r1, ctx, dtype):
         x = self.input.rows(self.src, r0, r1, w.device)
         if self.scale is not None:

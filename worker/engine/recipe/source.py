@@ -193,7 +193,6 @@ class Combine(InputsOp):
     whole: bool  # the method or a folded op needs the whole tensor
     needs_base = False
 
-
     def read_bytes(self, r0, r1):
         total = 0
         for inp in self.inputs:
@@ -317,7 +316,6 @@ class AdapterSum(InputsOp):
     name: str
     parts: tuple[tuple[float, InputModel], ...]
     whole: bool
-
 
     def apply(self, w, r0, r1, ctx, dtype):
         d = None
