@@ -11,6 +11,8 @@ import logging
 from collections.abc import Iterable
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# Loggers that say nothing to an operator at INFO: alembic >= 1.17 lists each of its plugins on every migration run.
+ALWAYS_QUIET = ("alembic.runtime.plugins",)
 
 
 def configure(level: int = logging.INFO, *, fmt: str = FORMAT, datefmt: str | None = None,
@@ -20,6 +22,6 @@ def configure(level: int = logging.INFO, *, fmt: str = FORMAT, datefmt: str | No
     from .redact import install_log_filter
 
     logging.basicConfig(level=level, format=fmt, datefmt=datefmt)
-    for name in quiet:
+    for name in (*ALWAYS_QUIET, *quiet):
         logging.getLogger(name).setLevel(quiet_level)
     install_log_filter()

@@ -155,7 +155,7 @@ def _run(data: Path) -> int:
         os.environ["LORAFOLD_DATA_DIR"] = str(data / "service")
         os.environ.setdefault("LORAFOLD_HOST", "127.0.0.1")
         os.environ["PORT"] = str(port)
-        worker, app, settings = _service(data)
+        worker, server = _service(data)
         print(f"""
 lorafold demo
   the service:  http://127.0.0.1:{port}/   sign in with the token below, then "New merge"
@@ -164,9 +164,8 @@ lorafold demo
   worker log:   {data / 'worker.log'}
   state:        {data}   (`make demo-reset` starts from scratch)   Ctrl-C stops the demo
 """, flush=True)
-        from werkzeug.serving import run_simple
-
-        run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False)
+        server.serve_forever()  # werkzeug's loop returns on Ctrl-C
+        server.server_close()
     finally:
         if worker is not None:
             _stop(worker)
@@ -176,21 +175,24 @@ lorafold demo
 
 
 def _service(data: Path):
-    """Migrations, one worker (in its own session: Ctrl-C reaches only this process, which stops it cleanly,
-    instead of the worker printing its own shutdown) and the web app."""
+    """Migrations, the web app's server (listening before the banner says where), and one worker (in its own
+    session: Ctrl-C reaches only this process, which stops it cleanly, instead of the worker printing its own
+    shutdown)."""
     from web import create_app
     from worker import migrate
+    from worker.cli.serve import listen
     from worker.settings import Settings
 
     settings = Settings.from_env()
     migrate.upgrade(settings.database_url)
+    server = listen(settings.host, settings.port, create_app(settings))
     env = dict(os.environ, DATABASE_URL=settings.database_url, CELERY_BROKER_URL=settings.broker_url,
                LORAFOLD_SECRET_KEY=settings.secret_key)
     log = open(data / "worker.log", "ab")  # noqa: SIM115 - handed to the child, closed with it
     worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)
     log.close()
-    return worker, create_app(settings), settings
+    return worker, server
 
 
 def _stop(worker: subprocess.Popen) -> None:

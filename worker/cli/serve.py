@@ -84,6 +84,24 @@ def _reconcile_loop(settings: Settings, app) -> None:
             log.warning("reconcile failed: %s", type(exc).__name__)
 
 
+def listen(host: str, port: int, app):
+    """The web app's server, bound and listening before anything says where it is: a banner printed first sends
+    the first request (a user's, a test's) to a closed port. A port in use is one line, not a traceback. The
+    socket is bound here and handed over, because werkzeug's own bind prints two lines and exits on failure."""
+    import socket
+
+    from werkzeug.serving import make_server, select_address_family
+
+    from .args import UsageError
+
+    try:
+        sock = socket.create_server((host, port), family=select_address_family(host, port), backlog=128)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop what uses it or set PORT") from None
+    with sock:  # werkzeug keeps a duplicate of the descriptor
+        return make_server(host, port, app, threaded=True, fd=sock.fileno())
+
+
 def serve(port: int | None = None, host: str | None = None, with_worker: bool = True) -> int:
     """The whole service on this machine: migrations, one worker process, the web app. Ctrl-C stops both."""
     _logging()
@@ -92,23 +110,22 @@ def serve(port: int | None = None, host: str | None = None, with_worker: bool = 
     from .. import migrate
 
     migrate.upgrade(settings.database_url)
+    from web import create_app
+
+    server = listen(settings.host, settings.port, create_app(settings))
     env = dict(os.environ, DATABASE_URL=settings.database_url, CELERY_BROKER_URL=settings.broker_url,
                LORAFOLD_SECRET_KEY=settings.secret_key, PORT=str(settings.port))
     worker = None
     if with_worker:
         worker = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker"], env=env)
-    from web import create_app
-
-    app = create_app(settings)
     url = f"http://{settings.host}:{settings.port}/"
     print(f"lorafold is running at {url}  (database {settings.database_url}; Ctrl-C to stop)", flush=True)
     try:
-        from werkzeug.serving import run_simple
-
-        run_simple(settings.host, settings.port, app, threaded=True, use_reloader=False)
+        server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
+        server.server_close()
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
             try:
