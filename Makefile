@@ -37,11 +37,19 @@ demo: $(STAMP)  ## the service plus a local Hub (127.0.0.1:5001, DEMO_HUB_PORT) 
 demo-reset: $(STAMP)  ## forget the demo's Hub repos and jobs (var/demo): the next `make demo` starts from scratch
 	$(BIN)/python -m tests.support.demo --reset
 
+# Bytecode caches on for the tests even where the environment turns them off (PYTHONDONTWRITEBYTECODE=1, common
+# in containers): the suite starts ~200 Python processes (workers, job processes, CLI runs), and without caches
+# each compiles our modules again and pytest rewrites every test module's asserts again in each xdist worker
+# (~35 CPU-s of ~400; __pycache__ is ignored by git).
+PYCACHE := PYTHONDONTWRITEBYTECODE=
+
 test: $(STAMP)  ## every test
-	$(BIN)/python -m pytest -n 4 --dist loadgroup $(PYTEST_ARGS)
+	$(PYCACHE) $(BIN)/python -m compileall -q worker web hubdouble bench tests >/dev/null
+	$(PYCACHE) $(BIN)/python -m pytest -n 4 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n 4 --dist loadgroup -m "not slow and not browser" $(PYTEST_ARGS)
+	$(PYCACHE) $(BIN)/python -m compileall -q worker web hubdouble bench tests >/dev/null
+	$(PYCACHE) $(BIN)/python -m pytest -n 4 --dist loadgroup -m "not slow and not browser" $(PYTEST_ARGS)
 
 reliability: $(STAMP)  ## fault, load and hostile-input tests, then the table fault | expected | observed
 	$(BIN)/python -m tests.support.reliability_report
