@@ -19,13 +19,13 @@ import re
 from flask import Blueprint, jsonify, request
 from sqlalchemy import select
 
-from worker.jobs import Delivery, Job, JobRequest, MergeRequest, Rule, submit
+from worker.jobs import Delivery, Job, JobRequest, MergeRequest, Rule
 from worker.locations import is_repo_id
 from worker.redact import register
 
 from . import jobs, recipes
 from .bodies import BodyError, read_json
-from .errors import Unauthorized
+from .errors import TooManyRequests, Unauthorized
 from .rule_targets import render_target, split_watch, watches
 from .rules import RULE_ID_RE
 from .services import services
@@ -57,7 +57,6 @@ def hub_hook(rule_id: str):
     if reason:
         _record(rule, "ignored", reason, repo=repo, sha=sha)
         return jsonify(ignored=True, reason=reason), 200
-    svc = services()
     merge = MergeRequest(
         adapter=repo, adapter_revision=sha, base=rule.base, base_revision=rule.base_revision if rule.base else None,
         base_allowed=tuple(rule.bases) if not rule.base and rule.bases else None, target=target,
@@ -69,8 +68,12 @@ def hub_hook(rule_id: str):
         owner=rule.owner, owner_id=rule.owner_id, namespace_id=rule.target_namespace_id, door="webhook", merge=merge,
         credential_id=rule.credential_id, dedupe_key=f"rule:{rule.id}:{repo}:{sha}",
     )
-    jobs.admit(rule.owner, job_request.dedupe_key)  # the owner's queued-jobs cap (429; the Hub retries later)
-    job, created = submit(svc.db, svc.box, job_request, None, svc.enqueue)
+    try:  # the owner's queued-jobs cap (429; the Hub retries later): the rule's history says so
+        jobs.admit(rule.owner, job_request.dedupe_key)
+        job, created = jobs.queue_job(job_request, None)
+    except TooManyRequests as exc:
+        _record(rule, "refused", exc.message, repo=repo, sha=sha, old_sha=old_sha)
+        raise
     _record(rule, "queued" if created else "duplicate", None if created else "this push was already received",
             repo=repo, sha=sha, old_sha=old_sha, job_id=job.id)
     return jsonify(job=job.id, duplicate=not created), 202

@@ -19,7 +19,7 @@ from datetime import datetime
 
 from sqlalchemy import and_, or_, select
 
-from worker.jobs import Job, JobLog, JobSample, JobStatus
+from worker.jobs import Job, JobLog, JobRequest, JobSample, JobStatus, QueueFull, submit
 
 from .auth import Caller
 from .errors import Conflict, Forbidden, NotFound, TooManyRequests, Unprocessable
@@ -109,11 +109,9 @@ def samples(job: Job, *, after: int = 0, limit: int = 2000) -> list[JobSample]:
 
 
 def admit(owner: str, dedupe_key: str | None = None) -> None:
-    """The per-owner cap on queued jobs, checked by every door before it queues a job for `owner` (429 above it).
-
-    A webhook delivery that is a duplicate of one already received (`dedupe_key`) passes: it queues nothing new
-    and must get its usual answer. The count and the insert are not one transaction, so racing requests can pass
-    the cap by a few; the cap bounds a flood, it is not an exact quota."""
+    """The early look at the per-owner cap on queued jobs, before a door spends Hub calls on a request (429 above
+    it). A webhook delivery that is a duplicate of one already received (`dedupe_key`) passes: it queues nothing
+    new and must get its usual answer. The check that holds under racing requests is `queue_job`'s."""
     svc = services()
     if dedupe_key is not None:
         with svc.db.session() as s:
@@ -122,8 +120,21 @@ def admit(owner: str, dedupe_key: str | None = None) -> None:
     cap = svc.settings.max_queued_per_owner
     waiting = svc.store.queued_count(owner)
     if waiting >= cap:
-        raise TooManyRequests(f"{owner} already has {waiting} jobs waiting to start (at most {cap}); "
-                              "try again when some have started", retry_after=60)
+        raise _queue_full(QueueFull(owner, waiting, cap))
+
+
+def queue_job(request: JobRequest, token: str | None) -> tuple[Job, bool]:
+    """`submit()` for every door, with the owner's cap counted in the inserting transaction (exact: racing
+    requests cannot pass it together, worker/jobs/admission.py); returns (job, created)."""
+    svc = services()
+    try:
+        return submit(svc.db, svc.box, request, token, svc.enqueue, queued_cap=svc.settings.max_queued_per_owner)
+    except QueueFull as exc:
+        raise _queue_full(exc) from None
+
+
+def _queue_full(exc: QueueFull) -> TooManyRequests:
+    return TooManyRequests(f"{exc}; try again when some have started", retry_after=60)
 
 
 def _is_owner(caller: Caller, job: Job) -> bool:
@@ -160,7 +171,11 @@ def retry(caller: Caller, job_id: str) -> Job:
         raise Conflict(f"only failed, cancelled or skipped jobs can be retried (this one is {job.status})")
     svc = services()
     admit(caller.name)
-    if not svc.store.retry(job.id, caller.token, caller.name):
+    try:
+        retried = svc.store.retry(job.id, caller.token, caller.name, queued_cap=svc.settings.max_queued_per_owner)
+    except QueueFull as exc:
+        raise _queue_full(exc) from None
+    if not retried:
         raise Conflict("the job changed meanwhile; reload and try again")
     svc.enqueue(job.id)
     return get(caller, job_id)

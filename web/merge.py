@@ -15,7 +15,7 @@ from sqlalchemy import func, select
 from worker.engine.card import Lineage, build_card
 from worker.engine.errors import EngineError
 from worker.engine.files import WEIGHT_SUFFIXES
-from worker.jobs import Job, JobRequest, JobStatus, MergeRequest, submit
+from worker.jobs import Job, JobRequest, JobStatus, MergeRequest
 from worker.jobs.request import FORMATS, FROM_QUANTIZED, formats_problem
 
 from . import jobs
@@ -249,7 +249,6 @@ def create(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | No
 
 
 def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | None = None) -> tuple[Job, bool]:
-    svc = services()
     jobs.admit(caller.name)  # the per-owner cap on queued jobs (429), for the form and the API
     merge = MergeRequest(
         adapter=inp.adapter or "", adapter_revision=inp.adapter_revision, base=inp.base, base_revision=inp.base_revision,
@@ -264,7 +263,7 @@ def queue(caller: Caller, inp: MergeInput, door: str, idempotency_key: str | Non
         owner=caller.name, door=door, merge=merge, idempotency_key=idempotency_key, owner_id=caller.id,
         namespace_id=caller.identity.namespace_id(merge.namespace),
     )
-    return submit(svc.db, svc.box, request, caller.token, svc.enqueue)
+    return jobs.queue_job(request, caller.token)
 
 
 def estimate_seconds(out_bytes: int) -> float | None:

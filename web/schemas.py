@@ -409,7 +409,7 @@ class Delivery(BaseModel):
     received_at: datetime
     repo: str | None = None
     new_sha: str | None = None
-    outcome: Literal["queued", "duplicate", "ignored"]
+    outcome: Literal["queued", "duplicate", "ignored", "refused"]
     reason: str | None = None
     job_id: str | None = None
 

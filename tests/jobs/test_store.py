@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from worker.jobs import Credential, Job, JobLog, JobRequest, JobStatus, MergeRequest, submit
+from worker.jobs import Credential, Job, JobLog, JobRequest, JobStatus, MergeRequest, QueueFull, submit
 from worker.jobs.models import utcnow
 
 TOKEN = "hf_user_token_abcdef123456"
@@ -237,6 +237,50 @@ def test_running_cap_holds_under_concurrent_claims(db, box, store):
     assert len(claimed) == 2 and len(set(claimed)) == 2, results
     with db.session() as s:
         assert s.scalar(select(func.count(Job.id)).where(Job.status == "running")) == 2
+
+
+def _race(n: int, action) -> list:
+    """`action(i)` in n threads released together; what each returned, or the exception it raised."""
+    results, barrier = [None] * n, threading.Barrier(n)
+
+    def run(i):
+        barrier.wait()
+        try:
+            results[i] = action(i)
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each got
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_the_queued_cap_holds_under_concurrent_submits_and_retries(db, box, store):
+    """12 requests of one owner at once against a cap of 3: exactly 3 jobs queued (the count and the insert are one
+    transaction, the owner's admissions serialised), the rest QueueFull with nothing left behind; then two
+    concurrent retries with one place left: one is queued."""
+    enqueued = []
+    req = lambda i: JobRequest(owner="alice", door="api", merge=MergeRequest(adapter="alice/ad", target=f"alice/o{i}"))  # noqa: E731
+    results = _race(12, lambda i: submit(db, box, req(i), TOKEN, enqueued.append, queued_cap=3))
+    refused = [r for r in results if isinstance(r, QueueFull)]
+    assert len(refused) == 9 and all(r.waiting == 3 and r.cap == 3 for r in refused), results
+    assert len(enqueued) == 3
+    with db.session() as s:
+        assert s.scalar(select(func.count(Job.id)).where(Job.owner == "alice")) == 3
+        assert s.scalar(select(func.count(Credential.id))) == 3  # a refused request stored no token
+    with pytest.raises(QueueFull):
+        submit(db, box, req(99), TOKEN, enqueued.append, queued_cap=3)
+    first, second = enqueued[:2]
+    for job in (first, second):
+        store.claim(job, "w1")
+        store.finish(job, JobStatus.failed, worker="w1", error="boom")
+    results = _race(2, lambda i: store.retry((first, second)[i], TOKEN, "alice", queued_cap=2))
+    assert sorted(map(type, results), key=str) == sorted([bool, QueueFull], key=str) and True in results, results
+    with db.session() as s:
+        assert s.scalar(select(func.count(Job.id)).where(Job.owner == "alice", Job.status == "queued")) == 2
 
 
 @pytest.mark.reliability

@@ -377,7 +377,8 @@ def test_webhook_deliveries_respect_the_queued_cap_but_duplicates_pass(make_app,
     from .seeding import push_payload
 
     rec = reliability("a rule's pushes arrive while its owner's queue is full (cap 1)",
-                      "429 with Retry-After (the Hub retries later); a duplicate of a received push still 202")
+                      "429 with Retry-After (the Hub retries later), recorded in the rule's history; a duplicate "
+                      "of a received push still 202")
 
     client = make_app(max_queued_per_owner=1).test_client()
     rule = client.post("/api/v1/rules", json={"watch": "alice/*-lora", "base": "alice/base"}, headers=bearer(ALICE)).json
@@ -388,7 +389,13 @@ def test_webhook_deliveries_respect_the_queued_cap_but_duplicates_pass(make_app,
     assert full.status_code == 429 and full.headers["Retry-After"]
     dup = send("1" * 40)
     assert dup.status_code == 202 and dup.json["duplicate"] is True
-    rec.observed(f"new push {full.status_code} (Retry-After {full.headers['Retry-After']}), duplicate {dup.status_code}")
+    # the refusal is in the rule's run history, with the reason (the owner sees why a push built nothing)
+    history = client.get(f"/api/v1/rules/{rule['id']}", headers=bearer(ALICE)).json["deliveries"]
+    refused = [d for d in history if d["outcome"] == "refused"]
+    assert len(refused) == 1 and refused[0]["new_sha"] == "2" * 40 and "1 jobs waiting" in refused[0]["reason"], history
+    assert refused[0]["job_id"] is None
+    rec.observed(f"new push {full.status_code} (Retry-After {full.headers['Retry-After']}), recorded 'refused'; "
+                 f"duplicate {dup.status_code}")
 
 
 @pytest.mark.reliability

@@ -3,6 +3,7 @@
 SQLAlchemy only: importing this package pulls in neither torch nor the engine nor Flask.
 """
 
+from .admission import QueueFull
 from .crypto import SecretBox, fingerprint
 from .db import Database
 from .models import Credential, Delivery, Job, JobLog, JobSample, JobStatus, Rule
@@ -22,6 +23,7 @@ __all__ = [
     "JobStatus",
     "JobStore",
     "MergeRequest",
+    "QueueFull",
     "Rule",
     "SecretBox",
     "fingerprint",

@@ -224,6 +224,6 @@ class Delivery(Base):
     repo: Mapped[str | None] = mapped_column(String(200), nullable=True)
     new_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
     old_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)  # where the push moved main from
-    outcome: Mapped[str] = mapped_column(String(16))  # queued | duplicate | ignored
+    outcome: Mapped[str] = mapped_column(String(16))  # queued | duplicate | ignored | refused (the owner's queue was full: 429)
     reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
     job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), nullable=True)

@@ -25,6 +25,7 @@ from sqlalchemy import and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import aliased
 
+from . import admission
 from .crypto import SecretBox
 from .db import Database
 from .models import Credential, Delivery, Job, JobLog, JobSample, JobStatus, Rule, utcnow
@@ -426,15 +427,18 @@ class JobStore:
             s.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.running.value).values(cancel_requested=True))
             return s.execute(select(Job.status).where(Job.id == job_id)).scalar()
 
-    def retry(self, job_id: str, token: str, owner: str) -> bool:
+    def retry(self, job_id: str, token: str, owner: str, queued_cap: int | None = None) -> bool:
         """failed / cancelled / skipped → queued again (same job, next attempt), with the retrying caller's token.
 
         The job then runs for `owner` (the caller who asked) with `owner`'s token only: never with the token the job
         or its rule stored for someone else. When the owner changes, the idempotency key is dropped (it belonged to
-        the previous owner's requests, and keys are unique per owner)."""
+        the previous owner's requests, and keys are unique per owner). With `queued_cap`, raises admission.QueueFull
+        instead of queueing beyond the owner's cap."""
         if not token:
             raise ValueError("a retry needs the retrying caller's token")
         with self.db.session() as s:
+            if queued_cap is not None:
+                admission.serialise(s, owner)
             previous = s.scalar(select(Job.owner).where(Job.id == job_id))
             cred = Credential(owner=owner, purpose="job", token_encrypted=self.box.seal(token))
             s.add(cred)
@@ -454,6 +458,8 @@ class JobStore:
             if res.rowcount != 1:
                 s.rollback()
                 return False
+            if queued_cap is not None:
+                admission.enforce(s, owner, queued_cap)
             note = f"retry requested by {owner}" if previous in (None, owner) else \
                 f"retry requested by {owner} (the job was {previous}'s); it now runs with {owner}'s token"
             s.add(JobLog(job_id=job_id, level="info", message=note))

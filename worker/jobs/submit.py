@@ -3,6 +3,7 @@
 It inserts the row and the encrypted token in one transaction, commits, and only then enqueues the job id (Celery
 docs: enqueue after commit, so a worker never looks for a row that is not there yet). Idempotency keys and
 webhook dedupe keys are unique in the database, so a retried request or a replayed delivery finds the first job.
+The per-owner cap on queued jobs (`queued_cap`) is checked in the inserting transaction (worker/jobs/admission.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from . import admission
 from .crypto import SecretBox
 from .db import Database
 from .models import Credential, Job, JobStatus, utcnow
@@ -44,13 +46,17 @@ def submit(
     request: JobRequest,
     token: str | None,
     enqueue: Callable[[str], None],
+    queued_cap: int | None = None,
 ) -> tuple[Job, bool]:
-    """Create (or find) the job for `request`; returns (job, created)."""
+    """Create (or find) the job for `request`; returns (job, created). With `queued_cap`, raises QueueFull instead
+    of inserting a job beyond the owner's cap (a request that finds its existing job is never refused)."""
     existing = _find_existing(db, request)
     if existing is not None:
         return existing, False
     try:
         with db.session() as s:
+            if queued_cap is not None:
+                admission.serialise(s, request.owner)
             cred_id = request.credential_id
             if cred_id is None and token:
                 cred = Credential(owner=request.owner, owner_id=request.owner_id, purpose="job",
@@ -90,6 +96,8 @@ def submit(
                 enqueued_at=utcnow(),
             )
             s.add(job)
+            if queued_cap is not None:
+                admission.enforce(s, request.owner, queued_cap)  # QueueFull rolls the insert back
     except IntegrityError:
         existing = _find_existing(db, request)
         if existing is None:
