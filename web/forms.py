@@ -41,6 +41,8 @@ class _PublishForm(FlaskForm):
     dtype = SelectField("dtype", choices=_DTYPE_CHOICES, default="auto")
     overwrite = BooleanField("Overwrite the weights already there")
     create_pr = BooleanField("Open a pull request instead of committing to main")
+    formats = SelectField("Output", choices=list(FORMAT_CHOICES), default="safetensors")
+    gguf_outtype = SelectField("GGUF type", choices=list(GGUF_OUTTYPES), default="f16")
 
 
 class MergeForm(_PublishForm):
@@ -50,8 +52,6 @@ class MergeForm(_PublishForm):
     base_revision = StringField("Base revision", validators=[Optional(), Length(max=200)])
     from_quantized = SelectField("4-bit base", choices=list(FROM_QUANTIZED), default="original")
     keep_quantization = BooleanField("Keep FP8 (an FP8 base's merge written back in FP8)")
-    formats = SelectField("Output", choices=list(FORMAT_CHOICES), default="safetensors")
-    gguf_outtype = SelectField("GGUF type", choices=list(GGUF_OUTTYPES), default="f16")
 
 
 class RecipeRow(Form):

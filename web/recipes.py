@@ -20,7 +20,17 @@ from worker.engine.safetensors_format import MERGEABLE_DTYPES
 from worker.jobs.recipe import HubPart, JobRecipe, job_recipe
 
 from .hubcheck import InspectError, RepoInfo, check_repo_id, inspect_adapter, inspect_repo
-from .preflight import MAX_SHARDS, PARALLEL_READS, _base_shards, _out_bytes, check_fit, read_header
+from .preflight import (
+    MAX_SHARDS,
+    PARALLEL_READS,
+    GgufPreview,
+    _base_shards,
+    _out_bytes,
+    base_gguf_preview,
+    check_fit,
+    gguf_preview,
+    read_header,
+)
 from .services import services
 
 FIELD = "recipe"
@@ -55,6 +65,7 @@ class RecipeChecked:
     job: JobRecipe | None = None
     inputs: tuple[InputInfo, ...] = ()
     fit: Fit | None = None
+    gguf: GgufPreview | None = None  # GGUF asked: the files the worker will write (from the layout model)
 
 
 def _parsed(recipe, errors: list[InspectError]):
@@ -94,14 +105,14 @@ def check(caller, inp) -> tuple[list[InspectError], RecipeChecked]:
         errors.append(InspectError("target", f"{target}: the target must be a new repo, not one of the recipe's inputs"))
     else:
         merge._check_target(caller, hub, inp, target, (), errors)
-    fit = None
+    fit = gguf = None
     if not errors:
         try:
-            fit = _fit(hub, job, infos, inp.dtype)
+            fit, gguf = _fit(hub, job, infos, inp)
         except InspectError as exc:
             errors.append(exc)
     errors.sort(key=lambda e: merge.FIELDS.index(e.field) if e.field in merge.FIELDS else 99)
-    return errors, RecipeChecked(inp, job, tuple(infos), fit)
+    return errors, RecipeChecked(inp, job, tuple(infos), fit, gguf)
 
 
 def _inspect_inputs(hub, job: JobRecipe, errors: list[InspectError]) -> list[InputInfo]:
@@ -137,10 +148,14 @@ def _inspect(hub, part: HubPart, kind: str) -> InputInfo:
     return InputInfo(part.input, part.role, part.repo, part.revision, repo.sha, repo.private or repo.gated)
 
 
-def _fit(hub, job: JobRecipe, infos: list[InputInfo], dtype: str) -> Fit:
+def _fit(hub, job: JobRecipe, infos: list[InputInfo], inp) -> tuple[Fit, GgufPreview | None]:
     """Plan from headers: the models' tensors compared with the layout model's (the base, else the first input),
-    each folded adapter checked against its model (preflight.check_fit)."""
+    each folded adapter checked against its model (preflight.check_fit). With GGUF asked, the worker's GGUF layout
+    of the layout model (its architecture, tensor names and tokenizer: what llama.cpp must accept; a passthrough's
+    layer count changes the files' size, not whether it can be written)."""
     settings = services().settings
+    dtype = inp.dtype
+    gguf = None
     recipe = job.recipe
     sha = {(i.repo.lower(), i.revision, i.role == "adapter"): i.sha for i in infos}
     models: dict[tuple[str, str], str] = {}  # (repo, sha) -> the first input it stands for
@@ -162,8 +177,11 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], dtype: str) -> Fit:
             except InspectError as exc:
                 raise InspectError(FIELD, f"recipe input {models[key]}: {exc.message}") from None
             if len(shards) > MAX_SHARDS:
+                if "gguf" in inp.formats:
+                    raise InspectError("formats", f"GGUF: {key[0]} has {len(shards)} shards; too many to check before "
+                                                  "queueing")
                 total = sum(files[s] for s in shards)
-                return Fit(total, 0, len(shards), False, (f"{key[0]}: {len(shards)} shards",))
+                return Fit(total, 0, len(shards), False, (f"{key[0]}: {len(shards)} shards",)), None
             with ThreadPoolExecutor(max_workers=min(PARALLEL_READS, len(shards)) or 1) as pool:
                 headers = list(pool.map(lambda s, src=src, files=files: read_header(src, s, files[s]), shards))
             shapes[key] = {n: (i.shape, i.dtype) for h in headers for n, i in h.tensors.items()}
@@ -174,11 +192,14 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], dtype: str) -> Fit:
         else:
             _compare(models, shapes, layout_key)
             out_shapes = shapes[layout_key]
+        if "gguf" in inp.formats:
+            gguf = gguf_preview(sources[layout_key], layout.repo,
+                                {n: shape for n, (shape, _) in shapes[layout_key].items()}, inp.gguf_outtype)
         skipped: list[str] = []
-        for inp in recipe.inputs:
-            if inp.ref.adapter is None:
+        for recipe_input in recipe.inputs:
+            if recipe_input.ref.adapter is None:
                 continue
-            skipped += _check_adapter(hub, job, inp, sha, sources, settings)
+            skipped += _check_adapter(hub, job, recipe_input, sha, sources, settings)
     except EngineError as exc:  # a corrupt header, a failed read
         raise InspectError(FIELD, f"recipe: {exc}") from None
     finally:
@@ -186,7 +207,7 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], dtype: str) -> Fit:
             src.close()
     out_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(recipe.out_dtype or "", "auto")
     return Fit(_out_bytes(out_shapes, dtype if dtype != "auto" else out_dtype), len(out_shapes),
-               shard_count, not skipped, tuple(skipped))
+               shard_count, not skipped, tuple(skipped)), gguf
 
 
 def _sliced(job: JobRecipe, sha: dict, shapes: dict) -> dict:
@@ -291,6 +312,8 @@ def preview_json(checked: RecipeChecked, caller) -> dict:
         "estimate_seconds": merge.estimate_seconds(out_bytes) if out_bytes else None,
         "jobs_ahead": merge.jobs_ahead(),
         "card": card_preview(checked),
+        "gguf": {"files": list(checked.gguf.files), "type": checked.gguf.outtype.upper(),
+                 "size_bytes": checked.gguf.nbytes} if checked.gguf else None,
     }
 
 
@@ -320,7 +343,12 @@ def card_preview(checked: RecipeChecked) -> str | None:
                 cards.append(CardInput(i.repo, i.sha, True, i.role, params))
     cards.sort(key=lambda c: c.role != "base")
     seed = checked.inp.seed if checked.inp.seed is not None else 0
-    return build_recipe_card(recipe, cards, seed, None, version)
+    text = build_recipe_card(recipe, cards, seed, None, version)
+    if checked.gguf is not None:  # as the engine's recipe run appends it (worker/engine/recipe/run.py)
+        from worker.engine.gguf import card_section
+
+        text = text.rstrip("\n") + "\n\n" + card_section(checked.gguf.layout, "safetensors" not in checked.inp.formats)
+    return text
 
 
 # --- the form's recipe mode ---------------------------------------------------------------------------------------
@@ -331,6 +359,7 @@ _DENSITY_METHODS = ("ties", "dare_linear", "dare_ties")
 def input_from_form(form):
     """The recipe form → a request: the pasted YAML when there is some, else the recipe the rows and the method's
     parameters spell (only the parameters the method takes, so the parser's words apply to what was typed)."""
+    from .forms import FORMAT_CHOICES
     from .merge import MergeInput
 
     text = (form.yaml.data or "").strip()
@@ -339,7 +368,9 @@ def input_from_form(form):
     seed = int(form.seed.data) if (form.seed.data or "").strip() else None
     return MergeInput(adapter=None, target=(form.target.data or "").strip(), private=private,
                       dtype=form.dtype.data or "auto", overwrite=bool(form.overwrite.data),
-                      create_pr=bool(form.create_pr.data), recipe=recipe, seed=seed)
+                      create_pr=bool(form.create_pr.data), recipe=recipe, seed=seed,
+                      formats=FORMAT_CHOICES.get(form.formats.data or "safetensors", ("?",)),
+                      gguf_outtype=form.gguf_outtype.data or "f16")
 
 
 def _recipe_from_rows(form) -> dict:
@@ -429,9 +460,16 @@ def check_rule(caller, inp, rule_token):
     namespace = inp.target.split("/")[0]
     if not can_write(identity, namespace):
         errors.append(InspectError("target", f"you cannot create repos in '{namespace}' with this token"))
-    _inspect_inputs(services().hub(token), job, errors)
+    hub = services().hub(token)
+    infos = _inspect_inputs(hub, job, errors)
     if errors:
         return errors, None
+    if "gguf" in inp.formats:  # llama.cpp must accept the layout model (its architecture, tokenizer) before any push
+        layout = next(i for i in infos if i.input == job.recipe.layout.ref.text and i.role != "adapter")
+        try:
+            base_gguf_preview(hub, layout.repo, layout.sha, inp.gguf_outtype)
+        except InspectError as exc:
+            return [InspectError("formats" if exc.field == "formats" else FIELD, exc.message)], None
     watch = ", ".join(adapters)
     return [], Checked(token, identity, namespace, recipe=job.text,
                        watch=watch if len(watch) <= 200 else watch[:199] + "…")

@@ -106,8 +106,7 @@ def check(caller: Caller, inp: RuleInput) -> list[InspectError]:
 
 
 def _check(caller: Caller, inp: RuleInput) -> tuple[list[InspectError], Checked | None]:
-    problem = formats_problem(inp.formats, inp.gguf_outtype, recipe=inp.recipe is not None,
-                              keep_quantization=inp.keep_quantization)
+    problem = formats_problem(inp.formats, inp.gguf_outtype, keep_quantization=inp.keep_quantization)
     if problem is not None:
         return [InspectError(*problem)], None
     if inp.recipe is not None:

@@ -135,8 +135,7 @@ def _formats_field():
 
 def _check_formats(req) -> None:
     """The combinations a field's own schema cannot refuse, in the words every door uses (request.py)."""
-    problem = formats_problem(tuple(req.formats), req.gguf_outtype, recipe=req.recipe is not None,
-                              keep_quantization=req.keep_quantization)
+    problem = formats_problem(tuple(req.formats), req.gguf_outtype, keep_quantization=req.keep_quantization)
     if problem is not None:
         raise Unprocessable(problem[1], field=problem[0])
 

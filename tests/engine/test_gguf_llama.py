@@ -166,3 +166,27 @@ def test_llama3_rope_scaling_via_rope_freqs(llama_cpp, tmp_path, monkeypatch):
     merge_to(built, tmp_path / "plain")
     rel_plain, _ = _compare(_llama_logits(llama_cpp, tmp_path / "plain/model-F16.gguf", ids), ref)
     assert rel_plain > 10 * LOGIT_TOL["f16"]
+
+
+def test_a_passthrough_recipes_gguf_runs_like_its_safetensors(llama_cpp, tmp_path):
+    """A recipe's GGUF (passthrough: 3 layers stacked from a 2-layer model and a fine-tune of it, so the block
+    count and the layer renaming must both be right) gives transformers' logits for the recipe's own
+    safetensors output."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.support.recipe_models import make_finetune
+    from worker.cli import main
+
+    built = build(tmp_path, "llama", "spm")
+    ft = make_finetune(built.base, tmp_path / "ft", seed=11, scale=0.05)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {built.base}\n"
+                      f"        layer_range: [0, 2]\n  - sources:\n      - model: {ft}\n        layer_range: [1, 2]\n")
+    out = tmp_path / "out"
+    assert main(["merge", "--recipe", str(recipe), "--format", "safetensors,gguf", "--out", str(out), "--device", "cpu",
+                 "--quiet"]) == 0
+    ids = _ids(built)
+    ref = gm.hf_logits(AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.bfloat16).eval(), ids)
+    rel, cos = _compare(_llama_logits(llama_cpp, out / "model-F16.gguf", ids), ref)
+    print(f"passthrough recipe F16: max relative logit error {rel:.2e}, cosine {cos:.6f}")
+    assert rel <= LOGIT_TOL["f16"] and cos >= 0.9999

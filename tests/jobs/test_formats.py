@@ -19,13 +19,12 @@ def test_the_choices_are_the_engines_and_the_clis():
     (("safetensors",), "f16", {}, None),
     (("gguf",), "q8_0", {}, None),
     (("safetensors", "gguf"), "bf16", {}, None),
-    (("safetensors",), "f16", {"recipe": True, "keep_quantization": True}, None),  # no GGUF: nothing to refuse
+    (("safetensors",), "f16", {"keep_quantization": True}, None),  # no GGUF: nothing to refuse
     ((), "f16", {}, "formats"),
     (("onnx",), "f16", {}, "formats"),
     (("gguf", "gguf"), "f16", {}, "formats"),
     ("gguf", "f16", {}, "formats"),  # a string, not a list
     (("gguf",), "q4_0", {}, "gguf_outtype"),
-    (("gguf",), "f16", {"recipe": True}, "formats"),
     (("safetensors", "gguf"), "f16", {"keep_quantization": True}, "formats"),
 ])
 def test_formats_problem(formats, outtype, kw, problem):
@@ -35,10 +34,10 @@ def test_formats_problem(formats, outtype, kw, problem):
         assert "\n" not in found[1]
 
 
-def test_the_worker_refuses_a_recipe_row_with_gguf_in_one_line_before_reading_anything():
+def test_the_worker_refuses_a_row_the_doors_would_refuse_in_one_line_before_reading_anything():
     from worker.engine.errors import PlanError
     from worker.service.pipeline import run_job
 
-    req = MergeRequest(adapter="", target="alice/out", recipe="merge_method: linear\n", formats=("gguf",))
-    with pytest.raises(PlanError, match="GGUF output is for single-adapter merges"):
+    req = MergeRequest(adapter="alice/ad", target="alice/out", formats=("gguf",), keep_quantization=True)
+    with pytest.raises(PlanError, match="cannot be combined with GGUF"):
         run_job(Attempt("j1", "api", 1, req), None, settings=None, reporter=None)

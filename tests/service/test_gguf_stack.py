@@ -5,6 +5,8 @@ worker process, Redis, PostgreSQL and the Hub double, which also delivers webhoo
   `lorafold merge --format safetensors,gguf --outtype q8_0 --push-to` publishes, byte for byte; the job JSON and
   page list the GGUF files, the card says how to run them with llama-cli;
 - a webhook rule with formats [gguf]: the push's job publishes the GGUF file alone;
+- a recipe job with formats [safetensors, gguf]: one commit, every file equal to `lorafold merge --recipe` with the
+  same formats;
 - bad values are a 422 in one line; GGUF on an architecture llama.cpp does not know is a 422 before queueing (no
   job row), on the API, the form and the rules page alike;
 - the form's preview names the GGUF file and its size before queueing (the size the worker then writes).
@@ -154,6 +156,36 @@ def test_gguf_on_an_unknown_architecture_is_refused_before_queueing(live):
     assert ok.status_code == 202, ok.text
 
 
+RECIPE = """
+merge_method: linear
+models:
+  - model: alice/gbase
+    parameters: {weight: 0.6}
+  - model: alice/gbase+alice/gadapter
+    parameters: {weight: 0.4}
+"""
+
+
+def test_a_recipe_job_publishes_gguf_beside_safetensors_exactly_as_the_cli(live, cli_env, tmp_path):
+    r = api_call(live, "POST", "/api/v1/jobs", json={"recipe": RECIPE, "target": "alice/gr-api",
+                                                  "formats": ["safetensors", "gguf"], "gguf_outtype": "q8_0"})
+    assert r.status_code == 202, r.text
+    job = live.wait(r.json()["id"])
+    assert job.status == "succeeded", job.error
+    assert len(merged_commits(live.hub, "alice/gr-api")) == 1
+    assert [f["name"] for f in api_call(live, "GET", f"/api/v1/jobs/{job.id}").json()["gguf_files"]] == ["model-Q8_0.gguf"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    assert main(["merge", "--recipe", str(recipe), "--push-to", "alice/gr-cli", "--format", "safetensors,gguf",
+                 "--outtype", "q8_0", "--token", ALICE, "--quiet"]) == 0
+    service, cli = download(live, "alice/gr-api", tmp_path / "api"), download(live, "alice/gr-cli", tmp_path / "cli")
+    got, want = _files(service), _files(cli)
+    assert sorted(got) == sorted(want) and "model-Q8_0.gguf" in got and "model.safetensors" in got
+    assert [name for name in got if got[name] != want[name]] == []
+    card = got["README.md"].decode()
+    assert "## GGUF (llama.cpp)" in card and "model-Q8_0.gguf" in card and "merge_method: linear" in card
+
+
 @pytest.mark.parametrize(("body", "field", "words"), [
     ({"formats": ["onnx"]}, "formats", "formats must be one of safetensors or gguf"),
     ({"formats": []}, "formats", "formats: at least 1 item"),
@@ -161,8 +193,10 @@ def test_gguf_on_an_unknown_architecture_is_refused_before_queueing(live):
     ({"formats": ["gguf", "gguf"]}, "formats", "formats must be"),
     ({"formats": ["gguf"], "gguf_outtype": "q4_0"}, "gguf_outtype", "gguf_outtype must be one of f16, bf16 or q8_0"),
     ({"formats": ["gguf"], "keep_quantization": True}, "formats", "cannot be combined with GGUF"),
-    ({"formats": ["gguf"], "recipe": "merge_method: linear\nmodels:\n  - model: alice/gbase\n", "adapter": None},
-     "formats", "GGUF output is for single-adapter merges"),
+    ({"formats": ["gguf"], "recipe": "merge_method: linear\nmodels:\n  - model: alice/gmystery+alice/gadapter\n"
+      "    parameters: {weight: 1.0}\n",
+      "adapter": None},
+     "formats", "GGUF: "),  # a recipe's GGUF is checked on its layout model before queueing too
 ])
 def test_bad_output_options_are_one_line_422s(live, body, field, words):
     before = _jobs(live)

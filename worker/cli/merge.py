@@ -137,8 +137,7 @@ def _hub(token):
 def run_merge_command(args) -> int:
     from .recipe import dispatch
 
-    if check_formats(args) != ("safetensors",) and (args.recipe or len(args.adapter or []) > 1):
-        raise UsageError("--format gguf is for single-adapter merges for now; merge the recipe first, then convert")
+    check_formats(args)  # before anything is opened, whichever merge it is
     code = dispatch(args)  # a recipe or several adapters; else args.adapter is the one adapter
     if code is not None:
         return code

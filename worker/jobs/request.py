@@ -50,8 +50,7 @@ def request_words(message: str) -> str:
     return message
 
 
-def formats_problem(formats: object, gguf_outtype: object, *, recipe: bool = False,
-                    keep_quantization: bool = False) -> tuple[str, str] | None:
+def formats_problem(formats: object, gguf_outtype: object, *, keep_quantization: bool = False) -> tuple[str, str] | None:
     """(field, one line) when these output options cannot run, as the CLI's check_formats refuses them; None when
     they can. Every door asks this before queueing (the API's 422, the form's and the rules page's field errors)."""
     if (not isinstance(formats, (list, tuple)) or not formats or any(f not in FORMATS for f in formats)
@@ -59,8 +58,6 @@ def formats_problem(formats: object, gguf_outtype: object, *, recipe: bool = Fal
         return "formats", "formats must be [\"safetensors\"], [\"gguf\"] or [\"safetensors\", \"gguf\"]"
     if gguf_outtype not in GGUF_OUTTYPES:
         return "gguf_outtype", f"gguf_outtype must be one of {', '.join(GGUF_OUTTYPES)}"
-    if "gguf" in formats and recipe:
-        return "formats", "GGUF output is for single-adapter merges for now; merge the recipe, then convert its output"
     if "gguf" in formats and keep_quantization:
         return "formats", "keep_quantization writes FP8 safetensors; it cannot be combined with GGUF output"
     return None

@@ -19,7 +19,7 @@ these happened (`base_quantization`, shown on the job page) and the model card s
 
 Output formats (issue 14) go as on the CLI (--format/--outtype): `req.formats` and `req.gguf_outtype` become the
 engine's MergeOptions, so the GGUF files land in the same commit as the safetensors (or alone); the published
-files, types and sizes go into the job's stats for the job page. A recipe job with GGUF is refused in one line.
+files, types and sizes go into the job's stats for the job page. Recipe jobs write GGUF the same way.
 """
 
 from __future__ import annotations
@@ -94,8 +94,7 @@ def _run_job(
     is_stale: Callable[[object], bool],
 ) -> Outcome:
     req, job_id = attempt.request, attempt.job_id
-    problem = formats_problem(req.formats, req.gguf_outtype, recipe=req.recipe is not None,
-                              keep_quantization=req.keep_quantization)
+    problem = formats_problem(req.formats, req.gguf_outtype, keep_quantization=req.keep_quantization)
     if problem is not None:  # the doors refuse these before queueing; a row written otherwise fails in one line
         raise PlanError(problem[1])
     hub = HubClient(
@@ -196,8 +195,7 @@ def _run_job(
         published.link,
         adapter.revision,
         base.revision,
-        job_stats(result, hub.retries, base_quantization=how[:500] if how else None,
-                  gguf_files=result.gguf_files or None),  # each GGUF file published: name, type, size (job page)
+        job_stats(result, hub.retries, base_quantization=how[:500] if how else None),
     )
 
 
@@ -307,8 +305,10 @@ def _check_adapter_push(hub: HubClient, adapter, files: set[str], req: MergeRequ
 
 
 def job_stats(result, hub_retries: int, **extra) -> dict:
-    """A merge's statistics as the job row keeps them (`extra`: what one kind of job adds, e.g. its GGUF files)."""
+    """A merge's statistics as the job row keeps them (`extra`: what one kind of job adds, e.g. how it read a
+    quantized base), for every kind of job: its GGUF files (name, type, size) among them, for the job page."""
     return {
+        "gguf_files": result.gguf_files or None,
         "peak_rss_bytes": result.peak_rss_bytes,
         "peak_vram_bytes": result.peak_vram_bytes,
         "bytes_read": result.bytes_read,

@@ -86,7 +86,8 @@ def run_recipe_job(attempt: Attempt, hub: HubClient, settings: Settings, reporte
             reporter,
             before_commit=_recheck_stale(req, pushed, committed_at, is_stale) if pushed is not None else None,
         )
-        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size)
+        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size,
+                               formats=req.formats, gguf_outtype=req.gguf_outtype)
         result = merge_recipe(
             recipe, refs, sink, options, reporter, seed=DEFAULT_SEED if req.seed is None else req.seed,
             card_inputs=cards,
