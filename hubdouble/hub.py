@@ -115,10 +115,12 @@ class HubDouble:
 
     # ----- repos (server side, no HTTP) ----------------------------------------------------------------------
     def create_repo(self, repo_id: str, private: bool = False, gated=False, *, repo_type: str = "model",
-                    exist_ok: bool = False) -> str:
+                    exist_ok: bool = False, author: str | None = None) -> str:
+        """`author`: the user the initial commit names (the namespace by default), as the Hub names the creator."""
         if self.storage.get(repo_type, repo_id) is None or not exist_ok:
             gated = "auto" if gated is True else gated
-            self.storage.create_repo(repo_type, repo_id, author=repo_id.split("/")[0], private=private, gated=gated)
+            self.storage.create_repo(repo_type, repo_id, author=author or repo_id.split("/")[0], private=private,
+                                     gated=gated)
         return f"{self.url}/{URL_PREFIX[repo_type]}{repo_id}"
 
     def delete_repo(self, repo_id: str, *, repo_type: str = "model") -> None:

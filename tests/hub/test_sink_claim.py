@@ -1,4 +1,5 @@
-"""A rule's sink writes only to a repo it may claim: new, empty, or with this rule's marker in its history.
+"""A rule's sink writes only to a repo it may claim: new, with this rule's marker in its history, or empty and made
+by the token's own user (not an org member's new repo).
 
 Against the Hub double with the real huggingface_hub client, including the race where the repo appears between
 the sink's look and its create_repo (409), and a history the Hub will not show (refused, never guessed).
@@ -20,7 +21,7 @@ RULE = "ab" * 16
 @pytest.fixture(scope="module")
 def hub():
     double = HubDouble().start()
-    double.add_user("owner", token=TOKEN)
+    double.add_user("owner", token=TOKEN, orgs={"team": "write"})
     yield double
     double.stop()
 
@@ -43,6 +44,17 @@ def test_new_and_empty_repos_are_claimed(hub):
     _prepare(hub, "owner/new-one").abort()
     hub.create_repo("owner/empty-one")  # only the Hub's .gitattributes
     _prepare(hub, "owner/empty-one").abort()
+
+
+def test_an_empty_repo_someone_else_made_is_refused(hub):
+    """An org member's new, empty repo at the rule's target: the owner's token may write there, but the rule did
+    not make it and neither did its owner."""
+    hub.create_repo("team/empty-by-bob", author="bob")
+    with pytest.raises(EngineError, match=r"exists \(empty, made by bob\) and was not created by this rule"):
+        _prepare(hub, "team/empty-by-bob")
+    assert list(hub.repo_files("team/empty-by-bob")) == [".gitattributes"]
+    hub.create_repo("team/empty-by-owner", author="owner")  # the owner made it for the rule
+    _prepare(hub, "team/empty-by-owner").abort()
 
 
 def test_a_foreign_repo_is_refused_and_a_marked_one_taken(hub):

@@ -8,9 +8,11 @@
 - One `create_commit` adds shards, index, configs and card, with `parent_commit` set to the head seen at the
   start (a concurrent push fails it with 412 instead of being overwritten) and a marker in the description, so
   a retried commit first checks whether the previous attempt landed ((e) 17–19).
-- A rule's job (`claim` = this rule's marker) writes only to a repo that does not exist yet, is empty, or has a
-  commit carrying that marker in its history: a push to a watched repo must never make the owner's stored token
-  overwrite a repo the rule did not create (issue 10 §2). The marker goes into every commit such a job makes.
+- A rule's job (`claim` = this rule's marker) writes only to a repo that does not exist yet, has a commit carrying
+  that marker in its history, or is empty and was made by the token's own user (every commit of it theirs: the
+  rule's owner made it for the rule, or a failed attempt of the rule did and could not delete it): a push to a
+  watched repo must never make the owner's stored token write into a repo someone else made, an org member's new
+  empty repo included (issue 10 §2). The marker goes into every commit such a job makes.
 """
 
 from __future__ import annotations
@@ -107,8 +109,8 @@ class HubSink:
                 raise write_error(exc, self.repo_id, "create the repository") from None
             info = self.api.model_info(self.repo_id, token=self.token)
         files = [s.rfilename for s in (info.siblings or [])]
-        if self.claim and not self._created and not set(files) <= _EMPTY_REPO_FILES:
-            self._check_claim()
+        if self.claim and not self._created:
+            self._check_claim(empty=set(files) <= _EMPTY_REPO_FILES)
         weights = [f for f in files if is_weight_file(f)]
         if weights and not self.overwrite:
             raise OutputError(
@@ -121,16 +123,21 @@ class HubSink:
         self._existing = files
         self._thread.start()
 
-    def _check_claim(self) -> None:
+    def _check_claim(self, empty: bool) -> None:
         try:
             commits = self.api.list_repo_commits(self.repo_id, token=self.token)
+            if any(self.claim in f"{c.title or ''}\n{c.message or ''}" for c in commits):
+                return
+            authors = {a.lower() for c in commits for a in (c.authors or [])}
+            # an empty repo: the Hub names its maker as the author of its initial commit
+            if empty and authors and authors == {str(self.api.whoami(token=self.token)["name"]).lower()}:
+                return
         except Exception as exc:  # noqa: BLE001 - without the history, refuse: never write on a guess
             raise write_error(exc, self.repo_id, "read the target's history") from None
-        if any(self.claim in f"{c.title or ''}\n{c.message or ''}" for c in commits):
-            return
+        made_by = f" (empty, made by {', '.join(sorted(authors)) or 'an unknown user'})" if empty else ""
         raise OutputError(
-            f"{self.repo_id}: exists and was not created by this rule, which writes only to a new repo or one it "
-            "created; delete or rename that repo, or change the rule's target"
+            f"{self.repo_id}: exists{made_by} and was not created by this rule, which writes only to a new repo, one "
+            "it created, or an empty one its owner made; delete or rename that repo, or change the rule's target"
         )
 
     # --- during the merge ---------------------------------------------------------------------------------------
