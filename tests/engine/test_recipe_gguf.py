@@ -14,23 +14,12 @@ from safetensors.torch import load_file
 
 from tests.engine.gguf_fixtures import build
 from tests.engine.test_gguf import _expected
+from tests.engine.test_gguf import _hf_name as _hf
 from tests.support import gguf_models as gm
 from tests.support.recipe_models import make_finetune
 from worker.cli import main
 
 N_HEAD, N_KV = 4, 2
-BLK = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-       "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-       "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-TOP = {"token_embd": "model.embed_tokens", "output": "lm_head", "output_norm": "model.norm"}
-
-
-def _hf(gname: str) -> str:
-    stem = gname.removesuffix(".weight")
-    if stem.startswith("blk."):
-        _, i, part = stem.split(".", 2)
-        return f"model.layers.{i}.{BLK[part]}.weight"
-    return TOP[stem] + ".weight"
 
 
 @pytest.fixture(scope="module")
