@@ -155,7 +155,6 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], inp) -> tuple[Fit, GgufPre
     layer count changes the files' size, not whether it can be written)."""
     settings = services().settings
     dtype = inp.dtype
-    gguf = None
     recipe = job.recipe
     sha = {(i.repo.lower(), i.revision, i.role == "adapter"): i.sha for i in infos}
     models: dict[tuple[str, str], str] = {}  # (repo, sha) -> the first input it stands for
@@ -192,9 +191,7 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], inp) -> tuple[Fit, GgufPre
         else:
             _compare(models, shapes, layout_key)
             out_shapes = shapes[layout_key]
-        if "gguf" in inp.formats:
-            gguf = gguf_preview(sources[layout_key], layout.repo,
-                                {n: shape for n, (shape, _) in shapes[layout_key].items()}, inp.gguf_outtype)
+        gguf = _layout_gguf(sources[layout_key], layout.repo, shapes[layout_key], inp)
         skipped: list[str] = []
         for recipe_input in recipe.inputs:
             if recipe_input.ref.adapter is None:
@@ -208,6 +205,14 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], inp) -> tuple[Fit, GgufPre
     out_dtype = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}.get(recipe.out_dtype or "", "auto")
     return Fit(_out_bytes(out_shapes, dtype if dtype != "auto" else out_dtype), len(out_shapes),
                shard_count, not skipped, tuple(skipped)), gguf
+
+
+def _layout_gguf(source, repo: str, shapes: dict, inp) -> GgufPreview | None:
+    """The worker's GGUF layout of the layout model from its headers (InspectError on `formats` when llama.cpp
+    cannot take it), when GGUF is asked."""
+    if "gguf" not in inp.formats:
+        return None
+    return gguf_preview(source, repo, {n: shape for n, (shape, _) in shapes.items()}, inp.gguf_outtype)
 
 
 def _sliced(job: JobRecipe, sha: dict, shapes: dict) -> dict:
@@ -462,17 +467,25 @@ def check_rule(caller, inp, rule_token):
         errors.append(InspectError("target", f"you cannot create repos in '{namespace}' with this token"))
     hub = services().hub(token)
     infos = _inspect_inputs(hub, job, errors)
+    if not errors:
+        errors += _rule_gguf_problems(hub, job, infos, inp)
     if errors:
         return errors, None
-    if "gguf" in inp.formats:  # llama.cpp must accept the layout model (its architecture, tokenizer) before any push
-        layout = next(i for i in infos if i.input == job.recipe.layout.ref.text and i.role != "adapter")
-        try:
-            base_gguf_preview(hub, layout.repo, layout.sha, inp.gguf_outtype)
-        except InspectError as exc:
-            return [InspectError("formats" if exc.field == "formats" else FIELD, exc.message)], None
     watch = ", ".join(adapters)
     return [], Checked(token, identity, namespace, recipe=job.text,
                        watch=watch if len(watch) <= 200 else watch[:199] + "…")
+
+
+def _rule_gguf_problems(hub, job: JobRecipe, infos: list[InputInfo], inp) -> list[InspectError]:
+    """With GGUF asked, llama.cpp must accept the recipe's layout model (its architecture, tokenizer) before any push."""
+    if "gguf" not in inp.formats:
+        return []
+    layout = next(i for i in infos if i.input == job.recipe.layout.ref.text and i.role != "adapter")
+    try:
+        base_gguf_preview(hub, layout.repo, layout.sha, inp.gguf_outtype)
+    except InspectError as exc:
+        return [InspectError("formats" if exc.field == "formats" else FIELD, exc.message)]
+    return []
 
 
 def rule_adapters(recipe_text: str) -> frozenset[str] | None:

@@ -686,4 +686,9 @@ def test_recipe_mode_says_each_problem_in_one_line(client, enqueued, recipe_repo
     assert r.status_code == 422 and "merge_method &#39;model_stock&#39; is not supported" in html
     r = client.post("/merge/recipe", data=recipe_data(client, target="bob/x"))
     assert r.status_code == 422 and "cannot create repos in &#39;bob&#39;" in r.get_data(as_text=True)
+    # GGUF output: the layout model is checked for llama.cpp before queueing (this tiny model names no architecture)
+    assert 'name="formats"' in client.get("/merge/recipe").get_data(as_text=True)
+    gguf = client.post("/merge/recipe/preview.json", data=recipe_data(client, formats="gguf")).json
+    assert not gguf["ok"] and [e["field"] for e in gguf["errors"]] == ["formats"], gguf
+    assert gguf["errors"][0]["message"].startswith("GGUF: ")
     assert all("\n" not in e["message"] for e in bad["errors"]) and enqueued == []
