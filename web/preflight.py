@@ -310,7 +310,7 @@ class GgufPreview:
     layout: object = field(default=None, repr=False, compare=False)  # the engine's GgufLayout (the card's section)
 
 
-def gguf_preview(base_src, base: str, shapes: dict, outtype: str) -> GgufPreview:
+def gguf_preview(base_src, base: str, shapes: dict, outtype: str, config_patch: dict | None = None) -> GgufPreview:
     """What the worker's planner decides before reading any weight (worker/engine/gguf/layout.py build_layout, the
     same torch-free function): an architecture llama.cpp does not know, a tensor with no llama.cpp name, a
     tokenizer it cannot represent or a vocabulary larger than the embedding is refused here, as InspectError on
@@ -321,6 +321,7 @@ def gguf_preview(base_src, base: str, shapes: dict, outtype: str) -> GgufPreview
     try:
         files = {f.path: f for f in base_src.files()}
         config = read_json(base_src, files["config.json"], "model config") if "config.json" in files else {}
+        config = {**config, **(config_patch or {})}  # as the planner patches it (a passthrough's layer count)
         layout = build_layout(base_src, files, config, shapes, outtype)
     except EngineError as exc:
         raise InspectError("formats", f"GGUF: {exc}") from None

@@ -186,12 +186,13 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], inp) -> tuple[Fit, GgufPre
             shapes[key] = {n: (i.shape, i.dtype) for h in headers for n, i in h.tensors.items()}
             if key == layout_key:
                 shard_count = len(shards)
+        layers = None  # a passthrough's new layer count
         if recipe.method == "passthrough":
-            out_shapes = _sliced(job, sha, shapes)
+            out_shapes, layers = _sliced(job, sha, shapes)
         else:
             _compare(models, shapes, layout_key)
             out_shapes = shapes[layout_key]
-        gguf = _layout_gguf(sources[layout_key], layout.repo, shapes[layout_key], inp)
+        gguf = _layout_gguf(sources[layout_key], layout.repo, out_shapes, inp, layers)
         skipped: list[str] = []
         for recipe_input in recipe.inputs:
             if recipe_input.ref.adapter is None:
@@ -207,18 +208,22 @@ def _fit(hub, job: JobRecipe, infos: list[InputInfo], inp) -> tuple[Fit, GgufPre
                shard_count, not skipped, tuple(skipped)), gguf
 
 
-def _layout_gguf(source, repo: str, shapes: dict, inp) -> GgufPreview | None:
-    """The worker's GGUF layout of the layout model from its headers (InspectError on `formats` when llama.cpp
-    cannot take it), when GGUF is asked."""
+def _layout_gguf(source, repo: str, shapes: dict, inp, layers: int | None) -> GgufPreview | None:
+    """When GGUF is asked: the worker's GGUF layout of the output (the layout model's config and tokenizer, the
+    output's tensors, a passthrough's layer count), from the headers; InspectError on `formats` when llama.cpp
+    cannot take it."""
     if "gguf" not in inp.formats:
         return None
-    return gguf_preview(source, repo, {n: shape for n, (shape, _) in shapes.items()}, inp.gguf_outtype)
+    return gguf_preview(source, repo, {n: shape for n, (shape, _) in shapes.items()}, inp.gguf_outtype,
+                        config_patch={"num_hidden_layers": layers} if layers is not None else None)
 
 
-def _sliced(job: JobRecipe, sha: dict, shapes: dict) -> dict:
-    """passthrough: the output's tensors from the slices' headers (their layer ranges checked against each model's
-    layers); the worker's planner (worker/engine/recipe/passthrough.py) checks that the inputs' layers match."""
+def _sliced(job: JobRecipe, sha: dict, shapes: dict) -> tuple[dict, int]:
+    """passthrough: the output's tensors, named as the worker names them (the slices' layers renumbered in order),
+    and its layer count, from the slices' headers (their layer ranges checked against each model's layers); the
+    worker's planner (worker/engine/recipe/passthrough.py) checks that the inputs' layers match."""
     out: dict[str, tuple] = {}
+    placed = 0  # output layers so far
     for i, s in enumerate(job.recipe.slices):
         part = next(p for p in job.parts if p.input == s.ref.text and p.role != "adapter")
         model = shapes[(part.repo, sha[(part.repo.lower(), part.revision, False)])]
@@ -236,12 +241,15 @@ def _sliced(job: JobRecipe, sha: dict, shapes: dict) -> dict:
             raise InspectError(FIELD, f"recipe: slices[{i}] ({s.ref.text}): layer_range [{s.start}, {end}] is out of "
                                       f"range: the model has {count} layers (0..{count - 1}), so end is at most {count}")
         for layer in range(s.start, end):
-            out.update({f"{i}:{name}": model[name] for name in layers.get(layer, [])})
+            for name in layers.get(layer, []):
+                m = _LAYER_RE.search(name)
+                out[f"{name[:m.start(1)]}{placed}{name[m.end(1):]}"] = model[name]
+            placed += 1
         for name, (_, dt) in model.items():
             if dt not in MERGEABLE_DTYPES:
                 raise InspectError(FIELD, f"recipe: tensor {name} of {s.ref.text} is {dt}: passthrough copies "
                                           "float16, bfloat16 and float32 weights")
-    return out
+    return out, placed
 
 
 def _compare(models: dict, shapes: dict, layout_key) -> None:

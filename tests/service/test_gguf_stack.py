@@ -186,6 +186,43 @@ def test_a_recipe_job_publishes_gguf_beside_safetensors_exactly_as_the_cli(live,
     assert "## GGUF (llama.cpp)" in card and "model-Q8_0.gguf" in card and "merge_method: linear" in card
 
 
+PASSTHROUGH = """
+merge_method: passthrough
+slices:
+  - sources:
+      - model: alice/gbase
+        layer_range: [0, 2]
+  - sources:
+      - model: alice/gbase+alice/gadapter
+        layer_range: [1, 2]
+"""
+
+
+def test_recipe_form_previews_a_passthroughs_gguf_at_the_size_the_worker_writes(live, tmp_path):
+    """The recipe mode's preview sizes the GGUF of the stacked model (3 layers from a 2-layer base, as the worker
+    renumbers them), and the file the job writes has that size."""
+    client = live.app.test_client()
+    sign_in(client, ALICE)
+    page = client.get("/merge/recipe").get_data(as_text=True)
+    data = {"yaml": PASSTHROUGH, "target": "alice/gr-stack", "dtype": "auto", "method": "linear", "normalize": "default",
+            "rescale": "default", "formats": "gguf", "gguf_outtype": "f16", "csrf_token": csrf_from(page)}
+    p = client.post("/merge/recipe/preview.json", data=data).json
+    assert p["ok"], p
+    preview = p["preview"]["gguf"]
+    assert (preview["files"], preview["type"]) == (["model-F16.gguf"], "F16")
+    assert "| `model-F16.gguf` | F16 |" in p["preview"]["card"]
+    r = client.post("/merge/recipe", data=data)
+    assert r.status_code == 302, r.get_data(as_text=True)[-1000:]
+    job = live.wait(r.headers["Location"].rstrip("/").split("/")[-1])
+    assert job.status == "succeeded", job.error
+    local = download(live, "alice/gr-stack", tmp_path / "stack")
+    assert not list(local.glob("*.safetensors"))
+    assert (local / "model-F16.gguf").stat().st_size == preview["size_bytes"]
+    import gguf
+
+    assert gguf.GGUFReader(local / "model-F16.gguf").fields["llama.block_count"].contents() == 3
+
+
 @pytest.mark.parametrize(("body", "field", "words"), [
     ({"formats": ["onnx"]}, "formats", "formats must be one of safetensors or gguf"),
     ({"formats": []}, "formats", "formats: at least 1 item"),
