@@ -1,4 +1,5 @@
-"""The one-pass linear kernel (worker/engine/recipe/fused.py): the eager path's bytes and numeric flag, or unused.
+"""The one-pass kernels (worker/engine/recipe/fused.py: linear, task arithmetic, TIES' sign election): the eager
+path's bytes and numeric flag, or unused.
 
 - The kernel, for every stored/output dtype pair, equals `methods.linear` rounded by `Tensor.copy_` bit for bit
   on values chosen to make roundings differ (scales 2^±30, ties, subnormals, the dtype's extremes), with and
@@ -75,6 +76,26 @@ def test_the_task_arithmetic_kernel_equals_the_eager_method_bit_for_bit(in_dtype
             assert top == fused.float_bits(float(exact.abs().max())), (n, weights)
 
 
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=IDS)
+@pytest.mark.parametrize("in_dtype", DTYPES, ids=IDS)
+def test_the_ties_kernel_equals_the_eager_sign_election_bit_for_bit(in_dtype, out_dtype):
+    k = fused.ties_kernel(in_dtype, out_dtype)
+    assert k is not None
+    cases = [((0.5, 0.3, 0.2), True, 1.0), ((1.0, 1.0), False, 0.7), ((0.7, -1.25), True, 1.3), ((2.0,), True, 1.0),
+             ((0.5, -0.5), True, 1.0), ((1.0, 0.4, -0.6, 0.9), True, 0.8), ((0.25, 0.25, 0.25, 0.25), False, 1.0)]
+    for n in (1, 7, 256, 257, 2049, 50_001):
+        for weights, normalize, lam in cases:
+            xs = [_values(in_dtype, n, 10 * n + i + 90) for i in range(len(weights) + 1)]
+            xs[1][::5] = xs[0][::5]  # zero deltas: a sign of 0 agrees with no majority
+            f32 = [x.float() for x in xs]
+            exact = methods.task_arithmetic(f32[0], f32[1:], weights, [None] * len(weights), consensus=True,
+                                            normalize=normalize, rescale=False, lam=lam)
+            got = torch.empty(n, dtype=out_dtype)
+            top = k([x.data_ptr() for x in xs], weights, normalize, lam, got, n)
+            assert torch.equal(got.view(torch.uint8), exact.to(out_dtype).view(torch.uint8)), (n, weights)
+            assert top == fused.float_bits(float(exact.abs().max())), (n, weights)
+
+
 def test_a_nan_input_is_the_largest_magnitude():
     k = fused.kernel(torch.bfloat16, torch.bfloat16)
     x = torch.ones(4099, dtype=torch.bfloat16)
@@ -112,8 +133,9 @@ def calls(monkeypatch):
         for b in DTYPES:
             fused.kernel(a, b)
             fused.task_arithmetic_kernel(a, b)
+            fused.ties_kernel(a, b)
     seen = []
-    for cls in (fused.LinearKernel, fused.TaskArithmeticKernel):
+    for cls in (fused.LinearKernel, fused.TaskArithmeticKernel, fused.TiesKernel):
         def counted(self, addrs, *args, _real=cls.__call__):
             seen.append(len(addrs))
             return _real(self, addrs, *args)
@@ -122,7 +144,7 @@ def calls(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "dare_linear"])
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "dare_linear", "ties", "dare_ties"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
 def test_a_recipe_takes_one_pass_and_publishes_the_eager_bytes(sets, tmp_path, monkeypatch, calls, dtype, method):
     m = sets[dtype]
@@ -144,6 +166,27 @@ def test_a_recipe_takes_one_pass_and_publishes_the_eager_bytes(sets, tmp_path, m
     want = _files(tmp_path / "eager")
     for name in ("mapped", "chunks", "ranged"):
         assert _files(tmp_path / name) == want, name
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_five_models_keep_the_eager_path(sets, tmp_path, monkeypatch, calls, method):
+    """Above MAX_MODELS torch sums the models' deltas in another order for some elements (a few per 50,001 in
+    float32): the kernels would give other bits, so a recipe of five models runs eagerly, with the eager bytes."""
+    from tests.support.recipe_models import make_finetune
+
+    m = dict(sets[torch.float32])
+    for i in (4, 5):
+        m[f"ft{i}"] = make_finetune(m["base"], tmp_path / f"ft{i}", seed=300 + i)
+    models = "".join(f"  - model: {m[name]}\n    parameters: {{density: 1.0, weight: {w}}}\n"
+                     for name, w in (("ft1", 0.5), ("ft2", 0.3), ("ft3", 1.0), ("ft4", 0.2), ("ft5", 0.7)))
+    text = f"merge_method: {method}\nbase_model: {m['base']}\nmodels:\n{models}dtype: float32\n"
+    assert fused.MAX_MODELS == 4
+    del calls[:]
+    _run(text, tmp_path / "kernel", LocalDirSource)
+    assert calls == []
+    monkeypatch.setenv("LORAFOLD_FUSED_KERNEL", "0")
+    _run(text, tmp_path / "eager", LocalDirSource)
+    assert _files(tmp_path / "kernel") == _files(tmp_path / "eager")
 
 
 def test_an_input_with_a_folded_lora_keeps_the_eager_path(sets, tmp_path, monkeypatch):

@@ -130,3 +130,61 @@ uint32_t task_arithmetic(const void *const *inputs, int64_t k, int kind, const f
     }
     return top;
 }
+
+/* TIES' sign election at density 1 (ties, dare_ties): base + λ·(Σ_i δ_i·a_i) [/ Σ_i w_i·a_i], δ_i = (x_i − base)·w_i,
+ * where a_i is 1 when sign(δ_i) equals the sign of Σ_i δ_i (+1 for a sum ≥ 0) and 0 otherwise, and a divisor of 0
+ * becomes 1. The steps of methods.task_arithmetic under consensus, in its order and its float32 roundings: δ·a is
+ * a product (so a NaN δ stays NaN), each of the three sums over the models is taken in order (from +0 when
+ * `zero_start`, as torch's reduction over the models' dimension starts). Room for TIES_MAXK models; fused.py asks
+ * for at most MAX_MODELS (above, torch sums some columns in another order) and keeps the variant that equals torch. */
+#define TIES_SUB 256
+#define TIES_MAXK 15
+
+static inline float ties_sum_start(int zero_start, float t) { return zero_start ? 0.0f + t : t; }
+
+uint32_t ties(const void *const *inputs, int64_t k, int kind, const float *weights, int normalize,
+              float lam, int zero_start, void *out, int out_kind, int64_t n) {
+    float b[TIES_SUB], d[TIES_MAXK][TIES_SUB], acc[TIES_SUB];
+    uint32_t top = 0;
+    int64_t models = k - 1;
+    if (models < 1 || models > TIES_MAXK) return 0xFFFFFFFFu; /* never asked (fused.py checks): a NaN's bits */
+    for (int64_t s = 0; s < n; s += TIES_SUB) {
+        int64_t m = n - s < TIES_SUB ? n - s : TIES_SUB;
+        const void *base = inputs[0];
+        if (kind == BF16) for (int64_t j = 0; j < m; j++) b[j] = bf16_load(base, s + j);
+        else if (kind == F16) for (int64_t j = 0; j < m; j++) b[j] = f16_load(base, s + j);
+        else for (int64_t j = 0; j < m; j++) b[j] = f32_load(base, s + j);
+        for (int64_t i = 0; i < models; i++) {
+            const void *a = inputs[i + 1];
+            float w = weights[i];
+            if (kind == BF16) for (int64_t j = 0; j < m; j++) d[i][j] = (bf16_load(a, s + j) - b[j]) * w;
+            else if (kind == F16) for (int64_t j = 0; j < m; j++) d[i][j] = (f16_load(a, s + j) - b[j]) * w;
+            else for (int64_t j = 0; j < m; j++) d[i][j] = (f32_load(a, s + j) - b[j]) * w;
+        }
+        for (int64_t j = 0; j < m; j++) {
+            float sum = ties_sum_start(zero_start, d[0][j]);
+            for (int64_t i = 1; i < models; i++) sum = sum + d[i][j];
+            float majority = sum >= 0.0f ? 1.0f : -1.0f;
+            float mixed = 0.0f, divisor = 0.0f;
+            for (int64_t i = 0; i < models; i++) {
+                float x = d[i][j];
+                float sign = x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); /* torch.sign: ±0 and NaN never equal ±1 */
+                float agree = sign == majority ? 1.0f : 0.0f;
+                float t = x * agree, u = agree * weights[i];
+                mixed = i == 0 ? ties_sum_start(zero_start, t) : mixed + t;
+                divisor = i == 0 ? ties_sum_start(zero_start, u) : divisor + u;
+            }
+            if (normalize) mixed = mixed / (divisor + (divisor == 0.0f ? 1.0f : 0.0f));
+            if (lam != 1.0f) mixed = mixed * lam;
+            acc[j] = mixed + b[j];
+        }
+        for (int64_t j = 0; j < m; j++) {
+            uint32_t u = to_bits(acc[j]) & 0x7FFFFFFFu;
+            top = u > top ? u : top;
+        }
+        if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, acc[j]);
+        else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, acc[j]);
+        else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, acc[j]);
+    }
+    return top;
+}

@@ -220,7 +220,7 @@ class Combine(InputsOp):
                 inp._drop_window()
 
     def one_pass(self, out: torch.Tensor, r0: int, r1: int, overflow: float) -> torch.Tensor | None:
-        """Rows [r0, r1) of a linear or density-1 task-arithmetic merge straight from the inputs' stored bytes into
+        """Rows [r0, r1) of a linear, or density-1 task-arithmetic or TIES, merge straight from the inputs' stored bytes into
         `out` (its output dtype) in one compiled pass per block (recipe/fused.py), with the executor's numeric
         flag; None where no kernel applies (another method, an input with an adapter folded in, mixed input
         dtypes, no compiler)."""
@@ -235,10 +235,15 @@ class Combine(InputsOp):
             linear = fused.kernel(in_dtype, out.dtype)
             divisor = methods._float32_sum(tuple(a.weights)) if a.normalize else 1.0
             run = None if linear is None else (lambda addrs, dest, n: linear(addrs, a.weights, divisor, dest, n))
+        elif len(a.weights) > fused.MAX_MODELS:  # task arithmetic and TIES: torch sums more models in another order
+            return None
         elif a.method in ("task_arithmetic", "dare_linear"):  # density 1 (else `whole`): no masks, no election
             ta = fused.task_arithmetic_kernel(in_dtype, out.dtype)
             divisor = fused.task_arithmetic_divisor(a.weights, a.normalize)
             run = None if ta is None else (lambda addrs, dest, n: ta(addrs, a.weights, divisor, a.lam, dest, n))
+        elif a.method in ("ties", "dare_ties"):  # density 1 (else `whole`): no masks
+            ties = fused.ties_kernel(in_dtype, out.dtype)
+            run = None if ties is None else (lambda addrs, dest, n: ties(addrs, a.weights, a.normalize, a.lam, dest, n))
         else:
             return None
         if run is None:
