@@ -137,14 +137,18 @@ uint32_t task_arithmetic(const void *const *inputs, int64_t k, int kind, const f
  * a product (so a NaN δ stays NaN), each of the three sums over the models is taken in order (from +0 when
  * `zero_start`, as torch's reduction over the models' dimension starts). Room for TIES_MAXK models; fused.py asks
  * for at most MAX_MODELS (above, torch sums some columns in another order) and keeps the variant that equals torch. */
-#define TIES_SUB 256
+#define TIES_SUB 1024
 #define TIES_MAXK 15
 
-static inline float ties_sum_start(int zero_start, float t) { return zero_start ? 0.0f + t : t; }
+/* sign(x) == majority (±1) as a float 0/1, branch-free so that the loops vectorise: a zero or NaN x agrees with
+ * neither sign, as torch.sign(x) (0 or NaN) equals neither 1 nor -1. */
+static inline float ties_agree(float x, float majority) {
+    return (float)(((x > 0.0f) & (majority > 0.0f)) | ((x < 0.0f) & (majority < 0.0f)));
+}
 
 uint32_t ties(const void *const *inputs, int64_t k, int kind, const float *weights, int normalize,
               float lam, int zero_start, void *out, int out_kind, int64_t n) {
-    float b[TIES_SUB], d[TIES_MAXK][TIES_SUB], acc[TIES_SUB];
+    float b[TIES_SUB], d[TIES_MAXK][TIES_SUB], sum[TIES_SUB], mixed[TIES_SUB], divisor[TIES_SUB];
     uint32_t top = 0;
     int64_t models = k - 1;
     if (models < 1 || models > TIES_MAXK) return 0xFFFFFFFFu; /* never asked (fused.py checks): a NaN's bits */
@@ -156,35 +160,43 @@ uint32_t ties(const void *const *inputs, int64_t k, int kind, const float *weigh
         else for (int64_t j = 0; j < m; j++) b[j] = f32_load(base, s + j);
         for (int64_t i = 0; i < models; i++) {
             const void *a = inputs[i + 1];
-            float w = weights[i];
-            if (kind == BF16) for (int64_t j = 0; j < m; j++) d[i][j] = (bf16_load(a, s + j) - b[j]) * w;
-            else if (kind == F16) for (int64_t j = 0; j < m; j++) d[i][j] = (f16_load(a, s + j) - b[j]) * w;
-            else for (int64_t j = 0; j < m; j++) d[i][j] = (f32_load(a, s + j) - b[j]) * w;
+            float w = weights[i], *di = d[i];
+            if (kind == BF16) for (int64_t j = 0; j < m; j++) di[j] = (bf16_load(a, s + j) - b[j]) * w;
+            else if (kind == F16) for (int64_t j = 0; j < m; j++) di[j] = (f16_load(a, s + j) - b[j]) * w;
+            else for (int64_t j = 0; j < m; j++) di[j] = (f32_load(a, s + j) - b[j]) * w;
         }
+        /* the election: Σ δ_i, its sign */
+        if (zero_start) for (int64_t j = 0; j < m; j++) sum[j] = 0.0f + d[0][j];
+        else for (int64_t j = 0; j < m; j++) sum[j] = d[0][j];
+        for (int64_t i = 1; i < models; i++) for (int64_t j = 0; j < m; j++) sum[j] = sum[j] + d[i][j];
+        for (int64_t j = 0; j < m; j++) sum[j] = sum[j] >= 0.0f ? 1.0f : -1.0f;
+        /* Σ δ_i·a_i and Σ w_i·a_i */
+        float w0 = weights[0];
         for (int64_t j = 0; j < m; j++) {
-            float sum = ties_sum_start(zero_start, d[0][j]);
-            for (int64_t i = 1; i < models; i++) sum = sum + d[i][j];
-            float majority = sum >= 0.0f ? 1.0f : -1.0f;
-            float mixed = 0.0f, divisor = 0.0f;
-            for (int64_t i = 0; i < models; i++) {
-                float x = d[i][j];
-                float sign = x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : x); /* torch.sign: ±0 and NaN never equal ±1 */
-                float agree = sign == majority ? 1.0f : 0.0f;
-                float t = x * agree, u = agree * weights[i];
-                mixed = i == 0 ? ties_sum_start(zero_start, t) : mixed + t;
-                divisor = i == 0 ? ties_sum_start(zero_start, u) : divisor + u;
+            float a = ties_agree(d[0][j], sum[j]);
+            float t = d[0][j] * a, u = a * w0;
+            mixed[j] = zero_start ? 0.0f + t : t;
+            divisor[j] = zero_start ? 0.0f + u : u;
+        }
+        for (int64_t i = 1; i < models; i++) {
+            float wi = weights[i], *di = d[i];
+            for (int64_t j = 0; j < m; j++) {
+                float a = ties_agree(di[j], sum[j]);
+                mixed[j] = mixed[j] + di[j] * a;
+                divisor[j] = divisor[j] + a * wi;
             }
-            if (normalize) mixed = mixed / (divisor + (divisor == 0.0f ? 1.0f : 0.0f));
-            if (lam != 1.0f) mixed = mixed * lam;
-            acc[j] = mixed + b[j];
         }
+        if (normalize)
+            for (int64_t j = 0; j < m; j++) mixed[j] = mixed[j] / (divisor[j] + (divisor[j] == 0.0f ? 1.0f : 0.0f));
+        if (lam != 1.0f) for (int64_t j = 0; j < m; j++) mixed[j] = mixed[j] * lam;
+        for (int64_t j = 0; j < m; j++) mixed[j] = mixed[j] + b[j];
         for (int64_t j = 0; j < m; j++) {
-            uint32_t u = to_bits(acc[j]) & 0x7FFFFFFFu;
+            uint32_t u = to_bits(mixed[j]) & 0x7FFFFFFFu;
             top = u > top ? u : top;
         }
-        if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, acc[j]);
-        else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, acc[j]);
-        else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, acc[j]);
+        if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, mixed[j]);
+        else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, mixed[j]);
+        else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, mixed[j]);
     }
     return top;
 }
