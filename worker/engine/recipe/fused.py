@@ -219,60 +219,55 @@ class LinearKernel(_Kernel):
         return self(addrs, weights, methods._float32_sum(tuple(weights)) if normalize else 1.0, out, n)
 
 
-class TaskArithmeticKernel(_Kernel):
-    """Task arithmetic at density 1 (task_arithmetic, dare_linear): `addrs[0]` is the base, the others the models
-    with `weights`. Variants: the deltas' sum taken from its first term, or from +0 (as a reduction may start)."""
+class _DeltasKernel(_Kernel):
+    """The kernels over deltas from a base (`addrs[0]`), at most MAX_MODELS models with `weights`; cases are
+    (weights, normalize, lambda); `CONSENSUS`: TIES' sign election or not."""
 
-    VARIANTS = (("task_arithmetic", False), ("task_arithmetic", True))
-    #: (weights, normalize, lambda)
-    PROBES = (((0.5, 0.5, 0.5), False, 1.0), ((0.7, -1.3), True, 0.6), ((1.0,), False, 1.0), ((0.3, 0.2, 0.25, 0.25), True, 1.7))
-
-    def __call__(self, addrs: list[int], weights, divisor: float, lam: float, out: torch.Tensor, n: int) -> int:
-        assert 1 <= len(weights) == len(addrs) - 1 <= MAX_MODELS
-        return self._run(addrs, weights, (divisor, lam, int(self.variant)), out, n)
+    CONSENSUS = False
 
     @staticmethod
     def inputs(case) -> int:
         return len(case[0]) + 1
 
-    @staticmethod
-    def eager(xs: list[torch.Tensor], case) -> torch.Tensor:
+    @classmethod
+    def eager(cls, xs: list[torch.Tensor], case) -> torch.Tensor:
         from . import methods
 
         weights, normalize, lam = case
-        return methods.task_arithmetic(xs[0], xs[1:], weights, [None] * len(weights), consensus=False,
+        return methods.task_arithmetic(xs[0], xs[1:], weights, [None] * len(weights), consensus=cls.CONSENSUS,
                                        normalize=normalize, rescale=False, lam=lam)
+
+    def _deltas(self, addrs: list[int], weights, scalars: tuple, out: torch.Tensor, n: int) -> int:
+        assert 1 <= len(weights) == len(addrs) - 1 <= MAX_MODELS
+        return self._run(addrs, weights, (*scalars, int(self.variant)), out, n)
+
+
+class TaskArithmeticKernel(_DeltasKernel):
+    """Task arithmetic at density 1 (task_arithmetic, dare_linear): `addrs[0]` is the base, the others the models
+    with `weights`. Variants: the deltas' sum taken from its first term, or from +0 (as a reduction may start)."""
+
+    VARIANTS = (("task_arithmetic", False), ("task_arithmetic", True))
+    PROBES = (((0.5, 0.5, 0.5), False, 1.0), ((0.7, -1.3), True, 0.6), ((1.0,), False, 1.0), ((0.3, 0.2, 0.25, 0.25), True, 1.7))
+
+    def __call__(self, addrs: list[int], weights, divisor: float, lam: float, out: torch.Tensor, n: int) -> int:
+        return self._deltas(addrs, weights, (divisor, lam), out, n)
 
     def probe(self, addrs: list[int], case, out: torch.Tensor, n: int) -> int:
         weights, normalize, lam = case
         return self(addrs, weights, task_arithmetic_divisor(weights, normalize), lam, out, n)
 
 
-class TiesKernel(_Kernel):
-    """TIES' sign election at density 1 (ties, dare_ties): `addrs[0]` is the base, the others (at most MAX_MODELS)
-    the models with `weights`. Variants: the sums over the models taken from their first term, or
-    from +0 (as torch's reduction starts)."""
+class TiesKernel(_DeltasKernel):
+    """TIES' sign election at density 1 (ties, dare_ties). Variants: the sums over the models taken from their first
+    term, or from +0 (as torch's reduction starts)."""
 
+    CONSENSUS = True
     VARIANTS = (("ties", False), ("ties", True))
-    #: (weights, normalize, lambda)
     PROBES = (((0.5, 0.5, 0.5), True, 1.0), ((0.7, -1.3), False, 0.6), ((1.0,), True, 1.0),
               ((0.3, 0.2, 0.25, 0.25), True, 1.7), ((0.5, -0.5), True, 1.0), ((1.0, 0.5, -0.7, 1.0), False, 0.9))
 
     def __call__(self, addrs: list[int], weights, normalize: bool, lam: float, out: torch.Tensor, n: int) -> int:
-        assert 1 <= len(weights) == len(addrs) - 1 <= MAX_MODELS
-        return self._run(addrs, weights, (int(normalize), lam, int(self.variant)), out, n)
-
-    @staticmethod
-    def inputs(case) -> int:
-        return len(case[0]) + 1
-
-    @staticmethod
-    def eager(xs: list[torch.Tensor], case) -> torch.Tensor:
-        from . import methods
-
-        weights, normalize, lam = case
-        return methods.task_arithmetic(xs[0], xs[1:], weights, [None] * len(weights), consensus=True,
-                                       normalize=normalize, rescale=False, lam=lam)
+        return self._deltas(addrs, weights, (int(normalize), lam), out, n)
 
     def probe(self, addrs: list[int], case, out: torch.Tensor, n: int) -> int:
         weights, normalize, lam = case

@@ -44,6 +44,26 @@ static inline void bf16_store(void *p, int64_t i, float v) {
 }
 static inline void f32_store(void *p, int64_t i, float v) { memcpy((char *)p + 4 * i, &v, 4); }
 
+/* m stored values from element s of p, as float32. */
+static inline void load_block(const void *p, int kind, int64_t s, int64_t m, float *dst) {
+    if (kind == BF16) for (int64_t j = 0; j < m; j++) dst[j] = bf16_load(p, s + j);
+    else if (kind == F16) for (int64_t j = 0; j < m; j++) dst[j] = f16_load(p, s + j);
+    else for (int64_t j = 0; j < m; j++) dst[j] = f32_load(p, s + j);
+}
+
+/* The end of every kernel's block: fold the largest |value| (as bits: a NaN above every number) into `top`, then round
+ * the m float32 results to the output dtype and store them at element s. */
+static inline uint32_t store_block(const float *acc, int64_t m, void *out, int out_kind, int64_t s, uint32_t top) {
+    for (int64_t j = 0; j < m; j++) {
+        uint32_t u = to_bits(acc[j]) & 0x7FFFFFFFu;
+        top = u > top ? u : top;
+    }
+    if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, acc[j]);
+    else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, acc[j]);
+    else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, acc[j]);
+    return top;
+}
+
 #define LOAD_LOOP(LOAD, EXPR)                                 \
     for (int64_t j = 0; j < m; j++) {                         \
         float x = LOAD(a, s + j);                             \
@@ -72,13 +92,7 @@ static inline void f32_store(void *p, int64_t i, float v) { memcpy((char *)p + 4
             }                                                                                                     \
             if (divisor != 1.0f)                                                                                  \
                 for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / divisor;                                        \
-            for (int64_t j = 0; j < m; j++) {                                                                     \
-                uint32_t u = to_bits(acc[j]) & 0x7FFFFFFFu;                                                       \
-                top = u > top ? u : top;                                                                          \
-            }                                                                                                     \
-            if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, acc[j]);                 \
-            else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, acc[j]);              \
-            else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, acc[j]);                                   \
+            top = store_block(acc, m, out, out_kind, s, top);                                                     \
         }                                                                                                         \
         return top;                                                                                               \
     }
@@ -98,10 +112,7 @@ uint32_t task_arithmetic(const void *const *inputs, int64_t k, int kind, const f
     uint32_t top = 0;
     for (int64_t s = 0; s < n; s += SUB) {
         int64_t m = n - s < SUB ? n - s : SUB;
-        const void *base = inputs[0];
-        if (kind == BF16) for (int64_t j = 0; j < m; j++) b[j] = bf16_load(base, s + j);
-        else if (kind == F16) for (int64_t j = 0; j < m; j++) b[j] = f16_load(base, s + j);
-        else for (int64_t j = 0; j < m; j++) b[j] = f32_load(base, s + j);
+        load_block(inputs[0], kind, s, m, b);
         for (int64_t i = 1; i < k; i++) {
             const void *a = inputs[i];
             float w = weights[i - 1];
@@ -120,13 +131,7 @@ uint32_t task_arithmetic(const void *const *inputs, int64_t k, int kind, const f
         if (divisor != 1.0f) for (int64_t j = 0; j < m; j++) acc[j] = acc[j] / divisor;
         if (lam != 1.0f) for (int64_t j = 0; j < m; j++) acc[j] = acc[j] * lam;
         for (int64_t j = 0; j < m; j++) acc[j] = acc[j] + b[j];
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t u = to_bits(acc[j]) & 0x7FFFFFFFu;
-            top = u > top ? u : top;
-        }
-        if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, acc[j]);
-        else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, acc[j]);
-        else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, acc[j]);
+        top = store_block(acc, m, out, out_kind, s, top);
     }
     return top;
 }
@@ -154,10 +159,7 @@ uint32_t ties(const void *const *inputs, int64_t k, int kind, const float *weigh
     if (models < 1 || models > TIES_MAXK) return 0xFFFFFFFFu; /* never asked (fused.py checks): a NaN's bits */
     for (int64_t s = 0; s < n; s += TIES_SUB) {
         int64_t m = n - s < TIES_SUB ? n - s : TIES_SUB;
-        const void *base = inputs[0];
-        if (kind == BF16) for (int64_t j = 0; j < m; j++) b[j] = bf16_load(base, s + j);
-        else if (kind == F16) for (int64_t j = 0; j < m; j++) b[j] = f16_load(base, s + j);
-        else for (int64_t j = 0; j < m; j++) b[j] = f32_load(base, s + j);
+        load_block(inputs[0], kind, s, m, b);
         for (int64_t i = 0; i < models; i++) {
             const void *a = inputs[i + 1];
             float w = weights[i], *di = d[i];
@@ -190,13 +192,7 @@ uint32_t ties(const void *const *inputs, int64_t k, int kind, const float *weigh
             for (int64_t j = 0; j < m; j++) mixed[j] = mixed[j] / (divisor[j] + (divisor[j] == 0.0f ? 1.0f : 0.0f));
         if (lam != 1.0f) for (int64_t j = 0; j < m; j++) mixed[j] = mixed[j] * lam;
         for (int64_t j = 0; j < m; j++) mixed[j] = mixed[j] + b[j];
-        for (int64_t j = 0; j < m; j++) {
-            uint32_t u = to_bits(mixed[j]) & 0x7FFFFFFFu;
-            top = u > top ? u : top;
-        }
-        if (out_kind == BF16) for (int64_t j = 0; j < m; j++) bf16_store(out, s + j, mixed[j]);
-        else if (out_kind == F16) for (int64_t j = 0; j < m; j++) f16_store(out, s + j, mixed[j]);
-        else for (int64_t j = 0; j < m; j++) f32_store(out, s + j, mixed[j]);
+        top = store_block(mixed, m, out, out_kind, s, top);
     }
     return top;
 }
