@@ -88,6 +88,8 @@ class Settings:
                 values[f.name] = raw
         values.update(overrides)
         settings = cls(**values)
+        if not 0 < settings.port < 65536:
+            raise SettingsError(f"PORT (or --port) must be between 1 and 65535, got {settings.port}")
         return settings.resolved() if resolve else settings
 
     def resolved(self) -> Settings:

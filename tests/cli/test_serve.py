@@ -12,14 +12,16 @@ import sys
 import urllib.request
 from pathlib import Path
 
+import pytest
+
 from tests.support.procs import kill_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _serve(tmp_path: Path, port: int) -> subprocess.Popen:
+def _serve(tmp_path: Path, port: int, host: str = "127.0.0.1") -> subprocess.Popen:
     env = {"PYTHONPATH": str(ROOT), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
-           "LORAFOLD_DATA_DIR": str(tmp_path / "data"), "LORAFOLD_HOST": "127.0.0.1"}
+           "LORAFOLD_DATA_DIR": str(tmp_path / "data"), "LORAFOLD_HOST": host}
     return subprocess.Popen([sys.executable, "-m", "worker.cli", "serve", "--no-worker", "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -57,3 +59,18 @@ def test_a_port_in_use_is_one_line_and_starts_nothing(tmp_path):
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot listen on 127.0.0.1:{port}") and "PORT" in errors[0], err
     assert "Traceback" not in err and "plugin" not in err
     assert "running at" not in out
+
+
+@pytest.mark.parametrize(("host", "port", "words"), [
+    ("127.0.0.1", 99999, "error: PORT (or --port) must be between 1 and 65535, got 99999"),
+    ("203.0.113.7", 5099, "error: cannot listen on 203.0.113.7:5099 (Cannot assign requested address); set "
+                          "LORAFOLD_HOST (or --host) to an address of this machine"),  # TEST-NET: no machine's own
+])
+def test_a_bad_port_or_host_is_one_line(tmp_path, host, port, words):
+    proc = _serve(tmp_path, port, host)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode in (1, 2) and [line for line in err.splitlines() if line.startswith("error:")] == [words], err
+    assert "Traceback" not in err and "running at" not in out

@@ -88,6 +88,7 @@ def listen(host: str, port: int, app):
     """The web app's server, bound and listening before anything says where it is: a banner printed first sends
     the first request (a user's, a test's) to a closed port. A port in use is one line, not a traceback. The
     socket is bound here and handed over, because werkzeug's own bind prints two lines and exits on failure."""
+    import errno
     import socket
 
     from werkzeug.serving import make_server, select_address_family
@@ -97,7 +98,10 @@ def listen(host: str, port: int, app):
     try:
         sock = socket.create_server((host, port), family=select_address_family(host, port), backlog=128)
     except OSError as exc:
-        raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); stop what uses it or set PORT") from None
+        why = os.strerror(exc.errno) if exc.errno else str(exc)
+        advice = ("stop what uses it or set PORT" if exc.errno == errno.EADDRINUSE
+                  else "set LORAFOLD_HOST (or --host) to an address of this machine")
+        raise UsageError(f"cannot listen on {host}:{port} ({why}); {advice}") from None
     with sock:  # werkzeug keeps a duplicate of the descriptor
         return make_server(host, port, app, threaded=True, fd=sock.fileno())
 
