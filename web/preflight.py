@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker.engine.errors import EngineError
+from worker.engine.files import HUB_GGUF_SPLIT_BYTES
 from worker.engine.keys import KeyResolver, strip_peft_prefix
 from worker.engine.safetensors_format import (
     DTYPES,
@@ -322,7 +323,7 @@ def gguf_preview(base_src, base: str, shapes: dict, outtype: str, config_patch: 
         files = {f.path: f for f in base_src.files()}
         config = read_json(base_src, files["config.json"], "model config") if "config.json" in files else {}
         config = {**config, **(config_patch or {})}  # as the planner patches it (a passthrough's layer count)
-        layout = build_layout(base_src, files, config, shapes, outtype)
+        layout = build_layout(base_src, files, config, shapes, outtype, HUB_GGUF_SPLIT_BYTES)  # as the worker splits
     except EngineError as exc:
         raise InspectError("formats", f"GGUF: {exc}") from None
     return GgufPreview(tuple(f.name for f in layout.files), outtype, layout.nbytes, layout.describe(), layout)

@@ -156,6 +156,31 @@ def test_gguf_on_an_unknown_architecture_is_refused_before_queueing(live):
     assert ok.status_code == 202, ok.text
 
 
+def test_a_gguf_pushed_to_the_hub_is_split_below_the_hubs_file_limit(live, cli_env, tmp_path, monkeypatch):
+    """The Hub refuses files above 50 GB: a GGUF pushed there is split above HUB_GGUF_SPLIT_BYTES (48 GB; made small
+    here), by the CLI and in the form's preview alike; a local --out stays one file, as llama.cpp's converter
+    writes it, unless --gguf-split-size says otherwise."""
+    import web.preflight as preflight
+    import worker.cli.merge as cli_merge
+    from worker.engine.files import HUB_GGUF_SPLIT_BYTES
+
+    assert 40e9 < HUB_GGUF_SPLIT_BYTES < 50e9
+    monkeypatch.setattr(cli_merge, "HUB_GGUF_SPLIT_BYTES", 60_000)
+    monkeypatch.setattr(preflight, "HUB_GGUF_SPLIT_BYTES", 60_000)
+    assert main(["merge", "alice/gadapter", "--push-to", "alice/g-split", "--format", "gguf", "--token", ALICE,
+                 "--quiet"]) == 0
+    pushed = sorted(name for name in live.hub.repo_files("alice/g-split") if name.endswith(".gguf"))
+    n = len(pushed)
+    assert n >= 2 and pushed == [f"model-F16-{i:05d}-of-{n:05d}.gguf" for i in range(1, n + 1)]
+    assert main(["merge", "alice/gadapter", "--out", str(tmp_path / "local"), "--format", "gguf", "--token", ALICE,
+                 "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "local").glob("*.gguf")) == ["model-F16.gguf"]
+    client = live.app.test_client()
+    sign_in(client, ALICE)
+    preview = client.get("/merge/preview.json?adapter=alice/gadapter&target=alice/g-split2&formats=gguf").json
+    assert preview["ok"] and preview["preview"]["gguf"]["files"] == pushed, preview
+
+
 RECIPE = """
 merge_method: linear
 models:

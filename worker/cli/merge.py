@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..engine.adapter_config import load_spec
 from ..engine.errors import SourceError
+from ..engine.files import HUB_GGUF_SPLIT_BYTES
 from ..engine.io import LocalDirSource, Progress
 from ..engine.spec import AdapterSpec
 from ..locations import Ref, is_repo_id, parse_ref
@@ -95,10 +96,17 @@ def check_formats(args) -> tuple[str, ...]:
     return formats
 
 
+def gguf_split(args) -> int | None:
+    """--gguf-split-size; else, for a Hub target, the size above which the Hub would refuse one file."""
+    if getattr(args, "gguf_split_size", None):
+        return parse_size(args.gguf_split_size, "--gguf-split-size")
+    return HUB_GGUF_SPLIT_BYTES if getattr(args, "push_to", None) else None
+
+
 def check_merge_args(args) -> Checked:
     """Every check that needs neither torch nor the network: flags, local paths, a local adapter's config."""
     formats = check_formats(args)
-    split = parse_size(args.gguf_split_size, "--gguf-split-size") if getattr(args, "gguf_split_size", None) else None
+    split = gguf_split(args)
     max_shard_size = parse_size(args.max_shard_size) if args.max_shard_size else None
     if args.create_pr and not args.push_to:
         raise UsageError("--create-pr needs --push-to")

@@ -57,14 +57,14 @@ def _options(args):
     if args.push_to is not None and not is_repo_id(args.push_to.strip()):
         raise UsageError(f"--push-to {args.push_to!r} is not a Hub repo id (OWNER/NAME)")
     from ..engine.plan import MergeOptions
-    from .merge import check_formats
+    from .merge import check_formats, gguf_split
 
     formats = check_formats(args)
     return MergeOptions(
         device=args.device, dtype=args.dtype,
         max_shard_size=parse_size(args.max_shard_size) if args.max_shard_size else None,
         formats=formats, gguf_outtype=args.outtype or "f16",
-        gguf_split_bytes=parse_size(args.gguf_split_size, "--gguf-split-size") if args.gguf_split_size else None,
+        gguf_split_bytes=gguf_split(args),
     )
 
 

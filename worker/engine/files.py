@@ -29,6 +29,10 @@ from dataclasses import dataclass
 
 from .errors import SourceError
 
+#: A GGUF file published to the Hub is split (llama.cpp's split files) above this size: the Hub refuses files above
+#: 50 GB. Local output is one file unless `--gguf-split-size` says otherwise, as llama.cpp's converter writes it.
+HUB_GGUF_SPLIT_BYTES = 48 * 10**9
+
 #: Suffixes of files that hold model weights in any format: "does this repo already have a model?" and "which
 #: files of the previous model does a new commit replace?" (the Hub sink and the web's target check).
 WEIGHT_SUFFIXES = (

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from ..engine import Lineage
 from ..engine.adapter_config import ADAPTER_WEIGHTS, CONFIG_NAME, load_spec
 from ..engine.errors import EngineError, OutputError, PlanError, SourceError
+from ..engine.files import HUB_GGUF_SPLIT_BYTES
 from ..engine.plan import MergeOptions
 from ..engine.run import merge
 from ..hub import HubClient
@@ -169,7 +170,7 @@ def _run_job(
         )
         # as the CLI's --format/--outtype: GGUF files beside (or instead of) the safetensors, in the same commit
         options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size,
-                               formats=req.formats, gguf_outtype=req.gguf_outtype)
+                               formats=req.formats, gguf_outtype=req.gguf_outtype, gguf_split_bytes=HUB_GGUF_SPLIT_BYTES)
         result = merge(
             base,
             adapter,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 
+from ..engine.files import HUB_GGUF_SPLIT_BYTES
 from ..engine.plan import MergeOptions
 from ..engine.recipe.card import CardInput
 from ..engine.recipe.planner import OpenedRef
@@ -87,7 +88,7 @@ def run_recipe_job(attempt: Attempt, hub: HubClient, settings: Settings, reporte
             before_commit=_recheck_stale(req, pushed, committed_at, is_stale) if pushed is not None else None,
         )
         options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size,
-                               formats=req.formats, gguf_outtype=req.gguf_outtype)
+                               formats=req.formats, gguf_outtype=req.gguf_outtype, gguf_split_bytes=HUB_GGUF_SPLIT_BYTES)
         result = merge_recipe(
             recipe, refs, sink, options, reporter, seed=DEFAULT_SEED if req.seed is None else req.seed,
             card_inputs=cards,
