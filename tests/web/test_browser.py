@@ -187,9 +187,10 @@ def test_sign_in_merge_and_watch_it_finish(stack):
             expect(page.locator("#result-link")).to_have_text(target, timeout=5_000)
             expect(page.locator("#pct")).to_have_text("100%")
             expect(page.locator("#state")).to_have_text("succeeded")
-            assert not page.is_visible("#again-link") and not page.is_visible("#retry-form")
+            expect(page.locator("#again-link")).to_be_hidden()
+            expect(page.locator("#retry-form")).to_be_hidden()
             assert page.inner_text("#stat-rss") != "–"
-            assert not page.is_visible("#vram-key")  # a CPU job: no VRAM legend
+            expect(page.locator("#vram-key")).to_be_hidden()  # a CPU job: no VRAM legend
             expect(page.locator("#t-finished")).to_contain_text("UTC")
             expect(page.locator("#log li").last).to_contain_text("published")
             page.wait_for_timeout(1200)  # one more poll: memory chart and stats drawn
@@ -208,12 +209,14 @@ def test_sign_in_merge_and_watch_it_finish(stack):
 
             page.goto(f"{live.url}/jobs/{running_id}")
             expect(page.locator("#state")).to_have_text("running · merge")
-            assert not page.is_visible("#again-link") and page.is_visible("#cancel-form")
+            expect(page.locator("#again-link")).to_be_hidden()
+            expect(page.locator("#cancel-form")).to_be_visible()
             page.wait_for_timeout(1500)
             page.screenshot(path=str(OUT / "browser-job-running.png"), full_page=True)
             page.goto(f"{live.url}/jobs/{failed_id}")
             expect(page.locator("#state")).to_have_text("failed")
-            assert not page.is_visible("#retry-form") and page.is_visible("#again-link")
+            expect(page.locator("#retry-form")).to_be_hidden()
+            expect(page.locator("#again-link")).to_be_visible()
             page.wait_for_timeout(1200)
             page.screenshot(path=str(OUT / "browser-job-failed.png"), full_page=True)
 
@@ -259,7 +262,9 @@ def test_recipe_mode_previews_the_plan(make_app, recipe_repos, enqueued):
                 page.goto(live.url + "/merge")
                 page.click("#mode-recipe")
                 expect(page.locator("#recipe-form")).to_be_visible()
-                assert not page.is_visible("#base_model") and not page.is_visible("#t")  # linear: no base, no t
+                # linear: no base, no t (the page's script hides them once it runs: wait for it, never sample)
+                expect(page.locator("#base_model")).to_be_hidden()
+                expect(page.locator("#t")).to_be_hidden()
                 page.select_option("#method", "ties")
                 expect(page.locator("#base_model")).to_be_visible()
                 expect(page.locator("#rows-0-density")).to_be_visible()
@@ -279,7 +284,7 @@ def test_recipe_mode_previews_the_plan(make_app, recipe_repos, enqueued):
                 page.fill("#rows-0-weight", "0.5")
                 page.click("#preview-recipe")
                 expect(page.locator("#pv-facts")).to_be_visible(timeout=15_000)
-                assert page.is_hidden("#recipe-errors")
+                expect(page.locator("#recipe-errors")).to_be_hidden()
                 expect(page.locator("#pv-recipe")).to_contain_text("merge_method: ties")
                 expect(page.locator("#pv-recipe")).to_contain_text("model: alice/base+alice/ad")
                 expect(page.locator("#pv-inputs li")).to_have_count(4)  # the base, the fine-tune, base + adapter
