@@ -220,32 +220,16 @@ class Combine(InputsOp):
                 inp._drop_window()
 
     def one_pass(self, out: torch.Tensor, r0: int, r1: int, overflow: float) -> torch.Tensor | None:
-        """Rows [r0, r1) of a linear, or density-1 task-arithmetic or TIES, merge straight from the inputs' stored bytes into
-        `out` (its output dtype) in one compiled pass per block (recipe/fused.py), with the executor's numeric
-        flag; None where no kernel applies (another method, an input with an adapter folded in, mixed input
-        dtypes, no compiler)."""
-        a = self.args
+        """Rows [r0, r1) of a linear, or density-1 task-arithmetic or TIES, merge straight from the inputs' stored
+        bytes into `out` (its output dtype) in one compiled pass per block (recipe/fused.py), with the executor's
+        numeric flag; None where no kernel applies (another method, an input with an adapter folded in, mixed input
+        dtypes, more than fused.MAX_MODELS models for the delta methods, no compiler)."""
         if self.whole or any(inp.ops(self.name) for inp in self.inputs):
             return None
         stored = {inp.slots[self.name].dtype for inp in self.inputs}
         if len(stored) != 1:
             return None
-        in_dtype = torch_dtype(stored.pop())
-        if a.method == "linear":
-            linear = fused.kernel(in_dtype, out.dtype)
-            divisor = methods._float32_sum(tuple(a.weights)) if a.normalize else 1.0
-            run = None if linear is None else (lambda addrs, dest, n: linear(addrs, a.weights, divisor, dest, n))
-        elif len(a.weights) > fused.MAX_MODELS:  # task arithmetic and TIES: torch sums more models in another order
-            return None
-        elif a.method in ("task_arithmetic", "dare_linear"):  # density 1 (else `whole`): no masks, no election
-            ta = fused.task_arithmetic_kernel(in_dtype, out.dtype)
-            divisor = fused.task_arithmetic_divisor(a.weights, a.normalize)
-            run = None if ta is None else (lambda addrs, dest, n: ta(addrs, a.weights, divisor, a.lam, dest, n))
-        elif a.method in ("ties", "dare_ties"):  # density 1 (else `whole`): no masks
-            ties = fused.ties_kernel(in_dtype, out.dtype)
-            run = None if ties is None else (lambda addrs, dest, n: ties(addrs, a.weights, a.normalize, a.lam, dest, n))
-        else:
-            return None
+        run = self._kernel_call(torch_dtype(stored.pop()), out.dtype)
         if run is None:
             return None
         cpu = torch.device("cpu")
@@ -264,6 +248,24 @@ class Combine(InputsOp):
         finally:
             self._done_with(r1)
         return torch.tensor(int(top >= fused.float_bits(overflow)), dtype=torch.int8)
+
+    def _kernel_call(self, in_dtype: torch.dtype, out_dtype: torch.dtype):
+        """`run(addrs, dest, n)` through this method's compiled kernel for these dtypes, or None (no kernel here)."""
+        a = self.args
+        if a.method == "linear":
+            linear = fused.kernel(in_dtype, out_dtype)
+            divisor = methods._float32_sum(tuple(a.weights)) if a.normalize else 1.0
+            return None if linear is None else (lambda addrs, dest, n: linear(addrs, a.weights, divisor, dest, n))
+        if len(a.weights) > fused.MAX_MODELS:  # task arithmetic and TIES: torch sums more models in another order
+            return None
+        if a.method in ("task_arithmetic", "dare_linear"):  # density 1 (else `whole`): no masks, no election
+            ta = fused.task_arithmetic_kernel(in_dtype, out_dtype)
+            divisor = fused.task_arithmetic_divisor(a.weights, a.normalize)
+            return None if ta is None else (lambda addrs, dest, n: ta(addrs, a.weights, divisor, a.lam, dest, n))
+        if a.method in ("ties", "dare_ties"):  # density 1 (else `whole`): no masks
+            ties = fused.ties_kernel(in_dtype, out_dtype)
+            return None if ties is None else (lambda addrs, dest, n: ties(addrs, a.weights, a.normalize, a.lam, dest, n))
+        return None
 
     def _apply(self, w, r0, r1, ctx):
         device = w.device
