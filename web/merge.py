@@ -307,10 +307,10 @@ def card_preview(checked: Checked, hub) -> str | None:
     if checked.gguf is not None:
         settings["gguf"] = checked.gguf.line
     text = build_card(lineage, settings, info.spec.summary(), _base_card(hub, checked.base, checked.base_sha), version)
-    if checked.gguf is not None:  # as the engine's merge() appends it (worker/engine/merge.py)
-        from worker.engine.gguf import card_section
+    if checked.gguf is not None:  # as the engine writes it (worker/engine/run.py write_card_file)
+        from worker.engine.gguf import with_card_section
 
-        text = text.rstrip("\n") + "\n\n" + card_section(checked.gguf.layout, "safetensors" not in inp.formats)
+        text = with_card_section(text, checked.gguf.layout, only="safetensors" not in inp.formats)
     return text
 
 

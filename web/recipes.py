@@ -65,7 +65,7 @@ class RecipeChecked:
     job: JobRecipe | None = None
     inputs: tuple[InputInfo, ...] = ()
     fit: Fit | None = None
-    gguf: GgufPreview | None = None  # GGUF asked: the files the worker will write (from the layout model)
+    gguf: GgufPreview | None = None  # GGUF asked: the files the worker will write
 
 
 def _parsed(recipe, errors: list[InspectError]):
@@ -150,9 +150,8 @@ def _inspect(hub, part: HubPart, kind: str) -> InputInfo:
 
 def _fit(hub, job: JobRecipe, infos: list[InputInfo], inp) -> tuple[Fit, GgufPreview | None]:
     """Plan from headers: the models' tensors compared with the layout model's (the base, else the first input),
-    each folded adapter checked against its model (preflight.check_fit). With GGUF asked, the worker's GGUF layout
-    of the layout model (its architecture, tensor names and tokenizer: what llama.cpp must accept; a passthrough's
-    layer count changes the files' size, not whether it can be written)."""
+    each folded adapter checked against its model (preflight.check_fit); with GGUF asked, the GGUF files the worker
+    will write (_layout_gguf)."""
     settings = services().settings
     dtype = inp.dtype
     recipe = job.recipe
@@ -357,10 +356,10 @@ def card_preview(checked: RecipeChecked) -> str | None:
     cards.sort(key=lambda c: c.role != "base")
     seed = checked.inp.seed if checked.inp.seed is not None else 0
     text = build_recipe_card(recipe, cards, seed, None, version)
-    if checked.gguf is not None:  # as the engine's recipe run appends it (worker/engine/recipe/run.py)
-        from worker.engine.gguf import card_section
+    if checked.gguf is not None:  # as the engine writes it (worker/engine/run.py write_card_file)
+        from worker.engine.gguf import with_card_section
 
-        text = text.rstrip("\n") + "\n\n" + card_section(checked.gguf.layout, "safetensors" not in checked.inp.formats)
+        text = with_card_section(text, checked.gguf.layout, only="safetensors" not in checked.inp.formats)
     return text
 
 

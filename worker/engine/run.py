@@ -63,7 +63,7 @@ def merge(
     """
     options = options or MergeOptions()
     return run_plan(
-        lambda: _plan_with_formats(base, adapter, options),
+        lambda: plan_merge(base, adapter, options),
         lambda plan, device: _write_card(plan, sink, lineage, device),
         sink,
         options,
@@ -72,15 +72,6 @@ def merge(
         commit_message or f"Merge {adapter.label} into {base.label} with lorafold",
         commit_description,
     )
-
-
-def _plan_with_formats(base: ModelSource, adapter: ModelSource, options: MergeOptions) -> MergePlan:
-    plan = plan_merge(base, adapter, options)
-    if "gguf" in options.formats:  # the GGUF header, tokenizer included, decided before any weight is read
-        from .gguf import attach as attach_gguf
-
-        attach_gguf(plan)
-    return plan
 
 
 def run_plan(
@@ -95,7 +86,7 @@ def run_plan(
     inputs_read: Callable[[], int] = lambda: 0,
 ) -> MergeResult:
     """Every merge's steps, whatever plans it (merge() here; recipes and adapter sums in recipe/run.py): prepare the
-    sink, plan while the device warms up, copy the small files, stream, write the index and the card, publish in
+    sink, plan while the device warms up (the GGUF files too, when asked), copy the small files, stream, write the index and the card, publish in
     one step. On any failure the sink is aborted; the sources are closed in every case. `inputs_read`: bytes the
     planner's own readers fetched (a recipe's inputs), added to the executor's count."""
     reporter = reporter or NullReporter()
@@ -108,6 +99,10 @@ def run_plan(
             reporter.progress(Progress("plan"))
             sink.prepare()
             plan = planner()
+            if "gguf" in options.formats:  # the GGUF files, tokenizer included, decided before any weight is read
+                from .gguf import attach as attach_gguf
+
+                attach_gguf(plan)
             timings["plan"] = time.monotonic() - started
             reporter.log("info", f"plan: {plan.summary()} on {device.torch_device}")
             for note in plan.notes:
@@ -261,15 +256,15 @@ def _write_card(plan: MergePlan, sink: ModelSink, lineage: Lineage | None, devic
     if plan.gguf is not None:
         settings["gguf"] = plan.gguf.describe()
     text = build_card(lineage, settings, plan.spec.summary(), base_card, VERSION, skipped=plan.skipped_files)
+    write_card_file(sink, text, plan)
+
+
+def write_card_file(sink: ModelSink, text: str, plan: MergePlan) -> None:
+    """The model card, as the output's README.md, with its GGUF section when the plan writes GGUF files."""
     if plan.gguf is not None:
-        from .gguf import card_section
+        from .gguf import with_card_section
 
-        text = text.rstrip("\n") + "\n\n" + card_section(plan.gguf, plan.shards == [])
-    write_card_file(sink, text)
-
-
-def write_card_file(sink: ModelSink, text: str) -> None:
-    """The model card, as the output's README.md."""
+        text = with_card_section(text, plan.gguf, only=plan.shards == [])
     path = sink.work_dir / "README.md"
     path.write_text(text)
     sink.file_written("README.md", path)

@@ -34,6 +34,12 @@ def attach(plan: MergePlan) -> GgufLayout:
     return layout
 
 
+def with_card_section(card: str, layout: GgufLayout, only: bool) -> str:
+    """`card` followed by its GGUF part (the engine's card and the web's preview of it alike); `only`: no safetensors
+    beside the GGUF files."""
+    return card.rstrip("\n") + "\n\n" + card_section(layout, only)
+
+
 def card_section(layout: GgufLayout, only: bool) -> str:
     """The model card's GGUF part: each file with its type and size, and how to run it with llama.cpp."""
     lines = ["## GGUF (llama.cpp)", ""]

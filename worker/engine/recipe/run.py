@@ -79,21 +79,7 @@ def _run(planner: Callable[[], tuple[MergePlan, list[InputModel]]], card: Callab
     def plan() -> MergePlan:
         merged, opened = planner()
         inputs.extend(opened)
-        if "gguf" in options.formats:
-            # as merge() does: the GGUF files decided from the plan before any weight is read (the recipe's
-            # layout model gives the config, as the plan patches it, and the tokenizer)
-            from ..gguf import attach
-
-            attach(merged)
         return merged
 
-    def write_card(merged: MergePlan, _device) -> None:
-        text = card(merged)
-        if merged.gguf is not None:
-            from ..gguf import card_section
-
-            text = text.rstrip("\n") + "\n\n" + card_section(merged.gguf, merged.shards == [])
-        write_card_file(sink, text)
-
-    return run_plan(plan, write_card, sink, options, reporter, sources, message,
-                    inputs_read=lambda: sum(m.bytes_read for m in inputs))
+    return run_plan(plan, lambda merged, _device: write_card_file(sink, card(merged), merged), sink, options, reporter,
+                    sources, message, inputs_read=lambda: sum(m.bytes_read for m in inputs))
