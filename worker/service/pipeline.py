@@ -168,9 +168,7 @@ def _run_job(
             reporter,
             before_commit=_recheck_stale(req, adapter, committed_at, is_stale),
         )
-        # as the CLI's --format/--outtype: GGUF files beside (or instead of) the safetensors, in the same commit
-        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size,
-                               formats=req.formats, gguf_outtype=req.gguf_outtype, gguf_split_bytes=HUB_GGUF_SPLIT_BYTES)
+        options = merge_options(req, settings)
         result = merge(
             base,
             adapter,
@@ -303,6 +301,13 @@ def _check_adapter_push(hub: HubClient, adapter, files: set[str], req: MergeRequ
         return
     if touched and all(t is not None for t in touched) and adapter.revision not in touched:
         raise Skipped(f"{req.adapter}@{adapter.revision[:12]} did not change the adapter (e.g. a README-only commit)")
+
+
+def merge_options(req: MergeRequest, settings: Settings) -> MergeOptions:
+    """The engine's options for a job (a merge or a recipe), as the CLI's --format/--outtype --push-to make them:
+    GGUF files beside (or instead of) the safetensors, in the same commit, split below the Hub's file limit."""
+    return MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size,
+                        formats=req.formats, gguf_outtype=req.gguf_outtype, gguf_split_bytes=HUB_GGUF_SPLIT_BYTES)
 
 
 def job_stats(result, hub_retries: int, **extra) -> dict:

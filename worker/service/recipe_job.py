@@ -14,8 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from ..engine.files import HUB_GGUF_SPLIT_BYTES
-from ..engine.plan import MergeOptions
 from ..engine.recipe.card import CardInput
 from ..engine.recipe.planner import OpenedRef
 from ..engine.recipe.run import DEFAULT_SEED, merge_recipe
@@ -32,6 +30,7 @@ from .pipeline import (
     _check_adapter_push,
     _recheck_stale,
     job_stats,
+    merge_options,
 )
 from .watched_sink import WatchedSink
 
@@ -87,10 +86,8 @@ def run_recipe_job(attempt: Attempt, hub: HubClient, settings: Settings, reporte
             reporter,
             before_commit=_recheck_stale(req, pushed, committed_at, is_stale) if pushed is not None else None,
         )
-        options = MergeOptions(device=settings.device, dtype=req.dtype, max_shard_size=req.max_shard_size,
-                               formats=req.formats, gguf_outtype=req.gguf_outtype, gguf_split_bytes=HUB_GGUF_SPLIT_BYTES)
         result = merge_recipe(
-            recipe, refs, sink, options, reporter, seed=DEFAULT_SEED if req.seed is None else req.seed,
+            recipe, refs, sink, merge_options(req, settings), reporter, seed=DEFAULT_SEED if req.seed is None else req.seed,
             card_inputs=cards,
             commit_message=f"Merge {len(recipe.inputs)} models ({recipe.method}) with lorafold"
             + (f": {req.adapter}@{pushed.revision[:7]}" if pushed is not None else ""),
