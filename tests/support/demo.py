@@ -164,8 +164,7 @@ lorafold demo
   worker log:   {data / 'worker.log'}
   state:        {data}   (`make demo-reset` starts from scratch)   Ctrl-C stops the demo
 """, flush=True)
-        server.serve_forever()  # werkzeug's loop returns on Ctrl-C
-        server.server_close()
+        server.serve_forever()  # werkzeug's loop ends on Ctrl-C and closes the socket
     finally:
         if worker is not None:
             _stop(worker)

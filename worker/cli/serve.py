@@ -125,11 +125,8 @@ def serve(port: int | None = None, host: str | None = None, with_worker: bool = 
     url = f"http://{settings.host}:{settings.port}/"
     print(f"lorafold is running at {url}  (database {settings.database_url}; Ctrl-C to stop)", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever()  # werkzeug's loop ends on Ctrl-C and closes the socket
     finally:
-        server.server_close()
         if worker is not None:
             worker.send_signal(signal.SIGTERM)
             try:
