@@ -32,10 +32,14 @@ def serialise(s: Session, owner: str) -> None:
         s.execute(text("SELECT pg_advisory_xact_lock(:key, hashtext(:owner))"), {"key": ADMIT_LOCK, "owner": owner})
 
 
+def waiting(s: Session, owner: str) -> int:
+    """Jobs of `owner` waiting to start."""
+    return s.scalar(select(func.count(Job.id)).where(Job.owner == owner, Job.status == JobStatus.queued.value)) or 0
+
+
 def enforce(s: Session, owner: str, cap: int) -> None:
     """After the transaction's write that queued one job for `owner`: raise QueueFull (the caller's session rolls
     back) when that made more than `cap`."""
     s.flush()
-    waiting = s.scalar(select(func.count(Job.id)).where(Job.owner == owner, Job.status == JobStatus.queued.value)) or 0
-    if waiting > cap:
-        raise QueueFull(owner, waiting - 1, cap)
+    if (count := waiting(s, owner)) > cap:
+        raise QueueFull(owner, count - 1, cap)

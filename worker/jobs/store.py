@@ -315,8 +315,7 @@ class JobStore:
     def queued_count(self, owner: str) -> int:
         """Jobs of `owner` waiting to start (the doors refuse new ones above the per-owner cap)."""
         with self.db.session() as s:
-            return s.scalar(select(func.count(Job.id)).where(Job.owner == owner,
-                                                             Job.status == JobStatus.queued.value)) or 0
+            return admission.waiting(s, owner)
 
     # --- while running ------------------------------------------------------------------------------------------
 
