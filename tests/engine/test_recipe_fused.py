@@ -57,43 +57,44 @@ def test_the_kernel_equals_the_eager_sum_bit_for_bit(in_dtype, out_dtype):
             assert top == fused.float_bits(float(exact.abs().max())), (n, weights)
 
 
+def _equals_eager_deltas(k, in_dtype, out_dtype, *, consensus: bool, cases, lengths, seed: int, call) -> None:
+    """A delta kernel (task arithmetic, TIES) against methods.task_arithmetic, bit for bit and in its largest
+    magnitude; `call(k, addrs, weights, normalize, lam, out, n)` runs it."""
+    assert k is not None
+    for n in lengths:
+        for weights, normalize, lam in cases:
+            xs = [_values(in_dtype, n, 10 * n + i + seed) for i in range(len(weights) + 1)]
+            if consensus:
+                xs[1][::5] = xs[0][::5]  # zero deltas: a sign of 0 agrees with no majority
+            f32 = [x.float() for x in xs]
+            exact = methods.task_arithmetic(f32[0], f32[1:], weights, [None] * len(weights), consensus=consensus,
+                                            normalize=normalize, rescale=False, lam=lam)
+            got = torch.empty(n, dtype=out_dtype)
+            top = call(k, [x.data_ptr() for x in xs], weights, normalize, lam, got, n)
+            assert torch.equal(got.view(torch.uint8), exact.to(out_dtype).view(torch.uint8)), (n, weights)
+            assert top == fused.float_bits(float(exact.abs().max())), (n, weights)
+
+
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("in_dtype", DTYPES, ids=IDS)
 def test_the_task_arithmetic_kernel_equals_the_eager_method_bit_for_bit(in_dtype, out_dtype):
-    k = fused.task_arithmetic_kernel(in_dtype, out_dtype)
-    assert k is not None
     cases = [((0.5, 0.3, 0.2), True, 1.0), ((1.0, 1.0), False, 0.7), ((0.7, -1.25), True, 1.3), ((2.0,), False, 1.0),
              ((0.5, -0.5), True, 1.0)]  # the last: weights summing to 0, normalize falls back to 1
-    for n in (1, 7, 2048, 2049, 50_001):
-        for weights, normalize, lam in cases:
-            xs = [_values(in_dtype, n, 10 * n + i + 50) for i in range(len(weights) + 1)]
-            f32 = [x.float() for x in xs]
-            exact = methods.task_arithmetic(f32[0], f32[1:], weights, [None] * len(weights), consensus=False,
-                                            normalize=normalize, rescale=False, lam=lam)
-            got = torch.empty(n, dtype=out_dtype)
-            top = k([x.data_ptr() for x in xs], weights, fused.task_arithmetic_divisor(weights, normalize), lam, got, n)
-            assert torch.equal(got.view(torch.uint8), exact.to(out_dtype).view(torch.uint8)), (n, weights)
-            assert top == fused.float_bits(float(exact.abs().max())), (n, weights)
+    _equals_eager_deltas(
+        fused.task_arithmetic_kernel(in_dtype, out_dtype), in_dtype, out_dtype, consensus=False, cases=cases,
+        lengths=(1, 7, 2048, 2049, 50_001), seed=50,
+        call=lambda k, addrs, w, normalize, lam, out, n: k(addrs, w, fused.task_arithmetic_divisor(w, normalize), lam, out, n))
 
 
 @pytest.mark.parametrize("out_dtype", DTYPES, ids=IDS)
 @pytest.mark.parametrize("in_dtype", DTYPES, ids=IDS)
 def test_the_ties_kernel_equals_the_eager_sign_election_bit_for_bit(in_dtype, out_dtype):
-    k = fused.ties_kernel(in_dtype, out_dtype)
-    assert k is not None
     cases = [((0.5, 0.3, 0.2), True, 1.0), ((1.0, 1.0), False, 0.7), ((0.7, -1.25), True, 1.3), ((2.0,), True, 1.0),
              ((0.5, -0.5), True, 1.0), ((1.0, 0.4, -0.6, 0.9), True, 0.8), ((0.25, 0.25, 0.25, 0.25), False, 1.0)]
-    for n in (1, 7, 256, 257, 2049, 50_001):
-        for weights, normalize, lam in cases:
-            xs = [_values(in_dtype, n, 10 * n + i + 90) for i in range(len(weights) + 1)]
-            xs[1][::5] = xs[0][::5]  # zero deltas: a sign of 0 agrees with no majority
-            f32 = [x.float() for x in xs]
-            exact = methods.task_arithmetic(f32[0], f32[1:], weights, [None] * len(weights), consensus=True,
-                                            normalize=normalize, rescale=False, lam=lam)
-            got = torch.empty(n, dtype=out_dtype)
-            top = k([x.data_ptr() for x in xs], weights, normalize, lam, got, n)
-            assert torch.equal(got.view(torch.uint8), exact.to(out_dtype).view(torch.uint8)), (n, weights)
-            assert top == fused.float_bits(float(exact.abs().max())), (n, weights)
+    _equals_eager_deltas(
+        fused.ties_kernel(in_dtype, out_dtype), in_dtype, out_dtype, consensus=True, cases=cases,
+        lengths=(1, 7, 256, 257, 2049, 50_001), seed=90,
+        call=lambda k, addrs, w, normalize, lam, out, n: k(addrs, w, normalize, lam, out, n))
 
 
 def test_a_nan_input_is_the_largest_magnitude():
